@@ -1,0 +1,1 @@
+"""Wire semantics: envelopes and paths, the tensor codec, limits and errors. Knows messages, not training."""

@@ -1,0 +1,111 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Hop(_message.Message):
+    __slots__ = ("stage", "peer_id", "endpoint")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    peer_id: str
+    endpoint: str
+    def __init__(self, stage: _Optional[int] = ..., peer_id: _Optional[str] = ..., endpoint: _Optional[str] = ...) -> None: ...
+
+class Envelope(_message.Message):
+    __slots__ = ("swarm_id", "round", "microbatch", "path", "hop", "auth")
+    SWARM_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCH_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    HOP_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    swarm_id: str
+    round: int
+    microbatch: int
+    path: _containers.RepeatedCompositeFieldContainer[Hop]
+    hop: int
+    auth: bytes
+    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., microbatch: _Optional[int] = ..., path: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., hop: _Optional[int] = ..., auth: _Optional[bytes] = ...) -> None: ...
+
+class TensorMeta(_message.Message):
+    __slots__ = ("dtype", "shape", "codec", "nbytes")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    codec: str
+    nbytes: int
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("envelope", "meta", "data")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    meta: TensorMeta
+    data: bytes
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("queued",)
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    queued: int
+    def __init__(self, queued: _Optional[int] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PingReply(_message.Message):
+    __slots__ = ("peer_id", "time")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    time: float
+    def __init__(self, peer_id: _Optional[str] = ..., time: _Optional[float] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoReply(_message.Message):
+    __slots__ = ("peer_id", "swarm_id", "stages", "round", "version")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SWARM_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    swarm_id: str
+    stages: _containers.RepeatedScalarFieldContainer[int]
+    round: int
+    version: str
+    def __init__(self, peer_id: _Optional[str] = ..., swarm_id: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., round: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("swarm_id", "stage", "include_grads", "min_round")
+    SWARM_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_GRADS_FIELD_NUMBER: _ClassVar[int]
+    MIN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    swarm_id: str
+    stage: int
+    include_grads: bool
+    min_round: int
+    def __init__(self, swarm_id: _Optional[str] = ..., stage: _Optional[int] = ..., include_grads: _Optional[bool] = ..., min_round: _Optional[int] = ...) -> None: ...
+
+class StateChunk(_message.Message):
+    __slots__ = ("round", "data")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    data: bytes
+    def __init__(self, round: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,20 @@
+"""Explicit wire limits. A message that breaks one is refused with a status that names the limit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    chunk_bytes: int = 4 * MiB  # tensors above this travel as several chunks
+    max_tensor_bytes: int = 512 * MiB  # one activation or gradient, all chunks together
+    max_path_hops: int = 256
+    max_dims: int = 8
+
+    @property
+    def max_message_bytes(self) -> int:
+        """gRPC's per-message cap: one chunk plus room for the envelope."""
+        return self.chunk_bytes + MiB
