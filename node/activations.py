@@ -1,0 +1,82 @@
+"""Tensors kept for backward, keyed by (round, microbatch, hop) and bounded by a budget in microbatches."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+Key = tuple[int, int, int]  # (round, microbatch, hop)
+
+
+@dataclass
+class Saved:
+    stage: int
+    inputs: torch.Tensor  # the hop's input: a leaf that receives the gradient to send back (token ids at hop 0)
+    outputs: torch.Tensor  # the hop's output, still attached to its autograd graph
+
+
+class ActivationStore:
+    """Counts distinct (round, microbatch) pairs, so a node serving two hops of one microbatch uses one slot."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self._saved: dict[Key, Saved] = {}
+        self._reserved: dict[tuple[int, int], int] = {}  # (round, microbatch) -> hops holding or about to hold
+        self._lock = threading.Lock()
+
+    def try_reserve(self, round_: int, microbatch: int) -> bool:
+        """Claim room for one more hop of this microbatch; False when the budget is spent."""
+        with self._lock:
+            mb = (round_, microbatch)
+            if mb not in self._reserved and len(self._reserved) >= self.slots:
+                return False
+            self._reserved[mb] = self._reserved.get(mb, 0) + 1
+            return True
+
+    def release(self, round_: int, microbatch: int) -> None:
+        with self._lock:
+            self._release(round_, microbatch)
+
+    def _release(self, round_: int, microbatch: int) -> None:
+        mb = (round_, microbatch)
+        left = self._reserved.get(mb, 0) - 1
+        if left > 0:
+            self._reserved[mb] = left
+        else:
+            self._reserved.pop(mb, None)
+
+    def put(self, key: Key, saved: Saved) -> None:
+        with self._lock:
+            self._saved[key] = saved
+
+    def contains(self, key: Key) -> bool:
+        with self._lock:
+            return key in self._saved
+
+    def get(self, key: Key) -> Saved | None:
+        with self._lock:
+            return self._saved.get(key)
+
+    def pop(self, key: Key) -> Saved | None:
+        """Free a hop's tensors (after its backward) and its share of the budget."""
+        with self._lock:
+            saved = self._saved.pop(key, None)
+            if saved is not None:
+                self._release(key[0], key[1])
+            return saved
+
+    def drop_round(self, round_: int) -> int:
+        """Free everything kept for an aborted round; returns how many hops were dropped."""
+        with self._lock:
+            keys = [k for k in self._saved if k[0] == round_]
+            for key in keys:
+                del self._saved[key]
+            for mb in [mb for mb in self._reserved if mb[0] == round_]:
+                del self._reserved[mb]
+            return len(keys)
+
+    def microbatches_held(self) -> int:
+        with self._lock:
+            return len(self._reserved)

@@ -1,0 +1,255 @@
+"""`swarm-node experts plan|train|eval|bench`: HDEE domain experts (see docs/experts.md)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from node.errors import UsageError
+
+DEFAULT_REPORT = "bench/results/experts.md"
+
+
+def _usage_errors(handler):
+    """Expected failures in the library are ValueErrors; the CLI shows them as one line."""
+    @functools.wraps(handler)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            if getattr(args, "threads", 0):
+                torch.set_num_threads(args.threads)
+            return handler(args)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(str(e)) from e
+    return wrapped
+
+
+def _load_domains(args: argparse.Namespace):
+    from experts.domains import default_domains, domains_from_specs
+    from lm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    if args.domain or args.held_out:
+        domains = domains_from_specs(args.domain, args.held_out, tokenizer, args.max_bytes, args.text_field)
+    else:
+        domains, missing = default_domains(tokenizer, args.max_bytes)
+        if missing:
+            print(f"experts: this host lacks {', '.join(missing)}; skipped", file=sys.stderr)
+    if not domains.trained:
+        raise UsageError("no training domains; give --domain NAME=PATH")
+    return domains, tokenizer
+
+
+def _model_spec(args: argparse.Namespace, vocab_size: int):
+    """(config, checkpoint directory or None) for --model bench|PRESET|DIR."""
+    from experts.bench import BenchConfig
+    from lm.presets import resolve_model
+
+    if args.model == "bench":
+        return BenchConfig().model_config(vocab_size), None
+    spec = resolve_model(args.model, vocab_size)
+    return spec.config, spec.checkpoint_dir
+
+
+def _plans(args: argparse.Namespace, domains, config) -> list:
+    from experts.sizing import METHODS, make_plan, medium_steps_for_budget
+
+    tokens_per_step = args.batch_size * args.seq_len
+    steps = args.steps
+    if args.budget is not None:
+        steps = medium_steps_for_budget(args.budget, len(domains.trained), config, tokens_per_step, args.seq_len)
+    methods = METHODS if args.method == "all" else (args.method,)
+    difficulties = {d.name: d.difficulty for d in domains.trained}
+    return [make_plan(m, difficulties, config, steps, tokens_per_step, args.seq_len, args.width_spread,
+                      args.step_spread) for m in methods]
+
+
+@_usage_errors
+def plan(args: argparse.Namespace) -> int:
+    domains, tokenizer = _load_domains(args)
+    print(domains.table(), end="\n\n")
+    for p in _plans(args, domains, _model_spec(args, tokenizer.vocab_size)[0]):
+        print(p.table(), end="\n\n")
+    return 0
+
+
+@_usage_errors
+def train_cmd(args: argparse.Namespace) -> int:
+    from experts.branch import branch
+    from experts.checkpoint import MANIFEST, load_expert, new_model
+    from experts.train import Identity, TrainConfig, train
+    from lm.build import resolve_device
+    from lm.data import TokenStream
+    from transformers import LlamaForCausalLM
+
+    if args.method == "all":
+        raise UsageError("experts train takes one --method (MHo-IHo, MHe-IHo or MHo-IHe)")
+    domains, tokenizer = _load_domains(args)
+    device = str(resolve_device(args.device))
+    out = Path(args.out)
+
+    def tcfg(steps: int, seed: int) -> TrainConfig:
+        return TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=seed,
+                           device=device, dtype=args.dtype, save_every=args.save_every)
+
+    if args.seed_model:
+        seed_model, seed_manifest = load_expert(args.seed_model, device)
+    else:
+        config, checkpoint_dir = _model_spec(args, tokenizer.vocab_size)
+        start = (LlamaForCausalLM.from_pretrained(checkpoint_dir) if checkpoint_dir
+                 else new_model(config, args.seed))
+        mixed = TokenStream(torch.cat([d.train.tokens for d in domains.trained]))
+        mixed_dev = TokenStream(torch.cat([d.dev.tokens for d in domains.trained]))
+        seed_manifest = train(start, mixed, mixed_dev, tcfg(args.seed_steps, args.seed), out / "seed-model",
+                              Identity("seed-model", "*", tokenizer.name),
+                              resume=args.resume and (out / "seed-model" / MANIFEST).is_file()).manifest
+        seed_model = start
+        print(f"seed model: {out / 'seed-model'} (dev ppl {seed_manifest.val_ppl:.3f})")
+    [the_plan] = _plans(args, domains, seed_model.config)
+    print(the_plan.table())
+    for i, ep in enumerate(the_plan.experts):
+        if args.only and ep.domain not in args.only:
+            continue
+        identity = Identity.branched_from(seed_manifest, f"{args.method}/{ep.domain}", ep.domain,
+                                          {"method": args.method, "intermediate_size": ep.intermediate_size})
+        model = branch(seed_model, ep.intermediate_size, seed=args.seed * 1000 + i)
+        result = train(model, domains.get(ep.domain).train, domains.get(ep.domain).dev,
+                       tcfg(ep.steps, args.seed * 1000 + i), out / args.method / ep.domain, identity,
+                       resume=args.resume and (out / args.method / ep.domain / MANIFEST).is_file())
+        m = result.manifest
+        print(f"{ep.domain}: {out / args.method / ep.domain} steps {m.steps}/{m.target_steps} "
+              f"dev ppl {m.val_ppl:.3f} sha256 {m.weights_sha256[:16]}")
+    return 0
+
+
+@_usage_errors
+def eval_cmd(args: argparse.Namespace) -> int:
+    from experts.checkpoint import MANIFEST, load_expert
+    from experts.evaluate import EvalSettings, PriorCache, evaluate_ensemble, results_table, write_csv
+    from lm.build import resolve_device, resolve_dtype
+
+    dirs = []
+    for d in map(Path, args.experts):
+        if (d / MANIFEST).is_file():
+            dirs.append(d)
+        else:  # a training output directory: every expert below it, not the seed model
+            dirs += sorted(p.parent for p in d.glob(f"**/{MANIFEST}") if p.parent.name != "seed-model")
+    if not dirs:
+        raise UsageError(f"no expert checkpoints (directories with {MANIFEST}) in {' '.join(args.experts)}")
+    device = resolve_device(args.device)
+    experts = [tuple(reversed(load_expert(d, device))) for d in dirs]
+    domains, _ = _load_domains(args)
+    settings = EvalSettings(seq_len=args.seq_len, dev_windows=args.dev_windows, test_windows=args.test_windows,
+                            top_k=args.top_k, device=device, dtype=resolve_dtype(args.dtype, device))
+    cache = PriorCache(Path(args.prior_cache) if args.prior_cache else None)
+    results = evaluate_ensemble(experts, domains.all, settings, cache)
+    print(results_table(results))
+    if args.csv:
+        write_csv(results, Path(args.csv))
+        print(f"wrote {args.csv}")
+    return 0
+
+
+@_usage_errors
+def bench(args: argparse.Namespace) -> int:
+    from experts.bench import BenchConfig, report, run_bench, write_csv
+    from lm.build import resolve_device
+
+    device = str(resolve_device(args.device))
+    overrides = {"max_bytes": args.max_bytes} if args.max_bytes else {}
+    cfg = BenchConfig.at_scale(args.scale, seeds=tuple(args.seeds), device=device, dtype=args.dtype, **overrides)
+    args.max_bytes = cfg.max_bytes
+    domains, tokenizer = _load_domains(args)
+    print(domains.table(), flush=True)
+    work = Path(args.work or f"runs/experts-bench/scale{args.scale}")
+    result = run_bench(cfg, domains, tokenizer.name, tokenizer.vocab_size, work,
+                       log=lambda line: print(line, flush=True))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "swarm-node experts bench" + (" " + shlex.join(sys.argv[3:]) if sys.argv[1:3] == ["experts", "bench"]
+                                            else "")
+    out.write_text(report(result, command))
+    write_csv(result, out.with_suffix(".csv"))
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
+    return 0
+
+
+def _domain_options(p: argparse.ArgumentParser, max_bytes: int | None = 400_000) -> None:
+    p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH",
+                   help="a training domain: text/jsonl file or hf:DATASET[:CONFIG] (repeat; default: offline corpus)")
+    p.add_argument("--held-out", action="append", default=[], metavar="NAME=PATH",
+                   help="a domain that is only scored, never trained on (repeat)")
+    p.add_argument("--max-bytes", type=int, default=max_bytes, help="bytes kept per domain")
+    p.add_argument("--text-field", default="text", help="jsonl / dataset field holding the text")
+    p.add_argument("--tokenizer", default=None, help="HF tokenizer directory (default: byte tokenizer)")
+
+
+def _plan_options(p: argparse.ArgumentParser, with_all: bool) -> None:
+    from experts.sizing import METHODS
+
+    p.add_argument("--model", default="bench",
+                   help="'bench' (the bench's medium expert), a preset, or an HF LLaMA checkpoint directory")
+    p.add_argument("--method", default="all" if with_all else "MHe-IHo", choices=(*METHODS, "all"))
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=300, help="steps of a medium (baseline) expert")
+    budget.add_argument("--budget", type=float, default=None, help="total expert FLOPs instead of --steps")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--width-spread", type=float, default=0.5, help="MHe widths span (1±spread) x medium")
+    p.add_argument("--step-spread", type=float, default=0.25, help="IHe steps span (1±spread) x medium")
+
+
+def _device_options(p: argparse.ArgumentParser, threads: int) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--threads", type=int, default=threads, help="torch CPU threads (0: torch's default)")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("experts", help="HDEE domain experts: plan, train, evaluate, benchmark")
+    sub = p.add_subparsers(dest="experts_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    sp = sub.add_parser("plan", help="measure domains and print equal-FLOPs expert plans")
+    _domain_options(sp)
+    _plan_options(sp, with_all=True)
+    sp.set_defaults(handler=plan)
+
+    sp = sub.add_parser("train", help="train (or resume) a shared seed model and one expert per domain")
+    _domain_options(sp)
+    _plan_options(sp, with_all=False)
+    sp.add_argument("--out", required=True, help="output directory (seed-model/ and METHOD/DOMAIN/ below it)")
+    sp.add_argument("--seed-model", default=None, help="branch from this expert checkpoint instead of training one")
+    sp.add_argument("--seed-steps", type=int, default=200, help="steps of the shared seed model")
+    sp.add_argument("--only", action="append", default=[], metavar="DOMAIN", help="train only these experts")
+    sp.add_argument("--lr", type=float, default=3e-3)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
+    sp.add_argument("--resume", action="store_true", help="continue the checkpoints in --out")
+    _device_options(sp, threads=2)
+    sp.set_defaults(handler=train_cmd)
+
+    sp = sub.add_parser("eval", help="score an ensemble per domain: posterior, uniform, top-k, best single")
+    sp.add_argument("--experts", nargs="+", required=True, help="expert checkpoint directories, or a train --out")
+    _domain_options(sp)
+    sp.add_argument("--seq-len", type=int, default=128)
+    sp.add_argument("--dev-windows", type=int, default=100, help="dev sequences for the prior")
+    sp.add_argument("--test-windows", type=int, default=64)
+    sp.add_argument("--top-k", type=int, default=2)
+    sp.add_argument("--prior-cache", default=None, help="JSON file caching the dev priors")
+    sp.add_argument("--csv", default=None, help="also write the table as CSV")
+    _device_options(sp, threads=2)
+    sp.set_defaults(handler=eval_cmd)
+
+    sp = sub.add_parser("bench", help="MHo-IHo vs MHe-IHo vs MHo-IHe at equal FLOPs, 3 seeds")
+    _domain_options(sp, max_bytes=None)
+    sp.add_argument("--scale", type=int, default=1, help="1: 2 CPU cores, ~30 min; 8+: a GPU host")
+    sp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    sp.add_argument("--out", default=DEFAULT_REPORT, help="markdown report; the CSV goes beside it")
+    sp.add_argument("--work", default=None, help="checkpoints (default runs/experts-bench/scaleN); reused if present")
+    _device_options(sp, threads=1)
+    sp.set_defaults(handler=bench)

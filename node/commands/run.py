@@ -1,0 +1,45 @@
+"""`swarm-node run`: the daemon on one host."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from node.config import add_node_arguments, load_config
+from node.logs import setup_logging
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run the node daemon on this host",
+                              description="Join (or start) a swarm and host pipeline stages. "
+                                          "Settings: --config FILE < SWARM_NODE_* env < flags.")
+    add_node_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    setup_logging(config.log_level)
+    from node.daemon import Daemon  # heavy imports (torch, hivemind) only once the flags are known to be good
+
+    daemon = Daemon(config)
+    # SIGTERM and SIGINT both mean: stop taking work, withdraw from the DHT, exit 0.
+    def request_stop(signum, frame):
+        daemon.stop_event.set()
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        daemon.start()
+        print(f"swarm-node: peer {daemon.peer_id} hosts stage(s) {','.join(map(str, daemon.stages))} of swarm "
+              f"'{config.swarm}'", flush=True)
+        print(f"swarm-node: gRPC {daemon.endpoint}  metrics {daemon.metrics_url}", flush=True)
+        for maddr in daemon.maddrs:
+            print(f"swarm-node: join with --initial-peers {maddr}", flush=True)
+        if not daemon.stop_event.is_set():
+            daemon.run()
+    finally:
+        daemon.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("swarm-node: stopped", file=sys.stderr, flush=True)
+    return 0

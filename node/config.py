@@ -1,0 +1,262 @@
+"""Node settings: defaults, then a TOML file, then SWARM_NODE_* environment variables, then flags.
+
+Every option is declared once in OPTIONS; argparse flags, TOML keys and environment variables
+are all derived from it, so the three sources can never disagree on names or types.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from node.errors import UsageError
+
+ENV_PREFIX = "SWARM_NODE_"
+
+
+def _positive_int(value: Any) -> int:
+    n = int(value)
+    if n <= 0:
+        raise ValueError("must be a positive integer")
+    return n
+
+
+def _port(value: Any) -> int:
+    n = int(value)
+    if not 0 <= n <= 65535:
+        raise ValueError("must be a port number between 0 (pick a free one) and 65535")
+    return n
+
+
+def _positive_float(value: Any) -> float:
+    x = float(value)
+    if x <= 0:
+        raise ValueError("must be a positive number")
+    return x
+
+
+def _non_negative_float(value: Any) -> float:
+    x = float(value)
+    if x < 0:
+        raise ValueError("must be zero or positive")
+    return x
+
+
+def _str_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [v for v in value.replace(",", " ").split() if v]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise ValueError("must be a list of strings")
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _stages(value: Any) -> str:
+    text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value).strip()
+    if text == "auto":
+        return text
+    try:
+        stages = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError("must be 'auto' or stage numbers like 0 or 2,3") from None
+    if not stages or any(s < 0 for s in stages) or len(set(stages)) != len(stages):
+        raise ValueError("must be 'auto' or distinct non-negative stage numbers like 0 or 2,3")
+    return ",".join(str(s) for s in stages)
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if str(value) not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return str(value)
+    return parse
+
+
+def _device(value: Any) -> str:
+    text = str(value)
+    if text in ("auto", "cpu") or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise ValueError("must be auto, cpu, cuda or cuda:<index>")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[Any], Any]
+    help: str
+    metavar: str | None = None
+    flag_kind: str = "value"  # "value", "list" (nargs=+) or "switch" (store_true)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("swarm", str, "swarm id: namespaces every DHT key; nodes of other swarms are refused"),
+    Option("new_swarm", _bool, "start a new swarm instead of joining one", flag_kind="switch"),
+    Option("initial_peers", _str_list, "multiaddrs of peers already in the swarm", "MADDR", "list"),
+    Option("host", str, "address to serve gRPC, metrics and the DHT on"),
+    Option("announce_host", str, "address other peers use to reach this node (default: --host)"),
+    Option("port", _port, "gRPC port (0 picks a free one)"),
+    Option("dht_port", _port, "DHT (libp2p) port (0 picks a free one)"),
+    Option("metrics_port", _port, "Prometheus /metrics port (0 picks a free one)"),
+    Option("identity_path", str, "private key file; keeps the peer id stable across restarts"),
+    Option("stages", _stages, "stages to host: 0, 2,3 or auto (the stage with the fewest replicas)"),
+    Option("num_stages", _positive_int, "pipeline depth of the swarm's model"),
+    Option("model", str, "tiny, llama-160m, llama-500m, llama-1b, llama-8b or an HF checkpoint directory"),
+    Option("device", _device, "auto, cpu or cuda[:i]"),
+    Option("dtype", _choice("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"),
+    Option("tokenizer", str, "HF tokenizer directory (default: the built-in byte tokenizer)"),
+    Option("data", _str_list, "text or jsonl training files (data nodes)", "PATH", "list"),
+    Option("dataset", str, "HF dataset NAME[:config] (needs internet or a local cache)"),
+    Option("seq_len", _positive_int, "tokens per sequence"),
+    Option("batch_size", _positive_int, "sequences per microbatch"),
+    Option("microbatches", _positive_int, "microbatches each data node feeds per round"),
+    Option("max_inflight", _positive_int, "microbatches a data node keeps in flight at once"),
+    Option("memory_slots", _positive_int, "microbatches whose activations this node may hold at once"),
+    Option("lr", _positive_float, "AdamW learning rate"),
+    Option("weight_decay", _non_negative_float, "AdamW weight decay"),
+    Option("grad_clip", _positive_float, "gradient norm clip"),
+    Option("warmup_rounds", _non_negative_float, "rounds of linear learning-rate warm-up"),
+    Option("seed", int, "seed for model init and data sampling"),
+    Option("rounds", int, "stop after this many rounds (0: train until stopped)"),
+    Option("round_timeout", _positive_float, "seconds a round may take before its stragglers are dropped"),
+    Option("heartbeat_interval", _positive_float, "seconds between DHT heartbeats"),
+    Option("record_ttl", _positive_float, "seconds a DHT record lives unless refreshed"),
+    Option("torch_threads", int, "torch intra-op threads (0: torch's default)"),
+    Option("events_file", str, "append one JSON line per event (round done, loss, weights digest)"),
+    Option("log_level", _choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
+)
+
+
+@dataclass
+class NodeConfig:
+    swarm: str = "swarm-node"
+    new_swarm: bool = False
+    initial_peers: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    announce_host: str = ""
+    port: int = 0
+    dht_port: int = 0
+    metrics_port: int = 0
+    identity_path: str = ""
+    stages: str = "auto"
+    num_stages: int = 4
+    model: str = "tiny"
+    device: str = "auto"
+    dtype: str = "auto"
+    tokenizer: str = ""
+    data: list[str] = field(default_factory=list)
+    dataset: str = ""
+    seq_len: int = 64
+    batch_size: int = 4
+    microbatches: int = 4
+    max_inflight: int = 2
+    memory_slots: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_rounds: float = 2
+    seed: int = 0
+    rounds: int = 0
+    round_timeout: float = 120.0
+    heartbeat_interval: float = 2.0
+    record_ttl: float = 8.0
+    torch_threads: int = 0
+    events_file: str = ""
+    log_level: str = "info"
+
+    def hosted_stages(self) -> list[int] | None:
+        """The explicit stage list, or None for `auto`."""
+        return None if self.stages == "auto" else [int(s) for s in self.stages.split(",")]
+
+
+assert [o.name for o in OPTIONS] == [f.name for f in fields(NodeConfig)], "OPTIONS and NodeConfig must match"
+_DEFAULTS = NodeConfig()
+
+
+def add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every option. Defaults are left unset so that only flags given on the command line override."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file with node settings (flags and env override it)")
+    for opt in OPTIONS:
+        flag = "--" + opt.name.replace("_", "-")
+        if opt.flag_kind == "switch":
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=opt.help)
+        elif opt.flag_kind == "list":
+            parser.add_argument(flag, nargs="+", metavar=opt.metavar, default=argparse.SUPPRESS, help=opt.help)
+        else:
+            parser.add_argument(flag, metavar=opt.metavar or opt.name.upper(), default=argparse.SUPPRESS,
+                                help=f"{opt.help} (default: {getattr(_DEFAULTS, opt.name)!r})")
+
+
+def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> NodeConfig:
+    """Merge defaults < TOML file < SWARM_NODE_* environment < flags, validating every value."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        values.update(_read_toml(Path(config_path)))
+    known = {o.name for o in OPTIONS}
+    for key, raw in environ.items():
+        if key.startswith(ENV_PREFIX) and key != ENV_PREFIX + "CONFIG":
+            name = key[len(ENV_PREFIX):].lower()
+            if name not in known:
+                raise UsageError(f"environment variable {key} is not a setting; "
+                                 f"see 'swarm-node run --help' for the settings")
+            values[name] = (raw, f"environment variable {key}")
+    for opt in OPTIONS:
+        if hasattr(args, opt.name):
+            values[opt.name] = (getattr(args, opt.name), "--" + opt.name.replace("_", "-"))
+    parsed = {}
+    for opt in OPTIONS:
+        if opt.name in values:
+            raw, source = values[opt.name]
+            try:
+                parsed[opt.name] = opt.parse(raw)
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"{source} = {raw!r}: {e}") from None
+    config = NodeConfig(**parsed)
+    _check_consistency(config)
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, tuple[Any, str]]:
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    known = {o.name for o in OPTIONS}
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise UsageError(f"config file {path}: unknown setting {key!r}; see 'swarm-node run --help'")
+        out[name] = (value, f"{path}: {key}")
+    return out
+
+
+def _check_consistency(config: NodeConfig) -> None:
+    if config.new_swarm and config.initial_peers:
+        raise UsageError("--new-swarm starts a swarm, --initial-peers joins one: give only one of them")
+    if not config.new_swarm and not config.initial_peers:
+        raise UsageError("give --initial-peers MADDR ... to join a swarm, or --new-swarm to start one")
+    stages = config.hosted_stages()
+    if stages is not None and max(stages) >= config.num_stages:
+        raise UsageError(f"--stages {config.stages}: this swarm has stages 0..{config.num_stages - 1}")
+    if config.data and config.dataset:
+        raise UsageError("give either --data or --dataset, not both")
+    if config.max_inflight > config.memory_slots:
+        raise UsageError(f"--max-inflight {config.max_inflight} exceeds --memory-slots {config.memory_slots}")

@@ -1,0 +1,283 @@
+"""The compute side of a node: one worker thread runs forward and backward hops in priority order.
+
+A hop arrives as (envelope, tensor). Its envelope's path says which stage runs it and where the result
+goes next, so the executor never assumes that stages are visited in order or that any are visited at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from lm.stage import PipelineStage
+from node.activations import ActivationStore, Saved
+from node.metrics import NodeMetrics
+from protocol.envelope import at_hop, is_final_hop
+from protocol.errors import ProtocolError, invalid
+from protocol.generated.swarm.v1 import stage_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+FORWARD, BACKWARD = "forward", "backward"
+
+
+@dataclass(order=True)
+class _Task:
+    priority: int  # backward first: it frees memory and finishes microbatches
+    seq: int
+    kind: str = field(compare=False)
+    env: pb.Envelope = field(compare=False)
+    tensor: torch.Tensor = field(compare=False)
+
+
+class OriginHooks:
+    """What a data node's origin learns from the executor. The default ignores everything."""
+
+    def labels(self, round_: int, microbatch: int) -> torch.Tensor | None:
+        return None
+
+    def on_loss(self, round_: int, microbatch: int, loss: float) -> None: ...
+
+    def on_done(self, round_: int, microbatch: int) -> None: ...
+
+    def on_failed(self, round_: int, microbatch: int, reason: str) -> None: ...
+
+
+Send = Callable[[str, pb.Envelope, torch.Tensor], None]  # (kind, envelope addressed to the receiver, tensor)
+
+
+class StageExecutor:
+    def __init__(self, peer_id: str, stages: dict[int, PipelineStage], device: torch.device, dtype: torch.dtype,
+                 memory_slots: int, metrics: NodeMetrics, send: Send, first_round: int = 0):
+        self.peer_id = peer_id
+        self.stages = stages
+        self.device = device
+        self.dtype = dtype
+        self.metrics = metrics
+        self.send = send
+        self.origin: OriginHooks = OriginHooks()
+        self.store = ActivationStore(memory_slots)
+        self._queue: queue.PriorityQueue[_Task] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._lock = threading.Condition()
+        self._round = first_round - 1  # the last round begun
+        self._parked: list[_Task] = []  # hops of the next round, held until this node begins it
+        # (microbatch, hop) visits this node still owes the current round; None once the round has ended.
+        self._expected: set[tuple[int, int]] | None = None
+        self._done: dict[int, set[int]] = {}  # stage -> microbatches whose backward finished this round
+        self._pending_backward: set[tuple[int, int, int]] = set()
+        self._compute_s: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="executor", daemon=True)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put(_Task(-1, -1, "stop", pb.Envelope(), torch.empty(0)))
+        self._worker.join(timeout=5)
+
+    @property
+    def round(self) -> int:
+        return self._round
+
+    def compute_seconds(self) -> dict[int, float]:
+        return dict(self._compute_s)
+
+    def begin_round(self, round_: int, expected: set[tuple[int, int]]) -> None:
+        """Start serving `round_`: `expected` lists the (microbatch, hop) visits the plan gives this node."""
+        with self._lock:
+            self._round = round_
+            self._expected = set(expected)
+            self._done = {}
+            parked, self._parked = self._parked, []
+        for task in parked:
+            if task.env.round == round_ and (task.env.microbatch, task.env.hop) in expected:
+                self._queue.put(task)
+            else:
+                self.store.release(task.env.round, task.env.microbatch)
+        self.metrics.round.set(round_)
+
+    def wait_round(self, timeout: float, stop: threading.Event) -> bool:
+        """Block until every expected visit of the round finished backward (True) or time ran out (False)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._round_complete():
+                left = deadline - time.monotonic()
+                if left <= 0 or stop.is_set():
+                    return False
+                self._lock.wait(min(left, 0.25))
+            return True
+
+    def _round_complete(self) -> bool:
+        return self._expected is not None and not self._expected
+
+    def end_round(self, round_: int) -> dict[int, int]:
+        """Close the round: drop whatever it left behind; returns microbatches finished per hosted stage."""
+        with self._lock:
+            counts = {s: len(self._done.get(s, ())) for s in self.stages}
+            self._expected = None
+            self._pending_backward = {k for k in self._pending_backward if k[0] != round_}
+        dropped = self.store.drop_round(round_)
+        if dropped:
+            log.warning("round %d ended with %d hops never backwarded; their activations were dropped",
+                        round_, dropped)
+        self.metrics.activations_held.set(self.store.microbatches_held())
+        return counts
+
+    # ---- admission (called from gRPC threads; raise ProtocolError to refuse) ----------------------------------
+    def accept_forward(self, env: pb.Envelope, tensor: torch.Tensor) -> int:
+        if env.hop == 0:
+            raise invalid("hop 0 is the origin's own: a Forward must address hop 1 or later")
+        self._check_hidden(tensor, env)
+        if is_final_hop(env) and self.origin.labels(env.round, env.microbatch) is None:
+            raise ProtocolError(grpc.StatusCode.NOT_FOUND,
+                                f"round {env.round} microbatch {env.microbatch} did not start at this origin")
+        with self._lock:
+            self._check_round(env)
+            key = (env.round, env.microbatch, env.hop)
+            if self.store.contains(key):
+                raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS, f"hop {key} was already received")
+            if not self.store.try_reserve(env.round, env.microbatch):
+                raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"activation memory is full ({self.store.slots} microbatches); retry later")
+            task = _Task(1, next(self._seq), FORWARD, env, tensor)
+            if env.round == self._round + 1:
+                self._parked.append(task)
+                return len(self._parked)
+        self._queue.put(task)
+        return self._queue.qsize()
+
+    def accept_backward(self, env: pb.Envelope, tensor: torch.Tensor) -> int:
+        key = (env.round, env.microbatch, env.hop)
+        saved = self.store.get(key)
+        if saved is None or is_final_hop(env):
+            raise ProtocolError(grpc.StatusCode.NOT_FOUND,
+                                f"no activations kept for round {env.round} microbatch {env.microbatch} hop {env.hop}"
+                                f" (unknown, already backwarded, or its round was aborted)")
+        if tensor.shape != saved.outputs.shape or tensor.dtype != saved.outputs.dtype:
+            raise invalid(f"gradient of shape {list(tensor.shape)} {_name(tensor.dtype)} does not match the output "
+                          f"{list(saved.outputs.shape)} {_name(saved.outputs.dtype)}")
+        with self._lock:
+            if key in self._pending_backward:
+                raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS, f"backward for hop {key} was already received")
+            self._pending_backward.add(key)
+        self._queue.put(_Task(0, next(self._seq), BACKWARD, env, tensor))
+        return self._queue.qsize()
+
+    def start_microbatch(self, env: pb.Envelope, input_ids: torch.Tensor) -> bool:
+        """The origin's hop 0. False when activation memory is full (the origin waits and retries)."""
+        if not self.store.try_reserve(env.round, env.microbatch):
+            return False
+        self._queue.put(_Task(1, next(self._seq), FORWARD, env, input_ids))
+        return True
+
+    def _check_round(self, env: pb.Envelope) -> None:
+        if env.round < self._round or (env.round == self._round and self._expected is None):
+            raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"round {env.round} is over; this node is at round {self._round}")
+        if env.round > self._round + 1:
+            raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"unknown round {env.round}; this node is at round {self._round}")
+        if env.round == self._round and (env.microbatch, env.hop) not in self._expected \
+                and not is_final_hop(env):
+            raise ProtocolError(grpc.StatusCode.NOT_FOUND,
+                                f"microbatch {env.microbatch} hop {env.hop} is not in round {env.round}'s plan "
+                                f"for this node")
+
+    def _check_hidden(self, tensor: torch.Tensor, env: pb.Envelope) -> None:
+        config = next(iter(self.stages.values())).config
+        if tensor.dtype != self.dtype:
+            raise invalid(f"activations are {_name(tensor.dtype)}; this swarm computes in {_name(self.dtype)}")
+        if tensor.dim() != 3 or tensor.shape[2] != config.hidden_size:
+            raise invalid(f"activations of shape {list(tensor.shape)}; expected [batch, seq, {config.hidden_size}]")
+        if tensor.shape[1] > config.max_position_embeddings:
+            raise invalid(f"sequence of {tensor.shape[1]} tokens exceeds the model's "
+                          f"{config.max_position_embeddings}")
+
+    # ---- compute ---------------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            task = self._queue.get()
+            if task.kind == "stop":
+                return
+            try:
+                if task.kind == FORWARD:
+                    self._forward(task.env, task.tensor)
+                else:
+                    self._backward(task.env, task.tensor)
+            except Exception as e:  # one bad hop must not stop the node
+                log.exception("%s of round %d microbatch %d hop %d failed", task.kind, task.env.round,
+                              task.env.microbatch, task.env.hop)
+                self.store.pop((task.env.round, task.env.microbatch, task.env.hop))
+                if task.env.path and task.env.path[0].peer_id == self.peer_id:
+                    self.origin.on_failed(task.env.round, task.env.microbatch, str(e))
+
+    def _forward(self, env: pb.Envelope, tensor: torch.Tensor) -> None:
+        stage_id = env.path[env.hop].stage
+        stage = self.stages[stage_id]
+        started = time.perf_counter()
+        if is_final_hop(env):
+            self._loss_and_head(env, stage, tensor)
+            return
+        with torch.enable_grad():
+            if env.hop == 0:
+                inputs = tensor.to(self.device)
+                hidden = stage.embed(inputs)
+            else:
+                inputs = tensor.to(self.device).requires_grad_(True)
+                hidden = inputs
+            outputs = stage(hidden)
+        self.store.put((env.round, env.microbatch, env.hop), Saved(stage_id, inputs, outputs))
+        self._note_compute(stage_id, time.perf_counter() - started)
+        self.metrics.forwarded.labels(stage=str(stage_id)).inc()
+        self.metrics.activations_held.set(self.store.microbatches_held())
+        self.send(FORWARD, at_hop(env, env.hop + 1), outputs.detach())
+
+    def _loss_and_head(self, env: pb.Envelope, stage: PipelineStage, tensor: torch.Tensor) -> None:
+        labels = self.origin.labels(env.round, env.microbatch)
+        with torch.enable_grad():
+            hidden = tensor.to(self.device).requires_grad_(True)
+            loss = stage.loss(stage.logits(hidden), labels.to(self.device))
+            loss.backward()
+        self.store.release(env.round, env.microbatch)
+        self.origin.on_loss(env.round, env.microbatch, loss.item())
+        self.send(BACKWARD, at_hop(env, env.hop - 1), hidden.grad)
+
+    def _backward(self, env: pb.Envelope, grad: torch.Tensor) -> None:
+        key = (env.round, env.microbatch, env.hop)
+        saved = self.store.pop(key)
+        with self._lock:
+            self._pending_backward.discard(key)
+        if saved is None:  # the round was aborted while this gradient waited
+            return
+        saved.outputs.backward(grad.to(self.device))
+        self.metrics.backwarded.labels(stage=str(saved.stage)).inc()
+        self.metrics.activations_held.set(self.store.microbatches_held())
+        with self._lock:
+            if env.round == self._round and self._expected is not None:
+                self._expected.discard((env.microbatch, env.hop))
+                self._done.setdefault(saved.stage, set()).add(env.microbatch)
+                self._lock.notify_all()
+        if env.hop == 0:
+            self.origin.on_done(env.round, env.microbatch)
+        else:
+            self.send(BACKWARD, at_hop(env, env.hop - 1), saved.inputs.grad)
+
+    def _note_compute(self, stage: int, seconds: float) -> None:
+        previous = self._compute_s.get(stage)
+        self._compute_s[stage] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,55 @@
+"""Turn a membership snapshot into a round plan.
+
+Paths here are full pipelines: every stage in order, replicas taken in turn so each serves an equal
+share. `routing/` supplies skip-aware plans; this module is where the daemon will call it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from protocol.envelope import HopSpec
+from protocol.records import NodeRecord, PlannedMicrobatch, RoundPlan
+
+
+def membership_digest(members: dict[str, NodeRecord]) -> str:
+    text = ";".join(f"{p}:{','.join(map(str, r.stages))}@{r.endpoint}" for p, r in sorted(members.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def serving_replicas(members: dict[str, NodeRecord], num_stages: int) -> dict[int, list[NodeRecord]]:
+    replicas: dict[int, list[NodeRecord]] = {s: [] for s in range(num_stages)}
+    for peer in sorted(members):
+        record = members[peer]
+        if record.serving:
+            for stage in record.stages:
+                if stage < num_stages:
+                    replicas[stage].append(record)
+    return replicas
+
+
+def choose_planner(members: dict[str, NodeRecord]) -> str | None:
+    """The round's planner: the serving data node with the lowest peer id. Every node computes the same."""
+    data_nodes = sorted(p for p, r in members.items() if r.serving and 0 in r.stages)
+    return data_nodes[0] if data_nodes else None
+
+
+def full_pipeline_plan(members: dict[str, NodeRecord], round_: int, num_stages: int, microbatches_per_origin: int,
+                       planner: str) -> RoundPlan | None:
+    """None while some stage has no serving replica: no full path exists yet."""
+    replicas = serving_replicas(members, num_stages)
+    if any(not replicas[s] for s in range(num_stages)):
+        return None
+    hop = {p: HopSpec(0, p, members[p].endpoint) for p in members}
+    planned, mb_id = [], 0
+    for origin in replicas[0]:
+        for _ in range(microbatches_per_origin):
+            path = [HopSpec(0, origin.peer_id, origin.endpoint)]
+            for stage in range(1, num_stages):
+                chosen = replicas[stage][mb_id % len(replicas[stage])]
+                path.append(HopSpec(stage, chosen.peer_id, hop[chosen.peer_id].endpoint))
+            path.append(path[0])
+            planned.append(PlannedMicrobatch(mb_id, tuple(path)))
+            mb_id += 1
+    return RoundPlan(round=round_, planner=planner, membership_digest=membership_digest(members),
+                     microbatches=tuple(planned))

@@ -1,0 +1,74 @@
+"""The server side of the data plane: StageService. Every refusal is a gRPC status with a reason."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from node.executor import StageExecutor
+from node.metrics import NodeMetrics
+from node.trainer import StageTrainer
+from protocol.envelope import check_envelope
+from protocol.errors import ProtocolError
+from protocol.generated.swarm.v1 import stage_pb2 as pb
+from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
+from protocol.limits import WireLimits
+from protocol.state_codec import encode_state
+from protocol.tensor_codec import decode_stream
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+class StageServicer(pb_grpc.StageServiceServicer):
+    def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
+                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics):
+        self.swarm = swarm
+        self.peer_id = peer_id
+        self.num_stages = num_stages
+        self.executor = executor
+        self.trainers = trainers
+        self.limits = limits
+        self.metrics = metrics
+
+    def Forward(self, request_iterator: Iterator[pb.TensorChunk], context: grpc.ServicerContext) -> pb.Ack:
+        return self._receive("Forward", request_iterator, context)
+
+    def Backward(self, request_iterator: Iterator[pb.TensorChunk], context: grpc.ServicerContext) -> pb.Ack:
+        return self._receive("Backward", request_iterator, context)
+
+    def _receive(self, method: str, chunks: Iterator[pb.TensorChunk], context: grpc.ServicerContext) -> pb.Ack:
+        started = time.perf_counter()
+        try:
+            env, tensor = decode_stream(chunks, self.limits)
+            check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
+                           num_stages=self.num_stages, limits=self.limits)
+            accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
+            queued = accept(env, tensor)
+        except ProtocolError as e:
+            self.metrics.rpc_errors.labels(method=method, code=e.code.name).inc()
+            context.abort(e.code, e.reason)
+        self.metrics.received_bytes.inc(tensor.numel() * tensor.element_size())
+        self.metrics.rpc_seconds.labels(method=method, side="server").observe(time.perf_counter() - started)
+        return pb.Ack(queued=queued)
+
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
+        return pb.PingReply(peer_id=self.peer_id, time=time.time())
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoReply:
+        return pb.InfoReply(peer_id=self.peer_id, swarm_id=self.swarm, stages=sorted(self.trainers),
+                            round=self.executor.round, version=VERSION)
+
+    def FetchState(self, request: pb.StateRequest, context: grpc.ServicerContext) -> Iterator[pb.StateChunk]:
+        if request.swarm_id != self.swarm:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        trainer = self.trainers.get(request.stage)
+        if trainer is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not host stage {request.stage}")
+        if request.min_round >= 0 and not trainer.wait_completed(request.min_round, context.time_remaining() or 60):
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {request.min_round} did not complete in time")
+        tensors, metadata = trainer.export(include_grads=request.include_grads)
+        yield from encode_state(tensors, metadata, trainer.completed_round, self.limits.chunk_bytes)

@@ -1,0 +1,109 @@
+"""A hosted stage's parameters, optimizer and round-to-round state."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import torch
+
+from lm.stage import PipelineStage
+
+
+class StageTrainer:
+    def __init__(self, module: PipelineStage, lr: float, weight_decay: float, grad_clip: float,
+                 warmup_rounds: float):
+        self.module = module
+        self.stage = module.stage
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.grad_clip = grad_clip
+        self.base_lr = lr
+        self.warmup_rounds = warmup_rounds
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.completed_round = -1  # the last round whose step this stage has taken
+        # Held while parameters change, so a joining replica never copies a half-applied step.
+        self.lock = threading.Condition()
+
+    def lr_at(self, round_: int) -> float:
+        if self.warmup_rounds <= 0:
+            return self.base_lr
+        return self.base_lr * min(1.0, (round_ + 1) / self.warmup_rounds)
+
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+    def set_grads(self, grads: list[torch.Tensor]) -> None:
+        for p, g in zip(self.params, grads):
+            p.grad = g.to(dtype=p.dtype, device=p.device)
+
+    def step(self, round_: int) -> float:
+        """Clip, step and clear gradients; returns the gradient norm before clipping."""
+        with self.lock:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(round_)
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.completed_round = round_
+            self.lock.notify_all()
+        return float(norm)
+
+    def skip(self, round_: int) -> None:
+        """A round in which this stage took no step (nothing reached it): keep the round count aligned."""
+        with self.lock:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.completed_round = round_
+            self.lock.notify_all()
+
+    def wait_completed(self, round_: int, timeout: float) -> bool:
+        """Block until this stage has finished `round_` (for a replica that wants a state after it)."""
+        with self.lock:
+            return self.lock.wait_for(lambda: self.completed_round >= round_, timeout)
+
+    def digest(self) -> str:
+        """sha256 over the parameters' bytes: equal digests mean bit-identical replicas."""
+        h = hashlib.sha256()
+        for p in self.params:
+            h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def export(self, include_grads: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Parameters and AdamW moments, for a joining replica."""
+        with self.lock:
+            return self._export(include_grads)
+
+    def _export(self, include_grads: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors: dict[str, torch.Tensor] = {}
+        steps = {}
+        for name, p in zip(self.names, self.params):
+            tensors[f"param/{name}"] = p.detach()
+            state = self.optimizer.state.get(p, {})
+            if "exp_avg" in state:
+                tensors[f"exp_avg/{name}"] = state["exp_avg"]
+                tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"]
+                steps[name] = float(state["step"])
+            if include_grads and p.grad is not None:
+                tensors[f"grad/{name}"] = p.grad.detach()
+        metadata = {"completed_round": str(self.completed_round), "stage": str(self.stage),
+                    "steps": ",".join(f"{n}={s}" for n, s in steps.items())}
+        return tensors, metadata
+
+    def load(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        steps = dict(item.split("=") for item in metadata.get("steps", "").split(",") if item)
+        with self.lock, torch.no_grad():
+            for name, p in zip(self.names, self.params):
+                key = f"param/{name}"
+                if key not in tensors or tensors[key].shape != p.shape:
+                    raise ValueError(f"state for stage {self.stage} lacks a matching {name}")
+                p.copy_(tensors[key])
+                if f"exp_avg/{name}" in tensors:
+                    self.optimizer.state[p] = {
+                        "step": torch.tensor(float(steps[name])),
+                        "exp_avg": tensors[f"exp_avg/{name}"].to(p.device, p.dtype).clone(),
+                        "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device, p.dtype).clone(),
+                    }
+            self.completed_round = int(metadata.get("completed_round", "-1"))

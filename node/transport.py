@@ -1,0 +1,116 @@
+"""The client side of the data plane: sends hops to peers over gRPC, retrying while the receiver is busy."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+
+from node.metrics import NodeMetrics
+from protocol.errors import ProtocolError
+from protocol.generated.swarm.v1 import stage_pb2 as pb
+from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
+from protocol.grpc_options import channel_options
+from protocol.limits import WireLimits
+from protocol.state_codec import decode_state
+from protocol.tensor_codec import encode_chunks
+
+log = logging.getLogger(__name__)
+
+# Statuses that mean "try again shortly": the receiver is busy or restarting, the hop itself is fine.
+RETRYABLE = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+
+LocalAccept = Callable[[str, pb.Envelope, torch.Tensor], None]
+
+
+class StageClients:
+    """One channel per peer endpoint, reused for every call."""
+
+    def __init__(self, limits: WireLimits):
+        self.limits = limits
+        self._stubs: dict[str, pb_grpc.StageServiceStub] = {}
+        self._channels: list[grpc.Channel] = []
+        self._lock = threading.Lock()
+
+    def stub(self, endpoint: str) -> pb_grpc.StageServiceStub:
+        with self._lock:
+            if endpoint not in self._stubs:
+                channel = grpc.insecure_channel(endpoint, options=channel_options(self.limits))
+                self._channels.append(channel)
+                self._stubs[endpoint] = pb_grpc.StageServiceStub(channel)
+            return self._stubs[endpoint]
+
+    def fetch_state(self, endpoint: str, swarm: str, stage: int, min_round: int = -1, include_grads: bool = False,
+                    timeout: float = 120.0) -> tuple[int, dict[str, torch.Tensor], dict[str, str]]:
+        request = pb.StateRequest(swarm_id=swarm, stage=stage, include_grads=include_grads, min_round=min_round)
+        return decode_state(self.stub(endpoint).FetchState(request, timeout=timeout))
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels:
+                channel.close()
+            self._channels.clear()
+            self._stubs.clear()
+
+
+class HopSender:
+    """Sends each finished hop to the next peer in its path without blocking the compute thread."""
+
+    def __init__(self, peer_id: str, clients: StageClients, metrics: NodeMetrics, local: LocalAccept,
+                 on_give_up: Callable[[pb.Envelope, str], None], deadline_s: float, workers: int = 4):
+        self.peer_id = peer_id
+        self.clients = clients
+        self.metrics = metrics
+        self.local = local
+        self.on_give_up = on_give_up
+        self.deadline_s = deadline_s
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="send")
+        self._closed = threading.Event()
+
+    def __call__(self, kind: str, env: pb.Envelope, tensor: torch.Tensor) -> None:
+        self._pool.submit(self._deliver, kind, env, tensor)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _deliver(self, kind: str, env: pb.Envelope, tensor: torch.Tensor) -> None:
+        target = env.path[env.hop]
+        method = "Forward" if kind == "forward" else "Backward"
+        deadline = time.monotonic() + self.deadline_s
+        backoff = 0.02
+        while not self._closed.is_set():
+            try:
+                if target.peer_id == self.peer_id:
+                    self.local(kind, env, tensor)
+                else:
+                    self._rpc(method, target.endpoint, env, tensor)
+                return
+            except (ProtocolError, grpc.RpcError) as e:
+                code = e.code if isinstance(e, ProtocolError) else e.code()
+                reason = e.reason if isinstance(e, ProtocolError) else e.details()
+                self.metrics.rpc_errors.labels(method=method, code=code.name).inc()
+                if code not in RETRYABLE or time.monotonic() + backoff > deadline:
+                    log.warning("%s of round %d microbatch %d to hop %d (%s) failed: %s %s", method, env.round,
+                                env.microbatch, env.hop, target.peer_id[-8:], code.name, reason)
+                    self.on_give_up(env, f"{code.name}: {reason}")
+                    return
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+            except Exception as e:  # a bug or a broken tensor: report it rather than lose the thread
+                log.exception("%s to hop %d failed", method, env.hop)
+                self.on_give_up(env, repr(e))
+                return
+
+    def _rpc(self, method: str, endpoint: str, env: pb.Envelope, tensor: torch.Tensor) -> None:
+        stub = self.clients.stub(endpoint)
+        call = stub.Forward if method == "Forward" else stub.Backward
+        started = time.perf_counter()
+        call(encode_chunks(env, tensor, self.clients.limits), timeout=self.deadline_s)
+        self.metrics.rpc_seconds.labels(method=method, side="client").observe(time.perf_counter() - started)
+        self.metrics.sent_bytes.inc(tensor.numel() * tensor.element_size())

@@ -1,0 +1,166 @@
+"""DHT key schema and record formats. Every value is plain msgpack-able data, validated on read.
+
+| key                        | subkey          | value                                   |
+|----------------------------|-----------------|-----------------------------------------|
+| <swarm>/nodes              | peer id         | NodeRecord (heartbeat), or a tombstone   |
+| <swarm>/plan/<round>       | planner peer id | RoundPlan                               |
+| <swarm>/avg/<stage>/<round>| peer id         | microbatches this replica processed     |
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from protocol.envelope import HopSpec
+
+RECORD_VERSION = 1
+
+
+class RecordError(ValueError):
+    """A DHT value that does not match its schema; readers skip it."""
+
+
+def nodes_key(swarm: str) -> str:
+    return f"{swarm}/nodes"
+
+
+def plan_key(swarm: str, round_: int) -> str:
+    return f"{swarm}/plan/{round_}"
+
+
+def averaging_key(swarm: str, stage: int, round_: int) -> str:
+    return f"{swarm}/avg/{stage}/{round_}"
+
+
+def _require(value: dict, name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in value or not isinstance(value[name], kind) or isinstance(value[name], bool) != (kind is bool):
+        raise RecordError(f"field {name!r} missing or not {getattr(kind, '__name__', kind)}")
+    return value[name]
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A node's heartbeat: where to reach it and what it can do."""
+
+    peer_id: str
+    endpoint: str
+    stages: tuple[int, ...]
+    compute_s: dict[int, float]  # measured seconds per microbatch forward, per hosted stage
+    memory_slots: int
+    role: str  # "data" (hosts stage 0) or "stage"
+    version: str
+    swarm: str
+    round: int  # the round this node works on
+    serving: bool  # false while loading state; planners only use serving nodes
+    metrics_url: str = ""
+    maddrs: tuple[str, ...] = ()
+    heartbeat_time: float = 0.0  # DHT time of the beat that wrote this record
+
+    def to_value(self) -> dict:
+        value = asdict(self)
+        value.pop("peer_id")
+        value["stages"] = list(self.stages)
+        value["maddrs"] = list(self.maddrs)
+        value["compute_s"] = {str(k): v for k, v in self.compute_s.items()}
+        value["v"] = RECORD_VERSION
+        return value
+
+    @classmethod
+    def from_value(cls, peer_id: str, value: Any) -> "NodeRecord":
+        if not isinstance(value, dict):
+            raise RecordError("node record is not a map")
+        stages = _require(value, "stages", list)
+        if not stages or not all(isinstance(s, int) and s >= 0 for s in stages):
+            raise RecordError("stages must be non-negative integers")
+        compute = _require(value, "compute_s", dict)
+        try:
+            compute_s = {int(k): float(v) for k, v in compute.items()}
+        except (TypeError, ValueError):
+            raise RecordError("compute_s must map stage to seconds") from None
+        return cls(
+            peer_id=peer_id,
+            endpoint=_require(value, "endpoint", str),
+            stages=tuple(stages),
+            compute_s=compute_s,
+            memory_slots=_require(value, "memory_slots", int),
+            role=_require(value, "role", str),
+            version=_require(value, "version", str),
+            swarm=_require(value, "swarm", str),
+            round=_require(value, "round", int),
+            serving=_require(value, "serving", bool),
+            metrics_url=value.get("metrics_url", "") if isinstance(value.get("metrics_url", ""), str) else "",
+            maddrs=tuple(m for m in value.get("maddrs", []) if isinstance(m, str)),
+            heartbeat_time=float(value.get("heartbeat_time", 0.0)) if isinstance(value.get("heartbeat_time"),
+                                                                                  (int, float)) else 0.0,
+        )
+
+
+TOMBSTONE = {"left": True}
+
+
+def is_tombstone(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("left") is True
+
+
+@dataclass(frozen=True)
+class PlannedMicrobatch:
+    id: int
+    path: tuple[HopSpec, ...]  # origin first and last
+
+    @property
+    def origin(self) -> str:
+        return self.path[0].peer_id
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The paths every microbatch of one round takes. Published by the round's planner."""
+
+    round: int
+    planner: str
+    membership_digest: str
+    microbatches: tuple[PlannedMicrobatch, ...]
+    stage_weights: dict[int, float] = field(default_factory=dict)  # averaging weights where visits are uneven
+
+    def participants(self) -> set[str]:
+        return {hop.peer_id for mb in self.microbatches for hop in mb.path}
+
+    def work_of(self, peer_id: str) -> list[tuple[int, int, int]]:
+        """(microbatch, hop, stage) visits this peer serves, the origin's final hop excluded."""
+        return [(mb.id, i, hop.stage) for mb in self.microbatches
+                for i, hop in enumerate(mb.path[:-1]) if hop.peer_id == peer_id]
+
+    def replicas(self, stage: int) -> set[str]:
+        return {hop.peer_id for mb in self.microbatches for hop in mb.path if hop.stage == stage}
+
+    def to_value(self) -> dict:
+        return {
+            "v": RECORD_VERSION, "round": self.round, "planner": self.planner, "digest": self.membership_digest,
+            "microbatches": [{"id": mb.id, "path": [[h.stage, h.peer_id, h.endpoint] for h in mb.path]}
+                             for mb in self.microbatches],
+            "stage_weights": {str(k): v for k, v in self.stage_weights.items()},
+        }
+
+    @classmethod
+    def from_value(cls, value: Any) -> "RoundPlan":
+        if not isinstance(value, dict):
+            raise RecordError("plan is not a map")
+        mbs = []
+        for item in _require(value, "microbatches", list):
+            if not isinstance(item, dict) or not isinstance(item.get("id"), int):
+                raise RecordError("microbatch entry needs an integer id")
+            path = item.get("path")
+            if not isinstance(path, list) or len(path) < 2:
+                raise RecordError("microbatch path must list at least the origin twice")
+            hops = []
+            for hop in path:
+                if (not isinstance(hop, list) or len(hop) != 3 or not isinstance(hop[0], int)
+                        or not isinstance(hop[1], str) or not isinstance(hop[2], str)):
+                    raise RecordError("a hop is [stage, peer id, endpoint]")
+                hops.append(HopSpec(*hop))
+            mbs.append(PlannedMicrobatch(item["id"], tuple(hops)))
+        weights = value.get("stage_weights", {})
+        return cls(round=_require(value, "round", int), planner=_require(value, "planner", str),
+                   membership_digest=_require(value, "digest", str), microbatches=tuple(mbs),
+                   stage_weights={int(k): float(v) for k, v in weights.items()} if isinstance(weights, dict) else {})
