@@ -1,0 +1,111 @@
+"""`swarm-node demo`: a private swarm of separate processes on 127.0.0.1 training the tiny LLaMA."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from node.errors import UsageError
+
+# 4 stages; stage 0 (the data nodes) and stage 1 have two replicas each.
+DEFAULT_LAYOUT = "0,0,1,1,2,3"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="train the tiny LLaMA on a local swarm of separate processes",
+                              description="Starts one `swarm-node run` process per entry of --layout on "
+                                          "127.0.0.1, trains for --rounds, prints progress and exits.")
+    p.add_argument("--rounds", type=int, default=20, help="training rounds (default: 20)")
+    p.add_argument("--layout", default=DEFAULT_LAYOUT,
+                   help=f"stage of each node, comma-separated; 0 marks a data node (default: {DEFAULT_LAYOUT})")
+    p.add_argument("--model", default="tiny", help="model preset or HF checkpoint directory (default: tiny)")
+    p.add_argument("--summary-json", metavar="PATH", help="write a JSON summary of the run here")
+    p.add_argument("--workdir", metavar="DIR", help="where node logs and event files go (default: a temp dir)")
+    p.add_argument("--timeout", type=float, default=900, help="give up after this many seconds (default: 900)")
+    p.set_defaults(handler=run)
+
+
+def _layout(text: str) -> list[int]:
+    try:
+        stages = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--layout {text!r}: give stage numbers like {DEFAULT_LAYOUT}") from None
+    num_stages = max(stages) + 1
+    if 0 not in stages or set(stages) != set(range(num_stages)):
+        raise UsageError(f"--layout {text!r}: every stage from 0 to {num_stages - 1} needs a node")
+    return stages
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.rounds <= 0:
+        raise UsageError("--rounds must be a positive number")
+    stages = _layout(args.layout)
+    from node.local_swarm import LocalSwarm
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="swarm-node-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    swarm = LocalSwarm(workdir, swarm=f"demo-{secrets.token_hex(4)}", common_args=[
+        "--num-stages", str(max(stages) + 1), "--model", args.model, "--rounds", str(args.rounds),
+        "--torch-threads", "1", "--device", "cpu", "--log-level", "warning"])
+    started = time.monotonic()
+    print(f"demo: {len(stages)} nodes, {max(stages) + 1} stages, {args.rounds} rounds; logs in {workdir}", flush=True)
+    try:
+        first = swarm.start_node("node0", str(stages[0]))
+        swarm.wait_started([first], timeout=120)
+        peers = swarm.initial_peers()
+        rest = [swarm.start_node(f"node{i}", str(s), initial_peers=peers) for i, s in enumerate(stages[1:], 1)]
+        swarm.wait_started(rest, timeout=180)
+        for node in swarm.nodes:
+            print(f"demo: {node.name} (stage {node.stages})  metrics {node.started()['metrics_url']}", flush=True)
+        losses = _watch(swarm, args.rounds, started + args.timeout)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
+    finally:
+        swarm.stop()
+    wall = time.monotonic() - started
+    data_nodes = [n for n in swarm.nodes if n.stages == "0"]
+    tokens = sum(e.get("tokens", 0) for n in data_nodes for e in n.events("round"))
+    summary = {"rounds": len(losses), "loss_per_round": losses, "tokens": tokens, "wall_s": round(wall, 2),
+               "nodes": [{"name": n.name, "stages": [int(n.stages)], **{k: n.started()[k] for k in
+                          ("peer_id", "endpoint", "metrics_url")}} for n in swarm.nodes if n.started()]}
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+    if len(losses) < args.rounds:
+        print(f"demo: only {len(losses)} of {args.rounds} rounds finished; see {workdir}", file=sys.stderr)
+        return 1
+    print(f"demo: done: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} rounds, {tokens} tokens, "
+          f"{wall:.1f}s", flush=True)
+    return 0
+
+
+def _watch(swarm, rounds: int, deadline: float) -> list[float]:
+    """Print one progress line per finished round; returns each round's mean loss over the data nodes.
+
+    A round is finished when every data node has trained it or, having joined late, caught up past it.
+    """
+    data_nodes = [n for n in swarm.nodes if n.stages == "0"]
+    shown, losses, last_time = 0, [], time.monotonic()
+    while shown < rounds and time.monotonic() < deadline:
+        per_node = [{e["round"]: e for e in n.events() if e["event"] in ("round", "caught_up")} for n in data_nodes]
+        while shown < rounds and all(shown in r for r in per_node):
+            events = [r[shown] for r in per_node]
+            values = [e["loss"] for e in events if e.get("loss") is not None]
+            loss = sum(values) / len(values) if values else float("nan")
+            losses.append(loss)
+            now = time.monotonic()
+            tokens = sum(e.get("tokens", 0) for e in events)
+            up = sum(n.alive() for n in swarm.nodes)
+            print(f"round {shown + 1:>3}/{rounds} | loss {loss:.4f} | {tokens / max(now - last_time, 1e-3):8.0f} tok/s"
+                  f" | nodes up {up}/{len(swarm.nodes)}", flush=True)
+            last_time = now
+            shown += 1
+        if not any(n.alive() for n in data_nodes):
+            break
+        time.sleep(0.3)
+    return losses
