@@ -1,0 +1,162 @@
+"""Discrete-event simulation of one training round under the instance's cost model.
+
+Each microbatch with path [o, n1, .., n_{L-1}, o] runs 2L + 1 steps:
+  steps 0..L-1      forward on o, n1, .., n_{L-1}          (w of that node)
+  step  L           head + loss on o                       (0.25 w of o)
+  steps L+1..2L     backward on n_{L-1}, .., n1, o          (1.5 w), retracing the forward path
+Between consecutive steps on different nodes the message pays link_s. A node runs one step at a time; a
+forward step needs a free memory slot on its node, held until that node's backward step of the same
+microbatch ends. Ready backward/loss steps go before forward steps (they free memory); ties go first-come,
+then by microbatch. Links are not contended. A plan whose memory waits form a cycle deadlocks: the result
+says so and its makespan is infinite.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from routing.problem import Problem
+
+EPS = 1e-9
+
+
+@dataclass
+class SimResult:
+    makespan: float  # seconds until the last backward ends: the iteration time
+    start: list[list[float]]  # [microbatch][step]
+    end: list[list[float]]
+    ready: list[list[float]]
+    nodes: list[list[int]]  # [microbatch][step] -> node index
+    busy: np.ndarray  # (N,) seconds computing
+    wait: np.ndarray  # (N,) seconds that ready steps waited at the node (for compute or memory)
+    collisions: int  # steps that had to wait
+    deadlock: bool
+
+    @property
+    def waiting_s(self) -> float:
+        return float(self.wait.sum())
+
+    @property
+    def idle(self) -> np.ndarray:
+        return self.makespan - self.busy
+
+    def mb_end(self) -> list[float]:
+        return [e[-1] for e in self.end]
+
+
+def _step_plan(problem: Problem, path: tuple[int, ...]) -> tuple[list[int], list[float], list[float]]:
+    """Nodes, durations and incoming link delays of a microbatch's 2L + 1 steps (cached per path)."""
+    cache = problem.step_cache
+    if path in cache:
+        return cache[path]
+    fwd, bwd, loss, link = problem.py_costs
+    hops = list(path[:-1])
+    nodes = hops + [hops[0]] + hops[::-1]
+    dur = [fwd[v] for v in hops] + [loss[hops[0]]] + [bwd[v] for v in hops[::-1]]
+    delay = [0.0] + [link[nodes[t - 1]][nodes[t]] for t in range(1, len(nodes))]
+    cache[path] = nodes, dur, delay
+    return cache[path]
+
+
+def simulate(problem: Problem, paths: tuple[tuple[int, ...], ...] | list) -> SimResult:
+    n_mb = len(paths)
+    L = len(paths[0]) - 1 if n_mb else 0
+    last = 2 * L
+    mem = problem.memory.tolist()
+    plans = [_step_plan(problem, tuple(p)) for p in paths]
+    nodes = [p[0] for p in plans]
+    durs = [p[1] for p in plans]
+    delays = [p[2] for p in plans]
+    start = [[math.nan] * (last + 1) for _ in range(n_mb)]
+    end = [[math.nan] * (last + 1) for _ in range(n_mb)]
+    ready = [[math.nan] * (last + 1) for _ in range(n_mb)]
+    n = problem.n
+    busy, wait = [0.0] * n, [0.0] * n
+    running = [False] * n
+    used = [0] * n
+    q_back: list[list] = [[] for _ in range(n)]  # (ready, mb, step): loss and backward steps
+    q_fwd: list[list] = [[] for _ in range(n)]  # (ready, mb, step): forward steps, need a memory slot
+    events = [(0.0, 0, m, 0) for m in range(n_mb)]  # (time, kind, mb, step); kind 0 = arrive, 1 = done
+    heapq.heapify(events)
+    push, pop = heapq.heappush, heapq.heappop
+    collisions, done = 0, 0
+    touched: list[int] = []
+    while events:
+        t, kind, m, s = pop(events)
+        v = nodes[m][s]
+        if kind == 0:
+            ready[m][s] = t
+            push(q_back[v] if s >= L else q_fwd[v], (t, m, s))
+        else:
+            running[v] = False
+            if s > L:
+                used[v] -= 1
+            if s < last:
+                push(events, (t + delays[m][s + 1], 0, m, s + 1))
+            else:
+                done += 1
+        touched.append(v)
+        if events and events[0][0] <= t + EPS:
+            continue  # decide only once everything that happens at time t is known
+        for u in sorted(set(touched)) if len(touched) > 1 else touched:
+            if running[u]:
+                continue
+            if q_back[u]:
+                r, k, st = pop(q_back[u])
+            elif q_fwd[u] and used[u] < mem[u]:
+                r, k, st = pop(q_fwd[u])
+                used[u] += 1
+            else:
+                continue
+            running[u] = True
+            start[k][st] = t
+            if t - r > EPS:
+                collisions += 1
+                wait[u] += t - r
+            d = durs[k][st]
+            busy[u] += d
+            end[k][st] = t + d
+            push(events, (t + d, 1, k, st))
+        touched.clear()
+    makespan = max((e[-1] for e in end), default=0.0) if done == n_mb else math.inf
+    return SimResult(
+        makespan=makespan,
+        start=start,
+        end=end,
+        ready=ready,
+        nodes=nodes,
+        busy=np.array(busy),
+        wait=np.array(wait),
+        collisions=collisions,
+        deadlock=done < n_mb,
+    )
+
+
+def lower_bounds(problem: Problem, paths: tuple[tuple[int, ...], ...] | list) -> dict[str, float]:
+    """Bounds no schedule of these paths can beat.
+
+    work:     the busiest node's total compute.
+    path:     the longest microbatch's critical path (all its steps and links, no waiting).
+    memory:   per node, the slot-seconds its microbatches need at the least (each holds a slot from its forward
+              start to its backward end), divided by its slots.
+    """
+    work = np.zeros(problem.n)
+    slot_s = np.zeros(problem.n)
+    longest = 0.0
+    for p in paths:
+        nodes, dur, delay = _step_plan(problem, p)
+        for v, d in zip(nodes, dur):
+            work[v] += d
+        longest = max(longest, sum(dur) + sum(delay))
+        L = len(p) - 1
+        for k in range(L):  # the slot at hop k spans steps k .. 2L - k
+            slot_s[nodes[k]] += sum(dur[k : 2 * L - k + 1]) + sum(delay[k + 1 : 2 * L - k + 1])
+    return {
+        "work": float(work.max()),
+        "path": longest,
+        "memory": float((slot_s / problem.memory).max()),
+    }
