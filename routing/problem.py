@@ -37,7 +37,7 @@ class Problem:
     loss_factor: float = 0.25
     name: str = "problem"
     locations: tuple[str, ...] | None = None  # for display only
-    _index: dict = field(default_factory=dict, compare=False, repr=False)
+    _index: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -118,10 +118,10 @@ class Mover:
 
 
 def improve(
-    problem: Problem, stage_of_node: tuple[int, ...], paths: Paths, evals: int, seed: int
+    problem: Problem, stage_of_node: tuple[int, ...], paths: Paths, evals: int, seed: int, mover: Mover | None = None
 ) -> tuple[Paths, SimResult]:
     rng = random.Random(seed)
-    mover = Mover(problem, stage_of_node, rng)
+    mover = mover or Mover(problem, stage_of_node, rng)
     paths = list(paths)
     sim = simulate(problem, paths)
     best = score(sim)
