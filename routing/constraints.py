@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
 
 from routing.plan import Plan, replica_weights, stage_visits
 from routing.problem import Problem
@@ -35,25 +34,6 @@ def order_violation(order: tuple[int, ...], max_swaps: int, max_depth: int) -> s
     if swaps > max_swaps:
         return f"{swaps} swaps, more than {max_swaps}"
     return None
-
-
-def stage_orders(subset: tuple[int, ...], max_swaps: int, max_depth: int) -> Iterator[tuple[int, ...]]:
-    """Every order of `subset` that rule C4 allows, the sorted one first."""
-    todo = sorted(subset)
-
-    def extend(prefix: list[int], rest: list[int], furthest: int, swaps: int) -> Iterator[tuple[int, ...]]:
-        if not rest:
-            yield tuple(prefix)
-            return
-        if rest[0] < furthest - max_depth:  # a stage left too far behind can never be visited
-            return
-        for i, s in enumerate(rest):
-            back = s < furthest
-            if back and swaps == max_swaps:
-                continue
-            yield from extend(prefix + [s], rest[:i] + rest[i + 1 :], max(furthest, s), swaps + back)
-
-    yield from extend([], todo, 0, 0)
 
 
 def check_endpoints(problem: Problem, plan: Plan) -> list[str]:

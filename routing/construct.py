@@ -1,9 +1,9 @@
 """Greedy path construction: microbatch by microbatch, the cheapest valid path given the load so far.
 
 A path's cost is its links (each paid twice: activation forward, gradient back) plus, per visited node, the
-marginal cost of its compute under a quadratic load penalty, so busy nodes look expensive. For one
-microbatch, every allowed stage order is scored at once: a shortest path through a layered graph (one layer
-per visited stage, a node per candidate replica), vectorised over the orders with numpy.
+marginal cost of its compute and memory use under a convex penalty (`Pressure`), so busy nodes look
+expensive. For one microbatch, every allowed stage subset is scored at once: a shortest path through a
+layered graph (one layer per visited stage, a node per candidate replica), vectorised over the subsets.
 
 Visit counts per stage are fixed up front (`stage_quotas`); a stage whose remaining quota equals the number
 of microbatches left must be visited now, which keeps the quotas reachable to the end.
@@ -15,7 +15,6 @@ from itertools import combinations
 
 import numpy as np
 
-from routing.constraints import stage_orders
 from routing.problem import Problem
 
 CANDIDATES = 16  # replicas per stage considered for a hop: the nearest ones to the microbatch's origin
@@ -35,14 +34,12 @@ def stage_quotas(problem: Problem, stage_of_node: tuple[int, ...], microbatches:
     return quota
 
 
-def all_orders(problem: Problem, stages: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Every valid stage order (stage 0 left out) as rows, and which stages each row visits."""
-    pool = stages if stages is not None else list(range(1, problem.stages))
-    rows = [
-        order
-        for subset in combinations(pool, problem.visits - 1)
-        for order in stage_orders(subset, problem.max_swaps, problem.max_swap_depth)
-    ]
+def all_orders(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """Every stage subset in increasing order (stage 0 left out) as rows, and which stages each row visits.
+
+    Swaps are left to the local search: two microbatches that swap stages in opposite directions can wait on
+    each other's memory forever, and only the simulator can tell (it rejects such a plan)."""
+    rows = list(combinations(range(1, problem.stages), problem.visits - 1))
     orders = np.array(rows, dtype=int).reshape(len(rows), problem.visits - 1)
     member = np.zeros((len(rows), problem.stages), dtype=bool)
     np.put_along_axis(member, orders, True, axis=1)

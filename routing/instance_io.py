@@ -27,9 +27,9 @@ def _read_json(path: str | Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except OSError as e:
-        raise ProblemError(f"cannot read {path}: {e.strerror}") from None
+        raise ProblemError(f"cannot read it: {e.strerror}") from None
     except json.JSONDecodeError as e:
-        raise ProblemError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        raise ProblemError(f"not valid JSON (line {e.lineno}: {e.msg})") from None
 
 
 def problem_from_instance(inst: dict) -> Problem:
