@@ -18,29 +18,47 @@ from node.errors import UsageError
 ENV_PREFIX = "SWARM_NODE_"
 
 
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("must be an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError("must be an integer") from None
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("must be a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError("must be a number") from None
+
+
 def _positive_int(value: Any) -> int:
-    n = int(value)
+    n = _int(value)
     if n <= 0:
         raise ValueError("must be a positive integer")
     return n
 
 
 def _port(value: Any) -> int:
-    n = int(value)
+    n = _int(value)
     if not 0 <= n <= 65535:
         raise ValueError("must be a port number between 0 (pick a free one) and 65535")
     return n
 
 
 def _positive_float(value: Any) -> float:
-    x = float(value)
+    x = _float(value)
     if x <= 0:
         raise ValueError("must be a positive number")
     return x
 
 
 def _non_negative_float(value: Any) -> float:
-    x = float(value)
+    x = _float(value)
     if x < 0:
         raise ValueError("must be zero or positive")
     return x
@@ -129,12 +147,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("weight_decay", _non_negative_float, "AdamW weight decay"),
     Option("grad_clip", _positive_float, "gradient norm clip"),
     Option("warmup_rounds", _non_negative_float, "rounds of linear learning-rate warm-up"),
-    Option("seed", int, "seed for model init and data sampling"),
-    Option("rounds", int, "stop after this many rounds (0: train until stopped)"),
+    Option("seed", _int, "seed for model init and data sampling"),
+    Option("rounds", _int, "stop after this many rounds (0: train until stopped)"),
     Option("round_timeout", _positive_float, "seconds a round may take before its stragglers are dropped"),
     Option("heartbeat_interval", _positive_float, "seconds between DHT heartbeats"),
     Option("record_ttl", _positive_float, "seconds a DHT record lives unless refreshed"),
-    Option("torch_threads", int, "torch intra-op threads (0: torch's default)"),
+    Option("torch_threads", _int, "torch intra-op threads (0: torch's default)"),
     Option("events_file", str, "append one JSON line per event (round done, loss, weights digest)"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
 )

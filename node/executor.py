@@ -44,7 +44,7 @@ class OriginHooks:
     def labels(self, round_: int, microbatch: int) -> torch.Tensor | None:
         return None
 
-    def on_loss(self, round_: int, microbatch: int, loss: float) -> None: ...
+    def on_loss(self, round_: int, microbatch: int, loss: float, logits: torch.Tensor) -> None: ...
 
     def on_done(self, round_: int, microbatch: int) -> None: ...
 
@@ -248,10 +248,11 @@ class StageExecutor:
         labels = self.origin.labels(env.round, env.microbatch)
         with torch.enable_grad():
             hidden = tensor.to(self.device).requires_grad_(True)
-            loss = stage.loss(stage.logits(hidden), labels.to(self.device))
+            logits = stage.logits(hidden)
+            loss = stage.loss(logits, labels.to(self.device))
             loss.backward()
         self.store.release(env.round, env.microbatch)
-        self.origin.on_loss(env.round, env.microbatch, loss.item())
+        self.origin.on_loss(env.round, env.microbatch, loss.item(), logits)
         self.send(BACKWARD, at_hop(env, env.hop - 1), hidden.grad)
 
     def _backward(self, env: pb.Envelope, grad: torch.Tensor) -> None:

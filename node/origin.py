@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RoundResult:
     losses: dict[int, float] = field(default_factory=dict)
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # only with keep_logits
     failed: dict[int, str] = field(default_factory=dict)
     tokens: int = 0
 
@@ -34,7 +35,7 @@ class RoundResult:
 
 class Origin(OriginHooks):
     def __init__(self, swarm: str, executor: StageExecutor, data: TokenStream, batch_size: int, seq_len: int,
-                 max_inflight: int, seed: int):
+                 max_inflight: int, seed: int, keep_logits: bool = False):
         self.swarm = swarm
         self.executor = executor
         self.data = data
@@ -42,6 +43,7 @@ class Origin(OriginHooks):
         self.seq_len = seq_len
         self.max_inflight = max_inflight
         self.seed = seed
+        self.keep_logits = keep_logits
         self._cv = threading.Condition()
         self._labels: dict[tuple[int, int], torch.Tensor] = {}
         self._open: set[tuple[int, int]] = set()
@@ -53,10 +55,12 @@ class Origin(OriginHooks):
         with self._cv:
             return self._labels.get((round_, microbatch))
 
-    def on_loss(self, round_: int, microbatch: int, loss: float) -> None:
+    def on_loss(self, round_: int, microbatch: int, loss: float, logits: torch.Tensor) -> None:
         with self._cv:
             if (round_, microbatch) in self._open:
                 self._result.losses[microbatch] = loss
+                if self.keep_logits:
+                    self._result.logits[microbatch] = logits.detach()
 
     def on_done(self, round_: int, microbatch: int) -> None:
         self._close(round_, microbatch, None)
@@ -84,11 +88,12 @@ class Origin(OriginHooks):
         return self.data.sample(gen, self.batch_size, self.seq_len)
 
     def run_round(self, round_: int, microbatches: list[PlannedMicrobatch], deadline: float,
-                  stop: threading.Event) -> RoundResult:
+                  stop: threading.Event, inputs: dict[int, torch.Tensor] | None = None) -> RoundResult:
+        """Feed this node's microbatches of the round and wait for them; `inputs` overrides sampling."""
         with self._cv:
             self._result = RoundResult()
         for mb in microbatches:
-            ids = self.sample(round_, mb.id)
+            ids = inputs[mb.id] if inputs is not None else self.sample(round_, mb.id)
             with self._cv:
                 if not self._cv.wait_for(lambda: len(self._open) < self.max_inflight or stop.is_set(),
                                          max(0.0, deadline - time.monotonic())) or stop.is_set():

@@ -1,0 +1,187 @@
+"""A real swarm on loopback: separate `swarm-node run` processes, the hivemind DHT with its p2pd, gRPC.
+
+One swarm serves the whole module, in order: it trains, a node joins, a node is killed, malformed
+RPCs arrive, a node leaves with SIGTERM, and finally everything stops with nothing left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import grpc
+import pytest
+import torch
+
+from node.local_swarm import LocalSwarm
+from protocol.envelope import HopSpec, make_envelope
+from protocol.generated.swarm.v1 import stage_pb2 as pb
+from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
+from protocol.limits import WireLimits
+from protocol.tensor_codec import encode_chunks
+from tests.helpers import alive, descendants, run_cli, wait_for
+
+pytestmark = pytest.mark.slow
+
+SWARM = "test-swarm"
+HIDDEN = 64  # the tiny preset
+COMMON = ["--num-stages", "3", "--torch-threads", "1", "--device", "cpu", "--microbatches", "3",
+          "--round-timeout", "20", "--heartbeat-interval", "1", "--record-ttl", "30", "--log-level", "info"]
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    swarm = LocalSwarm(tmp_path_factory.mktemp("swarm"), SWARM, common_args=COMMON)
+    first = swarm.start_node("data0", "0")
+    swarm.wait_started([first], timeout=120)
+    peers = swarm.initial_peers()
+    rest = [swarm.start_node(name, stage, initial_peers=peers)
+            for name, stage in [("s1a", "1"), ("s1b", "1"), ("s2a", "2")]]
+    swarm.wait_started(rest, timeout=180)
+    yield swarm
+    swarm.stop()
+
+
+def node(swarm, name):
+    return next(n for n in swarm.nodes if n.name == name)
+
+
+def rounds(n) -> dict[int, dict]:
+    return {e["round"]: e for e in n.events("round")}
+
+
+def status(swarm) -> dict[str, dict]:
+    result = run_cli("status", "--swarm", SWARM, "--json", "--initial-peers", *swarm.initial_peers())
+    assert result.returncode == 0, result.stderr
+    return {row["peer"]: row for row in json.loads(result.stdout)["nodes"]}
+
+
+def test_trains_and_replicas_agree(swarm):
+    data = node(swarm, "data0")
+    wait_for(lambda: len(rounds(data)) >= 5, 180, "5 rounds on the data node")
+    losses = [rounds(data)[r]["loss"] for r in sorted(rounds(data))]
+    assert losses[4] < losses[0], losses
+    a, b = rounds(node(swarm, "s1a")), rounds(node(swarm, "s1b"))
+    both = sorted(set(a) & set(b))
+    assert len(both) >= 3
+    for r in both:  # bit-identical replicas after every step they both took
+        assert a[r]["digests"]["1"] == b[r]["digests"]["1"], f"stage 1 replicas differ after round {r}"
+        assert a[r]["averaged_with"]["1"] == 2
+
+
+def test_node_joining_mid_run_appears_then_serves(swarm):
+    before = max(rounds(node(swarm, "data0")))
+    joined = swarm.start_node("s2b", "2", initial_peers=swarm.initial_peers())
+    swarm.wait_started([joined], timeout=120)
+    peer = joined.started()["peer_id"]
+    listed = wait_for(lambda: status(swarm).get(peer), 30, "the new node in `status`")
+    assert listed["stages"] == "2" and listed["serving"]
+    # It copied stage 2 from its replica, then trains in lock-step with it.
+    wait_for(lambda: rounds(joined), 120, "the joined node to train a round")
+    r = min(rounds(joined))
+    assert r > before
+    other = wait_for(lambda: rounds(node(swarm, "s2a")).get(r), 60, "the replica's matching round")
+    assert rounds(joined)[r]["digests"]["2"] == other["digests"]["2"]
+
+
+def test_killed_node_record_expires(swarm):
+    victim = node(swarm, "s2b")
+    peer = victim.started()["peer_id"]
+    assert peer in status(swarm)
+    children = descendants(victim.process.pid)
+    os.killpg(victim.process.pid, signal.SIGKILL)  # the host dies: no chance to withdraw
+    victim.process.wait()
+    # Its own record was written with a 30 s lifetime; after that it is gone, and no p2pd of its lingers.
+    wait_for(lambda: peer not in status(swarm), 60, "the killed node's record to expire", interval=2)
+    assert not [p for p in children if alive(p)]
+
+
+def _stub(n):
+    return pb_grpc.StageServiceStub(grpc.insecure_channel(n.started()["endpoint"]))
+
+
+def _envelope(swarm, target, round_, hop=1, microbatch=0, swarm_id=SWARM):
+    data = node(swarm, "data0").started()
+    origin = HopSpec(0, data["peer_id"], data["endpoint"])
+    me = HopSpec(1, target.started()["peer_id"], target.started()["endpoint"])
+    return make_envelope(swarm_id, round_, microbatch, [origin, me, origin], hop)
+
+
+def _send(stub, env, tensor, method="Forward", limits=WireLimits()):
+    call = stub.Forward if method == "Forward" else stub.Backward
+    with pytest.raises(grpc.RpcError) as e:
+        call(encode_chunks(env, tensor, limits), timeout=10)
+    return e.value.code(), e.value.details()
+
+
+def test_malformed_rpcs_get_a_reason_and_the_node_keeps_serving(swarm):
+    target = node(swarm, "s1a")
+    stub = _stub(target)
+    now = max(rounds(target)) + 1  # the round it works on (or is about to)
+    good = torch.zeros(2, 8, HIDDEN)
+    far_future = now + 1000
+
+    cases = [
+        (_envelope(swarm, target, now, swarm_id="intruders"), good, "Forward", grpc.StatusCode.PERMISSION_DENIED,
+         "swarm id"),
+        (_envelope(swarm, target, now, hop=0), good, "Forward", grpc.StatusCode.INVALID_ARGUMENT, "hop 0"),
+        (_envelope(swarm, target, far_future), good, "Forward", grpc.StatusCode.FAILED_PRECONDITION,
+         "unknown round"),
+        (_envelope(swarm, target, 0), good, "Forward", grpc.StatusCode.FAILED_PRECONDITION, "is over"),
+        (_envelope(swarm, target, now, microbatch=999), good, "Backward", grpc.StatusCode.NOT_FOUND,
+         "no activations"),
+        (_envelope(swarm, target, now), torch.zeros(2, 8, HIDDEN + 1), "Forward", grpc.StatusCode.INVALID_ARGUMENT,
+         "expected [batch, seq, 64]"),
+        (_envelope(swarm, target, now), good.to(torch.float16), "Forward", grpc.StatusCode.INVALID_ARGUMENT,
+         "computes in float32"),
+    ]
+    for env, tensor, method, code, reason in cases:
+        got, details = _send(stub, env, tensor, method)
+        assert got == code and reason in details, (got, details)
+
+    # No envelope at all.
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Forward(iter([pb.TensorChunk(data=b"xx")]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "envelope" in e.value.details()
+    # One message larger than the wire limit: refused by gRPC itself.
+    huge = torch.zeros(3 << 20)  # 12 MiB in one chunk
+    code, _ = _send(stub, _envelope(swarm, target, now), huge, limits=WireLimits(chunk_bytes=16 << 20))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # A tensor announced larger than the node accepts: refused before its bytes are read.
+    env = _envelope(swarm, target, now)
+    meta = pb.TensorMeta(dtype="float32", shape=[1 << 16, 1 << 14], codec="raw", nbytes=4 << 30)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Forward(iter([pb.TensorChunk(envelope=env, meta=meta)]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "exceeds the limit" in e.value.details()
+
+    # Still serving: it answers, and the swarm keeps training with no microbatch lost.
+    assert stub.Ping(pb.PingRequest(), timeout=5).peer_id == target.started()["peer_id"]
+    data = node(swarm, "data0")
+    last = max(rounds(data))
+    wait_for(lambda: max(rounds(data)) >= last + 2, 120, "two more rounds after the bad input")
+    assert all(rounds(data)[r]["failed"] == 0 for r in (last + 1, last + 2))
+
+
+def test_sigterm_withdraws_and_leaves_nothing_running(swarm):
+    leaving = node(swarm, "s1b")
+    peer = leaving.started()["peer_id"]
+    children = descendants(leaving.process.pid)
+    assert len(children) >= 2  # at least the DHT process and its p2pd
+    leaving.process.send_signal(signal.SIGTERM)
+    assert leaving.process.wait(timeout=20) == 0
+    assert not [p for p in children if alive(p)]
+    # Withdrawn at once, long before its 30 s record would have expired.
+    wait_for(lambda: peer not in status(swarm), 15, "the withdrawn record to disappear")
+
+    # Then the whole swarm.
+    pids = [n.process.pid for n in swarm.nodes if n.alive()]
+    everything = set(pids).union(*(descendants(p) for p in pids))
+    for n in swarm.nodes:
+        if n.alive():
+            n.process.send_signal(signal.SIGTERM)
+    for n in swarm.nodes:
+        assert n.process.wait(timeout=20) in (0, -9)  # -9 only for the node killed above
+    time.sleep(0.5)
+    assert not [p for p in everything if alive(p)]

@@ -1,0 +1,48 @@
+import pytest
+
+from protocol.envelope import HopSpec
+from protocol.records import NodeRecord, PlannedMicrobatch, RecordError, RoundPlan
+
+
+def record(**over):
+    base = dict(peer_id="p", endpoint="127.0.0.1:5", stages=(1, 2), compute_s={1: 0.1, 2: 0.2}, memory_slots=8,
+                role="stage", version="0.1.0", swarm="s", round=3, serving=True, metrics_url="http://x/metrics",
+                maddrs=("/ip4/1.2.3.4/tcp/1/p2p/Qm",), heartbeat_time=12.5)
+    return NodeRecord(**{**base, **over})
+
+
+def test_node_record_round_trip():
+    r = record()
+    assert NodeRecord.from_value("p", r.to_value()) == r
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda v: v.pop("endpoint"),
+    lambda v: v.update(stages=[]),
+    lambda v: v.update(stages=["1"]),
+    lambda v: v.update(round=True),
+    lambda v: v.update(serving="yes"),
+    lambda v: v.update(compute_s={"x": 1}),
+])
+def test_malformed_node_records_are_rejected(mutate):
+    value = record().to_value()
+    mutate(value)
+    with pytest.raises(RecordError):
+        NodeRecord.from_value("p", value)
+
+
+def test_plan_round_trip_and_views():
+    o, a, b = HopSpec(0, "o", "h:0"), HopSpec(1, "a", "h:1"), HopSpec(2, "b", "h:2")
+    plan = RoundPlan(round=4, planner="o", membership_digest="d",
+                     microbatches=(PlannedMicrobatch(0, (o, a, b, o)), PlannedMicrobatch(1, (o, b, o))),
+                     stage_weights={1: 1.0})
+    assert RoundPlan.from_value(plan.to_value()) == plan
+    assert plan.participants() == {"o", "a", "b"}
+    assert plan.work_of("o") == [(0, 0, 0), (1, 0, 0)]  # the origin's final hop is not separate work
+    assert plan.work_of("b") == [(0, 2, 2), (1, 1, 2)]
+    assert plan.replicas(1) == {"a"}
+
+
+def test_malformed_plan_is_rejected():
+    with pytest.raises(RecordError):
+        RoundPlan.from_value({"round": 1, "planner": "o", "digest": "d", "microbatches": [{"id": 0, "path": [[0]]}]})
