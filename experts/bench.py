@@ -1,8 +1,12 @@
 """The HDEE comparison at equal FLOPs: MHo-IHo (homogeneous) vs MHe-IHo (sizes) vs MHo-IHe (steps).
 
-Per seed: train one shared seed model on all training domains, branch one expert per domain for each
-method, score each method's ensemble on every domain (in-domain and held-out). The seed model's
-compute is shared by all three methods, so it is left out of the equal-FLOPs comparison.
+Per seed: train one shared seed model on all training domains, rank the domains by difficulty, branch
+one expert per domain for each method, score each method's ensemble on every domain (in-domain and
+held-out). The seed model's compute is shared by all three methods, so it is left out of the
+equal-FLOPs comparison.
+
+Difficulty is `reference` (the seed model's dev bits per token, measured per seed) or `compression`
+(the model-free zlib measure of `experts.domains`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from experts.branch import branch
 from experts.checkpoint import MANIFEST, load_expert, new_model, read_manifest
 from experts.domains import Domain, Domains
-from experts.evaluate import EvalSettings, PriorCache, evaluate_ensemble, stream_perplexity
+from experts.evaluate import (EvalSettings, PriorCache, evaluate_ensemble, reference_difficulty,
+                              stream_perplexity)
 from experts.manifest import Manifest
 from experts.sizing import METHODS, ExpertPlan, Plan, make_plan
 from experts.train import Identity, TrainConfig, train
@@ -28,6 +33,7 @@ from lm.data import TokenStream
 from lm.presets import resolve_model
 
 MAIN_VARIANT = "posterior"
+DIFFICULTIES = ("reference", "compression")
 
 
 @dataclass
@@ -48,6 +54,7 @@ class BenchConfig:
     dev_windows: int = 100
     test_windows: int = 64
     top_k: int = 2
+    difficulty: str = "reference"  # or "compression"
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -56,6 +63,8 @@ class BenchConfig:
         """scale 1 fits 2 CPU cores in ~30 min; larger scales grow width, batch, steps and data for a GPU."""
         if scale < 1:
             raise ValueError(f"--scale {scale} must be at least 1")
+        if overrides.get("difficulty", "reference") not in DIFFICULTIES:
+            raise ValueError(f"--difficulty must be one of {', '.join(DIFFICULTIES)}")
         hidden = 64 * scale
         fields = dict(hidden_size=hidden, heads=max(4, hidden // 32), medium_width=3 * hidden,
                       expert_steps=300 * scale, seed_steps=200 * scale, batch_size=8 * scale,
@@ -78,16 +87,21 @@ class BenchConfig:
 class BenchResult:
     config: BenchConfig
     domains: list[dict]
-    plans: dict[str, Plan]
+    plans: dict[int, dict[str, Plan]] = field(default_factory=dict)  # per seed
+    reference: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> domain -> dev bits/token
     rows: list[dict] = field(default_factory=list)  # seed, method, variant, domain, held_out, perplexity
     seconds: float = 0.0
 
 
-def plans_for(cfg: BenchConfig, domains: Domains, vocab_size: int) -> dict[str, Plan]:
-    difficulties = {d.name: d.difficulty for d in domains.trained}
+def plans_for(cfg: BenchConfig, difficulties: dict[str, float], vocab_size: int) -> dict[str, Plan]:
     return {m: make_plan(m, difficulties, cfg.model_config(vocab_size), cfg.expert_steps,
                          cfg.batch_size * cfg.seq_len, cfg.seq_len, cfg.width_spread, cfg.step_spread)
             for m in METHODS}
+
+
+def _method_dir(cfg: BenchConfig, method: str) -> str:
+    """Homogeneous experts do not depend on the difficulty measure, so both measures share them."""
+    return method if method == "MHo-IHo" else f"{method}.{cfg.difficulty}"
 
 
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -113,8 +127,7 @@ def _train_or_reuse(model_fn, data: TokenStream, dev: TokenStream, tcfg: TrainCo
 def run_bench(cfg: BenchConfig, domains: Domains, tokenizer_name: str, vocab_size: int, work_dir: Path,
               log=print) -> BenchResult:
     t0 = time.perf_counter()
-    plans = plans_for(cfg, domains, vocab_size)
-    result = BenchResult(cfg, [d.summary() for d in domains.all], plans)
+    result = BenchResult(cfg, [d.summary() for d in domains.all])
     settings = EvalSettings(seq_len=cfg.seq_len, dev_windows=cfg.dev_windows, test_windows=cfg.test_windows,
                             top_k=cfg.top_k, device=cfg.device)
     cache = PriorCache(work_dir / "priors.json")
@@ -129,12 +142,17 @@ def run_bench(cfg: BenchConfig, domains: Domains, tokenizer_name: str, vocab_siz
         for d in domains.all:
             ppl = stream_perplexity(seed_model, d.test.windows(cfg.seq_len, cfg.test_windows), settings)
             result.rows.append(_row(seed, "seed-model", "single", d, ppl))
-        for method, plan in plans.items():
+        result.reference[seed] = reference_difficulty(seed_model, domains.all, settings)
+        difficulties = {d.name: result.reference[seed][d.name] if cfg.difficulty == "reference" else d.difficulty
+                        for d in domains.trained}
+        result.plans[seed] = plans_for(cfg, difficulties, vocab_size)
+        for method, plan in result.plans[seed].items():
             log(f"seed {seed}: {method}")
             experts = []
-            for i, ep in enumerate(plan.experts):
-                experts.append(_train_expert(cfg, seed, i, method, ep, seed_model, seed_manifest,
-                                             domains.get(ep.domain), work_dir, log))
+            names = [d.name for d in domains.trained]  # registry order, so seeds don't depend on the ranking
+            for ep in plan.experts:
+                experts.append(_train_expert(cfg, seed, names.index(ep.domain), method, ep, seed_model,
+                                             seed_manifest, domains.get(ep.domain), work_dir, log))
             for r in evaluate_ensemble(experts, domains.all, settings, cache):
                 for variant, ppl in r.ppl.items():
                     result.rows.append(_row(seed, method, variant, domains.get(r.domain), ppl))
@@ -149,7 +167,7 @@ def _train_expert(cfg: BenchConfig, seed: int, index: int, method: str, ep: Expe
                                       {"method": method, "intermediate_size": ep.intermediate_size})
     model, manifest = _train_or_reuse(
         lambda: branch(seed_model, ep.intermediate_size, seed=seed * 1000 + index), domain.train, domain.dev,
-        cfg.train_config(ep.steps, seed * 1000 + index), work_dir / f"seed{seed}" / method / ep.domain,
+        cfg.train_config(ep.steps, seed * 1000 + index), work_dir / f"seed{seed}" / _method_dir(cfg, method) / ep.domain,
         identity, log)
     return manifest, model
 
@@ -195,24 +213,39 @@ def _geomean(values: list[float]) -> float:
     return math.exp(statistics.mean(math.log(v) for v in values))
 
 
+def _seed_wins(result: BenchResult, seed: int) -> dict[str, int]:
+    wins = {m: 0 for m in METHODS}
+    for d in result.domains:
+        ppl = {r["method"]: r["perplexity"] for r in result.rows
+               if r["seed"] == seed and r["variant"] == MAIN_VARIANT and r["domain"] == d["name"]}
+        wins[min(METHODS, key=lambda m: ppl[m])] += 1
+    return wins
+
+
 def report(result: BenchResult, command: str) -> str:
     s = summarise(result)
     cfg = result.config
     lines = ["# HDEE experts benchmark", "",
              f"Reproduce: `{command}` ({result.seconds / 60:.0f} min here). "
-             f"Seeds {', '.join(map(str, cfg.seeds))}; test perplexity (bytes) of the posterior mixture "
-             f"(prior estimated on each domain's dev split), mean ± std over seeds. Lower is better.", "",
-             "| domain | kind | difficulty (bpb) | seed model | " + " | ".join(METHODS) + " | best | beyond spread |",
-             "|---|---|---:|---:|" + "---:|" * len(METHODS) + "---|---|"]
+             f"Seeds {', '.join(map(str, cfg.seeds))}; difficulty measure: {cfg.difficulty}. "
+             f"Test perplexity (per token; byte tokenizer) of each ensemble's posterior mixture (prior "
+             f"estimated on each domain's dev split), mean ± std over seeds. Lower is better. "
+             f"Difficulty columns: zlib bits/byte (4 KiB chunks) and the seed model's dev bits/byte.", "",
+             "| domain | kind | zlib | seed dev | seed model ppl | " + " | ".join(METHODS) + " | best | beyond spread |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(METHODS) + "---|---|"]
     for p in s["per_domain"]:
         d = p["domain"]
         seed_mean, _ = _stats(result.rows, "seed-model", "single", d["name"])
+        reference = statistics.mean(result.reference[seed][d["name"]] for seed in cfg.seeds)
         cells = [f"{p['stats'][m][0]:.3f} ± {p['stats'][m][1]:.3f}" for m in METHODS]
         lines.append(f"| {d['name']} | {'held-out' if d['held_out'] else 'in-domain'} | {d['difficulty_bpb']:.3f} "
-                     f"| {seed_mean:.3f} | " + " | ".join(cells) + f" | {p['best']} | {'yes' if p['beyond_spread'] else 'no'} |")
-    lines += ["", "Domains won (by mean; in brackets: beyond the seed spread, i.e. mean ± std intervals of the "
+                     f"| {reference:.3f} | {seed_mean:.3f} | " + " | ".join(cells)
+                     + f" | {p['best']} | {'yes' if p['beyond_spread'] else 'no'} |")
+    per_seed = "; ".join(f"seed {seed}: " + ", ".join(f"{m} {w}" for m, w in _seed_wins(result, seed).items())
+                         for seed in cfg.seeds)
+    lines += ["", "Domains won (by mean; in brackets: beyond the seed spread, i.e. the mean ± std intervals of the "
               "best and the runner-up do not overlap): "
-              + ", ".join(f"{m} {s['wins'][m]} ({s['clear'][m]})" for m in METHODS) + ".",
+              + ", ".join(f"{m} {s['wins'][m]} ({s['clear'][m]})" for m in METHODS) + f". Per seed: {per_seed}.",
               f"A heterogeneous ensemble is best in {s['hetero_wins']} of {s['domains']} domains "
               f"(target: at least 90%).", "",
               "## Inference variants", "",
@@ -227,11 +260,16 @@ def report(result: BenchResult, command: str) -> str:
                 continue
             cells = []
             for v in variants:
-                per_seed = [_geomean([r["perplexity"] for r in result.rows if r["method"] == method
-                                      and r["variant"] == v and r["domain"] in names and r["seed"] == seed])
-                            for seed in cfg.seeds]
-                cells.append(f"{statistics.mean(per_seed):.3f}")
+                per_seed_gm = [_geomean([r["perplexity"] for r in result.rows if r["method"] == method
+                                         and r["variant"] == v and r["domain"] in names and r["seed"] == seed])
+                               for seed in cfg.seeds]
+                cells.append(f"{statistics.mean(per_seed_gm):.3f}")
             lines.append(f"| {method} | {kind} | " + " | ".join(cells) + " |")
-    lines += ["", "## Plans (equal FLOPs)", "", "```"] + [p.table() for p in result.plans.values()] + ["```", "",
+    first = cfg.seeds[0]
+    rankings = "; ".join(f"seed {seed}: " + " < ".join(e.domain for e in result.plans[seed]["MHe-IHo"].experts)
+                         for seed in cfg.seeds)
+    lines += ["", f"## Plans (equal FLOPs; seed {first})", "",
+              f"Difficulty ranking, easiest first — {rankings}.", "", "```"]
+    lines += [p.table() for p in result.plans[first].values()] + ["```", "",
               "## Setup", "", "```", *(f"{k} = {v}" for k, v in asdict(cfg).items()), "```", ""]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,16 @@ def token_logprobs(model: LlamaForCausalLM, windows: torch.Tensor, settings: Eva
 
 def stream_perplexity(model: LlamaForCausalLM, windows: torch.Tensor, settings: EvalSettings) -> float:
     return perplexity(token_logprobs(model, windows, settings))
+
+
+def reference_difficulty(model: LlamaForCausalLM, domains: list[Domain], settings: EvalSettings) -> dict[str, float]:
+    """Each domain's dev cross-entropy under a reference model (the shared seed), in bits per token.
+
+    With the byte tokenizer this is bits per byte, on the same scale as the compression measure.
+    """
+    return {d.name: math.log2(stream_perplexity(model, d.dev.windows(settings.seq_len, settings.dev_windows),
+                                                settings))
+            for d in domains}
 
 
 class PriorCache:

@@ -55,7 +55,17 @@ def _model_spec(args: argparse.Namespace, vocab_size: int):
     return spec.config, spec.checkpoint_dir
 
 
-def _plans(args: argparse.Namespace, domains, config) -> list:
+def _difficulties(args: argparse.Namespace, domains, reference_model) -> dict[str, float]:
+    """The seed model's dev bits per token when there is one, else the model-free zlib measure."""
+    from experts.evaluate import EvalSettings, reference_difficulty
+
+    if reference_model is None or args.difficulty == "compression":
+        return {d.name: d.difficulty for d in domains.trained}
+    return reference_difficulty(reference_model, domains.trained, EvalSettings(seq_len=args.seq_len,
+                                                                               device=reference_model.device))
+
+
+def _plans(args: argparse.Namespace, domains, config, reference_model=None) -> list:
     from experts.sizing import METHODS, make_plan, medium_steps_for_budget
 
     tokens_per_step = args.batch_size * args.seq_len
@@ -63,16 +73,25 @@ def _plans(args: argparse.Namespace, domains, config) -> list:
     if args.budget is not None:
         steps = medium_steps_for_budget(args.budget, len(domains.trained), config, tokens_per_step, args.seq_len)
     methods = METHODS if args.method == "all" else (args.method,)
-    difficulties = {d.name: d.difficulty for d in domains.trained}
+    difficulties = _difficulties(args, domains, reference_model)
     return [make_plan(m, difficulties, config, steps, tokens_per_step, args.seq_len, args.width_spread,
                       args.step_spread) for m in methods]
 
 
 @_usage_errors
 def plan(args: argparse.Namespace) -> int:
+    from experts.checkpoint import load_expert
+
     domains, tokenizer = _load_domains(args)
     print(domains.table(), end="\n\n")
-    for p in _plans(args, domains, _model_spec(args, tokenizer.vocab_size)[0]):
+    if args.seed_model:
+        seed_model, _ = load_expert(args.seed_model)
+        config = seed_model.config
+    else:
+        seed_model, config = None, _model_spec(args, tokenizer.vocab_size)[0]
+    print("difficulty:", "seed model dev bits/token" if seed_model is not None and args.difficulty == "reference"
+          else "zlib bits/byte", end="\n\n")
+    for p in _plans(args, domains, config, seed_model):
         print(p.table(), end="\n\n")
     return 0
 
@@ -109,9 +128,11 @@ def train_cmd(args: argparse.Namespace) -> int:
                               resume=args.resume and (out / "seed-model" / MANIFEST).is_file()).manifest
         seed_model = start
         print(f"seed model: {out / 'seed-model'} (dev ppl {seed_manifest.val_ppl:.3f})")
-    [the_plan] = _plans(args, domains, seed_model.config)
+    [the_plan] = _plans(args, domains, seed_model.config, seed_model)
     print(the_plan.table())
-    for i, ep in enumerate(the_plan.experts):
+    names = [d.name for d in domains.trained]
+    for ep in the_plan.experts:
+        i = names.index(ep.domain)  # registry order: an expert's seed does not depend on the ranking
         if args.only and ep.domain not in args.only:
             continue
         identity = Identity.branched_from(seed_manifest, f"{args.method}/{ep.domain}", ep.domain,
@@ -161,7 +182,8 @@ def bench(args: argparse.Namespace) -> int:
 
     device = str(resolve_device(args.device))
     overrides = {"max_bytes": args.max_bytes} if args.max_bytes else {}
-    cfg = BenchConfig.at_scale(args.scale, seeds=tuple(args.seeds), device=device, dtype=args.dtype, **overrides)
+    cfg = BenchConfig.at_scale(args.scale, seeds=tuple(args.seeds), device=device, dtype=args.dtype,
+                               difficulty=args.difficulty, **overrides)
     args.max_bytes = cfg.max_bytes
     domains, tokenizer = _load_domains(args)
     print(domains.table(), flush=True)
@@ -201,6 +223,12 @@ def _plan_options(p: argparse.ArgumentParser, with_all: bool) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--width-spread", type=float, default=0.5, help="MHe widths span (1±spread) x medium")
     p.add_argument("--step-spread", type=float, default=0.25, help="IHe steps span (1±spread) x medium")
+    _difficulty_option(p)
+
+
+def _difficulty_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--difficulty", default="reference", choices=("reference", "compression"),
+                   help="rank domains by the seed model's dev loss (reference) or by zlib compression")
 
 
 def _device_options(p: argparse.ArgumentParser, threads: int) -> None:
@@ -217,6 +245,8 @@ def add_parser(subparsers) -> None:
     sp = sub.add_parser("plan", help="measure domains and print equal-FLOPs expert plans")
     _domain_options(sp)
     _plan_options(sp, with_all=True)
+    sp.add_argument("--seed-model", default=None,
+                    help="expert checkpoint used as the reference model (without it: zlib difficulty)")
     sp.set_defaults(handler=plan)
 
     sp = sub.add_parser("train", help="train (or resume) a shared seed model and one expert per domain")
@@ -251,5 +281,6 @@ def add_parser(subparsers) -> None:
     sp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     sp.add_argument("--out", default=DEFAULT_REPORT, help="markdown report; the CSV goes beside it")
     sp.add_argument("--work", default=None, help="checkpoints (default runs/experts-bench/scaleN); reused if present")
+    _difficulty_option(sp)
     _device_options(sp, threads=1)
     sp.set_defaults(handler=bench)

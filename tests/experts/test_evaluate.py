@@ -3,37 +3,13 @@ import math
 import pytest
 import torch
 
-from transformers import LlamaConfig
-
-from experts.checkpoint import new_model
-from experts.domains import make_domain
-from experts.evaluate import EvalSettings, PriorCache, evaluate_ensemble, token_logprobs, write_csv
+from experts.evaluate import (EvalSettings, PriorCache, evaluate_ensemble, reference_difficulty, token_logprobs,
+                              write_csv)
 from experts.mixture import mixture_logprobs, perplexity
-from experts.train import Identity, TrainConfig, train
-from lm.tokenizer import ByteTokenizer
-
-from conftest import text_of  # module-scoped fixture below cannot take the function-scoped one
 
 
-@pytest.fixture(scope="module")
-def experts(tmp_path_factory):
-    """Two tiny experts, each trained briefly on its own domain."""
-    config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
-    out = tmp_path_factory.mktemp("experts")
-    domains = [make_domain(k, "toy", text_of(k), ByteTokenizer()) for k in ("code", "prose")]
-    pairs = []
-    for d in domains:
-        cfg = TrainConfig(steps=25, batch_size=4, seq_len=32, lr=1e-2, eval_windows=4)
-        model = new_model(config, 0)
-        manifest = train(model, d.train, d.dev, cfg, out / d.name, Identity(d.name, d.name, "bytes-v1"),
-                         progress=False).manifest
-        pairs.append((manifest, model))
-    return pairs, domains
-
-
-def test_ensemble_picks_the_right_expert_per_domain(experts, tmp_path):
-    pairs, domains = experts
+def test_ensemble_picks_the_right_expert_per_domain(trained_pair, tmp_path):
+    pairs, domains = trained_pair
     settings = EvalSettings(seq_len=32, dev_windows=8, test_windows=8)
     cache = PriorCache(tmp_path / "priors.json")
     results = evaluate_ensemble(pairs, domains, settings, cache)
@@ -49,8 +25,8 @@ def test_ensemble_picks_the_right_expert_per_domain(experts, tmp_path):
     assert (tmp_path / "out.csv").read_text().count("\n") == 1 + 2 * 4
 
 
-def test_prior_on_one_real_expert_reproduces_its_perplexity(experts):
-    pairs, domains = experts
+def test_prior_on_one_real_expert_reproduces_its_perplexity(trained_pair):
+    pairs, domains = trained_pair
     settings = EvalSettings(seq_len=32)
     test = domains[1].test.windows(32, 8)
     logp = torch.stack([token_logprobs(m, test, settings) for _, m in pairs])
@@ -59,11 +35,21 @@ def test_prior_on_one_real_expert_reproduces_its_perplexity(experts):
     assert perplexity(logp[0]) != pytest.approx(single, rel=1e-3)  # the experts really differ
 
 
-def test_token_logprobs_matches_the_model_loss(experts):
-    pairs, domains = experts
+def test_token_logprobs_matches_the_model_loss(trained_pair):
+    pairs, domains = trained_pair
     manifest, model = pairs[0]
     windows = domains[0].test.windows(32, 4)
     logp = token_logprobs(model, windows, EvalSettings(seq_len=32, batch_size=3))
     assert logp.shape == (4, 31)
     loss = model(input_ids=windows, labels=windows).loss
     assert -logp.mean().item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_reference_difficulty_is_the_dev_loss_in_bits(trained_pair):
+    pairs, domains = trained_pair
+    settings = EvalSettings(seq_len=32, dev_windows=8)
+    code_expert = pairs[0][1]
+    bits = reference_difficulty(code_expert, domains, settings)
+    assert bits["code"] < bits["prose"]  # the code expert finds its own domain easier
+    dev = domains[0].dev.windows(32, 8)
+    assert bits["code"] == pytest.approx(-token_logprobs(code_expert, dev, settings).mean().item() / math.log(2))
