@@ -21,7 +21,8 @@ from routing.simulator import SimResult, simulate
 Paths = list[tuple[int, ...]]
 RANDOM_REPLICA = 0.5  # chance a replica move picks any replica rather than one near the path
 # Cumulative chances of: replica, exchange, toggle swap, reinsert (best response), exchange + best response.
-MIX = (0.3, 0.6, 0.65, 0.8)
+MIX = (0.2, 0.4, 0.5, 0.75)
+CRITICAL_ORIGIN = 0.8  # chance a move targets the origin that finishes last
 
 
 def score(sim: SimResult) -> tuple[float, float]:
@@ -36,27 +37,32 @@ class Mover:
         orders, member = all_orders(problem)
         self.chooser = PathChooser(problem, stage_of_node, orders, member)
         self.member = member
+        self.pressure = Pressure(problem, stage_of_node)  # of the current paths; see track()
+
+    def track(self, old: list[tuple[int, ...]], new: list[tuple[int, ...]]) -> None:
+        """Keep the load picture in step with the paths the search holds (old paths out, new ones in)."""
+        for path in old:
+            self.pressure.add(path, -1)
+        for path in new:
+            self.pressure.add(path)
 
     def _stages(self, path: tuple[int, ...]) -> frozenset[int]:
         return frozenset(self.stage[v] for v in path[1:-1])
 
     def reroute(self, paths: Paths, ms: list[int], sets: list[frozenset[int]]) -> dict[int, tuple[int, ...]]:
-        """Best-response: re-plan microbatches `ms` (visiting `sets`) against the load of all the others."""
-        pressure = Pressure(self.p, self.stage)
-        for k, path in enumerate(paths):
-            if k not in ms:
-                pressure.add(path)
-        out = {}
+        """Best-response: re-plan microbatches `ms` (visiting `sets`) against the load of all the others.
+        Leaves the tracked load as it found it."""
+        self.track([paths[m] for m in ms], [])
+        new = {}
         for m, stages in zip(ms, sets):
             want = np.zeros(self.p.stages, dtype=bool)
             want[list(stages)] = True
             allowed = (self.member == want).all(1)
-            _, hops = self.chooser.best(paths[m][0], pressure.costs(), allowed)
-            new = (paths[m][0], *hops, paths[m][0])
-            pressure.add(new)
-            if new != paths[m]:
-                out[m] = new
-        return out
+            _, hops = self.chooser.best(paths[m][0], self.pressure.costs(), allowed)
+            new[m] = (paths[m][0], *hops, paths[m][0])
+            self.track([], [new[m]])
+        self.track(list(new.values()), [paths[m] for m in ms])
+        return {m: p for m, p in new.items() if p != paths[m]}
 
     def reinsert(self, paths: Paths, m: int) -> dict[int, tuple[int, ...]]:
         return self.reroute(paths, [m], [self._stages(paths[m])])
@@ -123,6 +129,8 @@ def improve(
     rng = random.Random(seed)
     mover = mover or Mover(problem, stage_of_node, rng)
     paths = list(paths)
+    mover.pressure = Pressure(problem, stage_of_node)
+    mover.track([], paths)
     sim = simulate(problem, paths)
     best = score(sim)
     L = problem.visits
@@ -147,6 +155,7 @@ def improve(
         trial = simulate(problem, paths)
         if score(trial) < best:
             sim, best = trial, score(trial)
+            mover.track(list(old.values()), list(change.values()))
         else:
             for k, pth in old.items():
                 paths[k] = pth
@@ -154,8 +163,12 @@ def improve(
 
 
 def _target(sim: SimResult, rng: random.Random) -> int:
-    """A microbatch to change: late finishers are likelier picks (rank-weighted)."""
+    """A microbatch to change: usually one from the origin that finishes last (its microbatches queue for
+    its memory one after another, so any of them delays the end), else a late finisher."""
     ends = sim.mb_end()
+    if rng.random() < CRITICAL_ORIGIN:
+        last = max(range(len(ends)), key=ends.__getitem__)
+        return rng.choice([m for m, nodes in enumerate(sim.nodes) if nodes[0] == sim.nodes[last][0]])
     order = sorted(range(len(ends)), key=lambda m: -ends[m])
     k = min(int(rng.expovariate(1.0) * max(1, len(ends) / 8)), len(ends) - 1)
     return order[k]

@@ -46,12 +46,14 @@ def generate(
     )
 
 
-def drop_nodes(problem: Problem, plan: Plan, gone: list) -> Problem:
-    """The swarm after nodes `gone` (ids) left; replica counts follow `plan`'s assignment of the others."""
+def drop_nodes(problem: Problem, plan: Plan, gone: list, stage_replicas: tuple[int, ...] | None = None) -> Problem:
+    """The swarm after nodes `gone` (ids) left. Replica counts follow `plan`'s assignment of the others
+    unless `stage_replicas` asks for new ones (e.g. to refill a stage that lost its last replica)."""
     keep = [v for v, i in enumerate(problem.node_ids) if i not in set(gone)]
     stage = [plan.stage_of_node[v] for v in keep]
     fixed = tuple(stage) if problem.stage_of_node is not None else None
-    return _subset(problem, keep, tuple(stage.count(s) for s in range(problem.stages)), fixed)
+    replicas = stage_replicas or tuple(stage.count(s) for s in range(problem.stages))
+    return _subset(problem, keep, replicas, fixed)
 
 
 def add_node(problem: Problem, plan: Plan, node_id, forward_s: float, memory: int, link_row: np.ndarray, stage: int) -> Problem:
