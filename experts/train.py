@@ -78,9 +78,11 @@ def train(model: LlamaForCausalLM, data: TokenStream, dev: TokenStream, cfg: Tra
     """
     device = torch.device(cfg.device)
     compute_dtype = resolve_dtype(cfg.dtype, device)
+    if compute_dtype == torch.float16:
+        raise ValueError("training in float16 needs loss scaling, which this trainer omits; use bfloat16")
     model.to(device=device, dtype=torch.float32)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms do not
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
