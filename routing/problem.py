@@ -51,8 +51,9 @@ class Problem:
     def microbatches(self) -> int:
         return self.stage_replicas[0] * self.microbatches_per_data_node
 
-    def index(self, node_id: NodeId) -> int:
-        return self._index[node_id]
+    def index(self, node_id: NodeId, default: int | None = None) -> int:
+        """The index of a node id; `default` (if given) when the id is not in this problem."""
+        return self._index[node_id] if default is None else self._index.get(node_id, default)
 
     def validate(self) -> None:
         n, s, l = len(self.node_ids), self.stages, self.visits

@@ -30,11 +30,11 @@ def _stages_for(old: Problem, plan: Plan, new: Problem) -> tuple[int, ...]:
     stage = [-1] * new.n
     visits = [0] * new.n
     for k, i in enumerate(new.node_ids):
-        if i in old._index:
+        if old.index(i, -1) >= 0:
             stage[k] = plan.stage_of_node[old.index(i)]
     for path in plan.paths:
         for v in path[:-1]:
-            if old.node_ids[v] in new._index:
+            if new.index(old.node_ids[v], -1) >= 0:
                 visits[new.index(old.node_ids[v])] += 1
     need = [r - stage.count(s) for s, r in enumerate(new.stage_replicas)]
     free = [k for k in range(new.n) if stage[k] < 0]  # joiners
@@ -58,7 +58,7 @@ def repair(old: Problem, plan: Plan, new: Problem, *, seed: int = 0, evals: int 
 
     def moved(v: int) -> int:
         """The old node's index in `new`, or -1 when it left or now hosts another stage."""
-        k = new._index.get(old.node_ids[v], -1)
+        k = new.index(old.node_ids[v], -1)
         return k if k >= 0 and stage[k] == plan.stage_of_node[v] else -1
 
     paths: list[tuple[int, ...]] = []
