@@ -60,21 +60,28 @@ class SwarmDirectory:
         return None
 
     # ---- averaging barrier -----------------------------------------------------------------------------------
-    def ready_to_average(self, stage: int, round_: int, count: int, ttl: float) -> None:
-        self.dht.store(averaging_key(self.swarm, stage, round_), count, get_dht_time() + ttl, subkey=self.peer_id)
+    def ready_to_average(self, stage: int, round_: int, count: int, digest: str, ttl: float) -> None:
+        """Post how many microbatches we processed, and the digest of the weights they were computed with."""
+        self.dht.store(averaging_key(self.swarm, stage, round_), [count, digest], get_dht_time() + ttl,
+                       subkey=self.peer_id)
 
-    def peers_ready(self, stage: int, round_: int) -> dict[str, int]:
+    def peers_ready(self, stage: int, round_: int) -> dict[str, tuple[int, str]]:
         entry = self.dht.get(averaging_key(self.swarm, stage, round_), latest=True)
         if entry is None or not isinstance(entry.value, dict):
             return {}
-        return {peer: item.value for peer, item in entry.value.items() if isinstance(item.value, int)}
+        ready = {}
+        for peer, item in entry.value.items():
+            v = item.value
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str):
+                ready[str(peer)] = (v[0], v[1])
+        return ready
 
-    def wait_ready(self, stage: int, round_: int, peers: set[str], timeout: float) -> dict[str, int]:
-        deadline = time.monotonic() + timeout
+    def wait_ready(self, stage: int, round_: int, peers: set[str], until: float) -> dict[str, tuple[int, str]]:
+        """Wait (until the monotonic time `until`) for every peer in `peers` to post; returns those that did."""
         while True:
             ready = self.peers_ready(stage, round_)
-            if peers <= ready.keys() or time.monotonic() > deadline:
-                return {p: c for p, c in ready.items() if p in peers}
+            if peers <= ready.keys() or time.monotonic() > until:
+                return {p: v for p, v in ready.items() if p in peers}
             time.sleep(0.1)
 
 

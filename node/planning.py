@@ -35,7 +35,7 @@ def choose_planner(members: dict[str, NodeRecord]) -> str | None:
 
 
 def full_pipeline_plan(members: dict[str, NodeRecord], round_: int, num_stages: int, microbatches_per_origin: int,
-                       planner: str) -> RoundPlan | None:
+                       planner: str, deadline: float = 0.0) -> RoundPlan | None:
     """None while some stage has no serving replica: no full path exists yet."""
     replicas = serving_replicas(members, num_stages)
     if any(not replicas[s] for s in range(num_stages)):
@@ -52,4 +52,4 @@ def full_pipeline_plan(members: dict[str, NodeRecord], round_: int, num_stages: 
             planned.append(PlannedMicrobatch(mb_id, tuple(path)))
             mb_id += 1
     return RoundPlan(round=round_, planner=planner, membership_digest=membership_digest(members),
-                     microbatches=tuple(planned))
+                     microbatches=tuple(planned), deadline=deadline)

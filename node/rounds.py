@@ -9,7 +9,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+import grpc
+from hivemind.utils import get_dht_time
 
 from node.averaging import StageGradientAverager
 from node.discovery import SwarmDirectory
@@ -20,7 +25,8 @@ from node.origin import Origin
 from node.planning import choose_planner, full_pipeline_plan
 from node.trainer import StageTrainer
 from node.transport import StageClients
-from protocol.records import RoundPlan
+from protocol.generated.swarm.v1 import stage_pb2 as pb
+from protocol.records import NodeRecord, RoundPlan
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +61,15 @@ class RoundLoop:
             plan = self._await_plan(round_, stop)
             if plan is None:
                 return
-            if self.peer_id in plan.participants():
+            if self.peer_id in plan.participants() and self._seconds_left(plan) > 0:
                 self._run_round(plan, stop)
-            else:
+            else:  # left out, or too late to take part: copy the state after the round from a replica
                 self._catch_up(plan, stop)
             round_ += 1
+
+    @staticmethod
+    def _seconds_left(plan: RoundPlan) -> float:
+        return plan.deadline - get_dht_time()
 
     # ---- planning ----------------------------------------------------------------------------------------------
     def _await_plan(self, round_: int, stop: threading.Event) -> RoundPlan | None:
@@ -70,7 +80,9 @@ class RoundLoop:
                 return plan
             members = self.directory.members()
             if choose_planner(members) == self.peer_id:
-                plan = full_pipeline_plan(members, round_, self.s.num_stages, self.s.microbatches, self.peer_id)
+                members = self._reachable(members)
+                plan = full_pipeline_plan(members, round_, self.s.num_stages, self.s.microbatches, self.peer_id,
+                                          deadline=get_dht_time() + self.s.round_timeout)
                 if plan is not None:
                     self.directory.publish_plan(plan, ttl=max(60.0, 4 * self.s.round_timeout))
                     continue
@@ -80,10 +92,25 @@ class RoundLoop:
             stop.wait(0.2)
         return None
 
+    def _reachable(self, members: dict[str, NodeRecord]) -> dict[str, NodeRecord]:
+        """Members that answer a Ping now: a node that died keeps its DHT record until it expires."""
+        def answers(record: NodeRecord) -> bool:
+            if record.peer_id == self.peer_id:
+                return True
+            try:
+                self.clients.stub(record.endpoint).Ping(pb.PingRequest(), timeout=1.0)
+                return True
+            except grpc.RpcError:
+                return False
+        records = list(members.values())
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(records)))) as pool:
+            alive = list(pool.map(answers, records))
+        return {r.peer_id: r for r, ok in zip(records, alive) if ok}
+
     # ---- one round ---------------------------------------------------------------------------------------------
     def _run_round(self, plan: RoundPlan, stop: threading.Event) -> None:
         started = time.monotonic()
-        deadline = started + self.s.round_timeout
+        deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
         work = plan.work_of(self.peer_id)
         self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work})
         result = None
@@ -98,8 +125,14 @@ class RoundLoop:
         if not complete:
             log.warning("round %d timed out; stepping with the microbatches that finished", plan.round)
         grad_norms, averaged_with = {}, {}
+        # Replicas finish their work at about the same time, so one that has not shown up after a grace
+        # period (or past the round's deadline) is dead or lagging; it will copy the state afterwards.
+        finished = time.monotonic()
+        grace = max(3.0, finished - started)
+        barrier_until = min(finished + grace, deadline + min(10.0, self.s.round_timeout / 2))
         for stage, trainer in self.trainers.items():
-            grad_norms[stage], averaged_with[stage] = self._reduce_and_step(plan, stage, counts.get(stage, 0))
+            grad_norms[stage], averaged_with[stage] = self._reduce_and_step(plan, stage, counts.get(stage, 0),
+                                                                            barrier_until)
         wall = time.monotonic() - started
         self.metrics.round_seconds.observe(wall)
         fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts, averaged_with=averaged_with,
@@ -113,28 +146,39 @@ class RoundLoop:
                      f"{result.mean_loss:.4f}" if result.mean_loss is not None else "n/a", result.tokens, wall)
         self.events.emit("round", **fields)
 
-    def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int) -> tuple[float | None, int]:
-        """Average this stage's gradients with its replicas in the plan, weighted by microbatches, then step."""
+    def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int,
+                         barrier_until: float) -> tuple[float | None, int]:
+        """Average this stage's gradients with its replicas in the plan, weighted by microbatches, then step.
+
+        Each replica also posts the digest of the weights it computed with. A replica whose weights
+        differ from the most common digest copies the state of a replica holding it after the step,
+        so drift between replicas (a missed averaging, a late joiner) heals within a round.
+        """
         trainer = self.trainers[stage]
         replicas = plan.replicas(stage)
         grads = [g / max(count, 1) for g in trainer.grads()]  # local mean over this replica's microbatches
-        peers = 1
+        peers, reference = 1, None
         if len(replicas) > 1:
-            timeout = self.s.round_timeout
-            self.directory.ready_to_average(stage, plan.round, count, ttl=2 * timeout)
-            ready = self.directory.wait_ready(stage, plan.round, replicas, timeout=timeout)
-            if sum(ready.values()) > 0:
+            self.directory.ready_to_average(stage, plan.round, count, trainer.digest(), ttl=4 * self.s.round_timeout)
+            ready = self.directory.wait_ready(stage, plan.round, replicas, until=barrier_until)
+            total = sum(c for c, _ in ready.values())
+            if total > 0 and len(ready) > 1:
                 grads, peers = self.averagers[stage].average(grads, count, group_size=len(ready))
                 if peers < len(ready):
                     self.metrics.averaging_failures.inc()
-            total = sum(ready.values())
+            reference = _reference_replica(ready, trainer.digest())
         else:
             total = count
         if total == 0:
             trainer.skip(plan.round)
-            return None, peers
-        trainer.set_grads(grads)
-        return trainer.step(plan.round), peers
+            norm = None
+        else:
+            trainer.set_grads(grads)
+            norm = trainer.step(plan.round)
+        if reference is not None:
+            log.warning("stage %d weights differ from replica %s's; copying its state", stage, reference[-8:])
+            self._copy_state(stage, plan.round, [reference])
+        return norm, peers
 
     # ---- a round this node was left out of ----------------------------------------------------------------------
     def _catch_up(self, plan: RoundPlan, stop: threading.Event) -> None:
@@ -142,24 +186,36 @@ class RoundLoop:
         self.executor.begin_round(plan.round, set())
         self.executor.end_round(plan.round)
         for stage, trainer in self.trainers.items():
-            replicas = sorted(plan.replicas(stage))
-            if not replicas:
+            replicas = sorted(plan.replicas(stage) - {self.peer_id})
+            if not replicas or not self._copy_state(stage, plan.round, replicas):
                 trainer.skip(plan.round)
-                continue
-            members = self.directory.members()
-            for peer in replicas:
-                if peer not in members:
-                    continue
-                try:
-                    _, tensors, metadata = self.clients.fetch_state(
-                        members[peer].endpoint, self.s.swarm, stage, min_round=plan.round,
-                        timeout=self.s.round_timeout * 2)
-                except Exception as e:  # try the next replica
-                    log.warning("fetching stage %d state from %s failed: %r", stage, peer[-8:], e)
-                    continue
-                trainer.load(tensors, metadata)
-                log.info("stage %d: loaded the state after round %d from %s", stage, plan.round, peer[-8:])
-                break
             if stop.is_set():
                 return
         self.events.emit("caught_up", round=plan.round, digests={s: t.digest() for s, t in self.trainers.items()})
+
+    def _copy_state(self, stage: int, round_: int, peers: list[str]) -> bool:
+        """Load `stage` as it is after `round_` from the first of `peers` that can provide it."""
+        members = self.directory.members()
+        for peer in peers:
+            if peer not in members:
+                continue
+            try:
+                _, tensors, metadata = self.clients.fetch_state(members[peer].endpoint, self.s.swarm, stage,
+                                                                min_round=round_, timeout=self.s.round_timeout * 2)
+            except Exception as e:  # try the next replica
+                log.warning("fetching stage %d state from %s failed: %r", stage, peer[-8:], e)
+                continue
+            self.trainers[stage].load(tensors, metadata)
+            log.info("stage %d: loaded the state after round %d from %s", stage, round_, peer[-8:])
+            return True
+        return False
+
+
+def _reference_replica(ready: dict[str, tuple[int, str]], my_digest: str) -> str | None:
+    """The replica to copy from when our weights are not the majority's (ties: the lowest peer id); else None."""
+    votes = Counter(digest for _, digest in ready.values())
+    if not votes:
+        return None
+    best = max(votes.values())
+    reference = min(peer for peer, (_, digest) in ready.items() if votes[digest] == best)
+    return None if ready[reference][1] == my_digest else reference

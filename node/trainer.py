@@ -24,6 +24,7 @@ class StageTrainer:
         self.completed_round = -1  # the last round whose step this stage has taken
         # Held while parameters change, so a joining replica never copies a half-applied step.
         self.lock = threading.Condition()
+        self._digest: str | None = None  # cached until the parameters change
 
     def lr_at(self, round_: int) -> float:
         if self.warmup_rounds <= 0:
@@ -49,6 +50,7 @@ class StageTrainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.completed_round = round_
+            self._digest = None
             self.lock.notify_all()
         return float(norm)
 
@@ -66,10 +68,13 @@ class StageTrainer:
 
     def digest(self) -> str:
         """sha256 over the parameters' bytes: equal digests mean bit-identical replicas."""
-        h = hashlib.sha256()
-        for p in self.params:
-            h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        with self.lock:
+            if self._digest is None:
+                h = hashlib.sha256()
+                for p in self.params:
+                    h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+                self._digest = h.hexdigest()[:16]
+            return self._digest
 
     def export(self, include_grads: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Parameters and AdamW moments, for a joining replica."""
@@ -107,3 +112,4 @@ class StageTrainer:
                         "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device, p.dtype).clone(),
                     }
             self.completed_round = int(metadata.get("completed_round", "-1"))
+            self._digest = None

@@ -22,8 +22,9 @@ from protocol.tensor_codec import encode_chunks
 
 log = logging.getLogger(__name__)
 
-# Statuses that mean "try again shortly": the receiver is busy or restarting, the hop itself is fine.
+# Statuses that mean "try again shortly": the receiver is busy, or briefly unreachable.
 RETRYABLE = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+UNREACHABLE_PATIENCE_S = 3.0  # a peer unreachable for this long is taken as gone for this hop
 
 LocalAccept = Callable[[str, pb.Envelope, torch.Tensor], None]
 
@@ -82,7 +83,8 @@ class HopSender:
     def _deliver(self, kind: str, env: pb.Envelope, tensor: torch.Tensor) -> None:
         target = env.path[env.hop]
         method = "Forward" if kind == "forward" else "Backward"
-        deadline = time.monotonic() + self.deadline_s
+        started = time.monotonic()
+        deadline = started + self.deadline_s
         backoff = 0.02
         while not self._closed.is_set():
             try:
@@ -95,7 +97,8 @@ class HopSender:
                 code = e.code if isinstance(e, ProtocolError) else e.code()
                 reason = e.reason if isinstance(e, ProtocolError) else e.details()
                 self.metrics.rpc_errors.labels(method=method, code=code.name).inc()
-                if code not in RETRYABLE or time.monotonic() + backoff > deadline:
+                gone = code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started > UNREACHABLE_PATIENCE_S
+                if code not in RETRYABLE or gone or time.monotonic() + backoff > deadline:
                     log.warning("%s of round %d microbatch %d to hop %d (%s) failed: %s %s", method, env.round,
                                 env.microbatch, env.hop, target.peer_id[-8:], code.name, reason)
                     self.on_give_up(env, f"{code.name}: {reason}")

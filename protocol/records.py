@@ -33,10 +33,12 @@ def averaging_key(swarm: str, stage: int, round_: int) -> str:
     return f"{swarm}/avg/{stage}/{round_}"
 
 
-def _require(value: dict, name: str, kind: type | tuple[type, ...]) -> Any:
-    if name not in value or not isinstance(value[name], kind) or isinstance(value[name], bool) != (kind is bool):
-        raise RecordError(f"field {name!r} missing or not {getattr(kind, '__name__', kind)}")
-    return value[name]
+def _require(value: dict, name: str, kind: type) -> Any:
+    """value[name], which must be a `kind` (a bool is not accepted as an int)."""
+    item = value.get(name)
+    if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+        raise RecordError(f"field {name!r} missing or not {kind.__name__}")
+    return item
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class RoundPlan:
     planner: str
     membership_digest: str
     microbatches: tuple[PlannedMicrobatch, ...]
+    deadline: float = 0.0  # DHT time by which every node ends the round, so nobody falls a round behind
     stage_weights: dict[int, float] = field(default_factory=dict)  # averaging weights where visits are uneven
 
     def participants(self) -> set[str]:
@@ -137,6 +140,7 @@ class RoundPlan:
     def to_value(self) -> dict:
         return {
             "v": RECORD_VERSION, "round": self.round, "planner": self.planner, "digest": self.membership_digest,
+            "deadline": self.deadline,
             "microbatches": [{"id": mb.id, "path": [[h.stage, h.peer_id, h.endpoint] for h in mb.path]}
                              for mb in self.microbatches],
             "stage_weights": {str(k): v for k, v in self.stage_weights.items()},
@@ -161,6 +165,10 @@ class RoundPlan:
                 hops.append(HopSpec(*hop))
             mbs.append(PlannedMicrobatch(item["id"], tuple(hops)))
         weights = value.get("stage_weights", {})
+        deadline = value.get("deadline", 0.0)
+        if not isinstance(deadline, (int, float)) or isinstance(deadline, bool):
+            raise RecordError("deadline must be a number")
         return cls(round=_require(value, "round", int), planner=_require(value, "planner", str),
                    membership_digest=_require(value, "digest", str), microbatches=tuple(mbs),
+                   deadline=float(deadline),
                    stage_weights={int(k): float(v) for k, v in weights.items()} if isinstance(weights, dict) else {})

@@ -73,7 +73,8 @@ def test_trains_and_replicas_agree(swarm):
 
 def test_node_joining_mid_run_appears_then_serves(swarm):
     before = max(rounds(node(swarm, "data0")))
-    joined = swarm.start_node("s2b", "2", initial_peers=swarm.initial_peers())
+    # Its own records live 20 s (the others' 30 s), so the next test sees them expire sooner.
+    joined = swarm.start_node("s2b", "2", initial_peers=swarm.initial_peers(), extra=["--record-ttl", "20"])
     swarm.wait_started([joined], timeout=120)
     peer = joined.started()["peer_id"]
     listed = wait_for(lambda: status(swarm).get(peer), 30, "the new node in `status`")
@@ -89,13 +90,15 @@ def test_node_joining_mid_run_appears_then_serves(swarm):
 def test_killed_node_record_expires(swarm):
     victim = node(swarm, "s2b")
     peer = victim.started()["peer_id"]
-    assert peer in status(swarm)
     children = descendants(victim.process.pid)
     os.killpg(victim.process.pid, signal.SIGKILL)  # the host dies: no chance to withdraw
     victim.process.wait()
-    # Its own record was written with a 30 s lifetime; after that it is gone, and no p2pd of its lingers.
-    wait_for(lambda: peer not in status(swarm), 60, "the killed node's record to expire", interval=2)
-    assert not [p for p in children if alive(p)]
+    killed_at = time.monotonic()
+    assert peer in status(swarm)  # the record outlives its node for a while...
+    # ...until it expires (20 s after the last heartbeat), and no p2pd of the dead node lingers.
+    wait_for(lambda: peer not in status(swarm), 60, "the killed node's record to expire", interval=1)
+    assert time.monotonic() - killed_at < 50
+    wait_for(lambda: not [p for p in children if alive(p)], 10, "the killed node's children to exit")
 
 
 def _stub(n):
@@ -171,7 +174,8 @@ def test_sigterm_withdraws_and_leaves_nothing_running(swarm):
     assert len(children) >= 2  # at least the DHT process and its p2pd
     leaving.process.send_signal(signal.SIGTERM)
     assert leaving.process.wait(timeout=20) == 0
-    assert not [p for p in children if alive(p)]
+    # torch's shared-memory manager exits on its own once its clients are gone, within a few seconds.
+    wait_for(lambda: not [p for p in children if alive(p)], 10, "the node's child processes to exit")
     # Withdrawn at once, long before its 30 s record would have expired.
     wait_for(lambda: peer not in status(swarm), 15, "the withdrawn record to disappear")
 
@@ -183,5 +187,4 @@ def test_sigterm_withdraws_and_leaves_nothing_running(swarm):
             n.process.send_signal(signal.SIGTERM)
     for n in swarm.nodes:
         assert n.process.wait(timeout=20) in (0, -9)  # -9 only for the node killed above
-    time.sleep(0.5)
-    assert not [p for p in everything if alive(p)]
+    wait_for(lambda: not [p for p in everything if alive(p)], 10, "every child process to exit")
