@@ -132,6 +132,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("identity_path", str, "private key file; keeps the peer id stable across restarts"),
     Option("stages", _stages, "stages to host: 0, 2,3 or auto (the stage with the fewest replicas)"),
     Option("num_stages", _positive_int, "pipeline depth of the swarm's model"),
+    Option("visits", _int, "stages each microbatch visits, stage 0 included (SkipPipe); 0: all of them"),
     Option("model", str, "tiny, llama-160m, llama-500m, llama-1b, llama-8b or an HF checkpoint directory"),
     Option("device", _device, "auto, cpu or cuda[:i]"),
     Option("dtype", _choice("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"),
@@ -171,6 +172,7 @@ class NodeConfig:
     identity_path: str = ""
     stages: str = "auto"
     num_stages: int = 4
+    visits: int = 0
     model: str = "tiny"
     device: str = "auto"
     dtype: str = "auto"
@@ -274,6 +276,9 @@ def _check_consistency(config: NodeConfig) -> None:
     stages = config.hosted_stages()
     if stages is not None and max(stages) >= config.num_stages:
         raise UsageError(f"--stages {config.stages}: this swarm has stages 0..{config.num_stages - 1}")
+    if config.visits and not (min(2, config.num_stages) <= config.visits <= config.num_stages):
+        raise UsageError(f"--visits {config.visits}: give between 2 and --num-stages ({config.num_stages}), "
+                         f"or 0 for full pipelines")
     if config.data and config.dataset:
         raise UsageError("give either --data or --dataset, not both")
     if config.max_inflight > config.memory_slots:

@@ -228,7 +228,11 @@ class Daemon:
     # ---- running and stopping --------------------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.config
-        loop = RoundLoop(RoundSettings(cfg.swarm, cfg.num_stages, cfg.microbatches, cfg.round_timeout, cfg.rounds),
+        activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
+        settings = RoundSettings(swarm=cfg.swarm, num_stages=cfg.num_stages, visits=cfg.visits or cfg.num_stages,
+                                 microbatches=cfg.microbatches, activation_bytes=activation_bytes,
+                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds)
+        loop = RoundLoop(settings,
                          self.peer_id, self.directory, self.executor, self.trainers, self.averagers, self.origin,
                          self.clients, self.metrics, self.events)
         loop.run(self.first_round, self.stop_event)

@@ -1,7 +1,8 @@
 """Turn a membership snapshot into a round plan.
 
-Paths here are full pipelines: every stage in order, replicas taken in turn so each serves an equal
-share. `routing/` supplies skip-aware plans; this module is where the daemon will call it.
+With every stage visited (`--visits` equal to `--num-stages`), paths are full pipelines in stage order,
+replicas taken in turn. With fewer visits, `routing/` plans SkipPipe paths: skip-aware, balanced and
+collision-aware, from the compute times and memory slots the nodes report.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ import hashlib
 
 from protocol.envelope import HopSpec
 from protocol.records import NodeRecord, PlannedMicrobatch, RoundPlan
+from routing import LiveNode, ProblemError, from_live
+from routing import plan as plan_paths
+
+# Link estimates are not measured yet; every pair is priced alike, so the planner balances compute and memory.
+UNMEASURED_LINK_S = 0.005
 
 
 def membership_digest(members: dict[str, NodeRecord]) -> str:
@@ -53,3 +59,30 @@ def full_pipeline_plan(members: dict[str, NodeRecord], round_: int, num_stages: 
             mb_id += 1
     return RoundPlan(round=round_, planner=planner, membership_digest=membership_digest(members),
                      microbatches=tuple(planned), deadline=deadline)
+
+
+def skip_plan(members: dict[str, NodeRecord], round_: int, num_stages: int, visits: int,
+              microbatches_per_origin: int, planner: str, activation_bytes: int,
+              deadline: float = 0.0) -> RoundPlan | None:
+    """A SkipPipe plan: each microbatch visits `visits` of the stages, stage 0 first and last."""
+    replicas = serving_replicas(members, num_stages)
+    if any(not replicas[s] for s in range(num_stages)):
+        return None
+    nodes, hops = [], {}
+    for stage, records in replicas.items():
+        for record in records:
+            node_id = f"{record.peer_id}/{stage}"  # a daemon hosting two stages plans as two nodes
+            compute = record.compute_s.get(stage) or max(record.compute_s.values(), default=0.01)
+            nodes.append(LiveNode(node_id, compute_s=compute, memory=record.memory_slots, stage=stage))
+            hops[node_id] = HopSpec(stage, record.peer_id, record.endpoint)
+    try:
+        problem = from_live(nodes, [], stages=num_stages, visits=visits, activation_bytes=activation_bytes,
+                            microbatches_per_data_node=microbatches_per_origin, missing_link_s=UNMEASURED_LINK_S)
+        result = plan_paths(problem, seed=round_)
+    except ProblemError as e:
+        raise ValueError(f"cannot plan round {round_}: {e}") from e
+    planned = tuple(
+        PlannedMicrobatch(mb, tuple(hops[problem.node_ids[v]] for v in path))
+        for mb, path in sorted(zip(result.mb_ids, result.paths)))
+    return RoundPlan(round=round_, planner=planner, membership_digest=membership_digest(members),
+                     microbatches=planned, deadline=deadline)

@@ -22,7 +22,7 @@ from node.events import EventLog
 from node.executor import StageExecutor
 from node.metrics import NodeMetrics
 from node.origin import Origin
-from node.planning import choose_planner, full_pipeline_plan
+from node.planning import choose_planner, full_pipeline_plan, skip_plan
 from node.trainer import StageTrainer
 from node.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 class RoundSettings:
     swarm: str
     num_stages: int
+    visits: int  # stages per microbatch path; num_stages means full pipelines
     microbatches: int
+    activation_bytes: int
     round_timeout: float
     max_rounds: int  # 0: until stopped
 
@@ -80,9 +82,7 @@ class RoundLoop:
                 return plan
             members = self.directory.members()
             if choose_planner(members) == self.peer_id:
-                members = self._reachable(members)
-                plan = full_pipeline_plan(members, round_, self.s.num_stages, self.s.microbatches, self.peer_id,
-                                          deadline=get_dht_time() + self.s.round_timeout)
+                plan = self._make_plan(self._reachable(members), round_)
                 if plan is not None:
                     self.directory.publish_plan(plan, ttl=max(60.0, 4 * self.s.round_timeout))
                     continue
@@ -91,6 +91,18 @@ class RoundLoop:
                 waited = time.monotonic()
             stop.wait(0.2)
         return None
+
+    def _make_plan(self, members: dict[str, NodeRecord], round_: int) -> RoundPlan | None:
+        deadline = get_dht_time() + self.s.round_timeout
+        if self.s.visits >= self.s.num_stages:
+            return full_pipeline_plan(members, round_, self.s.num_stages, self.s.microbatches, self.peer_id,
+                                      deadline=deadline)
+        try:
+            return skip_plan(members, round_, self.s.num_stages, self.s.visits, self.s.microbatches, self.peer_id,
+                             self.s.activation_bytes, deadline=deadline)
+        except ValueError as e:  # e.g. replica counts that cannot balance yet: wait for the swarm to change
+            log.warning("%s", e)
+            return None
 
     def _reachable(self, members: dict[str, NodeRecord]) -> dict[str, NodeRecord]:
         """Members that answer a Ping now: a node that died keeps its DHT record until it expires."""
@@ -136,6 +148,7 @@ class RoundLoop:
         wall = time.monotonic() - started
         self.metrics.round_seconds.observe(wall)
         fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts, averaged_with=averaged_with,
+                      stage_visits=_stage_visits(plan, self.s.num_stages),
                       digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms)
         if result is not None:
             fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed))
@@ -219,3 +232,12 @@ def _reference_replica(ready: dict[str, tuple[int, str]], my_digest: str) -> str
     best = max(votes.values())
     reference = min(peer for peer, (_, digest) in ready.items() if votes[digest] == best)
     return None if ready[reference][1] == my_digest else reference
+
+
+def _stage_visits(plan: RoundPlan, num_stages: int) -> list[int]:
+    """How many microbatches of the round pass through each stage."""
+    visits = [0] * num_stages
+    for mb in plan.microbatches:
+        for hop in mb.path[:-1]:
+            visits[hop.stage] += 1
+    return visits
