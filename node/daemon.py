@@ -34,9 +34,9 @@ from node.rounds import RoundLoop, RoundSettings
 from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
 from node.transport import HopSender, StageClients
-from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.grpc_options import server_options
 from protocol.limits import WireLimits
+from protocol.service import stage_service_handler
 from protocol.records import NodeRecord
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class Daemon:
         self.servicer = StageServicer(swarm=cfg.swarm, peer_id=self.peer_id, num_stages=cfg.num_stages,
                                       executor=self.executor, trainers=self.trainers, limits=self.limits,
                                       metrics=self.metrics)
-        pb_grpc.add_StageServiceServicer_to_server(self.servicer, self.server)
+        self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")

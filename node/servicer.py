@@ -17,13 +17,15 @@ from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
 from protocol.state_codec import encode_state
-from protocol.tensor_codec import decode_stream
+from protocol.tensor_codec import decode_frames
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
 class StageServicer(pb_grpc.StageServiceServicer):
+    """Registered with `protocol.service.stage_service_handler`: Forward/Backward receive raw frames."""
+
     def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics):
         self.swarm = swarm
@@ -34,16 +36,16 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.limits = limits
         self.metrics = metrics
 
-    def Forward(self, request_iterator: Iterator[pb.TensorChunk], context: grpc.ServicerContext) -> pb.Ack:
+    def Forward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         return self._receive("Forward", request_iterator, context)
 
-    def Backward(self, request_iterator: Iterator[pb.TensorChunk], context: grpc.ServicerContext) -> pb.Ack:
+    def Backward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         return self._receive("Backward", request_iterator, context)
 
-    def _receive(self, method: str, chunks: Iterator[pb.TensorChunk], context: grpc.ServicerContext) -> pb.Ack:
+    def _receive(self, method: str, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         started = time.perf_counter()
         try:
-            env, tensor = decode_stream(chunks, self.limits)
+            env, tensor = decode_frames(frames, self.limits)
             check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
                            num_stages=self.num_stages, limits=self.limits)
             accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward

@@ -14,11 +14,11 @@ import torch
 from node.metrics import NodeMetrics
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
-from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.grpc_options import channel_options
 from protocol.limits import WireLimits
+from protocol.service import StageStub
 from protocol.state_codec import decode_state
-from protocol.tensor_codec import encode_chunks
+from protocol.tensor_codec import encode_frames
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,16 @@ class StageClients:
 
     def __init__(self, limits: WireLimits):
         self.limits = limits
-        self._stubs: dict[str, pb_grpc.StageServiceStub] = {}
+        self._stubs: dict[str, StageStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
 
-    def stub(self, endpoint: str) -> pb_grpc.StageServiceStub:
+    def stub(self, endpoint: str) -> StageStub:
         with self._lock:
             if endpoint not in self._stubs:
                 channel = grpc.insecure_channel(endpoint, options=channel_options(self.limits))
                 self._channels.append(channel)
-                self._stubs[endpoint] = pb_grpc.StageServiceStub(channel)
+                self._stubs[endpoint] = StageStub(channel)
             return self._stubs[endpoint]
 
     def fetch_state(self, endpoint: str, swarm: str, stage: int, min_round: int = -1, include_grads: bool = False,
@@ -114,6 +114,6 @@ class HopSender:
         stub = self.clients.stub(endpoint)
         call = stub.Forward if method == "Forward" else stub.Backward
         started = time.perf_counter()
-        call(encode_chunks(env, tensor, self.clients.limits), timeout=self.deadline_s)
+        call(encode_frames(env, tensor, self.clients.limits), timeout=self.deadline_s)
         self.metrics.rpc_seconds.labels(method=method, side="client").observe(time.perf_counter() - started)
         self.metrics.sent_bytes.inc(tensor.numel() * tensor.element_size())

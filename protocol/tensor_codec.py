@@ -1,7 +1,10 @@
-"""Tensors on the wire: raw little-endian bytes in C order, streamed in chunks.
+"""Tensors on the wire: raw little-endian bytes in C order, streamed as `TensorChunk` messages.
 
-Encoding shares memory with the tensor where it can; the only copies are the ones gRPC makes
-and one join on the receiving side.
+Frames are serialised `TensorChunk`s, byte-compatible with any protobuf implementation, but built and
+read by hand around the `data` field: the sender copies the tensor's bytes once into each frame, and
+the receiver copies them once into the tensor, instead of the three and four copies that going
+through protobuf message objects costs (bench/results/transport*.md). Envelope and metadata, a few
+hundred bytes, still go through protobuf.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from protocol.errors import ProtocolError, invalid
 from protocol.generated.swarm.v1 import stage_pb2 as pb
@@ -21,6 +25,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
+# TensorChunk field numbers (proto/swarm/v1/stage.proto).
+_ENVELOPE, _META, _DATA = 1, 2, 3
+_LENGTH_DELIMITED = 2
+
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A byte view of a CPU copy of `tensor` (works for bfloat16, which numpy lacks)."""
@@ -28,16 +36,17 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def encode_chunks(envelope: pb.Envelope, tensor: torch.Tensor, limits: WireLimits) -> Iterator[pb.TensorChunk]:
-    """The chunk stream for one tensor: the first chunk carries the envelope and metadata."""
+def encode_frames(envelope: pb.Envelope, tensor: torch.Tensor, limits: WireLimits) -> Iterator[bytes]:
+    """Serialised TensorChunks for one tensor: the first carries the envelope and metadata."""
     if tensor.dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype {tensor.dtype} cannot be sent")
     data = tensor_bytes(tensor)
     meta = pb.TensorMeta(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), codec="raw", nbytes=len(data))
+    header = pb.TensorChunk(envelope=envelope, meta=meta).SerializeToString()
     step = limits.chunk_bytes
-    yield pb.TensorChunk(envelope=envelope, meta=meta, data=bytes(data[:step]))
-    for start in range(step, len(data), step):
-        yield pb.TensorChunk(data=bytes(data[start:start + step]))
+    for start in range(0, len(data), step):
+        piece = data[start:start + step]
+        yield b"".join((header if start == 0 else b"", _tag(_DATA), _varint(len(piece)), piece))
 
 
 def check_meta(meta: pb.TensorMeta, limits: WireLimits) -> None:
@@ -55,29 +64,90 @@ def check_meta(meta: pb.TensorMeta, limits: WireLimits) -> None:
                             f"tensor of {meta.nbytes} bytes exceeds the limit of {limits.max_tensor_bytes}")
 
 
-def decode_stream(chunks: Iterable[pb.TensorChunk], limits: WireLimits) -> tuple[pb.Envelope, torch.Tensor]:
-    """Reassemble a chunk stream into (envelope, tensor), enforcing the limits as bytes arrive."""
-    it = iter(chunks)
+def decode_frames(frames: Iterable[bytes], limits: WireLimits) -> tuple[pb.Envelope, torch.Tensor]:
+    """Reassemble serialised TensorChunks into (envelope, tensor), enforcing the limits as bytes arrive."""
+    it = iter(frames)
     first = next(it, None)
     if first is None:
         raise invalid("empty stream: the first chunk must carry the envelope and tensor metadata")
-    if not first.HasField("envelope") or not first.HasField("meta"):
+    fields = _top_level_fields(first)
+    if _ENVELOPE not in fields or _META not in fields:
         raise invalid("the first chunk must carry the envelope and tensor metadata")
-    check_meta(first.meta, limits)
-    buf = bytearray(first.meta.nbytes)
+    try:
+        envelope = pb.Envelope.FromString(fields[_ENVELOPE])
+        meta = pb.TensorMeta.FromString(fields[_META])
+    except DecodeError:
+        raise invalid("the envelope or tensor metadata is not valid protobuf") from None
+    check_meta(meta, limits)
+    out = torch.empty(meta.nbytes, dtype=torch.uint8)  # no zero-fill: every byte is written below
+    buf = memoryview(out.numpy())
     filled = 0
-    for chunk in _chain(first, it):
-        end = filled + len(chunk.data)
+    while fields is not None:
+        if filled and (_ENVELOPE in fields or _META in fields):
+            raise invalid("only the first chunk may carry an envelope or metadata")
+        piece = fields.get(_DATA, memoryview(b""))
+        end = filled + len(piece)
         if end > len(buf):
             raise invalid(f"stream carries more than the {len(buf)} bytes its metadata announced")
-        buf[filled:end] = chunk.data
+        buf[filled:end] = piece
         filled = end
+        frame = next(it, None)
+        fields = None if frame is None else _top_level_fields(frame)
     if filled != len(buf):
         raise invalid(f"stream ended after {filled} of {len(buf)} bytes")
-    tensor = torch.frombuffer(buf, dtype=DTYPES[first.meta.dtype]).view(tuple(first.meta.shape))
-    return first.envelope, tensor
+    return envelope, out.view(DTYPES[meta.dtype]).view(tuple(meta.shape))
 
 
-def _chain(first: pb.TensorChunk, rest: Iterator[pb.TensorChunk]) -> Iterator[pb.TensorChunk]:
-    yield first
-    yield from rest
+def _tag(field: int) -> bytes:
+    return _varint(field << 3 | _LENGTH_DELIMITED)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while pos < len(buf) and shift < 64:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise invalid("malformed chunk: truncated varint")
+
+
+def _top_level_fields(frame: bytes) -> dict[int, memoryview]:
+    """The length-delimited fields of one serialised TensorChunk, as views (no copy); others are skipped."""
+    buf = memoryview(frame)
+    fields: dict[int, memoryview] = {}
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == _LENGTH_DELIMITED:
+            size, pos = _read_varint(buf, pos)
+            if pos + size > len(buf):
+                raise invalid("malformed chunk: a field runs past the end of the message")
+            if field in fields:
+                raise invalid(f"malformed chunk: field {field} appears twice")
+            fields[field] = buf[pos:pos + size]
+            pos += size
+        elif wire_type == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire_type in (1, 5):  # fixed 64 and 32 bits
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise invalid(f"malformed chunk: wire type {wire_type}")
+    if pos != len(buf):
+        raise invalid("malformed chunk: truncated")
+    return fields

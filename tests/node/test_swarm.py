@@ -19,8 +19,9 @@ from node.local_swarm import LocalSwarm
 from protocol.envelope import HopSpec, make_envelope
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
+from protocol.service import StageStub
 from protocol.limits import WireLimits
-from protocol.tensor_codec import encode_chunks
+from protocol.tensor_codec import encode_frames
 from tests.helpers import alive, descendants, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
@@ -102,7 +103,7 @@ def test_killed_node_record_expires(swarm):
 
 
 def _stub(n):
-    return pb_grpc.StageServiceStub(grpc.insecure_channel(n.started()["endpoint"]))
+    return StageStub(grpc.insecure_channel(n.started()["endpoint"]))
 
 
 def _envelope(swarm, target, round_, hop=1, microbatch=0, swarm_id=SWARM):
@@ -115,7 +116,7 @@ def _envelope(swarm, target, round_, hop=1, microbatch=0, swarm_id=SWARM):
 def _send(stub, env, tensor, method="Forward", limits=WireLimits()):
     call = stub.Forward if method == "Forward" else stub.Backward
     with pytest.raises(grpc.RpcError) as e:
-        call(encode_chunks(env, tensor, limits), timeout=10)
+        call(encode_frames(env, tensor, limits), timeout=10)
     return e.value.code(), e.value.details()
 
 
@@ -144,10 +145,14 @@ def test_malformed_rpcs_get_a_reason_and_the_node_keeps_serving(swarm):
         got, details = _send(stub, env, tensor, method)
         assert got == code and reason in details, (got, details)
 
-    # No envelope at all.
+    # No envelope at all (from a client generated from the .proto), then bytes that are not protobuf.
+    generated = pb_grpc.StageServiceStub(grpc.insecure_channel(target.started()["endpoint"]))
     with pytest.raises(grpc.RpcError) as e:
-        stub.Forward(iter([pb.TensorChunk(data=b"xx")]), timeout=10)
+        generated.Forward(iter([pb.TensorChunk(data=b"xx")]), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "envelope" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Forward(iter([b"\xff\xff\xff"]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in e.value.details()
     # One message larger than the wire limit: refused by gRPC itself.
     huge = torch.zeros(3 << 20)  # 12 MiB in one chunk
     code, _ = _send(stub, _envelope(swarm, target, now), huge, limits=WireLimits(chunk_bytes=16 << 20))
@@ -156,7 +161,7 @@ def test_malformed_rpcs_get_a_reason_and_the_node_keeps_serving(swarm):
     env = _envelope(swarm, target, now)
     meta = pb.TensorMeta(dtype="float32", shape=[1 << 16, 1 << 14], codec="raw", nbytes=4 << 30)
     with pytest.raises(grpc.RpcError) as e:
-        stub.Forward(iter([pb.TensorChunk(envelope=env, meta=meta)]), timeout=10)
+        generated.Forward(iter([pb.TensorChunk(envelope=env, meta=meta)]), timeout=10)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "exceeds the limit" in e.value.details()
 
     # Still serving: it answers, and the swarm keeps training with no microbatch lost.

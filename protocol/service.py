@@ -1,0 +1,44 @@
+"""StageService registration and client stubs with raw-bytes Forward and Backward.
+
+Forward and Backward frames are serialised `TensorChunk`s handled by `tensor_codec` directly (one copy
+per side); the other methods use the generated protobuf code. The wire format is exactly the one in
+proto/swarm/v1/stage.proto, so clients generated from it in any language interoperate.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from protocol.generated.swarm.v1 import stage_pb2 as pb
+from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
+
+SERVICE = "swarm.v1.StageService"
+
+
+def stage_service_handler(servicer: pb_grpc.StageServiceServicer) -> grpc.GenericRpcHandler:
+    """Server side: Forward/Backward receive an iterator of raw frames; the rest get protobuf messages."""
+    def frames(method):
+        return grpc.stream_unary_rpc_method_handler(method, request_deserializer=None,
+                                                    response_serializer=pb.Ack.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Forward": frames(servicer.Forward),
+        "Backward": frames(servicer.Backward),
+        "Ping": grpc.unary_unary_rpc_method_handler(servicer.Ping, request_deserializer=pb.PingRequest.FromString,
+                                                    response_serializer=pb.PingReply.SerializeToString),
+        "Info": grpc.unary_unary_rpc_method_handler(servicer.Info, request_deserializer=pb.InfoRequest.FromString,
+                                                    response_serializer=pb.InfoReply.SerializeToString),
+        "FetchState": grpc.unary_stream_rpc_method_handler(servicer.FetchState,
+                                                           request_deserializer=pb.StateRequest.FromString,
+                                                           response_serializer=pb.StateChunk.SerializeToString),
+    })
+
+
+class StageStub(pb_grpc.StageServiceStub):
+    """Client side: Forward/Backward send an iterator of raw frames (`tensor_codec.encode_frames`)."""
+
+    def __init__(self, channel: grpc.Channel):
+        super().__init__(channel)
+        self.Forward = channel.stream_unary(f"/{SERVICE}/Forward", request_serializer=None,
+                                            response_deserializer=pb.Ack.FromString)
+        self.Backward = channel.stream_unary(f"/{SERVICE}/Backward", request_serializer=None,
+                                             response_deserializer=pb.Ack.FromString)
