@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-protocol/generated}
-python -m grpc_tools.protoc -I proto --python_out="$out" --grpc_python_out="$out" --pyi_out="$out" \
+"${PYTHON:-python}" -m grpc_tools.protoc -I proto --python_out="$out" --grpc_python_out="$out" --pyi_out="$out" \
     proto/swarm/v1/stage.proto
 # protoc writes absolute imports (`from swarm.v1 import ...`); make them package-relative.
 sed -i 's/^from swarm\.v1 import stage_pb2/from protocol.generated.swarm.v1 import stage_pb2/' \
