@@ -1,17 +1,19 @@
 """Activation transfer over the gRPC data plane, side by side with raw TCP and hivemind's p2p streaming.
 
     python bench/bench_transport.py                  # the headline run; writes bench/results/transport.md
-    python bench/bench_transport.py --variant NAME   # adds a labelled prototype column "grpc:NAME" (see
-                                                     # VARIANTS, repeatable); writes transport_variants.md
+    python bench/bench_transport.py --variant NAME   # adds a column "grpc:NAME": the same protocol/ code with
+                                                     # one setting changed (see VARIANTS, repeatable); writes
+                                                     # bench/results/transport_variants.md
 
 Every transport moves the same float32 tensor from a client process to a server process on loopback and
 is timed from the start of encoding on the sender to the receipt of the receiver's acknowledgement, sent
 only after the tensor is fully decoded on the far side:
 
-* grpc   - a sync ``grpc.server`` whose StageService.Forward does what the node does on receipt
-           (``decode_stream`` into a tensor, then ``Ack``); the client streams ``encode_chunks(...)``.
-           Always the real ``channel_options`` / ``server_options`` / ``WireLimits()``; prototypes of changes
-           run as separate, labelled "grpc:VARIANT" columns and never alter the "grpc" column.
+* grpc   - a sync ``grpc.server`` with StageService registered through ``protocol.service.stage_service_handler``,
+           whose Forward does what node/servicer.py does on receipt (``decode_frames`` into a tensor, then
+           ``Ack``; no executor); the client calls ``StageStub(channel).Forward(encode_frames(...))`` as
+           node/transport.py does. Always the real ``channel_options`` / ``server_options`` / ``WireLimits()``;
+           variants run as separate, labelled "grpc:NAME" columns and never alter the "grpc" column.
 * tcp    - length-prefixed ``sendall`` of the tensor's bytes; the receiver ``recv_into``s a preallocated
            bytearray and answers one byte. The ceiling for anything on loopback.
 * p2p    - two ``hivemind.p2p.P2P`` instances, each with its own p2pd; a ``stream_input`` protobuf handler
@@ -60,13 +62,14 @@ TRANSFER_TIMEOUT_S = 60.0
 STARTUP_TIMEOUT_S = 180.0  # many children import torch at once on 2 shared cores
 
 # ---------------------------------------------------------------------------------------------------------
-# Variants: prototypes of protocol/ changes, labelled and kept apart from the headline numbers.
+# Variants: open questions about settings around protocol/, asked of the real code.
 #
-# The "grpc" column always runs protocol/ exactly as committed (generated stub and servicer registration,
-# tensor_codec.encode_chunks / decode_stream, channel_options / server_options, WireLimits()). Each
-# `--variant NAME` adds a column "grpc:NAME" to the same interleaved run, served by its own server process.
-# A variant is a bench-local replacement for one or more protocol/ pieces; nothing in protocol/ is patched,
-# so the real column cannot be contaminated by a variant running next to it.
+# The "grpc" column runs protocol/ exactly as committed: `stage_service_handler` and `StageStub`,
+# `encode_frames` / `decode_frames`, `channel_options` / `server_options`, `WireLimits()`. Each
+# `--variant NAME` adds a column "grpc:NAME" to the same interleaved run, served by its own server process,
+# that runs the same code with one setting changed: a `WireLimits` field, extra gRPC server options, or a
+# malloc setting of the receiving process. No codec is re-implemented here and nothing in protocol/ is
+# patched, so the "grpc" column cannot be contaminated by a variant running next to it.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -74,47 +77,22 @@ STARTUP_TIMEOUT_S = 180.0  # many children import torch at once on 2 shared core
 class Variant:
     description: str
     chunk_mib: float | None = None  # None: WireLimits().chunk_bytes
-    decode: str = "real"  # "real": tensor_codec.decode_stream; "once": read each chunk's data field once
-    framing: str = "protobuf"  # "protobuf": generated (de)serializers; "hand": the data field framed by hand
-    receiver_mallopt: bool = False  # receiver keeps freed memory in its heap (see tune_malloc)
-    channel_extra: tuple[tuple[str, int], ...] = ()
+    receiver_mallopt: bool = False  # see tune_malloc
     server_extra: tuple[tuple[str, int], ...] = ()
 
 
 VARIANTS: dict[str, Variant] = {
-    "real": Variant("protocol/ as committed"),
-    "decode-once": Variant("`decode_stream` reads `chunk.data` once per chunk; today it reads it twice "
-                           "(`len(chunk.data)`, then the slice assignment), and every read of a bytes field "
-                           "copies the whole field out of the message", decode="once"),
-    "chunk-1m": Variant("`WireLimits.chunk_bytes` = 1 MiB instead of 4 MiB", chunk_mib=1),
-    "no-bdp": Variant("`channel_options` without `grpc.http2.bdp_probe`", channel_extra=(("grpc.http2.bdp_probe", 0),)),
-    "lookahead-16m": Variant("`grpc.http2.lookahead_bytes` = 16 MiB on both ends (the HTTP/2 stream window each "
-                             "side advertises; gRPC's default starts at 64 KiB and grows by BDP probing)",
-                             channel_extra=(("grpc.http2.lookahead_bytes", 16 * MiB),),
-                             server_extra=(("grpc.http2.lookahead_bytes", 16 * MiB),)),
-    "hand-framed+lookahead-16m": Variant("hand-framed and lookahead-16m", framing="hand",
-                                         channel_extra=(("grpc.http2.lookahead_bytes", 16 * MiB),),
-                                         server_extra=(("grpc.http2.lookahead_bytes", 16 * MiB),)),
-    "hand-framed": Variant("same bytes on the wire, fewer copies: the sender writes a protobuf-serialised header "
-                           "and then the `data` field itself, straight from the tensor's memory (1 copy instead "
-                           "of 3: `bytes(...)`, the message constructor, `SerializeToString`); the receiver takes "
-                           "the raw message bytes (`request_deserializer=None`), parses the header with protobuf, "
-                           "slices `data` out without copying and copies it once into an uninitialised "
-                           "`torch.empty` (1 copy instead of 4: parse, two `.data` reads, zero-fill + assign)",
-                           framing="hand"),
-    "hand-framed+chunk-1m": Variant("hand-framed with 1 MiB chunks", chunk_mib=1, framing="hand"),
-    "hand-framed+mallopt": Variant("hand-framed, and the receiving process raises glibc's mmap / trim thresholds "
-                                   "(mallopt) so that freed 4 MiB message buffers are reused instead of being "
-                                   "unmapped and page-faulted in again for every chunk (a node/ start-up setting, "
-                                   "not protocol/)", framing="hand", receiver_mallopt=True),
-    "hand-framed+mallopt+chunk-1m": Variant("hand-framed+mallopt with 1 MiB chunks", chunk_mib=1, framing="hand",
-                                            receiver_mallopt=True),
-    "hand-framed+mallopt+read-1m": Variant(
-        "hand-framed+mallopt, and the server reads the socket in chunks of at least 1 MiB "
-        "(`grpc.experimental.tcp_min_read_chunk_size` / `tcp_read_chunk_size`)", framing="hand",
-        receiver_mallopt=True, server_extra=(("grpc.experimental.tcp_read_chunk_size", MiB),
-                                             ("grpc.experimental.tcp_min_read_chunk_size", MiB),
-                                             ("grpc.experimental.tcp_max_read_chunk_size", 8 * MiB))),
+    "chunk-1m": Variant("`WireLimits.chunk_bytes` = 1 MiB instead of 4 MiB (protocol/limits.py)", chunk_mib=1),
+    "chunk-2m": Variant("`WireLimits.chunk_bytes` = 2 MiB instead of 4 MiB (protocol/limits.py)", chunk_mib=2),
+    "mallopt": Variant("the receiving process raises glibc's mmap / trim thresholds (mallopt) so that freed "
+                       "multi-MiB frame buffers are reused instead of being unmapped and page-faulted in again "
+                       "for every chunk (a process start-up setting, not protocol/)", receiver_mallopt=True),
+    "read-1m": Variant("the server reads the socket in chunks of at least 1 MiB "
+                       "(`grpc.experimental.tcp_read_chunk_size` / `tcp_min_read_chunk_size` / "
+                       "`tcp_max_read_chunk_size`, would go in `server_options`)",
+                       server_extra=(("grpc.experimental.tcp_read_chunk_size", MiB),
+                                     ("grpc.experimental.tcp_min_read_chunk_size", MiB),
+                                     ("grpc.experimental.tcp_max_read_chunk_size", 8 * MiB))),
 }
 
 
@@ -128,154 +106,12 @@ def tune_malloc() -> None:
         libc.mallopt(-1, 256 * MiB)  # M_TRIM_THRESHOLD
 
 
-def variant_limits(variant: Variant):
+def variant_limits(variant: Variant | None):
     from protocol.limits import WireLimits
 
-    if variant.chunk_mib is None:
+    if variant is None or variant.chunk_mib is None:
         return WireLimits()
-    chunk = int(variant.chunk_mib * MiB)
-    return WireLimits(chunk_bytes=chunk)
-
-
-def decode_stream_once(chunks, limits):
-    """decode_stream, except that each chunk's data field is fetched from the message once."""
-    import torch
-
-    from protocol.errors import invalid
-    from protocol.tensor_codec import DTYPES, check_meta
-
-    it = iter(chunks)
-    first = next(it, None)
-    if first is None or not first.HasField("envelope") or not first.HasField("meta"):
-        raise invalid("the first chunk must carry the envelope and tensor metadata")
-    check_meta(first.meta, limits)
-    buf = bytearray(first.meta.nbytes)
-    filled = 0
-    data = first.data
-    while True:
-        end = filled + len(data)
-        if end > len(buf):
-            raise invalid(f"stream carries more than the {len(buf)} bytes its metadata announced")
-        buf[filled:end] = data
-        filled = end
-        chunk = next(it, None)
-        if chunk is None:
-            break
-        data = chunk.data
-    if filled != len(buf):
-        raise invalid(f"stream ended after {filled} of {len(buf)} bytes")
-    return first.envelope, torch.frombuffer(buf, dtype=DTYPES[first.meta.dtype]).view(tuple(first.meta.shape))
-
-
-# Hand framing. A TensorChunk on the wire is: [0x0a len Envelope] [0x12 len TensorMeta] [0x1a len data],
-# fields in number order, as protobuf itself writes it. The sender serialises only the small header with
-# protobuf and appends the data field itself; the receiver walks the fields and keeps `data` as a view.
-_DATA_TAG = b"\x1a"  # field 3, wire type 2 (length-delimited)
-
-
-def _varint_bytes(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _read_varint(raw, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = raw[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def encode_chunks_hand(envelope, tensor, limits):
-    """Byte-for-byte the same messages as tensor_codec.encode_chunks, with one copy of the data instead of three."""
-    from protocol.generated.swarm.v1 import stage_pb2 as pb
-    from protocol.tensor_codec import DTYPE_NAMES, tensor_bytes
-
-    data = tensor_bytes(tensor)
-    meta = pb.TensorMeta(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), codec="raw", nbytes=len(data))
-    header = pb.TensorChunk(envelope=envelope, meta=meta).SerializeToString()
-    step = limits.chunk_bytes
-    for start in range(0, len(data), step):
-        piece = data[start:start + step]
-        yield b"".join((header if start == 0 else b"", _DATA_TAG, _varint_bytes(len(piece)), piece))
-
-
-def parse_chunk_hand(raw: bytes):
-    """(header TensorChunk without data, memoryview of the data) from one serialised TensorChunk."""
-    from protocol.errors import invalid
-    from protocol.generated.swarm.v1 import stage_pb2 as pb
-
-    header = pb.TensorChunk()
-    data = memoryview(b"")
-    view = memoryview(raw)
-    pos = 0
-    try:
-        while pos < len(raw):
-            field_start = pos
-            key, pos = _read_varint(raw, pos)
-            field, wire_type = key >> 3, key & 7
-            if wire_type == 2:
-                length, pos = _read_varint(raw, pos)
-                if pos + length > len(raw):
-                    raise ValueError("truncated field")
-                if field == 3:
-                    data = view[pos:pos + length]  # last one wins, as in protobuf
-                else:
-                    header.MergeFromString(raw[field_start:pos + length])
-                pos += length
-            elif wire_type in (0, 1, 5):  # fields this message does not use: let protobuf judge them
-                if wire_type == 0:
-                    _, pos = _read_varint(raw, pos)
-                else:
-                    pos += 8 if wire_type == 1 else 4
-                header.MergeFromString(raw[field_start:pos])
-            else:
-                raise ValueError(f"wire type {wire_type}")
-    except (ValueError, IndexError) as exc:
-        raise invalid(f"malformed TensorChunk: {exc}") from None
-    return header, data
-
-
-def decode_stream_hand(raws, limits):
-    """decode_stream over hand-parsed chunks: the same checks, one copy of the data, no zero-fill."""
-    import torch
-
-    from protocol.errors import invalid
-    from protocol.tensor_codec import DTYPES, check_meta
-
-    it = iter(raws)
-    raw = next(it, None)
-    if raw is None:
-        raise invalid("empty stream: the first chunk must carry the envelope and tensor metadata")
-    first, data = parse_chunk_hand(raw)
-    if not first.HasField("envelope") or not first.HasField("meta"):
-        raise invalid("the first chunk must carry the envelope and tensor metadata")
-    check_meta(first.meta, limits)
-    out = torch.empty(first.meta.nbytes, dtype=torch.uint8)
-    buf = memoryview(out.numpy())
-    filled = 0
-    while True:
-        end = filled + len(data)
-        if end > len(buf):
-            raise invalid(f"stream carries more than the {len(buf)} bytes its metadata announced")
-        buf[filled:end] = data
-        filled = end
-        raw = next(it, None)
-        if raw is None:
-            break
-        _, data = parse_chunk_hand(raw)
-    if filled != len(buf):
-        raise invalid(f"stream ended after {filled} of {len(buf)} bytes")
-    return first.envelope, out.view(DTYPES[first.meta.dtype]).view(tuple(first.meta.shape))
+    return WireLimits(chunk_bytes=int(variant.chunk_mib * MiB))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,44 +161,37 @@ def cpu_ns(pids) -> int:
 # ----- gRPC server ------------------------------------------------------------------------------------------
 
 
-def grpc_server_main(conn, variant_name: str) -> None:
-    """The receiving end of the node's data plane; variant "real" is protocol/ untouched."""
+def grpc_server_main(conn, variant_name: str | None) -> None:
+    """The receiving end of the node's data plane, registered and decoding as node/ does; variant None is
+    protocol/ untouched."""
     _child_setup()
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
     import torch
 
-    from protocol import grpc_options, tensor_codec
     from protocol.generated.swarm.v1 import stage_pb2 as pb
     from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
+    from protocol.grpc_options import server_options
+    from protocol.service import stage_service_handler
+    from protocol.tensor_codec import decode_frames
 
     torch.set_num_threads(1)
-    variant = VARIANTS[variant_name]
-    if variant.receiver_mallopt:
+    variant = VARIANTS[variant_name] if variant_name else None
+    if variant is not None and variant.receiver_mallopt:
         tune_malloc()
     limits = variant_limits(variant)
-    decode = {"real": tensor_codec.decode_stream, "once": decode_stream_once}[variant.decode]
-    if variant.framing == "hand":
-        decode = decode_stream_hand
 
-    def forward(request_iterator, context):
-        envelope, tensor = decode(request_iterator, limits)
-        return pb.Ack(queued=_int_checksum(tensor) if envelope.microbatch == VERIFY_MICROBATCH else 0)
+    class Servicer(pb_grpc.StageServiceServicer):
+        """node/servicer.py's Forward without the node: decode the frames into a tensor, then Ack."""
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=4),
-                         options=grpc_options.server_options(limits) + list(variant.server_extra))
-    if variant.framing == "protobuf":
-        class Servicer(pb_grpc.StageServiceServicer):
-            def Forward(self, request_iterator, context):
-                return forward(request_iterator, context)
+        def Forward(self, request_iterator, context):
+            envelope, tensor = decode_frames(request_iterator, limits)
+            return pb.Ack(queued=_int_checksum(tensor) if envelope.microbatch == VERIFY_MICROBATCH else 0)
 
-        pb_grpc.add_StageServiceServicer_to_server(Servicer(), server)
-    else:  # requests arrive as the raw serialised TensorChunk bytes
-        handler = grpc.stream_unary_rpc_method_handler(forward, request_deserializer=None,
-                                                       response_serializer=pb.Ack.SerializeToString)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("swarm.v1.StageService",
-                                                                             {"Forward": handler}),))
+    options = server_options(limits) + list(variant.server_extra if variant else ())
+    server = grpc.server(ThreadPoolExecutor(max_workers=16), options=options)  # as node/daemon.py
+    server.add_generic_rpc_handlers((stage_service_handler(Servicer()),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -494,10 +323,10 @@ def client_main(conn, servers: dict, plan: list[tuple[int, int]], warmup: int, t
     from hivemind.utils.asyncio import amap_in_executor, iter_as_aiter
     from hivemind.utils.streaming import split_for_streaming
 
-    from protocol import grpc_options, tensor_codec
     from protocol.envelope import HopSpec, make_envelope
-    from protocol.generated.swarm.v1 import stage_pb2 as pb
-    from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
+    from protocol.grpc_options import channel_options
+    from protocol.service import StageStub
+    from protocol.tensor_codec import encode_frames, tensor_bytes
 
     torch.set_num_threads(1)
     addresses = {name: address for name, (address, _) in servers.items()}
@@ -536,28 +365,22 @@ def client_main(conn, servers: dict, plan: list[tuple[int, int]], warmup: int, t
 
             senders["p2p"] = lambda tensor, verify: in_loop(p2p_call(tensor, verify))
 
-        # gRPC: "grpc" is protocol/ as committed; "grpc:NAME" is variant NAME, each with its own channel.
+        # gRPC: "grpc" is protocol/ as committed, sent as node/transport.py sends; "grpc:NAME" is variant NAME,
+        # each with its own channel.
         def grpc_sender(name: str):
-            variant = VARIANTS[name.partition(":")[2] or "real"]
-            limits = variant_limits(variant)
+            variant_name = name.partition(":")[2]
+            limits = variant_limits(VARIANTS[variant_name] if variant_name else None)
             addr = f"127.0.0.1:{addresses[name]}"
-            options = grpc_options.channel_options(limits) + list(variant.channel_extra)
-            channel = stack.enter_context(grpc.insecure_channel(addr, options=options))
+            channel = stack.enter_context(grpc.insecure_channel(addr, options=channel_options(limits)))
             grpc.channel_ready_future(channel).result(timeout=STARTUP_TIMEOUT_S)
-            if variant.framing == "protobuf":
-                forward = pb_grpc.StageServiceStub(channel).Forward
-                encode = tensor_codec.encode_chunks
-            else:
-                forward = channel.stream_unary("/swarm.v1.StageService/Forward", request_serializer=None,
-                                               response_deserializer=pb.Ack.FromString)
-                encode = encode_chunks_hand
+            forward = StageStub(channel).Forward
             origin = HopSpec(0, "origin", "127.0.0.1:1")
             path = [origin, HopSpec(1, "receiver", addr), origin]
             envelopes = {v: make_envelope("bench", 0, VERIFY_MICROBATCH if v else 0, path, hop=1) for v in (False, True)}
 
             def send(tensor, verify: bool) -> tuple[float, int]:
                 t0 = time.perf_counter()
-                ack = forward(encode(envelopes[verify], tensor, limits), timeout=TRANSFER_TIMEOUT_S)
+                ack = forward(encode_frames(envelopes[verify], tensor, limits), timeout=TRANSFER_TIMEOUT_S)
                 return time.perf_counter() - t0, ack.queued
 
             return send
@@ -575,7 +398,7 @@ def client_main(conn, servers: dict, plan: list[tuple[int, int]], warmup: int, t
 
             def send_tcp(tensor, verify: bool) -> tuple[float, int]:
                 t0 = time.perf_counter()
-                data = tensor_codec.tensor_bytes(tensor)
+                data = tensor_bytes(tensor)
                 sock.sendall(TCP_HEADER.pack(len(data), verify))
                 sock.sendall(data)
                 _recv_exact_into(sock, memoryview(reply)[:8 if verify else 1])
@@ -679,7 +502,7 @@ def run_bench(sizes: list[int], repeats: dict[int, int], warmup: int,
         conns = {}
         for name in transports:
             if name == "grpc" or name.startswith("grpc:"):
-                conns[name] = children.start(f"{name}-server", grpc_server_main, name.partition(":")[2] or "real")
+                conns[name] = children.start(f"{name}-server", grpc_server_main, name.partition(":")[2] or None)
             elif name == "tcp":
                 conns[name] = children.start("tcp-server", tcp_server_main, max(sizes) * MiB)
             elif name == "p2p":
@@ -746,8 +569,9 @@ def render(results: dict, variants: list[str], command: str, elapsed: float) -> 
     lines = [
         "# Activation transfer: gRPC data plane vs raw TCP vs hivemind p2p",
         "",
-        "gRPC is protocol/ as committed: generated StageService stub and servicer, `encode_chunks` / "
-        "`decode_stream`, `channel_options` / `server_options`, `WireLimits()` (4 MiB chunks).",
+        "gRPC is protocol/ as committed, used as node/ uses it: `stage_service_handler` / `StageStub` (raw-bytes "
+        "Forward), `encode_frames` / `decode_frames`, `channel_options` / `server_options`, `WireLimits()` "
+        "(4 MiB chunks).",
         "",
         "| size | gRPC MB/s | raw TCP MB/s | hivemind p2p MB/s | gRPC/p2p | gRPC/TCP |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -780,7 +604,7 @@ def render(results: dict, variants: list[str], command: str, elapsed: float) -> 
     if variants:
         lines += [
             "",
-            "## Prototype variants (bench-local replacements, NOT protocol/ code)",
+            "## Variants (the same protocol/ code with one setting changed)",
             "",
             "Each variant ran interleaved with the columns above, against its own server process; the "
             "`grpc` column above is unaffected by them.",
@@ -821,8 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES_MIB)), help="tensor sizes in MiB")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per size (default: 7, or 5 at 64 MiB+)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variant", action="append", default=[], choices=sorted(set(VARIANTS) - {"real"}),
-                        help="add a prototype column grpc:NAME (repeatable); bench-local, protocol/ is untouched")
+    parser.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
+                        help="add a column grpc:NAME, protocol/ with one setting changed (repeatable)")
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help="subset of grpc,tcp,p2p")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown output (default: bench/results/transport.md; with --variant: "

@@ -17,7 +17,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         .venv/bin/python -m pip install -q "torch==$TORCH_VERSION"
     else
         .venv/bin/python -m pip install -q --retries 1 --timeout 30 "torch==$TORCH_VERSION" \
-            --index-url https://download.pytorch.org/whl/cpu
+            --extra-index-url https://download.pytorch.org/whl/cpu
     fi
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
