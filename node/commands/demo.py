@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -47,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     stages = _layout(args.layout)
     from node.local_swarm import LocalSwarm
 
+    # Ctrl-C and SIGTERM both end the demo through the `finally` below, which stops every node. Set
+    # explicitly: a shell starts background jobs with SIGINT ignored, and SIGTERM would skip `finally`.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="swarm-node-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     swarm = LocalSwarm(workdir, swarm=f"demo-{secrets.token_hex(4)}", common_args=[

@@ -1,0 +1,57 @@
+"""`swarm-node demo`, as the README runs it: it trains, summarises, and leaves nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, alive, descendants, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _demo(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "node", "demo", *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _watch_descendants(process: subprocess.Popen, until_line: str) -> tuple[set[int], list[str]]:
+    """Read the demo's output until `until_line` appears, noting every process it started on the way."""
+    seen, lines = set(), []
+    for line in process.stdout:
+        lines.append(line)
+        seen |= descendants(process.pid)
+        if until_line in line:
+            break
+    return seen, lines
+
+
+def test_default_demo_trains_and_exits_clean(tmp_path):
+    summary = tmp_path / "summary.json"
+    demo = _demo("--rounds", "3", "--summary-json", str(summary), "--workdir", str(tmp_path / "work"))
+    children, lines = _watch_descendants(demo, "round   3/3")
+    rest = demo.communicate(timeout=120)[0]
+    assert demo.returncode == 0, "".join(lines) + rest
+    result = json.loads(summary.read_text())
+    assert result["rounds"] == 3 and len(result["loss_per_round"]) == 3
+    assert result["tokens"] > 0 and len(result["nodes"]) == 6
+    assert all(n["metrics_url"].startswith("http://127.0.0.1:") for n in result["nodes"])
+    assert any("metrics http://127.0.0.1:" in line for line in lines)
+    assert len(children) >= 12  # six nodes, each with at least a DHT process and a p2pd
+    wait_for(lambda: not [p for p in children if alive(p)], 15, "every node process to exit")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_demo_stops_every_node(tmp_path, sig):
+    demo = _demo("--rounds", "1000", "--layout", "0,1", "--workdir", str(tmp_path))
+    children, _ = _watch_descendants(demo, "round   1/1000")
+    demo.send_signal(sig)
+    demo.communicate(timeout=60)
+    assert demo.returncode != 0
+    wait_for(lambda: not [p for p in children if alive(p)], 15, "every node process to exit")
