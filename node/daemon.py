@@ -174,9 +174,12 @@ class Daemon:
         self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        try:
+            port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError:  # grpc reports a failed bind this way
+            port = 0
         if port == 0:
-            raise UsageError(f"cannot serve gRPC on {cfg.host}:{cfg.port}; is the port taken?")
+            raise UsageError(f"cannot serve gRPC on {cfg.host}:{cfg.port}: is the port taken? Pick another --port")
         self.server.start()
         self._started.append("grpc")
         self.endpoint = f"{cfg.announce_host or cfg.host}:{port}"

@@ -1,5 +1,7 @@
 """Bad input on the command line: one line on stderr naming the problem, exit 2, no traceback."""
 
+import socket
+
 import pytest
 
 from tests.helpers import run_cli
@@ -22,3 +24,14 @@ def test_one_clear_line_and_exit_2(args, env, expected):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("swarm-node: error:") and expected in lines[0], result.stderr
+
+
+def test_taken_ports_are_reported():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flag, expected in [("--port", "cannot serve gRPC"), ("--metrics-port", "cannot serve metrics")]:
+            result = run_cli("run", "--new-swarm", "--stages", "0", "--num-stages", "1", flag, port)
+            assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+            assert expected in result.stderr.strip().splitlines()[-1]
