@@ -2,8 +2,8 @@
 
     python bench/bench_transport.py                  # the headline run; writes bench/results/transport.md
     python bench/bench_transport.py --variant NAME   # adds a column "grpc:NAME": the same protocol/ code with
-                                                     # one setting changed (see VARIANTS, repeatable); writes
-                                                     # bench/results/transport_variants.md
+                                                     # another chunk size (chunk-1m, chunk-2m; repeatable);
+                                                     # writes bench/results/transport_variants.md
 
 Every transport moves the same float32 tensor from a client process to a server process on loopback and
 is timed from the start of encoding on the sender to the receipt of the receiver's acknowledgement, sent
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import multiprocessing as mp
 import os
 import platform
@@ -62,56 +61,23 @@ TRANSFER_TIMEOUT_S = 60.0
 STARTUP_TIMEOUT_S = 180.0  # many children import torch at once on 2 shared cores
 
 # ---------------------------------------------------------------------------------------------------------
-# Variants: open questions about settings around protocol/, asked of the real code.
+# Variants: the one open question left, the chunk size (`WireLimits.chunk_bytes`, protocol/limits.py).
 #
 # The "grpc" column runs protocol/ exactly as committed: `stage_service_handler` and `StageStub`,
 # `encode_frames` / `decode_frames`, `channel_options` / `server_options`, `WireLimits()`. Each
 # `--variant NAME` adds a column "grpc:NAME" to the same interleaved run, served by its own server process,
-# that runs the same code with one setting changed: a `WireLimits` field, extra gRPC server options, or a
-# malloc setting of the receiving process. No codec is re-implemented here and nothing in protocol/ is
-# patched, so the "grpc" column cannot be contaminated by a variant running next to it.
+# that runs the same code with `WireLimits(chunk_bytes=...)`: nothing is re-implemented here and nothing in
+# protocol/ is patched, so the "grpc" column cannot be contaminated by a variant running next to it.
 # ---------------------------------------------------------------------------------------------------------
 
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    description: str
-    chunk_mib: float | None = None  # None: WireLimits().chunk_bytes
-    receiver_mallopt: bool = False  # see tune_malloc
-    server_extra: tuple[tuple[str, int], ...] = ()
+VARIANTS: dict[str, int] = {"chunk-1m": 1 * MiB, "chunk-2m": 2 * MiB}  # name -> chunk_bytes
 
 
-VARIANTS: dict[str, Variant] = {
-    "chunk-1m": Variant("`WireLimits.chunk_bytes` = 1 MiB instead of 4 MiB (protocol/limits.py)", chunk_mib=1),
-    "chunk-2m": Variant("`WireLimits.chunk_bytes` = 2 MiB instead of 4 MiB (protocol/limits.py)", chunk_mib=2),
-    "mallopt": Variant("the receiving process raises glibc's mmap / trim thresholds (mallopt) so that freed "
-                       "multi-MiB frame buffers are reused instead of being unmapped and page-faulted in again "
-                       "for every chunk (a process start-up setting, not protocol/)", receiver_mallopt=True),
-    "read-1m": Variant("the server reads the socket in chunks of at least 1 MiB "
-                       "(`grpc.experimental.tcp_read_chunk_size` / `tcp_min_read_chunk_size` / "
-                       "`tcp_max_read_chunk_size`, would go in `server_options`)",
-                       server_extra=(("grpc.experimental.tcp_read_chunk_size", MiB),
-                                     ("grpc.experimental.tcp_min_read_chunk_size", MiB),
-                                     ("grpc.experimental.tcp_max_read_chunk_size", 8 * MiB))),
-}
-
-
-def tune_malloc() -> None:
-    """Keep large freed blocks in the heap: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to 256 MiB (glibc only)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 * MiB)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 * MiB)  # M_TRIM_THRESHOLD
-
-
-def variant_limits(variant: Variant | None):
+def bench_limits(variant: str | None):
+    """WireLimits() for the "grpc" column; with the variant's chunk size for "grpc:NAME"."""
     from protocol.limits import WireLimits
 
-    if variant is None or variant.chunk_mib is None:
-        return WireLimits()
-    return WireLimits(chunk_bytes=int(variant.chunk_mib * MiB))
+    return WireLimits(chunk_bytes=VARIANTS[variant]) if variant else WireLimits()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,10 +143,7 @@ def grpc_server_main(conn, variant_name: str | None) -> None:
     from protocol.tensor_codec import decode_frames
 
     torch.set_num_threads(1)
-    variant = VARIANTS[variant_name] if variant_name else None
-    if variant is not None and variant.receiver_mallopt:
-        tune_malloc()
-    limits = variant_limits(variant)
+    limits = bench_limits(variant_name)
 
     class Servicer(pb_grpc.StageServiceServicer):
         """node/servicer.py's Forward without the node: decode the frames into a tensor, then Ack."""
@@ -189,8 +152,7 @@ def grpc_server_main(conn, variant_name: str | None) -> None:
             envelope, tensor = decode_frames(request_iterator, limits)
             return pb.Ack(queued=_int_checksum(tensor) if envelope.microbatch == VERIFY_MICROBATCH else 0)
 
-    options = server_options(limits) + list(variant.server_extra if variant else ())
-    server = grpc.server(ThreadPoolExecutor(max_workers=16), options=options)  # as node/daemon.py
+    server = grpc.server(ThreadPoolExecutor(max_workers=16), options=server_options(limits))  # as node/daemon.py
     server.add_generic_rpc_handlers((stage_service_handler(Servicer()),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -368,15 +330,15 @@ def client_main(conn, servers: dict, plan: list[tuple[int, int]], warmup: int, t
         # gRPC: "grpc" is protocol/ as committed, sent as node/transport.py sends; "grpc:NAME" is variant NAME,
         # each with its own channel.
         def grpc_sender(name: str):
-            variant_name = name.partition(":")[2]
-            limits = variant_limits(VARIANTS[variant_name] if variant_name else None)
+            limits = bench_limits(name.partition(":")[2] or None)
             addr = f"127.0.0.1:{addresses[name]}"
             channel = stack.enter_context(grpc.insecure_channel(addr, options=channel_options(limits)))
             grpc.channel_ready_future(channel).result(timeout=STARTUP_TIMEOUT_S)
             forward = StageStub(channel).Forward
             origin = HopSpec(0, "origin", "127.0.0.1:1")
             path = [origin, HopSpec(1, "receiver", addr), origin]
-            envelopes = {v: make_envelope("bench", 0, VERIFY_MICROBATCH if v else 0, path, hop=1) for v in (False, True)}
+            envelopes = {v: make_envelope("bench", 0, VERIFY_MICROBATCH if v else 0, path, hop=1)
+                         for v in (False, True)}
 
             def send(tensor, verify: bool) -> tuple[float, int]:
                 t0 = time.perf_counter()
@@ -571,7 +533,7 @@ def render(results: dict, variants: list[str], command: str, elapsed: float) -> 
         "",
         "gRPC is protocol/ as committed, used as node/ uses it: `stage_service_handler` / `StageStub` (raw-bytes "
         "Forward), `encode_frames` / `decode_frames`, `channel_options` / `server_options`, `WireLimits()` "
-        "(4 MiB chunks).",
+        f"({bench_limits(None).chunk_bytes / MiB:g} MiB chunks).",
         "",
         "| size | gRPC MB/s | raw TCP MB/s | hivemind p2p MB/s | gRPC/p2p | gRPC/TCP |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -604,13 +566,14 @@ def render(results: dict, variants: list[str], command: str, elapsed: float) -> 
     if variants:
         lines += [
             "",
-            "## Variants (the same protocol/ code with one setting changed)",
+            "## Variants (the same protocol/ code with another chunk size)",
             "",
             "Each variant ran interleaved with the columns above, against its own server process; the "
             "`grpc` column above is unaffected by them.",
             "",
         ]
-        lines += [f"- `{v}`: {VARIANTS[v].description}." for v in variants]
+        lines += [f"- `{v}`: `WireLimits.chunk_bytes` = {VARIANTS[v] / MiB:g} MiB instead of "
+                  f"{bench_limits(None).chunk_bytes / MiB:g} MiB (protocol/limits.py)." for v in variants]
         lines += ["", "| size | variant | MB/s | vs real gRPC | /p2p | /TCP | total CPU ms | CPU vs real |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|"]
         for size_mib in results:
@@ -646,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="repeats per size (default: 7, or 5 at 64 MiB+)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
-                        help="add a column grpc:NAME, protocol/ with one setting changed (repeatable)")
+                        help="add a column grpc:NAME, protocol/ with another chunk size (repeatable)")
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help="subset of grpc,tcp,p2p")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown output (default: bench/results/transport.md; with --variant: "

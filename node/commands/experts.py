@@ -192,8 +192,8 @@ def bench(args: argparse.Namespace) -> int:
                        log=lambda line: print(line, flush=True))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "swarm-node experts bench" + (" " + shlex.join(sys.argv[3:]) if sys.argv[1:3] == ["experts", "bench"]
-                                            else "")
+    flags = sys.argv[3:] if sys.argv[1:3] == ["experts", "bench"] else []
+    command = shlex.join(["swarm-node", "experts", "bench", *flags])
     out.write_text(report(result, command))
     write_csv(result, out.with_suffix(".csv"))
     print(f"wrote {out} and {out.with_suffix('.csv')}")
