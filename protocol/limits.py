@@ -9,7 +9,7 @@ MiB = 1 << 20
 
 @dataclass(frozen=True)
 class WireLimits:
-    chunk_bytes: int = 4 * MiB  # tensors above this travel as several chunks
+    chunk_bytes: int = 2 * MiB  # tensors above this travel as several chunks (2 MiB measured best; bench/)
     max_tensor_bytes: int = 512 * MiB  # one activation or gradient, all chunks together
     max_path_hops: int = 256
     max_dims: int = 8
