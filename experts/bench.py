@@ -12,6 +12,7 @@ Difficulty is `reference` (the seed model's dev bits per token, measured per see
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import statistics
 import time
@@ -109,12 +110,14 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 
 def _train_or_reuse(model_fn, data: TokenStream, dev: TokenStream, tcfg: TrainConfig, out_dir: Path,
                     identity: Identity, log) -> tuple[LlamaForCausalLM, Manifest]:
-    """A finished checkpoint from an earlier, interrupted bench run is reused instead of retrained."""
+    """A finished checkpoint from an earlier, interrupted bench run is reused instead of retrained,
+    but only if it was trained on the same data with the same settings."""
     model = model_fn()
     if (out_dir / MANIFEST).is_file():
         done = read_manifest(out_dir)
         same_shape = all(done.config.get(k) == getattr(model.config, k) for k in SHAPE_KEYS)
-        if done.complete and same_shape and done.extra.get("train") == asdict(tcfg):
+        same_run = done.extra == {**identity.extra, "train": asdict(tcfg)}  # same plan, data and settings
+        if done.complete and same_shape and same_run:
             return load_expert(out_dir, tcfg.device)
     t0 = time.perf_counter()
     manifest = train(model, data, dev, tcfg, out_dir, identity).manifest
@@ -133,12 +136,13 @@ def run_bench(cfg: BenchConfig, domains: Domains, tokenizer_name: str, vocab_siz
     cache = PriorCache(work_dir / "priors.json")
     mixed_train = TokenStream(torch.cat([d.train.tokens for d in domains.trained]))
     mixed_dev = TokenStream(torch.cat([d.dev.tokens for d in domains.trained]))
+    mixed_sha = hashlib.sha256("".join(d.sha256 for d in domains.trained).encode()).hexdigest()
     for seed in cfg.seeds:
         log(f"seed {seed}: shared seed model, {cfg.seed_steps} steps on all training domains")
         seed_model, seed_manifest = _train_or_reuse(
             lambda: new_model(cfg.model_config(vocab_size), seed), mixed_train, mixed_dev,
             cfg.train_config(cfg.seed_steps, seed), work_dir / f"seed{seed}" / "seed-model",
-            Identity(f"seed{seed}/seed-model", "*", tokenizer_name), log)
+            Identity(f"seed{seed}/seed-model", "*", tokenizer_name, extra={"data_sha256": mixed_sha}), log)
         for d in domains.all:
             ppl = stream_perplexity(seed_model, d.test.windows(cfg.seq_len, cfg.test_windows), settings)
             result.rows.append(_row(seed, "seed-model", "single", d, ppl))
@@ -164,7 +168,8 @@ def _train_expert(cfg: BenchConfig, seed: int, index: int, method: str, ep: Expe
                   seed_model: LlamaForCausalLM, seed_manifest: Manifest, domain: Domain, work_dir: Path,
                   log) -> tuple[Manifest, LlamaForCausalLM]:
     identity = Identity.branched_from(seed_manifest, f"seed{seed}/{method}/{ep.domain}", ep.domain,
-                                      {"method": method, "intermediate_size": ep.intermediate_size})
+                                      {"method": method, "intermediate_size": ep.intermediate_size,
+                                       "data_sha256": domain.sha256})
     model, manifest = _train_or_reuse(
         lambda: branch(seed_model, ep.intermediate_size, seed=seed * 1000 + index), domain.train, domain.dev,
         cfg.train_config(ep.steps, seed * 1000 + index), work_dir / f"seed{seed}" / _method_dir(cfg, method) / ep.domain,

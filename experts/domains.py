@@ -10,6 +10,7 @@ The measure is cheap, model-free and deterministic, so every node ranks the doma
 from __future__ import annotations
 
 import gzip
+import hashlib
 import sysconfig
 import zlib
 from dataclasses import dataclass
@@ -47,8 +48,17 @@ class Domain:
     def tokens(self) -> int:
         return len(self.train) + len(self.dev) + len(self.test)
 
+    @property
+    def sha256(self) -> str:
+        """Of the tokens: system sources (dpkg status, /usr/share/doc) change when packages are installed,
+        so nodes and reruns compare this before trusting that they hold the same domain."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.dev, self.test):
+            digest.update(split.tokens.numpy().tobytes())
+        return digest.hexdigest()
+
     def summary(self) -> dict:
-        return {"name": self.name, "source": self.source, "held_out": self.held_out,
+        return {"name": self.name, "source": self.source, "held_out": self.held_out, "sha256": self.sha256,
                 "difficulty_bpb": round(self.difficulty, 4), "tokens": self.tokens,
                 "train": len(self.train), "dev": len(self.dev), "test": len(self.test)}
 

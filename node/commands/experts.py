@@ -136,7 +136,8 @@ def train_cmd(args: argparse.Namespace) -> int:
         if args.only and ep.domain not in args.only:
             continue
         identity = Identity.branched_from(seed_manifest, f"{args.method}/{ep.domain}", ep.domain,
-                                          {"method": args.method, "intermediate_size": ep.intermediate_size})
+                                          {"method": args.method, "intermediate_size": ep.intermediate_size,
+                                           "data_sha256": domains.get(ep.domain).sha256})
         model = branch(seed_model, ep.intermediate_size, seed=args.seed * 1000 + i)
         result = train(model, domains.get(ep.domain).train, domains.get(ep.domain).dev,
                        tcfg(ep.steps, args.seed * 1000 + i), out / args.method / ep.domain, identity,

@@ -33,3 +33,10 @@ def test_bad_specs_are_clear_errors(tmp_path):
     d = make_domain("a", "x", "some text " * 50, ByteTokenizer())
     with pytest.raises(ValueError, match="unique"):
         Domains([d, d])
+
+
+def test_domain_digest_tracks_its_tokens():
+    a = make_domain("a", "x", "some text " * 50, ByteTokenizer())
+    same = make_domain("b", "y", "some text " * 50, ByteTokenizer())
+    other = make_domain("a", "x", "some text " * 49 + "other", ByteTokenizer())
+    assert a.sha256 == same.sha256 != other.sha256 and a.summary()["sha256"] == a.sha256
