@@ -2,7 +2,7 @@
 
     python bench/bench_transport.py                  # the headline run; writes bench/results/transport.md
     python bench/bench_transport.py --variant NAME   # adds a column "grpc:NAME": the same protocol/ code with
-                                                     # another chunk size (chunk-1m, chunk-2m; repeatable);
+                                                     # another chunk size (chunk-1m, chunk-4m; repeatable);
                                                      # writes bench/results/transport_variants.md
 
 Every transport moves the same float32 tensor from a client process to a server process on loopback and
@@ -70,7 +70,7 @@ STARTUP_TIMEOUT_S = 180.0  # many children import torch at once on 2 shared core
 # protocol/ is patched, so the "grpc" column cannot be contaminated by a variant running next to it.
 # ---------------------------------------------------------------------------------------------------------
 
-VARIANTS: dict[str, int] = {"chunk-1m": 1 * MiB, "chunk-2m": 2 * MiB}  # name -> chunk_bytes
+VARIANTS: dict[str, int] = {"chunk-1m": 1 * MiB, "chunk-4m": 4 * MiB}  # name -> chunk_bytes
 
 
 def bench_limits(variant: str | None):

@@ -44,12 +44,12 @@ def test_report(bench):
     size = 16 * bench.MiB
     # gRPC 6x p2p and 40% of TCP: both targets met; the variant at 1.5x gRPC.
     results = {16: {"grpc": _stats(size / 800e6), "tcp": _stats(size / 2000e6), "p2p": _stats(size / (800e6 / 6)),
-                    "grpc:chunk-2m": _stats(size / 1200e6)}}
-    report = bench.render(results, ["chunk-2m"], "python bench/bench_transport.py --variant chunk-2m", 1.0)
+                    "grpc:chunk-4m": _stats(size / 1200e6)}}
+    report = bench.render(results, ["chunk-4m"], "python bench/bench_transport.py --variant chunk-4m", 1.0)
     assert "| 16 MiB | 800 | 2,000 | 133 | 6.0x | 40% |" in report
     assert "gRPC >= 5x hivemind p2p: met (6.0x); gRPC >= 35% of raw TCP: met (40%)" in report
-    assert "| 16 MiB | `chunk-2m` | 1,200 | 1.50x |" in report
-    assert "`WireLimits.chunk_bytes` = 2 MiB instead of 4 MiB" in report
+    assert "| 16 MiB | `chunk-4m` | 1,200 | 1.50x |" in report
+    assert "`WireLimits.chunk_bytes` = 4 MiB instead of 2 MiB" in report
 
     results = {16: {"grpc": _stats(size / 300e6), "tcp": _stats(size / 2000e6), "p2p": _stats(size / 100e6)}}
     report = bench.render(results, [], "python bench/bench_transport.py", 1.0)
