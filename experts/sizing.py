@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import LlamaConfig
+if TYPE_CHECKING:  # only for annotations: keeps `swarm-node --help` from importing transformers
+    from transformers import LlamaConfig
 
 METHODS = ("MHo-IHo", "MHe-IHo", "MHo-IHe")
 

@@ -8,8 +8,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from node.errors import UsageError
 
 DEFAULT_REPORT = "bench/results/experts.md"
@@ -21,6 +19,8 @@ def _usage_errors(handler):
     def wrapped(args: argparse.Namespace) -> int:
         try:
             if getattr(args, "threads", 0):
+                import torch
+
                 torch.set_num_threads(args.threads)
             return handler(args)
         except (ValueError, FileNotFoundError) as e:
@@ -98,12 +98,14 @@ def plan(args: argparse.Namespace) -> int:
 
 @_usage_errors
 def train_cmd(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import LlamaForCausalLM
+
     from experts.branch import branch
     from experts.checkpoint import MANIFEST, load_expert, new_model
     from experts.train import Identity, TrainConfig, train
     from lm.build import resolve_device
     from lm.data import TokenStream
-    from transformers import LlamaForCausalLM
 
     if args.method == "all":
         raise UsageError("experts train takes one --method (MHo-IHo, MHe-IHo or MHo-IHe)")
