@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from protocol.envelope import HopSpec
@@ -124,7 +124,6 @@ class RoundPlan:
     membership_digest: str
     microbatches: tuple[PlannedMicrobatch, ...]
     deadline: float = 0.0  # DHT time by which every node ends the round, so nobody falls a round behind
-    stage_weights: dict[int, float] = field(default_factory=dict)  # averaging weights where visits are uneven
 
     def participants(self) -> set[str]:
         return {hop.peer_id for mb in self.microbatches for hop in mb.path}
@@ -143,7 +142,6 @@ class RoundPlan:
             "deadline": self.deadline,
             "microbatches": [{"id": mb.id, "path": [[h.stage, h.peer_id, h.endpoint] for h in mb.path]}
                              for mb in self.microbatches],
-            "stage_weights": {str(k): v for k, v in self.stage_weights.items()},
         }
 
     @classmethod
@@ -164,11 +162,9 @@ class RoundPlan:
                     raise RecordError("a hop is [stage, peer id, endpoint]")
                 hops.append(HopSpec(*hop))
             mbs.append(PlannedMicrobatch(item["id"], tuple(hops)))
-        weights = value.get("stage_weights", {})
         deadline = value.get("deadline", 0.0)
         if not isinstance(deadline, (int, float)) or isinstance(deadline, bool):
             raise RecordError("deadline must be a number")
         return cls(round=_require(value, "round", int), planner=_require(value, "planner", str),
                    membership_digest=_require(value, "digest", str), microbatches=tuple(mbs),
-                   deadline=float(deadline),
-                   stage_weights={int(k): float(v) for k, v in weights.items()} if isinstance(weights, dict) else {})
+                   deadline=float(deadline))

@@ -35,7 +35,7 @@ def test_plan_round_trip_and_views():
     o, a, b = HopSpec(0, "o", "h:0"), HopSpec(1, "a", "h:1"), HopSpec(2, "b", "h:2")
     plan = RoundPlan(round=4, planner="o", membership_digest="d",
                      microbatches=(PlannedMicrobatch(0, (o, a, b, o)), PlannedMicrobatch(1, (o, b, o))),
-                     stage_weights={1: 1.0})
+                     deadline=123.5)
     assert RoundPlan.from_value(plan.to_value()) == plan
     assert plan.participants() == {"o", "a", "b"}
     assert plan.work_of("o") == [(0, 0, 0), (1, 0, 0)]  # the origin's final hop is not separate work
