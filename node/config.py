@@ -18,50 +18,33 @@ from node.errors import UsageError
 ENV_PREFIX = "SWARM_NODE_"
 
 
-def _int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("must be an integer")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError("must be an integer") from None
+def _number(kind: type, what: str) -> Callable[[Any], Any]:
+    """A parser for ints or floats that refuses booleans (TOML's `true` is not a port)."""
+    def parse(value: Any):
+        if isinstance(value, bool):
+            raise ValueError(f"must be {what}")
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be {what}") from None
+    return parse
 
 
-def _float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("must be a number")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError("must be a number") from None
+def _within(parse: Callable[[Any], Any], ok: Callable[[Any], bool], message: str) -> Callable[[Any], Any]:
+    def check(value: Any):
+        parsed = parse(value)
+        if not ok(parsed):
+            raise ValueError(message)
+        return parsed
+    return check
 
 
-def _positive_int(value: Any) -> int:
-    n = _int(value)
-    if n <= 0:
-        raise ValueError("must be a positive integer")
-    return n
-
-
-def _port(value: Any) -> int:
-    n = _int(value)
-    if not 0 <= n <= 65535:
-        raise ValueError("must be a port number between 0 (pick a free one) and 65535")
-    return n
-
-
-def _positive_float(value: Any) -> float:
-    x = _float(value)
-    if x <= 0:
-        raise ValueError("must be a positive number")
-    return x
-
-
-def _non_negative_float(value: Any) -> float:
-    x = _float(value)
-    if x < 0:
-        raise ValueError("must be zero or positive")
-    return x
+_int = _number(int, "an integer")
+_float = _number(float, "a number")
+_positive_int = _within(_int, lambda n: n > 0, "must be a positive integer")
+_port = _within(_int, lambda n: 0 <= n <= 65535, "must be a port number between 0 (pick a free one) and 65535")
+_positive_float = _within(_float, lambda x: x > 0, "must be a positive number")
+_non_negative_float = _within(_float, lambda x: x >= 0, "must be zero or positive")
 
 
 def _str_list(value: Any) -> list[str]:
