@@ -1,7 +1,7 @@
 """The node daemon: start-up, serving, the round loop, and a clean shutdown.
 
-Start-up order matters: the DHT and the gradient averagers are forked processes, so they start
-before this process creates any thread (gRPC, compute, heartbeat).
+Start-up order matters: the DHT is a forked process, so it starts before this process creates any
+thread (gRPC, compute, heartbeat).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from lm.data import load_corpus
 from lm.presets import ModelSpec, resolve_model, stage_layers
 from lm.stage import PipelineStage
 from lm.tokenizer import load_tokenizer
-from node.averaging import StageGradientAverager
+from node.averaging import GradientExchange
+from node.checkpoint import StageCheckpoints
 from node.config import NodeConfig
 from node.discovery import SwarmDirectory
 from node.errors import UsageError
@@ -30,7 +31,9 @@ from node.events import EventLog
 from node.executor import StageExecutor
 from node.metrics import NodeMetrics
 from node.origin import Origin
-from node.rounds import RoundLoop, RoundSettings
+from node.recover import recover_stages
+from node.resilience import Resilience
+from node.rounds import Faults, RoundLoop, RoundSettings
 from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
 from node.transport import HopSender, StageClients
@@ -70,28 +73,35 @@ class Daemon:
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         self.directory = SwarmDirectory(self.dht, cfg.swarm, self.peer_id, ttl=cfg.record_ttl)
         self.stages = self._choose_stages()
-        self.averagers = {s: StageGradientAverager(self.dht, cfg.swarm, s, _param_shapes(self.spec, s, cfg),
-                                                   timeout=cfg.round_timeout) for s in self.stages}
-        self._started.append("averagers")
 
         modules = {s: _usage(build_stage, self.spec, s, cfg.num_stages, cfg.seed, self.device, self.dtype)
                    for s in self.stages}
         self.trainers = {s: StageTrainer(m, cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.warmup_rounds)
                          for s, m in modules.items()}
         self.clients = StageClients(self.limits)
-        first_round = self._sync_state()
+        self.activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
+        first_round = recover_stages(self.trainers, self.directory.members() if cfg.initial_peers else {},
+                                     self.peer_id, cfg.swarm, cfg.num_stages, self.clients,
+                                     StageCheckpoints(cfg.checkpoint_dir) if cfg.checkpoint_dir else None,
+                                     self.metrics, self.events.emit)
         compute_s = self._measure_compute(modules)
 
         self.executor = StageExecutor(self.peer_id, modules, self.device, self.dtype, cfg.memory_slots,
                                       self.metrics, send=self._send, first_round=first_round)
+        self.exchange = GradientExchange(cfg.swarm, self.peer_id, self.clients, self.limits.chunk_bytes)
+        self.resilience = Resilience.create(cfg, self.peer_id, self.clients, self.metrics, self.executor,
+                                            self.activation_bytes)
         self.sender = HopSender(self.peer_id, self.clients, self.metrics, local=self._accept_local,
-                                on_give_up=self._gave_up, deadline_s=cfg.round_timeout)
+                                on_give_up=self.resilience.reporter.send_failed, deadline_s=cfg.round_timeout,
+                                unreachable_patience_s=cfg.unreachable_patience)
         self.origin = None
         if 0 in self.stages:
             data = _usage(load_corpus, cfg.data, cfg.dataset or None, self.tokenizer)
             self.origin = Origin(cfg.swarm, self.executor, data, cfg.batch_size, cfg.seq_len, cfg.max_inflight,
                                  cfg.seed)
+            self.resilience.attach(self.origin, self.directory.members, self.metrics, cfg.max_attempts)
         self.executor.start()
+        self.resilience.watch.start()
         self._started.append("executor")
         self._start_grpc()
         self._start_metrics()
@@ -131,25 +141,6 @@ class Daemon:
                     replicas[s] += 1
         return [min(replicas, key=lambda s: (replicas[s], s))]
 
-    def _sync_state(self) -> int:
-        """A node joining a running swarm copies each stage from a replica; returns the round to start at."""
-        members = self.directory.members() if self.config.initial_peers else {}
-        swarm_round = max((r.round for r in members.values() if r.serving), default=0)
-        for stage, trainer in self.trainers.items():
-            sources = sorted(p for p, r in members.items() if r.serving and stage in r.stages and r.round > 0)
-            for peer in sources:
-                try:
-                    completed, tensors, metadata = self.clients.fetch_state(members[peer].endpoint,
-                                                                            self.config.swarm, stage)
-                except grpc.RpcError as e:
-                    log.warning("could not fetch stage %d from %s: %s", stage, peer[-8:], e.details())
-                    continue
-                trainer.load(tensors, metadata)
-                log.info("stage %d: loaded state after round %d from %s", stage, completed, peer[-8:])
-                swarm_round = max(swarm_round, completed + 1)
-                break
-        return swarm_round
-
     def _measure_compute(self, modules: dict[int, PipelineStage]) -> dict[int, float]:
         """Seconds per microbatch forward on this host, per stage: what planners weigh replicas by."""
         cfg = self.config
@@ -170,7 +161,9 @@ class Daemon:
                                   options=server_options(self.limits))
         self.servicer = StageServicer(swarm=cfg.swarm, peer_id=self.peer_id, num_stages=cfg.num_stages,
                                       executor=self.executor, trainers=self.trainers, limits=self.limits,
-                                      metrics=self.metrics)
+                                      metrics=self.metrics, exchange=self.exchange,
+                                      on_failure_report=self.resilience.on_failure_report,
+                                      checkpoint_state=self.resilience.checkpoint_state)
         self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -201,10 +194,6 @@ class Daemon:
     def _accept_local(self, kind: str, env, tensor) -> None:
         (self.executor.accept_forward if kind == "forward" else self.executor.accept_backward)(env, tensor)
 
-    def _gave_up(self, env, reason: str) -> None:
-        if self.origin is not None and env.path and env.path[0].peer_id == self.peer_id:
-            self.origin.on_failed(env.round, env.microbatch, reason)
-
     # ---- heartbeat -------------------------------------------------------------------------------------------
     def _record(self, serving: bool) -> NodeRecord:
         return NodeRecord(peer_id=self.peer_id, endpoint=self.endpoint, stages=tuple(self.stages),
@@ -231,13 +220,15 @@ class Daemon:
     # ---- running and stopping --------------------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.config
-        activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
         settings = RoundSettings(swarm=cfg.swarm, num_stages=cfg.num_stages, visits=cfg.visits or cfg.num_stages,
-                                 microbatches=cfg.microbatches, activation_bytes=activation_bytes,
-                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds)
+                                 microbatches=cfg.microbatches, activation_bytes=self.activation_bytes,
+                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds,
+                                 hop_deadline_slack=cfg.hop_deadline_slack, hop_deadline_min=cfg.hop_deadline_min,
+                                 checkpoint_every=cfg.checkpoint_every)
+        faults = Faults(self.resilience.dead, self.resilience.watch, self.resilience.checkpoints)
         loop = RoundLoop(settings,
-                         self.peer_id, self.directory, self.executor, self.trainers, self.averagers, self.origin,
-                         self.clients, self.metrics, self.events)
+                         self.peer_id, self.directory, self.executor, self.trainers, self.exchange, self.origin,
+                         self.clients, self.metrics, self.events, faults)
         loop.run(self.first_round, self.stop_event)
 
     def shutdown(self) -> None:
@@ -254,26 +245,16 @@ class Daemon:
                 log.warning("could not withdraw DHT records: %r", e)
         if "grpc" in started:
             self.server.stop(grace=1.0).wait(3)
+            self.resilience.close()
             self.sender.close()
             self.clients.close()
         if "executor" in started:
             self.executor.stop()
         if "metrics" in started:
             self.metrics_server.shutdown()
-        if "averagers" in started:
-            for averager in self.averagers.values():
-                averager.shutdown()
         if "dht" in started:
             self.dht.shutdown()
         self.events.emit("stopped", peer_id=getattr(self, "peer_id", None))
-
-
-def _param_shapes(spec: ModelSpec, stage: int, cfg: NodeConfig) -> list[torch.Size]:
-    """Parameter shapes of a stage without allocating it (the averager needs them before any thread starts)."""
-    layers = stage_layers(spec.config.num_hidden_layers, cfg.num_stages)
-    with torch.device("meta"):
-        module = PipelineStage(spec.config, stage, layers[stage])
-    return [p.shape for p in module.parameters() if p.requires_grad]
 
 
 def _usage(fn, *args):

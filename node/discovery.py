@@ -1,4 +1,4 @@
-"""The node's view of the swarm through the hivemind DHT: heartbeats, round plans, averaging barriers.
+"""The node's view of the swarm through the hivemind DHT: heartbeats and round plans.
 
 Key schema: see protocol/records.py. Records carry an expiration and are refreshed by their owner,
 so a dead node's records simply expire; a node that leaves cleanly overwrites its record with a tombstone.
@@ -7,13 +7,11 @@ so a dead node's records simply expire; a node that leaves cleanly overwrites it
 from __future__ import annotations
 
 import logging
-import time
 
 from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
-from protocol.records import (TOMBSTONE, NodeRecord, RecordError, RoundPlan, averaging_key, is_tombstone,
-                              nodes_key, plan_key)
+from protocol.records import TOMBSTONE, NodeRecord, RecordError, RoundPlan, is_tombstone, nodes_key, plan_key
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +56,6 @@ class SwarmDirectory:
             if plan.round == round_:
                 return plan
         return None
-
-    # ---- averaging barrier -----------------------------------------------------------------------------------
-    def ready_to_average(self, stage: int, round_: int, count: int, digest: str, ttl: float) -> None:
-        """Post how many microbatches we processed, and the digest of the weights they were computed with."""
-        self.dht.store(averaging_key(self.swarm, stage, round_), [count, digest], get_dht_time() + ttl,
-                       subkey=self.peer_id)
-
-    def peers_ready(self, stage: int, round_: int) -> dict[str, tuple[int, str]]:
-        entry = self.dht.get(averaging_key(self.swarm, stage, round_), latest=True)
-        if entry is None or not isinstance(entry.value, dict):
-            return {}
-        ready = {}
-        for peer, item in entry.value.items():
-            v = item.value
-            if isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str):
-                ready[str(peer)] = (v[0], v[1])
-        return ready
-
-    def wait_ready(self, stage: int, round_: int, peers: set[str], until: float) -> dict[str, tuple[int, str]]:
-        """Wait (until the monotonic time `until`) for every peer in `peers` to post; returns those that did."""
-        while True:
-            ready = self.peers_ready(stage, round_)
-            if peers <= ready.keys() or time.monotonic() > until:
-                return {p: v for p, v in ready.items() if p in peers}
-            time.sleep(0.1)
 
 
 def read_members(dht: DHT, swarm: str) -> dict[str, NodeRecord]:

@@ -33,6 +33,24 @@ class NodeMetrics:
                                       "Microbatches whose activations this node holds", registry=r)
         self.averaging_failures = Counter("swarm_node_averaging_failures",
                                           "Rounds whose gradient averaging did not reach every replica", registry=r)
+        # Faults: detection, re-routing, checkpoints and lost stages (node/failures.py, node/origin.py,
+        # node/checkpoint.py, node/recover.py).
+        self.reroutes = Counter("swarm_node_reroutes", "Microbatches this origin re-routed after a failed hop",
+                                registry=r)
+        self.failed_hops = Counter("swarm_node_failed_hops",
+                                   "Hops this node saw fail: unreachable, hung, deadline or refused", ["reason"],
+                                   registry=r)
+        self.peers_declared_dead = Counter("swarm_node_peers_declared_dead",
+                                           "Peers this node declared dead (unreachable or hung)", registry=r)
+        self.checkpoint_seconds = Histogram("swarm_node_checkpoint_seconds",
+                                            "Time to write one stage's checkpoint to --checkpoint-dir",
+                                            buckets=_LATENCY_BUCKETS, registry=r)
+        self.missing_stages = Gauge("swarm_node_missing_stages",
+                                    "Stages with no live replica in the planner's last look (the planner exports it)",
+                                    registry=r)
+        self.stage_recoveries = Counter("swarm_node_stage_recoveries",
+                                        "Stages this node started from something other than its seed: "
+                                        "checkpoint, replica, peer_checkpoint or checkfree", ["source"], registry=r)
 
     def serve(self, host: str, port: int):
         """Start the /metrics HTTP server; returns (server, port)."""

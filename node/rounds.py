@@ -16,13 +16,16 @@ from dataclasses import dataclass
 import grpc
 from hivemind.utils import get_dht_time
 
-from node.averaging import StageGradientAverager
+from node.averaging import Contribution, GradientExchange
+from node.checkpoint import StageCheckpoints
 from node.discovery import SwarmDirectory
 from node.events import EventLog
 from node.executor import StageExecutor
+from node.failures import DeadPeers, HopWatch
 from node.metrics import NodeMetrics
 from node.origin import Origin
 from node.planning import choose_planner, full_pipeline_plan, skip_plan
+from node.reroute import expected_round_seconds, missing_stages, plan_around_missing
 from node.trainer import StageTrainer
 from node.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
@@ -40,22 +43,37 @@ class RoundSettings:
     activation_bytes: int
     round_timeout: float
     max_rounds: int  # 0: until stopped
+    hop_deadline_slack: float = 4.0  # a hop's deadline: this many times the round's expected compute time...
+    hop_deadline_min: float = 5.0  # ...but never less than this many seconds
+    checkpoint_every: int = 5  # rounds between checkpoints (with a checkpoint directory)
+
+
+@dataclass
+class Faults:
+    """The round loop's failure handling: declared-dead peers, the hop watch, checkpoints."""
+
+    dead: DeadPeers
+    watch: HopWatch | None = None
+    checkpoints: StageCheckpoints | None = None
 
 
 class RoundLoop:
     def __init__(self, settings: RoundSettings, peer_id: str, directory: SwarmDirectory, executor: StageExecutor,
-                 trainers: dict[int, StageTrainer], averagers: dict[int, StageGradientAverager],
-                 origin: Origin | None, clients: StageClients, metrics: NodeMetrics, events: EventLog):
+                 trainers: dict[int, StageTrainer], exchange: GradientExchange,
+                 origin: Origin | None, clients: StageClients, metrics: NodeMetrics, events: EventLog,
+                 faults: Faults):
         self.s = settings
         self.peer_id = peer_id
         self.directory = directory
         self.executor = executor
         self.trainers = trainers
-        self.averagers = averagers
+        self.exchange = exchange
         self.origin = origin
         self.clients = clients
         self.metrics = metrics
         self.events = events
+        self.faults = faults
+        self._warned_missing: tuple[int, ...] = ()
 
     def run(self, first_round: int, stop: threading.Event) -> None:
         round_ = first_round
@@ -94,15 +112,37 @@ class RoundLoop:
 
     def _make_plan(self, members: dict[str, NodeRecord], round_: int) -> RoundPlan | None:
         deadline = get_dht_time() + self.s.round_timeout
+        missing = missing_stages(members, self.s.num_stages)
+        self._say_missing(missing, round_)
         if self.s.visits >= self.s.num_stages:
             return full_pipeline_plan(members, round_, self.s.num_stages, self.s.microbatches, self.peer_id,
                                       deadline=deadline)
         try:
+            if missing:
+                return plan_around_missing(skip_plan, members, round_, self.s.num_stages, self.s.visits, missing,
+                                           microbatches_per_origin=self.s.microbatches, planner=self.peer_id,
+                                           activation_bytes=self.s.activation_bytes, deadline=deadline)
             return skip_plan(members, round_, self.s.num_stages, self.s.visits, self.s.microbatches, self.peer_id,
                              self.s.activation_bytes, deadline=deadline)
         except ValueError as e:  # e.g. replica counts that cannot balance yet: wait for the swarm to change
             log.warning("%s", e)
             return None
+
+    def _say_missing(self, missing: list[int], round_: int) -> None:
+        """One WARNING each time the set of stages without a live replica changes."""
+        if tuple(missing) == self._warned_missing:
+            return
+        self._warned_missing = tuple(missing)
+        self.metrics.missing_stages.set(len(missing))
+        if not missing:
+            log.info("round %d: every stage has a live replica again", round_)
+        elif self.s.visits >= self.s.num_stages:
+            log.warning("round %d: stage %s has no live replica; the swarm waits for a node to host it",
+                        round_, ", ".join(map(str, missing)))
+        else:
+            log.warning("round %d: stage %s has no live replica; training continues on paths that skip it",
+                        round_, ", ".join(map(str, missing)))
+        self.events.emit("missing_stages", round=round_, stages=missing)
 
     def _reachable(self, members: dict[str, NodeRecord]) -> dict[str, NodeRecord]:
         """Members that answer a Ping now: a node that died keeps its DHT record until it expires."""
@@ -111,9 +151,11 @@ class RoundLoop:
                 return True
             try:
                 self.clients.stub(record.endpoint).Ping(pb.PingRequest(), timeout=1.0)
-                return True
             except grpc.RpcError:
+                self.faults.dead.declare(record.peer_id, "no answer to the planner's ping")
                 return False
+            self.faults.dead.forgive(record.peer_id)  # back (restarted with the same identity)
+            return True
         records = list(members.values())
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(records)))) as pool:
             alive = list(pool.map(answers, records))
@@ -125,10 +167,14 @@ class RoundLoop:
         deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
         work = plan.work_of(self.peer_id)
         self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work})
+        if self.faults.watch is not None:  # from the plan's expected time, not the round timeout
+            members = self.directory.members()
+            self.faults.watch.hop_deadline_s = max(self.s.hop_deadline_min, self.s.hop_deadline_slack *
+                                                   expected_round_seconds(plan, members))
         result = None
         if self.origin is not None:
             mine = [mb for mb in plan.microbatches if mb.origin == self.peer_id]
-            result = self.origin.run_round(plan.round, mine, deadline, stop)
+            result = self.origin.run_round(plan.round, mine, deadline, stop, plan=plan)
         complete = self.executor.wait_round(max(0.0, deadline - time.monotonic()), stop)
         counts = self.executor.end_round(plan.round)
         if stop.is_set():
@@ -137,21 +183,26 @@ class RoundLoop:
         if not complete:
             log.warning("round %d timed out; stepping with the microbatches that finished", plan.round)
         grad_norms, averaged_with = {}, {}
-        # Replicas finish their work at about the same time, so one that has not shown up after a grace
-        # period (or past the round's deadline) is dead or lagging; it will copy the state afterwards.
+        # Replicas finish their work at about the same time. A dead one fails its pull at once; a live one
+        # that is slower is waited for a grace period (never past the round's deadline plus a little).
         finished = time.monotonic()
         grace = max(3.0, finished - started)
-        barrier_until = min(finished + grace, deadline + min(10.0, self.s.round_timeout / 2))
+        pull_until = min(finished + grace, deadline + min(10.0, self.s.round_timeout / 2))
         for stage, trainer in self.trainers.items():
             grad_norms[stage], averaged_with[stage] = self._reduce_and_step(plan, stage, counts.get(stage, 0),
-                                                                            barrier_until)
+                                                                            pull_until)
+        self.exchange.passed(plan.round)
+        self._checkpoint(plan.round)
         wall = time.monotonic() - started
         self.metrics.round_seconds.observe(wall)
         fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts, averaged_with=averaged_with,
                       stage_visits=_stage_visits(plan, self.s.num_stages),
                       digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms)
+        if self._warned_missing:
+            fields.update(missing_stages=list(self._warned_missing))
         if result is not None:
-            fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed))
+            fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed),
+                          reroutes=result.reroutes)
             if result.mean_loss is not None:
                 self.metrics.loss.set(result.mean_loss)
             self.metrics.tokens.inc(result.tokens)
@@ -160,33 +211,30 @@ class RoundLoop:
         self.events.emit("round", **fields)
 
     def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int,
-                         barrier_until: float) -> tuple[float | None, int]:
+                         pull_until: float) -> tuple[float | None, int]:
         """Average this stage's gradients with its replicas in the plan, weighted by microbatches, then step.
 
-        Each replica also posts the digest of the weights it computed with. A replica whose weights
+        Each replica also shares the digest of the weights it computed with. A replica whose weights
         differ from the most common digest copies the state of a replica holding it after the step,
         so drift between replicas (a missed averaging, a late joiner) heals within a round.
         """
         trainer = self.trainers[stage]
-        replicas = plan.replicas(stage)
-        grads = [g / max(count, 1) for g in trainer.grads()]  # local mean over this replica's microbatches
-        peers, reference = 1, None
-        if len(replicas) > 1:
-            self.directory.ready_to_average(stage, plan.round, count, trainer.digest(), ttl=4 * self.s.round_timeout)
-            ready = self.directory.wait_ready(stage, plan.round, replicas, until=barrier_until)
-            total = sum(c for c, _ in ready.values())
-            if total > 0 and len(ready) > 1:
-                grads, peers = self.averagers[stage].average(grads, count, group_size=len(ready))
-                if peers < len(ready):
-                    self.metrics.averaging_failures.inc()
-            reference = _reference_replica(ready, trainer.digest())
-        else:
-            total = count
-        if total == 0:
+        dead = self.faults.dead.snapshot()
+        members = {h.peer_id: h.endpoint for mb in plan.microbatches for h in mb.path if h.stage == stage}
+        replicas = {p: e for p, e in members.items() if p not in dead or p == self.peer_id}
+        mine = Contribution([g.detach().clone() for g in trainer.grads()], count, trainer.digest())
+        averaged = self.exchange.average(stage, plan.round, trainer.names, mine, replicas, pull_until)
+        if len(averaged.peers) < len(members):
+            self.metrics.averaging_failures.inc()
+            log.warning("stage %d round %d: averaged with %d of the plan's %d replicas", stage, plan.round,
+                        len(averaged.peers), len(members))
+        peers = len(averaged.peers)
+        reference = _reference_replica(averaged.peers, trainer.digest()) if peers > 1 else None
+        if averaged.total == 0:
             trainer.skip(plan.round)
             norm = None
         else:
-            trainer.set_grads(grads)
+            trainer.set_grads(averaged.grads)
             norm = trainer.step(plan.round)
         if reference is not None:
             log.warning("stage %d weights differ from replica %s's; copying its state", stage, reference[-8:])
@@ -198,6 +246,7 @@ class RoundLoop:
         """Not in this round's plan (e.g. just joined): copy each stage's state from a replica that is."""
         self.executor.begin_round(plan.round, set())
         self.executor.end_round(plan.round)
+        self.exchange.passed(plan.round)
         for stage, trainer in self.trainers.items():
             replicas = sorted(plan.replicas(stage) - {self.peer_id})
             if not replicas or not self._copy_state(stage, plan.round, replicas):
@@ -222,6 +271,21 @@ class RoundLoop:
             log.info("stage %d: loaded the state after round %d from %s", stage, round_, peer[-8:])
             return True
         return False
+
+
+    def _checkpoint(self, round_: int) -> None:
+        checkpoints = self.faults.checkpoints
+        if checkpoints is None or (round_ + 1) % self.s.checkpoint_every:
+            return
+        for stage, trainer in self.trainers.items():
+            started = time.perf_counter()
+            try:
+                path = checkpoints.save(trainer)
+            except OSError as e:  # a full disk must not stop training; say so loudly
+                log.error("stage %d: checkpoint after round %d failed: %s", stage, round_, e)
+                continue
+            self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+            log.debug("stage %d: checkpoint after round %d in %s", stage, round_, path)
 
 
 def _reference_replica(ready: dict[str, tuple[int, str]], my_digest: str) -> str | None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
+from node.averaging import GradientExchange
 from node.executor import StageExecutor
 from node.metrics import NodeMetrics
 from node.trainer import StageTrainer
-from protocol.envelope import check_envelope
+from protocol.envelope import check_envelope, check_path
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
@@ -27,7 +28,10 @@ class StageServicer(pb_grpc.StageServiceServicer):
     """Registered with `protocol.service.stage_service_handler`: Forward/Backward receive raw frames."""
 
     def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
-                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics):
+                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics,
+                 exchange: GradientExchange | None = None,
+                 on_failure_report: Callable[[pb.FailureReport], None] | None = None,
+                 checkpoint_state: Callable[[int], tuple[int, dict, dict] | None] | None = None):
         self.swarm = swarm
         self.peer_id = peer_id
         self.num_stages = num_stages
@@ -35,6 +39,9 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.trainers = trainers
         self.limits = limits
         self.metrics = metrics
+        self.exchange = exchange
+        self.on_failure_report = on_failure_report
+        self.checkpoint_state = checkpoint_state  # stage -> (round, tensors, metadata) of a stage we do not host
 
     def Forward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         return self._receive("Forward", request_iterator, context)
@@ -69,8 +76,44 @@ class StageServicer(pb_grpc.StageServiceServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
         trainer = self.trainers.get(request.stage)
         if trainer is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not host stage {request.stage}")
+            saved = self.checkpoint_state(request.stage) if self.checkpoint_state else None
+            if saved is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"this node neither hosts stage {request.stage} nor holds "
+                                                         f"a checkpoint of it")
+            round_, tensors, metadata = saved
+            yield from encode_state(tensors, metadata, round_, self.limits.chunk_bytes)
+            return
         if request.min_round >= 0 and not trainer.wait_completed(request.min_round, context.time_remaining() or 60):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {request.min_round} did not complete in time")
         tensors, metadata = trainer.export(include_grads=request.include_grads)
         yield from encode_state(tensors, metadata, trainer.completed_round, self.limits.chunk_bytes)
+
+    def ReportFailure(self, request: pb.FailureReport, context: grpc.ServicerContext) -> pb.FailureAck:
+        if request.swarm_id != self.swarm:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        if self.on_failure_report is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node is not a data node: it originates nothing")
+        self.on_failure_report(request)
+        return pb.FailureAck()
+
+    def Reroute(self, request: pb.RerouteNotice, context: grpc.ServicerContext) -> pb.FailureAck:
+        if request.swarm_id != self.swarm:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        try:
+            check_path(request.path, self.num_stages, self.limits)
+        except ProtocolError as e:
+            context.abort(e.code, e.reason)
+        self.executor.reroute(request.round, request.microbatch, request.attempt, list(request.path))
+        return pb.FailureAck()
+
+    def FetchGradients(self, request: pb.GradientRequest, context: grpc.ServicerContext) -> Iterator[pb.StateChunk]:
+        if request.swarm_id != self.swarm:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        trainer = self.trainers.get(request.stage)
+        if trainer is None or self.exchange is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not host stage {request.stage}")
+        mine = self.exchange.wait_posted(request.stage, request.round, context.time_remaining() or 30.0)
+        if mine is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"no gradients for stage {request.stage} round {request.round}: this node did not take part")
+        yield from self.exchange.encode(mine, request.round, trainer.names)

@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 # Statuses that mean "try again shortly": the receiver is busy, or briefly unreachable.
 RETRYABLE = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
-UNREACHABLE_PATIENCE_S = 3.0  # a peer unreachable for this long is taken as gone for this hop
 
 LocalAccept = Callable[[str, pb.Envelope, torch.Tensor], None]
+GiveUp = Callable[[pb.Envelope, "grpc.StatusCode | None", str], None]  # (envelope of the failed hop, code, why)
 
 
 class StageClients:
@@ -63,8 +63,9 @@ class HopSender:
     """Sends each finished hop to the next peer in its path without blocking the compute thread."""
 
     def __init__(self, peer_id: str, clients: StageClients, metrics: NodeMetrics, local: LocalAccept,
-                 on_give_up: Callable[[pb.Envelope, str], None], deadline_s: float, workers: int = 4):
+                 on_give_up: GiveUp, deadline_s: float, unreachable_patience_s: float, workers: int = 4):
         self.peer_id = peer_id
+        self.unreachable_patience_s = unreachable_patience_s  # unreachable this long: the peer is gone
         self.clients = clients
         self.metrics = metrics
         self.local = local
@@ -97,17 +98,17 @@ class HopSender:
                 code = e.code if isinstance(e, ProtocolError) else e.code()
                 reason = e.reason if isinstance(e, ProtocolError) else e.details()
                 self.metrics.rpc_errors.labels(method=method, code=code.name).inc()
-                gone = code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started > UNREACHABLE_PATIENCE_S
+                gone = code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started > self.unreachable_patience_s
                 if code not in RETRYABLE or gone or time.monotonic() + backoff > deadline:
                     log.warning("%s of round %d microbatch %d to hop %d (%s) failed: %s %s", method, env.round,
                                 env.microbatch, env.hop, target.peer_id[-8:], code.name, reason)
-                    self.on_give_up(env, f"{code.name}: {reason}")
+                    self.on_give_up(env, code, reason)
                     return
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             except Exception as e:  # a bug or a broken tensor: report it rather than lose the thread
                 log.exception("%s to hop %d failed", method, env.hop)
-                self.on_give_up(env, repr(e))
+                self.on_give_up(env, None, repr(e))
                 return
 
     def _rpc(self, method: str, endpoint: str, env: pb.Envelope, tensor: torch.Tensor) -> None:

@@ -4,7 +4,6 @@
 |----------------------------|-----------------|-----------------------------------------|
 | <swarm>/nodes              | peer id         | NodeRecord (heartbeat), or a tombstone   |
 | <swarm>/plan/<round>       | planner peer id | RoundPlan                               |
-| <swarm>/avg/<stage>/<round>| peer id         | microbatches this replica processed     |
 """
 
 from __future__ import annotations
@@ -27,10 +26,6 @@ def nodes_key(swarm: str) -> str:
 
 def plan_key(swarm: str, round_: int) -> str:
     return f"{swarm}/plan/{round_}"
-
-
-def averaging_key(swarm: str, stage: int, round_: int) -> str:
-    return f"{swarm}/avg/{stage}/{round_}"
 
 
 def _require(value: dict, name: str, kind: type) -> Any:

@@ -30,6 +30,15 @@ def stage_service_handler(servicer: pb_grpc.StageServiceServicer) -> grpc.Generi
         "FetchState": grpc.unary_stream_rpc_method_handler(servicer.FetchState,
                                                            request_deserializer=pb.StateRequest.FromString,
                                                            response_serializer=pb.StateChunk.SerializeToString),
+        "ReportFailure": grpc.unary_unary_rpc_method_handler(
+            servicer.ReportFailure, request_deserializer=pb.FailureReport.FromString,
+            response_serializer=pb.FailureAck.SerializeToString),
+        "Reroute": grpc.unary_unary_rpc_method_handler(
+            servicer.Reroute, request_deserializer=pb.RerouteNotice.FromString,
+            response_serializer=pb.FailureAck.SerializeToString),
+        "FetchGradients": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchGradients, request_deserializer=pb.GradientRequest.FromString,
+            response_serializer=pb.StateChunk.SerializeToString),
     })
 
 
