@@ -225,7 +225,8 @@ class Daemon:
                                  round_timeout=cfg.round_timeout, max_rounds=cfg.rounds,
                                  hop_deadline_slack=cfg.hop_deadline_slack, hop_deadline_min=cfg.hop_deadline_min,
                                  checkpoint_every=cfg.checkpoint_every)
-        faults = Faults(self.resilience.dead, self.resilience.watch, self.resilience.checkpoints)
+        faults = Faults(self.resilience.dead, self.resilience.notifier, self.resilience.watch,
+                        self.resilience.checkpoints)
         loop = RoundLoop(settings,
                          self.peer_id, self.directory, self.executor, self.trainers, self.exchange, self.origin,
                          self.clients, self.metrics, self.events, faults)

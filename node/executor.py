@@ -74,6 +74,10 @@ class StageExecutor:
         # replaces both). None once the round has ended.
         self._expected: dict[int, tuple[int, set[int]]] | None = None
         self._admitted: set[tuple[int, int, int, int]] = set()  # forward keys taken this round: no duplicates
+        # Origins of the current round that may still re-route a microbatch to us: the round stays open
+        # until each says it is done (or is declared dead). Notices that arrive early wait in _done_early.
+        self._origins_open: set[str] = set()
+        self._done_early: set[tuple[int, str]] = set()
         self._done: dict[int, int] = {}  # stage -> backward passes finished this round (what its grads sum)
         self._pending_backward: set[tuple[int, int, int, int]] = set()
         self._compute_s: dict[int, float] = {}
@@ -96,10 +100,13 @@ class StageExecutor:
     def compute_seconds(self) -> dict[int, float]:
         return dict(self._compute_s)
 
-    def begin_round(self, round_: int, expected: set[tuple[int, int]]) -> None:
-        """Start serving `round_`: `expected` lists the (microbatch, hop) visits the plan gives this node."""
+    def begin_round(self, round_: int, expected: set[tuple[int, int]], origins: set[str] = frozenset()) -> None:
+        """Start serving `round_`: `expected` lists the (microbatch, hop) visits the plan gives this node;
+        `origins` the data nodes whose microbatches may still be re-routed here until they say they are done."""
         with self._lock:
             self._round = round_
+            self._origins_open = {o for o in origins if (round_, o) not in self._done_early}
+            self._done_early = {k for k in self._done_early if k[0] > round_}
             self._expected = {}
             for mb, hop in expected:
                 self._expected.setdefault(mb, (0, set()))[1].add(hop)
@@ -125,7 +132,17 @@ class StageExecutor:
             return True
 
     def _round_complete(self) -> bool:
-        return self._expected is not None and not any(hops for _, hops in self._expected.values())
+        return (self._expected is not None and not any(hops for _, hops in self._expected.values())
+                and not self._origins_open)
+
+    def origin_done(self, round_: int, origin: str) -> None:
+        """`origin` will re-route nothing more in `round_` (it finished, or it is dead)."""
+        with self._lock:
+            if round_ == self._round and self._expected is not None:
+                self._origins_open.discard(origin)
+                self._lock.notify_all()
+            elif round_ > self._round:
+                self._done_early.add((round_, origin))
 
     def reroute(self, round_: int, microbatch: int, attempt: int, path: list[pb.Hop]) -> int:
         """The origin re-routed a microbatch: expect our hops on its new path, and free what older attempts

@@ -39,6 +39,7 @@ class DeadPeers:
         self.metrics = metrics
         self._dead: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.listeners: list[Callable[[str], None]] = []  # called with each newly declared peer
 
     def declare(self, peer: str, why: str) -> bool:
         """True when this is news."""
@@ -48,6 +49,8 @@ class DeadPeers:
             self._dead[peer] = time.monotonic()
         self.metrics.peers_declared_dead.inc()
         log.warning("peer %s declared dead: %s", peer[-8:], why)
+        for listener in self.listeners:
+            listener(peer)
         return True
 
     def forgive(self, peer: str) -> None:
@@ -104,8 +107,8 @@ class FailureReporter:
             self.report(env, target, UNREACHABLE, detail)
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
             self.report(env, target, HUNG, detail)
-        else:  # refused (or a local error): the peer is alive, the hop is not wanted
-            self.report(env, "", REFUSED, f"{code.name if code else 'error'}: {detail}")
+        else:  # refused (or a local error): the peer is alive but will not take the hop; route around it
+            self.report(env, target, REFUSED, f"{code.name if code else 'error'}: {detail}")
 
     def _send(self, endpoint: str, report: pb.FailureReport) -> None:
         try:
@@ -135,11 +138,18 @@ class RerouteNotifier:
         for future in futures:
             future.result()
 
-    def _send(self, endpoint: str, notice: pb.RerouteNotice) -> None:
+    def round_done(self, peers: dict[str, str], notice: pb.RoundDoneNotice) -> None:
+        """Our microbatches of the round are all finished: nobody needs to keep the round open for us."""
+        self.executor.origin_done(notice.round, notice.origin)
+        for p, endpoint in peers.items():
+            if p != self.peer_id:
+                self._pool.submit(self._send, endpoint, notice, "RoundDone")
+
+    def _send(self, endpoint: str, notice, method: str = "Reroute") -> None:
         try:
-            self.clients.stub(endpoint).Reroute(notice, timeout=self.timeout_s)
-        except grpc.RpcError as e:  # it will learn from the re-sent hop itself, or its round times out
-            log.debug("reroute notice to %s failed: %s", endpoint, e.code().name)
+            getattr(self.clients.stub(endpoint), method)(notice, timeout=self.timeout_s)
+        except grpc.RpcError as e:  # it learns from the re-sent hop itself, or its round times out
+            log.debug("%s notice to %s failed: %s", method, endpoint, e.code().name)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -180,8 +190,8 @@ class HopWatch:
     def check(self) -> None:
         now = time.monotonic()
         waiting = [s for s in self.executor.awaiting_backward() if now - s.since > self.interval_s]
-        nexts = {s.env.path[s.env.hop + 1] for s in waiting if s.env.path[s.env.hop + 1].peer_id != self.peer_id}
-        verdicts = {hop.peer_id: self._probe(hop) for hop in {h.peer_id: h for h in nexts}.values()}
+        nexts = {s.env.path[s.env.hop + 1].peer_id: s.env.path[s.env.hop + 1].endpoint for s in waiting}
+        verdicts = {peer: self._probe(peer, endpoint) for peer, endpoint in nexts.items() if peer != self.peer_id}
         for saved in waiting:
             env = saved.env
             nxt = env.path[env.hop + 1]
@@ -193,15 +203,15 @@ class HopWatch:
                 self.reporter.report(env, "", DEADLINE,
                                      f"no gradient for hop {env.hop} after {now - saved.since:.1f}s")
 
-    def _probe(self, hop) -> str | None:
+    def _probe(self, peer: str, endpoint: str) -> str | None:
         """None when the peer answers; UNREACHABLE or HUNG when it is taken as gone."""
         try:
-            self.clients.stub(hop.endpoint).Ping(pb.PingRequest(), timeout=self.probe_timeout_s)
-            self._misses.pop(hop.peer_id, None)
+            self.clients.stub(endpoint).Ping(pb.PingRequest(), timeout=self.probe_timeout_s)
+            self._misses.pop(peer, None)
             return None
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 return UNREACHABLE
-            misses = self._misses.get(hop.peer_id, 0) + 1
-            self._misses[hop.peer_id] = misses
+            misses = self._misses.get(peer, 0) + 1
+            self._misses[peer] = misses
             return HUNG if misses >= self.hung_after_misses else None

@@ -76,6 +76,7 @@ class Origin(OriginHooks):
         self._deadline = 0.0
         self._stop = threading.Event()
         self._attempts: dict[int, int] = {}  # microbatch -> its current attempt
+        self._avoid: set[str] = set()  # peers that failed a hop of ours this round
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reroute")
         executor.origin = self
 
@@ -111,10 +112,10 @@ class Origin(OriginHooks):
 
     def _reroute(self, report: pb.FailureReport) -> None:
         rec, mb = self.recovery, report.microbatch
-        if report.failed_peer:
-            rec.dead.declare(report.failed_peer, report.reason)
-        avoid = rec.dead.snapshot() | ({report.failed_peer} if report.failed_peer else frozenset())
         with self._cv:
+            if report.failed_peer:  # dead, hung or refusing: not for this round
+                self._avoid.add(report.failed_peer)
+            avoid = rec.dead.snapshot() | self._avoid
             plan, key = self._plan, (report.round, mb)
             if key not in self._open or plan is None or report.attempt != self._attempts.get(mb, 0):
                 return
@@ -176,7 +177,7 @@ class Origin(OriginHooks):
         With the round's `plan`, failed microbatches are re-routed."""
         with self._cv:
             self._result = RoundResult()
-            self._plan, self._deadline, self._stop, self._attempts = plan, deadline, stop, {}
+            self._plan, self._deadline, self._stop, self._attempts, self._avoid = plan, deadline, stop, {}, set()
         for mb in microbatches:
             ids = inputs[mb.id] if inputs is not None else self.sample(round_, mb.id)
             with self._cv:

@@ -38,28 +38,36 @@ def recover_stages(trainers: dict[int, StageTrainer], members: dict[str, NodeRec
     swarm_round = max((r.round for r in serving.values()), default=0)
     for stage, trainer in trainers.items():
         source, completed = None, -1
+
+        def loaded(how: str, round_: int) -> None:
+            metrics.stage_recoveries.labels(source=how).inc()
+            events("stage_recovered", stage=stage, source=how, round=round_)
+
         if checkpoints is not None and (saved := checkpoints.latest(stage)) is not None:
             completed, tensors, metadata, path = saved
             trainer.load(tensors, metadata)
             source = "checkpoint"
             log.info("stage %d: resumed from its checkpoint after round %d (%s)", stage, completed, path)
+            loaded(source, completed)
         replicas = sorted(p for p, r in serving.items() if stage in r.stages and r.round > 0)
+        answered = False  # a dead replica's record outlives it: only one that answers counts
         for peer in replicas:
             try:
                 got, tensors, metadata = clients.fetch_state(serving[peer].endpoint, swarm, stage)
             except grpc.RpcError as e:
                 log.warning("could not fetch stage %d from %s: %s", stage, peer[-8:], e.details())
                 continue
+            answered = True
             if got > completed:
                 trainer.load(tensors, metadata)
                 log.info("stage %d: caught up to round %d from replica %s", stage, got, peer[-8:])
                 source, completed = "replica", got
+                loaded(source, completed)
             break
-        if not replicas and source is None and swarm_round > 0:
+        if not answered and source is None and swarm_round > 0:
             source, completed = _rebuild_lost(stage, trainer, serving, swarm, num_stages, clients)
-        if source is not None:
-            metrics.stage_recoveries.labels(source=source).inc()
-            events("stage_recovered", stage=stage, source=source, round=completed)
+            if source is not None:
+                loaded(source, completed)
         swarm_round = max(swarm_round, completed + 1)
     return swarm_round
 

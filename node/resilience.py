@@ -38,6 +38,7 @@ class Resilience:
         built = cls(dead, reporter, RerouteNotifier(peer_id, clients, executor, cfg.notice_timeout), watch,
                     Rerouter(activation_bytes), StageCheckpoints(cfg.checkpoint_dir) if cfg.checkpoint_dir else None)
         reporter.local = built.on_failure_report  # reports about our own microbatches go to our origin
+        dead.listeners.append(lambda peer: executor.origin_done(executor.round, peer))  # a dead origin is done
         return built
 
     def attach(self, origin: Origin, members, metrics: NodeMetrics, max_attempts: int) -> None:

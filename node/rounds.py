@@ -21,7 +21,7 @@ from node.checkpoint import StageCheckpoints
 from node.discovery import SwarmDirectory
 from node.events import EventLog
 from node.executor import StageExecutor
-from node.failures import DeadPeers, HopWatch
+from node.failures import DeadPeers, HopWatch, RerouteNotifier
 from node.metrics import NodeMetrics
 from node.origin import Origin
 from node.planning import choose_planner, full_pipeline_plan, skip_plan
@@ -53,6 +53,7 @@ class Faults:
     """The round loop's failure handling: declared-dead peers, the hop watch, checkpoints."""
 
     dead: DeadPeers
+    notifier: RerouteNotifier | None = None
     watch: HopWatch | None = None
     checkpoints: StageCheckpoints | None = None
 
@@ -74,6 +75,7 @@ class RoundLoop:
         self.events = events
         self.faults = faults
         self._warned_missing: tuple[int, ...] = ()
+        self._stages_seen: set[int] = set()  # stages some plan used: only those can be lost (and skipped)
 
     def run(self, first_round: int, stop: threading.Event) -> None:
         round_ = first_round
@@ -97,6 +99,7 @@ class RoundLoop:
         while not stop.is_set():
             plan = self.directory.fetch_plan(round_)
             if plan is not None:
+                self._stages_seen.update(h.stage for mb in plan.microbatches for h in mb.path)
                 return plan
             members = self.directory.members()
             if choose_planner(members) == self.peer_id:
@@ -113,6 +116,8 @@ class RoundLoop:
     def _make_plan(self, members: dict[str, NodeRecord], round_: int) -> RoundPlan | None:
         deadline = get_dht_time() + self.s.round_timeout
         missing = missing_stages(members, self.s.num_stages)
+        if set(missing) - self._stages_seen:
+            return None  # a new swarm waits until every stage has joined once
         self._say_missing(missing, round_)
         if self.s.visits >= self.s.num_stages:
             return full_pipeline_plan(members, round_, self.s.num_stages, self.s.microbatches, self.peer_id,
@@ -166,7 +171,9 @@ class RoundLoop:
         started = time.monotonic()
         deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
         work = plan.work_of(self.peer_id)
-        self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work})
+        dead = self.faults.dead.snapshot()
+        origins = {mb.origin for mb in plan.microbatches} - dead
+        self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work}, origins)
         if self.faults.watch is not None:  # from the plan's expected time, not the round timeout
             members = self.directory.members()
             self.faults.watch.hop_deadline_s = max(self.s.hop_deadline_min, self.s.hop_deadline_slack *
@@ -175,6 +182,12 @@ class RoundLoop:
         if self.origin is not None:
             mine = [mb for mb in plan.microbatches if mb.origin == self.peer_id]
             result = self.origin.run_round(plan.round, mine, deadline, stop, plan=plan)
+            if self.faults.notifier is not None:
+                peers = {h.peer_id: h.endpoint for mb in plan.microbatches for h in mb.path if h.peer_id not in dead}
+                self.faults.notifier.round_done(peers, pb.RoundDoneNotice(swarm_id=self.s.swarm, round=plan.round,
+                                                                          origin=self.peer_id))
+            else:
+                self.executor.origin_done(plan.round, self.peer_id)
         complete = self.executor.wait_round(max(0.0, deadline - time.monotonic()), stop)
         counts = self.executor.end_round(plan.round)
         if stop.is_set():

@@ -106,6 +106,12 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.executor.reroute(request.round, request.microbatch, request.attempt, list(request.path))
         return pb.FailureAck()
 
+    def RoundDone(self, request: pb.RoundDoneNotice, context: grpc.ServicerContext) -> pb.FailureAck:
+        if request.swarm_id != self.swarm:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        self.executor.origin_done(request.round, request.origin)
+        return pb.FailureAck()
+
     def FetchGradients(self, request: pb.GradientRequest, context: grpc.ServicerContext) -> Iterator[pb.StateChunk]:
         if request.swarm_id != self.swarm:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")

@@ -36,6 +36,9 @@ def stage_service_handler(servicer: pb_grpc.StageServiceServicer) -> grpc.Generi
         "Reroute": grpc.unary_unary_rpc_method_handler(
             servicer.Reroute, request_deserializer=pb.RerouteNotice.FromString,
             response_serializer=pb.FailureAck.SerializeToString),
+        "RoundDone": grpc.unary_unary_rpc_method_handler(
+            servicer.RoundDone, request_deserializer=pb.RoundDoneNotice.FromString,
+            response_serializer=pb.FailureAck.SerializeToString),
         "FetchGradients": grpc.unary_stream_rpc_method_handler(
             servicer.FetchGradients, request_deserializer=pb.GradientRequest.FromString,
             response_serializer=pb.StateChunk.SerializeToString),

@@ -146,6 +146,16 @@ class RerouteNotice(_message.Message):
     path: _containers.RepeatedCompositeFieldContainer[Hop]
     def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., microbatch: _Optional[int] = ..., attempt: _Optional[int] = ..., path: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
 
+class RoundDoneNotice(_message.Message):
+    __slots__ = ("swarm_id", "round", "origin")
+    SWARM_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    swarm_id: str
+    round: int
+    origin: str
+    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., origin: _Optional[str] = ...) -> None: ...
+
 class GradientRequest(_message.Message):
     __slots__ = ("swarm_id", "stage", "round")
     SWARM_ID_FIELD_NUMBER: _ClassVar[int]

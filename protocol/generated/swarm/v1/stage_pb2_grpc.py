@@ -69,6 +69,11 @@ class StageServiceStub:
                 request_serializer=swarm_dot_v1_dot_stage__pb2.RerouteNotice.SerializeToString,
                 response_deserializer=swarm_dot_v1_dot_stage__pb2.FailureAck.FromString,
                 _registered_method=True)
+        self.RoundDone = channel.unary_unary(
+                '/swarm.v1.StageService/RoundDone',
+                request_serializer=swarm_dot_v1_dot_stage__pb2.RoundDoneNotice.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_stage__pb2.FailureAck.FromString,
+                _registered_method=True)
         self.FetchGradients = channel.unary_stream(
                 '/swarm.v1.StageService/FetchGradients',
                 request_serializer=swarm_dot_v1_dot_stage__pb2.GradientRequest.SerializeToString,
@@ -121,6 +126,12 @@ class StageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RoundDone(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FetchGradients(self, request, context):
         """Blocks until this replica has posted the round's gradients (or the call's deadline passes).
         Answered as a safetensors blob like FetchState; metadata carries the microbatch count and weights digest.
@@ -165,6 +176,11 @@ def add_StageServiceServicer_to_server(servicer, server):
             'Reroute': grpc.unary_unary_rpc_method_handler(
                     servicer.Reroute,
                     request_deserializer=swarm_dot_v1_dot_stage__pb2.RerouteNotice.FromString,
+                    response_serializer=swarm_dot_v1_dot_stage__pb2.FailureAck.SerializeToString,
+            ),
+            'RoundDone': grpc.unary_unary_rpc_method_handler(
+                    servicer.RoundDone,
+                    request_deserializer=swarm_dot_v1_dot_stage__pb2.RoundDoneNotice.FromString,
                     response_serializer=swarm_dot_v1_dot_stage__pb2.FailureAck.SerializeToString,
             ),
             'FetchGradients': grpc.unary_stream_rpc_method_handler(
@@ -361,6 +377,33 @@ class StageService:
             target,
             '/swarm.v1.StageService/Reroute',
             swarm_dot_v1_dot_stage__pb2.RerouteNotice.SerializeToString,
+            swarm_dot_v1_dot_stage__pb2.FailureAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RoundDone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.StageService/RoundDone',
+            swarm_dot_v1_dot_stage__pb2.RoundDoneNotice.SerializeToString,
             swarm_dot_v1_dot_stage__pb2.FailureAck.FromString,
             options,
             channel_credentials,
