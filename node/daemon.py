@@ -22,12 +22,15 @@ from lm.data import load_corpus
 from lm.presets import ModelSpec, resolve_model, stage_layers
 from lm.stage import PipelineStage
 from lm.tokenizer import load_tokenizer
+from lm.whole import save_stage_shard
 from node.averaging import StageGradientAverager
 from node.config import NodeConfig
 from node.discovery import SwarmDirectory
 from node.errors import UsageError
 from node.events import EventLog
 from node.executor import StageExecutor
+from node.link_emulation import LinkEmulator
+from node.links import LinkBook, LinkMeter, LinkSettings, ping_with
 from node.metrics import NodeMetrics
 from node.origin import Origin
 from node.rounds import RoundLoop, RoundSettings
@@ -84,8 +87,11 @@ class Daemon:
 
         self.executor = StageExecutor(self.peer_id, modules, self.device, self.dtype, cfg.memory_slots,
                                       self.metrics, send=self._send, first_round=first_round)
+        self.emulator = LinkEmulator.load(cfg.emulate_links) if cfg.emulate_links else None  # a test tool
+        self.link_meter = LinkMeter(self.peer_id, LinkSettings(refresh_rounds=cfg.links_refresh_rounds))
         self.sender = HopSender(self.peer_id, self.clients, self.metrics, local=self._accept_local,
-                                on_give_up=self._gave_up, deadline_s=cfg.round_timeout)
+                                on_give_up=self._gave_up, deadline_s=cfg.round_timeout, emulator=self.emulator,
+                                on_sent=self.link_meter.observe_send)
         self.origin = None
         if 0 in self.stages:
             data = _usage(load_corpus, cfg.data, cfg.dataset or None, self.tokenizer)
@@ -183,6 +189,8 @@ class Daemon:
         self.server.start()
         self._started.append("grpc")
         self.endpoint = f"{cfg.announce_host or cfg.host}:{port}"
+        if self.emulator is not None:
+            self.emulator.bind(self.endpoint)
         for name in ("", "swarm.v1.StageService"):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -209,10 +217,15 @@ class Daemon:
     def _record(self, serving: bool) -> NodeRecord:
         return NodeRecord(peer_id=self.peer_id, endpoint=self.endpoint, stages=tuple(self.stages),
                           compute_s=self.executor.compute_seconds() or self._compute_s,
-                          memory_slots=self.config.memory_slots, role="data" if 0 in self.stages else "stage",
+                          memory_slots=self._planned_slots(), role="data" if 0 in self.stages else "stage",
                           version=VERSION, swarm=self.config.swarm, round=max(self.executor.round, 0),
                           serving=serving, metrics_url=self.metrics_url, maddrs=tuple(self.maddrs),
                           heartbeat_time=get_dht_time())
+
+    def _planned_slots(self) -> int:
+        """Microbatches planners may route through us at once: an origin keeps at most max_inflight of its own."""
+        cfg = self.config
+        return min(cfg.memory_slots, cfg.max_inflight) if 0 in self.stages else cfg.memory_slots
 
     def _announce(self) -> None:
         if self.directory.announce(self._record(serving=True)):
@@ -234,11 +247,16 @@ class Daemon:
         activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
         settings = RoundSettings(swarm=cfg.swarm, num_stages=cfg.num_stages, visits=cfg.visits or cfg.num_stages,
                                  microbatches=cfg.microbatches, activation_bytes=activation_bytes,
-                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds)
+                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds, min_nodes=cfg.min_nodes)
+        links = LinkBook(self.dht, cfg.swarm, self.link_meter, ping_with(self.clients, self.emulator),
+                         ttl=max(60.0, 4 * cfg.round_timeout), settings=self.link_meter.s)
         loop = RoundLoop(settings,
                          self.peer_id, self.directory, self.executor, self.trainers, self.averagers, self.origin,
-                         self.clients, self.metrics, self.events)
+                         self.clients, self.metrics, self.events, links=links)
         loop.run(self.first_round, self.stop_event)
+        if cfg.save_model and not self.stop_event.is_set():  # every stage's replicas hold the same weights now
+            for stage, module in self.executor.stages.items():
+                save_stage_shard(module, self.spec.config, cfg.num_stages, cfg.save_model)
 
     def shutdown(self) -> None:
         """Stop taking work, withdraw our DHT records, and stop every thread and child process we started."""

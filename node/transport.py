@@ -63,13 +63,16 @@ class HopSender:
     """Sends each finished hop to the next peer in its path without blocking the compute thread."""
 
     def __init__(self, peer_id: str, clients: StageClients, metrics: NodeMetrics, local: LocalAccept,
-                 on_give_up: Callable[[pb.Envelope, str], None], deadline_s: float, workers: int = 4):
+                 on_give_up: Callable[[pb.Envelope, str], None], deadline_s: float, workers: int = 4,
+                 emulator=None, on_sent: Callable[[str, int, float], None] | None = None):
         self.peer_id = peer_id
         self.clients = clients
         self.metrics = metrics
         self.local = local
         self.on_give_up = on_give_up
         self.deadline_s = deadline_s
+        self.emulator = emulator  # node/link_emulation.py (a test tool): delays and throttles the frames
+        self.on_sent = on_sent  # (peer id, bytes, seconds) of each delivered send: node/links.py measures links
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="send")
         self._closed = threading.Event()
 
@@ -91,7 +94,7 @@ class HopSender:
                 if target.peer_id == self.peer_id:
                     self.local(kind, env, tensor)
                 else:
-                    self._rpc(method, target.endpoint, env, tensor)
+                    self._rpc(method, target, env, tensor)
                 return
             except (ProtocolError, grpc.RpcError) as e:
                 code = e.code if isinstance(e, ProtocolError) else e.code()
@@ -110,10 +113,17 @@ class HopSender:
                 self.on_give_up(env, repr(e))
                 return
 
-    def _rpc(self, method: str, endpoint: str, env: pb.Envelope, tensor: torch.Tensor) -> None:
-        stub = self.clients.stub(endpoint)
+    def _rpc(self, method: str, target, env: pb.Envelope, tensor: torch.Tensor) -> None:
+        stub = self.clients.stub(target.endpoint)
         call = stub.Forward if method == "Forward" else stub.Backward
+        sizes: list[int] = []
+        frames = (sizes.append(len(f)) or f for f in encode_frames(env, tensor, self.clients.limits))
+        if self.emulator is not None:
+            frames = self.emulator.frames(target.endpoint, frames)
         started = time.perf_counter()
-        call(encode_frames(env, tensor, self.clients.limits), timeout=self.deadline_s)
-        self.metrics.rpc_seconds.labels(method=method, side="client").observe(time.perf_counter() - started)
+        call(frames, timeout=self.deadline_s)
+        elapsed = time.perf_counter() - started
+        self.metrics.rpc_seconds.labels(method=method, side="client").observe(elapsed)
+        if self.on_sent is not None:
+            self.on_sent(target.peer_id, sum(sizes), elapsed)
         self.metrics.sent_bytes.inc(tensor.numel() * tensor.element_size())
