@@ -130,3 +130,15 @@ def _sleep_until(when: float) -> None:
     left = when - time.monotonic()
     if left > 0:
         time.sleep(left)
+
+
+def place_endpoints(instance: dict, endpoints: list[str]) -> dict:
+    """An emulation spec from a benchmark instance without endpoints: endpoint i sits in the region of the
+    instance's node i (round-robin when there are more endpoints than nodes)."""
+    nodes = instance.get("nodes") if isinstance(instance, dict) else None
+    if not isinstance(nodes, list) or not nodes or not all(isinstance(n, dict) and "location" in n for n in nodes):
+        raise EmulationError("the instance needs a 'nodes' list whose entries have a 'location'")
+    spec = {"nodes": [{"endpoint": e, "location": nodes[i % len(nodes)]["location"]} for i, e in enumerate(endpoints)],
+            "links": instance.get("links"), "same_location_link": instance.get("same_location_link")}
+    LinkEmulator.from_dict(spec, "instance")  # refuse it now, with the reason, if it is malformed
+    return spec

@@ -43,7 +43,7 @@ def test_skip_swarm_plans_measures_and_executes(tmp_path):
     regions = {n: "rest" for n in layout} | {"d0": "slow-a", "a1": "slow-b"}
     links = _emulation(tmp_path, ports, regions)
     swarm = LocalSwarm(tmp_path, "skip", common_args=[
-        "--num-stages", "4", "--visits", "3", "--microbatches", "3", "--rounds", str(ROUNDS),
+        "--num-stages", "4", "--visits", "3", "--microbatches", "3", "--rounds", "0",  # until stopped
         "--torch-threads", "1", "--device", "cpu", "--round-timeout", "60", "--links-refresh-rounds", "1", "--min-nodes", "6",
         "--emulate-links", str(links)])
     nodes = {}
