@@ -139,6 +139,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("torch_threads", _int, "torch intra-op threads (0: torch's default)"),
     Option("events_file", str, "append one JSON line per event (round done, loss, weights digest)"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
+    # trust (issue 10): private swarms
+    Option("swarm_key", str, "swarm key file (make one with 'swarm-node keygen PATH'): a private swarm that only "
+                             "holders of the key can join"),
 )
 
 
@@ -179,6 +182,8 @@ class NodeConfig:
     torch_threads: int = 0
     events_file: str = ""
     log_level: str = "info"
+    # trust (issue 10)
+    swarm_key: str = ""  # path of the 256-bit key file; empty: a public swarm
 
     def hosted_stages(self) -> list[int] | None:
         """The explicit stage list, or None for `auto`."""

@@ -13,6 +13,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
     p.add_argument("--swarm", default="swarm-node", help="swarm id (default: swarm-node)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--swarm-key", metavar="PATH", default="", help="the swarm key of a private swarm")
     p.set_defaults(handler=run)
 
 
@@ -21,16 +22,20 @@ def run(args: argparse.Namespace) -> int:
     from hivemind.utils import get_dht_time
 
     from node.discovery import read_members
+    from node.trust import NodeTrust
 
+    trust = NodeTrust.create("", args.swarm_key)  # readers check signatures and, in private swarms, MACs
     try:
-        dht = DHT(initial_peers=args.initial_peers, client_mode=True, start=True)
+        dht = DHT(initial_peers=args.initial_peers, client_mode=True, start=True, **trust.dht_kwargs())
     except Exception as e:
+        trust.close()
         raise UsageError(f"could not reach the swarm through {' '.join(args.initial_peers)}: {e}") from None
     try:
         members = read_members(dht, args.swarm)
         now = get_dht_time()
     finally:
         dht.shutdown()
+        trust.close()
     rows = []
     for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages), kv[0])):
         rows.append(dict(peer=peer, stages=",".join(map(str, r.stages)), role=r.role, endpoint=r.endpoint,
