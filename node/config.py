@@ -156,6 +156,9 @@ OPTIONS: tuple[Option, ...] = (
            "LlamaForCausalLM checkpoint directory (safetensors, one shard per stage; lm/whole.py)", "DIR"),
     Option("emulate_links", _emulation_file, "TEST TOOL: delay and throttle sends as if nodes sat in the regions "
            "this JSON file gives their endpoints (node/link_emulation.py); off when empty", "FILE"),
+    # trust (issue 10): private swarms
+    Option("swarm_key", str, "swarm key file (make one with 'swarm-node keygen PATH'): a private swarm that only "
+                             "holders of the key can join"),
 )
 
 
@@ -201,6 +204,8 @@ class NodeConfig:
     links_refresh_rounds: int = 3
     save_model: str = ""
     emulate_links: str = ""
+    # trust (issue 10)
+    swarm_key: str = ""  # path of the 256-bit key file; empty: a public swarm
 
     def hosted_stages(self) -> list[int] | None:
         """The explicit stage list, or None for `auto`."""

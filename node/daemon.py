@@ -37,6 +37,7 @@ from node.rounds import RoundLoop, RoundSettings
 from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
 from node.transport import HopSender, StageClients
+from node.trust import NodeTrust
 from protocol.grpc_options import server_options
 from protocol.limits import WireLimits
 from protocol.service import stage_service_handler
@@ -68,10 +69,14 @@ class Daemon:
                              f"the tokenizer's {self.tokenizer.vocab_size}; give the matching --tokenizer")
         _usage(stage_layers, self.spec.config.num_hidden_layers, cfg.num_stages)
 
+        self.trust = NodeTrust.create(cfg.identity_path, cfg.swarm_key)
+        self._started.append("trust")
         self.dht = self._start_dht()
         self.peer_id = self.dht.peer_id.to_base58()
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
-        self.directory = SwarmDirectory(self.dht, cfg.swarm, self.peer_id, ttl=cfg.record_ttl)
+        self.metrics.watch_dht_refusals(lambda: self.trust.refused_records.value)
+        self.directory = SwarmDirectory(self.dht, cfg.swarm, self.peer_id, ttl=cfg.record_ttl, owner=self.trust.owner,
+                                        on_dropped=lambda reason: self.metrics.records_dropped.labels(reason).inc())
         self.stages = self._choose_stages()
         self.averagers = {s: StageGradientAverager(self.dht, cfg.swarm, s, _param_shapes(self.spec, s, cfg),
                                                    timeout=cfg.round_timeout) for s in self.stages}
@@ -81,7 +86,7 @@ class Daemon:
                    for s in self.stages}
         self.trainers = {s: StageTrainer(m, cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.warmup_rounds)
                          for s, m in modules.items()}
-        self.clients = StageClients(self.limits)
+        self.clients = StageClients(self.limits, self.trust.auth)
         first_round = self._sync_state()
         compute_s = self._measure_compute(modules)
 
@@ -112,9 +117,7 @@ class Daemon:
     def _start_dht(self) -> DHT:
         cfg = self.config
         kwargs = dict(host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.dht_port}"], start=True,
-                      initial_peers=cfg.initial_peers or [])
-        if cfg.identity_path:
-            kwargs["identity_path"] = cfg.identity_path
+                      initial_peers=cfg.initial_peers or [], **self.trust.dht_kwargs())
         if cfg.announce_host:
             kwargs["announce_maddrs"] = [f"/ip4/{cfg.announce_host}/tcp/{cfg.dht_port}"]
         try:
@@ -173,10 +176,11 @@ class Daemon:
     def _start_grpc(self) -> None:
         cfg = self.config
         self.server = grpc.server(ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
-                                  options=server_options(self.limits))
+                                  options=server_options(self.limits),
+                                  interceptors=self.trust.server_interceptors(self.metrics))
         self.servicer = StageServicer(swarm=cfg.swarm, peer_id=self.peer_id, num_stages=cfg.num_stages,
                                       executor=self.executor, trainers=self.trainers, limits=self.limits,
-                                      metrics=self.metrics)
+                                      metrics=self.metrics, auth=self.trust.auth)
         self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -249,7 +253,7 @@ class Daemon:
                                  microbatches=cfg.microbatches, activation_bytes=activation_bytes,
                                  round_timeout=cfg.round_timeout, max_rounds=cfg.rounds, min_nodes=cfg.min_nodes)
         links = LinkBook(self.dht, cfg.swarm, self.link_meter, ping_with(self.clients, self.emulator),
-                         ttl=max(60.0, 4 * cfg.round_timeout), settings=self.link_meter.s)
+                         ttl=max(60.0, 4 * cfg.round_timeout), owner=self.trust.owner, settings=self.link_meter.s)
         loop = RoundLoop(settings,
                          self.peer_id, self.directory, self.executor, self.trainers, self.averagers, self.origin,
                          self.clients, self.metrics, self.events, links=links)
@@ -283,6 +287,8 @@ class Daemon:
                 averager.shutdown()
         if "dht" in started:
             self.dht.shutdown()
+        if "trust" in started:
+            self.trust.close()
         self.events.emit("stopped", peer_id=getattr(self, "peer_id", None))
 
 

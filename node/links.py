@@ -19,6 +19,7 @@ from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
 from protocol.generated.swarm.v1 import stage_pb2 as pb
+from protocol.record_auth import owner_peer_id
 from protocol.records import LinkEstimate, LinksRecord, RecordError, RoundPlan, links_key
 
 log = logging.getLogger(__name__)
@@ -88,9 +89,10 @@ def next_hop_endpoints(plan: RoundPlan, peer_id: str) -> dict[str, str]:
 class LinkBook:
     """Pings, publishes and reads `<swarm>/links`. `ping(endpoint)` returns once a Ping answered (or raises)."""
 
-    def __init__(self, dht: DHT, swarm: str, meter: LinkMeter, ping, ttl: float,
+    def __init__(self, dht: DHT, swarm: str, meter: LinkMeter, ping, ttl: float, owner: bytes,
                  settings: LinkSettings = LinkSettings()):
         self.dht = dht
+        self.owner = owner  # our owner subkey: the record is signed, readers learn the sender from it
         self.swarm = swarm
         self.meter = meter
         self.ping = ping
@@ -127,7 +129,7 @@ class LinkBook:
     def publish(self) -> bool:
         record = LinksRecord(self.meter.peer_id, self.meter.estimates(), get_dht_time())
         return bool(self.dht.store(links_key(self.swarm), record.to_value(), get_dht_time() + self.ttl,
-                                   subkey=self.meter.peer_id))
+                                   subkey=self.owner))
 
     def known(self) -> dict[tuple[str, str], LinkEstimate]:
         """Every published estimate, by (sender, receiver)."""
@@ -142,9 +144,13 @@ def read_links(dht: DHT, swarm: str) -> tuple[dict[tuple[str, str], LinkEstimate
     if entry is None or not isinstance(entry.value, dict):
         return {}, 0
     found, skipped = {}, 0
-    for sender, item in entry.value.items():
+    for subkey, item in entry.value.items():
+        sender = owner_peer_id(subkey)
+        if sender is None:  # not signed by its writer: anyone could have put it there
+            skipped += 1
+            continue
         try:
-            record, bad = LinksRecord.from_value(str(sender), item.value)
+            record, bad = LinksRecord.from_value(sender, item.value)
         except RecordError as e:
             log.debug("skipping malformed links record from %s: %s", sender, e)
             skipped += 1

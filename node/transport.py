@@ -16,6 +16,7 @@ from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.grpc_options import channel_options
 from protocol.limits import WireLimits
+from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
 from protocol.service import StageStub
 from protocol.state_codec import decode_state
 from protocol.tensor_codec import encode_frames
@@ -32,8 +33,9 @@ LocalAccept = Callable[[str, pb.Envelope, torch.Tensor], None]
 class StageClients:
     """One channel per peer endpoint, reused for every call."""
 
-    def __init__(self, limits: WireLimits):
+    def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None):
         self.limits = limits
+        self.auth = auth  # private swarms: every call carries a tag made with the swarm key
         self._stubs: dict[str, StageStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
@@ -43,8 +45,16 @@ class StageClients:
             if endpoint not in self._stubs:
                 channel = grpc.insecure_channel(endpoint, options=channel_options(self.limits))
                 self._channels.append(channel)
+                if self.auth is not None:
+                    channel = grpc.intercept_channel(channel, ClientAuthInterceptor(self.auth))
                 self._stubs[endpoint] = StageStub(channel)
             return self._stubs[endpoint]
+
+    def frame_signer(self, method: str):
+        """What tags a Forward or Backward in a private swarm (None in a public one)."""
+        if self.auth is None:
+            return None
+        return lambda env, meta, data: self.auth.sign_frames(method, env, meta, data)
 
     def fetch_state(self, endpoint: str, swarm: str, stage: int, min_round: int = -1, include_grads: bool = False,
                     timeout: float = 120.0) -> tuple[int, dict[str, torch.Tensor], dict[str, str]]:
@@ -117,7 +127,8 @@ class HopSender:
         stub = self.clients.stub(target.endpoint)
         call = stub.Forward if method == "Forward" else stub.Backward
         sizes: list[int] = []
-        frames = (sizes.append(len(f)) or f for f in encode_frames(env, tensor, self.clients.limits))
+        frames = (sizes.append(len(f)) or f for f in encode_frames(env, tensor, self.clients.limits,
+                                                                   self.clients.frame_signer(method)))
         if self.emulator is not None:
             frames = self.emulator.frames(target.endpoint, frames)
         started = time.perf_counter()

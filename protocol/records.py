@@ -194,7 +194,7 @@ class LinkEstimate:
 
 @dataclass(frozen=True)
 class LinksRecord:
-    """What one node measured to the peers it sends to: `<swarm>/links`, subkey = the measuring peer's id."""
+    """What one node measured to the peers it sends to: `<swarm>/links`, under the measuring peer's owner subkey."""
 
     peer_id: str
     to: dict[str, LinkEstimate]  # by receiving peer id

@@ -33,6 +33,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="tiny", help="model preset or HF checkpoint directory (default: tiny)")
     p.add_argument("--summary-json", metavar="PATH", help="write a JSON summary of the run here")
     p.add_argument("--workdir", metavar="DIR", help="where node logs and event files go (default: a temp dir)")
+    p.add_argument("--swarm-key", metavar="PATH",
+                   help="swarm key file to use (default: a new one in the work dir, so the demo swarm is private)")
     p.add_argument("--timeout", type=float, default=900, help="give up after this many seconds (default: 900)")
     p.set_defaults(handler=run)
 
@@ -74,17 +76,24 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="swarm-node-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    key = args.swarm_key or str(workdir / "swarm.key")
+    if not args.swarm_key:
+        from protocol.swarm_key import generate_key_file
+
+        Path(key).unlink(missing_ok=True)
+        generate_key_file(key)
     extra = ["--visits", str(args.visits), "--min-nodes", str(len(stages))]
     if emulation is not None:
         (workdir / "links.json").write_text(json.dumps(emulation, indent=1))
         extra += ["--emulate-links", str(workdir / "links.json")]
     swarm = LocalSwarm(workdir, swarm=f"demo-{secrets.token_hex(4)}", common_args=[
         "--num-stages", str(num_stages), "--model", args.model, "--rounds", str(args.rounds),
-        "--torch-threads", "1", "--device", "cpu", "--log-level", "warning", *extra])
+        "--torch-threads", "1", "--device", "cpu", "--log-level", "warning", "--swarm-key", key, *extra])
     started = time.monotonic()
     visits = args.visits or num_stages
     print(f"demo: {len(stages)} nodes, {num_stages} stages, each microbatch visits {visits}, {args.rounds} rounds"
-          f"{', links emulated from ' + args.emulate_links if emulation else ''}; logs in {workdir}", flush=True)
+          f"{', links emulated from ' + args.emulate_links if emulation else ''}; private swarm key {key}; "
+          f"logs in {workdir}", flush=True)
     try:
         first = swarm.start_node("node0", str(stages[0]), extra=["--port", str(ports[0])])
         swarm.wait_started([first], timeout=120)

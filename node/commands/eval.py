@@ -15,6 +15,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="tiny", help="HF checkpoint directory, or the swarm's preset (default: tiny)")
     p.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="fetch the stages from this running swarm")
     p.add_argument("--swarm", default="swarm-node", help="swarm id with --initial-peers (default: swarm-node)")
+    p.add_argument("--swarm-key", metavar="PATH", default="", help="the swarm key of a private swarm")
     p.add_argument("--num-stages", type=int, default=4, help="stages the model is split into (default: 4)")
     p.add_argument("--omit-stages", default="", help="stages to skip, e.g. 2,3 (never 0)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per evaluated window (default: 64)")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     source = args.model
     if args.initial_peers:
         source = f"swarm '{args.swarm}'"
-        fetch_stages(stages, args.initial_peers, args.swarm)
+        fetch_stages(stages, args.initial_peers, args.swarm, args.swarm_key)
     if args.save_model:
         for module in stages.values():
             save_stage_shard(module, spec.config, args.num_stages, args.save_model)
@@ -75,20 +76,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def fetch_stages(stages: dict, initial_peers: list[str], swarm: str) -> None:
+def fetch_stages(stages: dict, initial_peers: list[str], swarm: str, swarm_key: str = "") -> None:
     """Load every stage's parameters from a serving replica of a running swarm (FetchState)."""
     import torch
     from hivemind.dht import DHT
 
     from node.discovery import read_members
     from node.transport import StageClients
+    from node.trust import NodeTrust
     from protocol.limits import WireLimits
 
+    trust = NodeTrust.create("", swarm_key)  # signed records; in a private swarm, MACs and RPC tags
     try:
-        dht = DHT(initial_peers=initial_peers, client_mode=True, start=True)
+        dht = DHT(initial_peers=initial_peers, client_mode=True, start=True, **trust.dht_kwargs())
     except Exception as e:
+        trust.close()
         raise UsageError(f"could not reach the swarm through {' '.join(initial_peers)}: {e}") from None
-    clients = StageClients(WireLimits())
+    clients = StageClients(WireLimits(), trust.auth)
     try:
         members = read_members(dht, swarm)
         for stage, module in stages.items():
@@ -104,3 +108,4 @@ def fetch_stages(stages: dict, initial_peers: list[str], swarm: str) -> None:
     finally:
         clients.close()
         dht.shutdown()
+        trust.close()

@@ -15,6 +15,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--links", action="store_true",
                    help="print the measured link matrix (RTT ms / MB/s, sender row to receiver column)")
+    p.add_argument("--swarm-key", metavar="PATH", default="", help="the swarm key of a private swarm")
     p.set_defaults(handler=run)
 
 
@@ -25,10 +26,13 @@ def run(args: argparse.Namespace) -> int:
     from node.discovery import read_members
     from node.links import read_links
     from node.planning import DEFAULT_LINK
+    from node.trust import NodeTrust
 
+    trust = NodeTrust.create("", args.swarm_key)  # readers check signatures and, in private swarms, MACs
     try:
-        dht = DHT(initial_peers=args.initial_peers, client_mode=True, start=True)
+        dht = DHT(initial_peers=args.initial_peers, client_mode=True, start=True, **trust.dht_kwargs())
     except Exception as e:
+        trust.close()
         raise UsageError(f"could not reach the swarm through {' '.join(args.initial_peers)}: {e}") from None
     try:
         members = read_members(dht, args.swarm)
@@ -36,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         now = get_dht_time()
     finally:
         dht.shutdown()
+        trust.close()
     rows = []
     for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages), kv[0])):
         rows.append(dict(peer=peer, stages=",".join(map(str, r.stages)), role=r.role, endpoint=r.endpoint,

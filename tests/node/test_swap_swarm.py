@@ -14,6 +14,7 @@ from lm.presets import resolve_model
 from lm.tokenizer import load_tokenizer
 from node.local_swarm import LocalSwarm
 from protocol.envelope import HopSpec
+from protocol.record_auth import RefusalCounter, load_identity, record_validators
 from protocol.records import PlannedMicrobatch, RoundPlan, plan_key
 from tests.helpers import REPO, wait_for
 
@@ -28,20 +29,24 @@ def test_swapped_path_matches_one_process(tmp_path):
     swarm = LocalSwarm(tmp_path, "swap", common_args=[
         "--num-stages", "4", "--microbatches", "1", "--rounds", "1", "--torch-threads", "1", "--device", "cpu",
         "--seed", str(SEED), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--data", str(data),
-        "--min-nodes", "99",  # nobody plans: the test publishes the round's plan itself
+        "--min-nodes", "99",  # nobody plans: the test publishes the round's plan, signed as the planner
         "--round-timeout", "60"])
+    identity = tmp_path / "planner.key"
+    _, planner_key, _ = load_identity(str(identity))
     dht = None
     try:
-        nodes = [swarm.start_node("d", "0")]
+        nodes = [swarm.start_node("d", "0", extra=["--identity-path", str(identity)])]
         swarm.wait_started(nodes, timeout=120)
         nodes += [swarm.start_node(f"s{s}", str(s), initial_peers=swarm.initial_peers()) for s in (1, 2, 3)]
         swarm.wait_started(nodes, timeout=120)
         hop = {int(n.stages): HopSpec(int(n.stages), n.started()["peer_id"], n.started()["endpoint"]) for n in nodes}
         path = tuple(hop[s] for s in ORDER) + (hop[0],)
-        plan = RoundPlan(round=0, planner="test", membership_digest="forced",
+        plan = RoundPlan(round=0, planner=hop[0].peer_id, membership_digest="forced",
                          microbatches=(PlannedMicrobatch(0, path),), deadline=get_dht_time() + 60)
-        dht = DHT(initial_peers=swarm.initial_peers(), client_mode=True, start=True)
-        dht.store(plan_key("swap", 0), plan.to_value(), get_dht_time() + 120, subkey="test")
+        validators = record_validators(planner_key, None, RefusalCounter())
+        dht = DHT(initial_peers=swarm.initial_peers(), client_mode=True, start=True, record_validators=validators)
+        assert dht.store(plan_key("swap", 0), plan.to_value(), get_dht_time() + 120,
+                         subkey=validators[0].local_public_key)
         wait_for(lambda: all(n.events("round") for n in nodes), 120, "the forced round on every node")
     finally:
         if dht is not None:
