@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
+from node.planning import membership_digest
 from protocol.envelope import HopSpec
 from protocol.records import NodeRecord, PlannedMicrobatch, RoundPlan
 from routing import LiveNode, Plan, ProblemError, from_live, repair
@@ -145,21 +146,23 @@ def missing_stages(members: dict[str, NodeRecord], num_stages: int) -> list[int]
     return [s for s in range(num_stages) if s not in hosted]
 
 
-def plan_around_missing(plan_skip: Callable[..., RoundPlan | None], members: dict[str, NodeRecord], round_: int,
-                        num_stages: int, visits: int, missing: list[int], **kwargs) -> RoundPlan | None:
-    """A skip plan over the stages that are left: stages are relabelled 0..k-1 for the planner and back
-    for the paths, so microbatches skip the missing ones. None when too few stages are left."""
+def plan_around_missing(plan_for: Callable[[dict[str, NodeRecord], int, int], tuple[RoundPlan, object] | None],
+                        members: dict[str, NodeRecord], num_stages: int, visits: int,
+                        missing: list[int]) -> tuple[RoundPlan, object] | None:
+    """A skip plan over the stages that are left: `plan_for(members, num_stages, visits)` plans with the stages
+    relabelled 0..k-1, and the paths are relabelled back, so microbatches skip the missing ones. None when
+    fewer than two stages are left."""
     present = [s for s in range(num_stages) if s not in missing]
     if 0 in missing or len(present) < 2:
         return None
     label = {s: i for i, s in enumerate(present)}
-    relabelled = {p: replace(r, stages=tuple(label[s] for s in r.stages if s in label))
+    relabelled = {p: replace(r, stages=tuple(label[s] for s in r.stages if s in label),
+                             compute_s={label[s]: c for s, c in r.compute_s.items() if s in label})
                   for p, r in members.items() if any(s in label for s in r.stages)}
-    relabelled = {p: replace(r, compute_s={label[s]: c for s, c in r.compute_s.items() if s in label})
-                  for p, r in relabelled.items()}
-    plan = plan_skip(relabelled, round_, len(present), min(visits, len(present)), **kwargs)
-    if plan is None:
+    made = plan_for(relabelled, len(present), min(visits, len(present)))
+    if made is None:
         return None
+    plan, live = made
     back = tuple(PlannedMicrobatch(mb.id, tuple(replace(h, stage=present[h.stage]) for h in mb.path))
                  for mb in plan.microbatches)
-    return replace(plan, microbatches=back)
+    return replace(plan, microbatches=back, membership_digest=membership_digest(members)), live

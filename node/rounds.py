@@ -24,12 +24,14 @@ from node.executor import StageExecutor
 from node.failures import DeadPeers, HopWatch, RerouteNotifier
 from node.metrics import NodeMetrics
 from node.origin import Origin
-from node.planning import choose_planner, full_pipeline_plan, skip_plan
+from node.links import LinkBook
+from node.planning import choose_planner, plan_round
 from node.reroute import expected_round_seconds, missing_stages, plan_around_missing
 from node.trainer import StageTrainer
 from node.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.records import NodeRecord, RoundPlan
+from routing.instance_io import problem_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class RoundSettings:
     activation_bytes: int
     round_timeout: float
     max_rounds: int  # 0: until stopped
+    min_nodes: int = 0  # plan no round until this many nodes serve
     hop_deadline_slack: float = 4.0  # a hop's deadline: this many times the round's expected compute time...
     hop_deadline_min: float = 5.0  # ...but never less than this many seconds
     checkpoint_every: int = 5  # rounds between checkpoints (with a checkpoint directory)
@@ -62,7 +65,7 @@ class RoundLoop:
     def __init__(self, settings: RoundSettings, peer_id: str, directory: SwarmDirectory, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], exchange: GradientExchange,
                  origin: Origin | None, clients: StageClients, metrics: NodeMetrics, events: EventLog,
-                 faults: Faults):
+                 faults: Faults, links: LinkBook | None = None):
         self.s = settings
         self.peer_id = peer_id
         self.directory = directory
@@ -76,6 +79,7 @@ class RoundLoop:
         self.faults = faults
         self._warned_missing: tuple[int, ...] = ()
         self._stages_seen: set[int] = set()  # stages some plan used: only those can be lost (and skipped)
+        self.links = links  # measured links: planners read them, every node refreshes its own
 
     def run(self, first_round: int, stop: threading.Event) -> None:
         round_ = first_round
@@ -119,19 +123,30 @@ class RoundLoop:
         if set(missing) - self._stages_seen:
             return None  # a new swarm waits until every stage has joined once
         self._say_missing(missing, round_)
-        if self.s.visits >= self.s.num_stages:
-            return full_pipeline_plan(members, round_, self.s.num_stages, self.s.microbatches, self.peer_id,
-                                      deadline=deadline)
+        links = self.links.known() if self.links else {}
+
+        def plan_for(nodes: dict[str, NodeRecord], num_stages: int, visits: int):
+            return plan_round(nodes, links, round_=round_, num_stages=num_stages, visits=visits,
+                              microbatches_per_origin=self.s.microbatches, activation_bytes=self.s.activation_bytes,
+                              planner=self.peer_id, deadline=deadline)
+
         try:
-            if missing:
-                return plan_around_missing(skip_plan, members, round_, self.s.num_stages, self.s.visits, missing,
-                                           microbatches_per_origin=self.s.microbatches, planner=self.peer_id,
-                                           activation_bytes=self.s.activation_bytes, deadline=deadline)
-            return skip_plan(members, round_, self.s.num_stages, self.s.visits, self.s.microbatches, self.peer_id,
-                             self.s.activation_bytes, deadline=deadline)
+            if sum(r.serving for r in members.values()) < self.s.min_nodes:
+                return None
+            if missing and self.s.visits < self.s.num_stages:  # skip plans go on around lost stages
+                made = plan_around_missing(plan_for, members, self.s.num_stages, self.s.visits, missing)
+            else:
+                made = plan_for(members, self.s.num_stages, self.s.visits)
         except ValueError as e:  # e.g. replica counts that cannot balance yet: wait for the swarm to change
             log.warning("%s", e)
             return None
+        if made is None:
+            return None
+        plan, live = made
+        self.events.emit("planned", round=round_, predicted_s=plan.predicted_s, defaulted_links=live.defaulted_links,
+                         skipped_link_values=self.links.skipped if self.links else 0,
+                         problem=problem_to_dict(live.problem))
+        return plan
 
     def _say_missing(self, missing: list[int], round_: int) -> None:
         """One WARNING each time the set of stages without a live replica changes."""
@@ -176,8 +191,8 @@ class RoundLoop:
         self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work}, origins)
         if self.faults.watch is not None:  # from the plan's expected time, not the round timeout
             members = self.directory.members()
-            self.faults.watch.hop_deadline_s = max(self.s.hop_deadline_min, self.s.hop_deadline_slack *
-                                                   expected_round_seconds(plan, members))
+            expected = max(plan.predicted_s, expected_round_seconds(plan, members))
+            self.faults.watch.hop_deadline_s = max(self.s.hop_deadline_min, self.s.hop_deadline_slack * expected)
         result = None
         if self.origin is not None:
             mine = [mb for mb in plan.microbatches if mb.origin == self.peer_id]
@@ -189,6 +204,7 @@ class RoundLoop:
             else:
                 self.executor.origin_done(plan.round, self.peer_id)
         complete = self.executor.wait_round(max(0.0, deadline - time.monotonic()), stop)
+        executed = time.monotonic() - started  # the plan's work, what the simulator predicts (no averaging)
         counts = self.executor.end_round(plan.round)
         if stop.is_set():
             log.info("stopping: round %d abandoned", plan.round)
@@ -208,14 +224,17 @@ class RoundLoop:
         self._checkpoint(plan.round)
         wall = time.monotonic() - started
         self.metrics.round_seconds.observe(wall)
+        if self.links is not None:
+            self.links.after_round(plan, {p: r.endpoint for p, r in self.directory.members().items()})
         fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts, averaged_with=averaged_with,
+                      executed_s=round(executed, 3), predicted_s=plan.predicted_s,
                       stage_visits=_stage_visits(plan, self.s.num_stages),
                       digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms)
         if self._warned_missing:
             fields.update(missing_stages=list(self._warned_missing))
         if result is not None:
             fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed),
-                          reroutes=result.reroutes)
+                          reroutes=result.reroutes, plan=plan.to_value())
             if result.mean_loss is not None:
                 self.metrics.loss.set(result.mean_loss)
             self.metrics.tokens.inc(result.tokens)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from node.planning import full_pipeline_plan, skip_plan
-from node.reroute import Rerouter, expected_round_seconds
+from node.planning import plan_round
+from node.reroute import Rerouter, expected_round_seconds, plan_around_missing
 from protocol.records import NodeRecord
 
 
@@ -17,6 +17,19 @@ def record(peer: str, stages: tuple[int, ...], compute: float = 0.01) -> NodeRec
 
 def members(*specs):
     return {p: record(p, st) for p, st in specs}
+
+
+def plan_for(m, round_, num_stages, visits, per_origin):
+    return plan_round(m, {}, round_=round_, num_stages=num_stages, visits=visits, microbatches_per_origin=per_origin,
+                      activation_bytes=1 << 16, planner="d0")[0]
+
+
+def full_pipeline_plan(m, round_, num_stages, per_origin, planner):
+    return plan_for(m, round_, num_stages, num_stages, per_origin)
+
+
+def skip_plan(m, round_, num_stages, visits, per_origin, planner, activation_bytes):
+    return plan_for(m, round_, num_stages, visits, per_origin)
 
 
 def test_full_pipeline_moves_the_dead_replica_to_its_twin_and_keeps_balance():
@@ -60,3 +73,16 @@ def test_repair_keeps_full_pipelines_in_stage_order():
     for mb in plan.microbatches:
         path = rerouter.path_for(plan, mb.id, frozenset({"a1"}), m)
         assert [h.stage for h in path] == [0, 1, 2, 0] and path[1].peer_id == "b1"
+
+
+def test_a_lost_stage_is_planned_around_and_paths_name_the_real_stages():
+    m = members(("d0", (0,)), ("s1", (1,)), ("s3", (3,)))  # stage 2 is gone
+    made = plan_around_missing(lambda nodes, stages, visits: plan_round(
+        nodes, {}, round_=7, num_stages=stages, visits=visits, microbatches_per_origin=4, activation_bytes=1 << 16,
+        planner="d0"), m, 4, 3, [2])
+    plan, _ = made
+    for mb in plan.microbatches:
+        stages = [h.stage for h in mb.path]
+        assert stages[0] == stages[-1] == 0 and 2 not in stages and len(stages) == 4
+        assert {h.peer_id for h in mb.path[1:-1]} == {"s1", "s3"}
+    assert plan_around_missing(lambda *a: None, m, 4, 3, [1, 2, 3]) is None  # only stage 0 left
