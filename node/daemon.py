@@ -24,6 +24,7 @@ from lm.data import load_corpus
 from lm.presets import ModelSpec, resolve_model, stage_layers
 from lm.stage import PipelineStage
 from lm.tokenizer import load_tokenizer
+from lm.whole import save_stage_shard
 from node.averaging import StageGradientAverager
 from node.children import die_with_parent
 from node.config import NodeConfig
@@ -31,6 +32,8 @@ from node.discovery import SwarmDirectory
 from node.errors import UsageError
 from node.events import EventLog
 from node.executor import StageExecutor
+from node.link_emulation import LinkEmulator
+from node.links import LinkBook, LinkMeter, LinkSettings, ping_with
 from node.metrics import NodeMetrics
 from node.origin import Origin
 from node.rounds import RoundLoop, RoundSettings
@@ -38,6 +41,7 @@ from node.rpc_guard import RpcGuard
 from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
 from node.transport import HopSender, StageClients
+from node.trust import NodeTrust
 from protocol.grpc_options import server_options
 from protocol.limits import WireLimits
 from protocol.service import stage_service_handler
@@ -73,15 +77,26 @@ class Daemon:
         return node
 
     def run(self) -> None:
-        """Copy the swarm's state if it is running, then serve rounds until stopped or `--rounds` is reached."""
-        self.metrics.phase.state("catch_up")
-        first_round = self._join()
-        if self.stop.is_set():
+        """Join the swarm, then take part in rounds until stopped or `--rounds` is reached."""
+        first_round = self.join()
+        if first_round is None:
             return
+        self.rounds.run(first_round, self.stop)
+        if self.config.save_model and not self.stop.is_set():  # every stage's replicas hold the same weights now
+            for stage, module in self.executor.stages.items():
+                save_stage_shard(module, self.spec.config, self.config.num_stages, self.config.save_model)
+
+    def join(self) -> int | None:
+        """Copy each stage's state from a replica if the swarm is running, then serve; returns the first round
+        to take part in (None if stopped meanwhile)."""
+        self.metrics.phase.state("catch_up")
+        first_round = self._copy_swarm_state()
+        if self.stop.is_set():
+            return None
         self.executor.resume_at(first_round)
         self._first_round = first_round
         self._serve_when_ready()  # now, or from the heartbeat once the loop has begun `first_round`
-        self.rounds.run(first_round, self.stop)
+        return first_round
 
     def shutdown(self) -> None:
         """Stop taking work, withdraw from the DHT, and stop every thread and child process started."""
@@ -105,13 +120,17 @@ class Daemon:
                              f"the tokenizer's {self.tokenizer.vocab_size}; give the matching --tokenizer")
         _usage(stage_layers, self.spec.config.num_hidden_layers, cfg.num_stages)
 
+        self.trust = NodeTrust.create(cfg.identity_path, cfg.swarm_key)
+        undo.callback(self.trust.close)
         # Forked processes first, before this process has threads; each dies with us (node/children.py).
         die_with_parent()
         self.dht = self._start_dht()
         undo.callback(self.dht.shutdown)
         self.peer_id = self.dht.peer_id.to_base58()
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
-        self.directory = SwarmDirectory(self.dht, cfg.swarm, self.peer_id, ttl=cfg.record_ttl)
+        self.metrics.watch_dht_refusals(lambda: self.trust.refused_records.value)
+        self.directory = SwarmDirectory(self.dht, cfg.swarm, self.peer_id, ttl=cfg.record_ttl, owner=self.trust.owner,
+                                        on_dropped=lambda reason: self.metrics.records_dropped.labels(reason).inc())
         self.stages = self._choose_stages()
         self.averagers = self._start_averagers()
         self._check_stop()
@@ -123,14 +142,17 @@ class Daemon:
         for trainer in self.trainers.values():
             undo.callback(trainer.close)
         self._compute_s = self._measure_compute(modules)
-        self.clients = StageClients(self.limits)
+        self.clients = StageClients(self.limits, self.trust.auth)
         undo.callback(self.clients.close)
         self.executor = StageExecutor(self.peer_id, modules, self.device, self.dtype, cfg.memory_slots,
                                       self.metrics, send=self._send)
         self.executor.start()
         undo.callback(self.executor.stop)
+        self.emulator = LinkEmulator.load(cfg.emulate_links) if cfg.emulate_links else None  # a test tool
+        self.link_meter = LinkMeter(self.peer_id, LinkSettings(refresh_rounds=cfg.links_refresh_rounds))
         self.sender = HopSender(self.peer_id, self.clients, self.metrics, local=self._accept_local,
-                                on_give_up=self._gave_up, deadline_s=cfg.round_timeout, workers=cfg.send_workers)
+                                on_give_up=self._gave_up, deadline_s=cfg.round_timeout, workers=cfg.send_workers,
+                                emulator=self.emulator, on_sent=self.link_meter.observe_send)
         undo.callback(self.sender.close)
         self.origin = self._make_origin()
         self.rounds = self._make_round_loop()
@@ -152,9 +174,8 @@ class Daemon:
     def _start_dht(self) -> DHT:
         cfg = self.config
         kwargs = dict(host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.dht_port}"], start=True,
-                      initial_peers=cfg.initial_peers or [], shutdown_timeout=cfg.child_exit_timeout)
-        if cfg.identity_path:
-            kwargs["identity_path"] = cfg.identity_path
+                      initial_peers=cfg.initial_peers or [], shutdown_timeout=cfg.child_exit_timeout,
+                      **self.trust.dht_kwargs())
         if cfg.announce_host:
             kwargs["announce_maddrs"] = [f"/ip4/{cfg.announce_host}/tcp/{cfg.dht_port}"]
         try:
@@ -215,17 +236,22 @@ class Daemon:
         activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
         settings = RoundSettings(swarm=cfg.swarm, num_stages=cfg.num_stages, visits=cfg.visits or cfg.num_stages,
                                  microbatches=cfg.microbatches, activation_bytes=activation_bytes,
-                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds)
+                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds, min_nodes=cfg.min_nodes)
+        links = LinkBook(self.dht, cfg.swarm, self.link_meter, ping_with(self.clients, self.emulator),
+                         ttl=max(60.0, 4 * cfg.round_timeout), owner=self.trust.owner, settings=self.link_meter.s)
         return RoundLoop(settings, self.peer_id, self.directory, self.executor, self.trainers, self.averagers,
-                         self.origin, self.clients, self.metrics, self.events)
+                         self.origin, self.clients, self.metrics, self.events, links=links)
 
     def _start_grpc(self) -> None:
         cfg = self.config
         self.server = grpc.server(ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="grpc"),
-                                  interceptors=[RpcGuard(self.metrics)], options=server_options(self.limits))
+                                  options=server_options(self.limits),
+                                  # the guard outermost, so that it also counts the auth interceptor's refusals
+                                  interceptors=[RpcGuard(self.metrics), *self.trust.server_interceptors(self.metrics)])
         self.servicer = StageServicer(swarm=cfg.swarm, peer_id=self.peer_id, num_stages=cfg.num_stages,
                                       executor=self.executor, trainers=self.trainers, limits=self.limits,
-                                      metrics=self.metrics, state_wait_s=cfg.state_transfer_timeout)
+                                      metrics=self.metrics, state_wait_s=cfg.state_transfer_timeout,
+                                      auth=self.trust.auth)
         self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -238,6 +264,8 @@ class Daemon:
         self.server.start()
         self._teardown.callback(lambda: self.server.stop(grace=cfg.drain_grace).wait())
         self.endpoint = f"{cfg.announce_host or cfg.host}:{port}"
+        if self.emulator is not None:
+            self.emulator.bind(self.endpoint)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def _set_health(self, status) -> None:
@@ -259,7 +287,7 @@ class Daemon:
         self._teardown.callback(thread.join, self.config.dht_write_timeout)
 
     # ---- joining, state, leaving ------------------------------------------------------------------------------
-    def _join(self) -> int:
+    def _copy_swarm_state(self) -> int:
         """A node joining a running swarm copies each stage from a replica; returns the round to start at."""
         members = self.directory.members() if self.config.initial_peers else {}
         swarm_round = max((r.round for r in members.values() if r.serving), default=0)
@@ -329,10 +357,15 @@ class Daemon:
     def _record(self) -> NodeRecord:
         return NodeRecord(peer_id=self.peer_id, endpoint=self.endpoint, stages=tuple(self.stages),
                           compute_s=self.executor.compute_seconds() or self._compute_s,
-                          memory_slots=self.config.memory_slots, role="data" if 0 in self.stages else "stage",
+                          memory_slots=self._planned_slots(), role="data" if 0 in self.stages else "stage",
                           version=VERSION, swarm=self.config.swarm, round=max(self.executor.round, 0),
                           state=self.state, metrics_url=self.metrics_url, maddrs=tuple(self.maddrs),
                           heartbeat_time=get_dht_time())
+
+    def _planned_slots(self) -> int:
+        """Microbatches planners may route through us at once: an origin keeps at most max_inflight of its own."""
+        cfg = self.config
+        return min(cfg.memory_slots, cfg.max_inflight) if 0 in self.stages else cfg.memory_slots
 
     def _announce(self) -> None:
         if not self.directory.announce(self._record(), timeout=self.config.dht_write_timeout):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protocol.records import NodeState
@@ -57,6 +57,23 @@ class NodeMetrics:
                                       registry=r)
         self.averaging_failures = Counter("swarm_node_averaging_failures",
                                           "Rounds whose gradient averaging did not reach every replica", registry=r)
+
+        # trust (issue 10): what this node refused from strangers and forgers
+        self.auth_refused = Counter("swarm_node_auth_refused", "RPCs refused as UNAUTHENTICATED (private swarms)",
+                                    ["method", "reason"], registry=r)
+        self.records_dropped = Counter("swarm_node_records_dropped",
+                                       "DHT records or plans this node read and ignored (unsigned, not the "
+                                       "planner's, malformed)", ["reason"], registry=r)
+
+    def watch_dht_refusals(self, read) -> None:
+        """Export the count of records the DHT process refused (bad signature or swarm-key MAC)."""
+        class _Collector:
+            def collect(self):
+                family = CounterMetricFamily("swarm_node_dht_records_refused",
+                                             "DHT records refused for a bad owner signature or swarm-key MAC")
+                family.add_metric([], read())
+                yield family
+        self.registry.register(_Collector())
 
     def set_loss(self, loss: float | None) -> None:
         """The last round's loss; None withdraws the series (a round that trained on no tokens has none)."""

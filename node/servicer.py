@@ -19,6 +19,7 @@ from protocol.envelope import check_envelope
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
+from protocol.rpc_auth import AuthRefused, SwarmAuth
 from protocol.state_codec import encode_state
 from protocol.tensor_codec import decode_frames
 
@@ -30,7 +31,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
     """Registered with `protocol.service.stage_service_handler`: Forward/Backward receive raw frames."""
 
     def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
-                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics, state_wait_s: float):
+                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics, state_wait_s: float,
+                 auth: SwarmAuth | None = None):
         self.swarm = swarm
         self.peer_id = peer_id
         self.num_stages = num_stages
@@ -39,6 +41,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.limits = limits
         self.metrics = metrics
         self.state_wait_s = state_wait_s  # the longest a FetchState without a deadline waits for its round
+        self.auth = auth  # private swarms: Forward/Backward tags are checked here, other calls by the interceptor
 
     def Forward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         return self._receive("Forward", request_iterator, context)
@@ -48,7 +51,12 @@ class StageServicer(pb_grpc.StageServiceServicer):
 
     def _receive(self, method: str, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         started = time.perf_counter()
-        env, tensor = decode_frames(frames, self.limits)
+        try:
+            check = None if self.auth is None else (lambda env, meta: self.auth.check_frames(method, env, meta))
+            env, tensor = decode_frames(frames, self.limits, check)
+        except AuthRefused as e:
+            self.metrics.auth_refused.labels(method=method, reason=e.kind).inc()
+            raise  # node.rpc_guard answers and counts it
         check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
                        num_stages=self.num_stages, limits=self.limits)
         accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
