@@ -102,8 +102,10 @@ class Daemon:
         """Stop taking work, withdraw from the DHT, and stop every thread and child process started."""
         self.stop.set()
         self.metrics.phase.state("stopping")
+        started = time.monotonic()
         self._teardown.close()
-        self.events.emit("stopped", peer_id=getattr(self, "peer_id", None))
+        log.info("stopped in %.1f s", time.monotonic() - started)
+        self.events.emit("stopped", peer_id=getattr(self, "peer_id", None), seconds=time.monotonic() - started)
 
     # ---- building -------------------------------------------------------------------------------------------
     def _build(self) -> None:
