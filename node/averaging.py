@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -76,13 +77,15 @@ class GradientExchange:
             self._left_out_before = max(self._left_out_before, round_ + 1)
             self._cv.notify_all()
 
-    def wait_posted(self, stage: int, round_: int, timeout: float) -> Contribution | None:
-        """The serving side of FetchGradients: ours for (stage, round), once posted; None if it never will be."""
+    def wait_posted(self, stage: int, round_: int, timeout: float,
+                    cancelled: Callable[[], bool] = lambda: False) -> Contribution | None:
+        """The serving side of FetchGradients: ours for (stage, round), once posted; None if it never will be
+        (or the caller went away)."""
         deadline = time.monotonic() + timeout
         with self._cv:
             while (stage, round_) not in self._posted:
                 left = deadline - time.monotonic()
-                if round_ < self._left_out_before or left <= 0:
+                if round_ < self._left_out_before or left <= 0 or cancelled():
                     return None
                 self._cv.wait(min(left, 0.5))
             return self._posted[(stage, round_)]
@@ -94,20 +97,23 @@ class GradientExchange:
 
     # ---- the all-reduce --------------------------------------------------------------------------------------
     def average(self, stage: int, round_: int, names: list[str], mine: Contribution,
-                replicas: dict[str, str], deadline: float) -> Averaged:
+                replicas: dict[str, str], deadline: float, stop: threading.Event) -> Averaged:
         """Average `mine` with the contributions of `replicas` (peer id -> endpoint) reachable by `deadline`
-        (monotonic). Posts `mine` first, so the others can pull it."""
+        (monotonic), or until `stop`. Posts `mine` first, so the others can pull it."""
         self.post(stage, round_, mine)
         got: dict[str, Contribution] = {self.peer_id: mine}
         others = sorted(p for p in replicas if p != self.peer_id)
         if others:
-            with ThreadPoolExecutor(max_workers=len(others), thread_name_prefix="avg") as pool:
-                pulls = {p: pool.submit(self._pull, replicas[p], stage, round_, names, mine, deadline)
-                         for p in others}
-                for peer, future in pulls.items():
-                    contribution = future.result()
-                    if contribution is not None:
-                        got[peer] = contribution
+            pool = ThreadPoolExecutor(max_workers=len(others), thread_name_prefix="avg")
+            pulls = {p: pool.submit(self._pull, replicas[p], stage, round_, names, mine, deadline) for p in others}
+            pool.shutdown(wait=False)
+            for peer, future in pulls.items():
+                while not future.done():
+                    if stop.wait(0.1):
+                        return Averaged(mine.grads, mine.count, {self.peer_id: (mine.count, mine.digest)})
+                contribution = future.result()
+                if contribution is not None:
+                    got[peer] = contribution
         total = sum(c.count for c in got.values())
         summed = []
         for i, g in enumerate(mine.grads):

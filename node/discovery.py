@@ -38,14 +38,21 @@ class SwarmDirectory:
         self._reported: set[tuple[int, bytes]] = set()  # plans already logged as refused, so polling stays quiet
 
     # ---- membership ------------------------------------------------------------------------------------------
-    def announce(self, record: NodeRecord) -> bool:
-        return bool(self.dht.store(nodes_key(self.swarm), record.to_value(), get_dht_time() + self.ttl,
-                                   subkey=self.owner))
+    def announce(self, record: NodeRecord, timeout: float | None = None) -> bool:
+        """Store our record; False if the DHT did not confirm it within `timeout` seconds."""
+        return self._store_own(record.to_value(), get_dht_time() + self.ttl, timeout)
 
-    def withdraw(self) -> bool:
+    def withdraw(self, timeout: float | None = None) -> bool:
         """Replace our record with a tombstone that outlives it, so peers stop routing to us at once."""
-        return bool(self.dht.store(nodes_key(self.swarm), TOMBSTONE, get_dht_time() + self.ttl + 1,
-                                   subkey=self.owner))
+        return self._store_own(TOMBSTONE, get_dht_time() + self.ttl + 1, timeout)
+
+    def _store_own(self, value, expiration: float, timeout: float | None) -> bool:
+        future = self.dht.store(nodes_key(self.swarm), value, expiration, subkey=self.owner, return_future=True)
+        try:
+            return bool(future.result(timeout))
+        except TimeoutError:  # a hung DHT process: the caller's heartbeat age shows it
+            future.cancel()
+            return False
 
     def members(self) -> dict[str, NodeRecord]:
         """Live, well-formed node records of this swarm, by peer id."""

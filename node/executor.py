@@ -75,7 +75,7 @@ class StageExecutor:
         # Per microbatch of the current round: its attempt and the hops this node still owes it (a re-route
         # replaces both). None once the round has ended.
         self._expected: dict[int, tuple[int, set[int]]] | None = None
-        self._admitted: set[tuple[int, int, int, int]] = set()  # forward keys taken this round: no duplicates
+        self._admitted: set[tuple[int, int, int, int]] = set()  # forward hops taken (queued, parked or done)
         # Origins of the current round that may still re-route a microbatch to us: the round stays open
         # until each says it is done (or is declared dead). Notices that arrive early wait in _done_early.
         self._origins_open: set[str] = set()
@@ -99,6 +99,11 @@ class StageExecutor:
     def round(self) -> int:
         return self._round
 
+    def resume_at(self, round_: int) -> None:
+        """A joining node copied the state after round_ - 1: take hops from `round_` on."""
+        with self._lock:
+            self._round = round_ - 1
+
     def compute_seconds(self) -> dict[int, float]:
         return dict(self._compute_s)
 
@@ -113,7 +118,6 @@ class StageExecutor:
             for mb, hop in expected:
                 self._expected.setdefault(mb, (0, set()))[1].add(hop)
             self._done = {}
-            self._admitted = {_key(t.env) for t in self._parked if t.env.round == round_}
             parked, self._parked = self._parked, []
         for task in parked:
             if task.env.round == round_ and (task.env.microbatch, task.env.hop) in expected:
@@ -175,8 +179,8 @@ class StageExecutor:
         with self._lock:
             counts = {s: self._done.get(s, 0) for s in self.stages}
             self._expected = None
-            self._admitted = set()
             self._pending_backward = {k for k in self._pending_backward if k[0] != round_}
+            self._admitted = {k for k in self._admitted if k[0] > round_}
         dropped = self.store.drop_round(round_)
         if dropped:
             log.warning("round %d ended with %d hops never backwarded; their activations were dropped",
@@ -189,9 +193,8 @@ class StageExecutor:
         if env.hop == 0:
             raise invalid("hop 0 is the origin's own: a Forward must address hop 1 or later")
         self._check_hidden(tensor, env)
-        if is_final_hop(env) and self.origin.labels(env.round, env.microbatch) is None:
-            raise ProtocolError(grpc.StatusCode.NOT_FOUND,
-                                f"round {env.round} microbatch {env.microbatch} did not start at this origin")
+        if is_final_hop(env):
+            self._check_final(env, tensor)
         with self._lock:
             self._check_round(env)
             key = _key(env)
@@ -233,6 +236,15 @@ class StageExecutor:
         self._queue.put(self._task(FORWARD, env, input_ids))
         return True
 
+    def _check_final(self, env: pb.Envelope, hidden: torch.Tensor) -> None:
+        """The last hop returns to its origin, which must hold labels of the matching [batch, seq]."""
+        labels = self.origin.labels(env.round, env.microbatch)
+        if labels is None:
+            raise ProtocolError(grpc.StatusCode.NOT_FOUND,
+                                f"round {env.round} microbatch {env.microbatch} did not start at this origin")
+        if tuple(hidden.shape[:2]) != tuple(labels.shape):
+            raise invalid(f"activations of shape {list(hidden.shape)} do not match this microbatch's labels "
+                          f"{list(labels.shape)}")
     def _task(self, kind: str, env: pb.Envelope, tensor: torch.Tensor) -> _Task:
         return _Task(queue_key(kind, time.monotonic(), env.microbatch), next(self._seq), kind, env, tensor)
 

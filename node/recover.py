@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Callable
 
 import grpc
@@ -32,8 +33,9 @@ _LAYER = re.compile(r"^param/layers\.(\d+)\.(.+)$")
 
 def recover_stages(trainers: dict[int, StageTrainer], members: dict[str, NodeRecord], me: str, swarm: str,
                    num_stages: int, clients: StageClients, checkpoints: StageCheckpoints | None,
-                   metrics: NodeMetrics, events: Callable[..., None]) -> int:
-    """Load each hosted stage from the best source; returns the round this node starts at."""
+                   metrics: NodeMetrics, events: Callable[..., None], stop: threading.Event,
+                   transfer_timeout: float) -> int:
+    """Load each hosted stage from the best source; returns the round this node starts at (early when `stop`)."""
     serving = {p: r for p, r in members.items() if r.serving and p != me}
     swarm_round = max((r.round for r in serving.values()), default=0)
     for stage, trainer in trainers.items():
@@ -52,8 +54,11 @@ def recover_stages(trainers: dict[int, StageTrainer], members: dict[str, NodeRec
         replicas = sorted(p for p, r in serving.items() if stage in r.stages and r.round > 0)
         answered = False  # a dead replica's record outlives it: only one that answers counts
         for peer in replicas:
+            if stop.is_set():
+                return swarm_round
             try:
-                got, tensors, metadata = clients.fetch_state(serving[peer].endpoint, swarm, stage)
+                got, tensors, metadata = clients.fetch_state(serving[peer].endpoint, swarm, stage,
+                                                             timeout=transfer_timeout)
             except grpc.RpcError as e:
                 log.warning("could not fetch stage %d from %s: %s", stage, peer[-8:], e.details())
                 continue
@@ -65,7 +70,7 @@ def recover_stages(trainers: dict[int, StageTrainer], members: dict[str, NodeRec
                 loaded(source, completed)
             break
         if not answered and source is None and swarm_round > 0:
-            source, completed = _rebuild_lost(stage, trainer, serving, swarm, num_stages, clients)
+            source, completed = _rebuild_lost(stage, trainer, serving, swarm, num_stages, clients, transfer_timeout)
             if source is not None:
                 loaded(source, completed)
         swarm_round = max(swarm_round, completed + 1)
@@ -73,12 +78,12 @@ def recover_stages(trainers: dict[int, StageTrainer], members: dict[str, NodeRec
 
 
 def _rebuild_lost(stage: int, trainer: StageTrainer, serving: dict[str, NodeRecord], swarm: str, num_stages: int,
-                  clients: StageClients) -> tuple[str | None, int]:
+                  clients: StageClients, timeout: float) -> tuple[str | None, int]:
     """The stage's last replica is gone: the newest checkpoint a live peer holds, else CheckFree."""
     best = None
     for peer, record in sorted(serving.items()):
         try:
-            got, tensors, metadata = clients.fetch_state(record.endpoint, swarm, stage, timeout=30)
+            got, tensors, metadata = clients.fetch_state(record.endpoint, swarm, stage, timeout=timeout)
         except grpc.RpcError:
             continue  # no checkpoint of it there
         if best is None or got > best[0]:
@@ -96,7 +101,7 @@ def _rebuild_lost(stage: int, trainer: StageTrainer, serving: dict[str, NodeReco
             if other not in record.stages:
                 continue
             try:
-                neighbours[other] = clients.fetch_state(record.endpoint, swarm, other, timeout=30)
+                neighbours[other] = clients.fetch_state(record.endpoint, swarm, other, timeout=timeout)
                 break
             except grpc.RpcError as e:
                 log.warning("could not fetch neighbouring stage %d from %s: %s", other, peer[-8:], e.details())

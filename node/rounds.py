@@ -99,6 +99,7 @@ class RoundLoop:
 
     # ---- planning ----------------------------------------------------------------------------------------------
     def _await_plan(self, round_: int, stop: threading.Event) -> RoundPlan | None:
+        self.metrics.phase.state("planning")
         waited = time.monotonic()
         while not stop.is_set():
             plan = self.directory.fetch_plan(round_)
@@ -183,6 +184,7 @@ class RoundLoop:
 
     # ---- one round ---------------------------------------------------------------------------------------------
     def _run_round(self, plan: RoundPlan, stop: threading.Event) -> None:
+        self.metrics.phase.state("compute")
         started = time.monotonic()
         deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
         work = plan.work_of(self.peer_id)
@@ -208,6 +210,7 @@ class RoundLoop:
         counts = self.executor.end_round(plan.round)
         if stop.is_set():
             log.info("stopping: round %d abandoned", plan.round)
+            self.metrics.rounds_aborted.inc()
             return
         if not complete:
             log.warning("round %d timed out; stepping with the microbatches that finished", plan.round)
@@ -217,10 +220,14 @@ class RoundLoop:
         finished = time.monotonic()
         grace = max(3.0, finished - started)
         pull_until = min(finished + grace, deadline + min(10.0, self.s.round_timeout / 2))
+        self.metrics.phase.state("averaging")
         for stage, trainer in self.trainers.items():
             grad_norms[stage], averaged_with[stage] = self._reduce_and_step(plan, stage, counts.get(stage, 0),
-                                                                            pull_until)
+                                                                            pull_until, stop)
         self.exchange.passed(plan.round)
+        (self.metrics.rounds_completed if complete and not stop.is_set() else self.metrics.rounds_aborted).inc()
+        if stop.is_set():  # averaging was cut short: the process is about to exit
+            return
         self._checkpoint(plan.round)
         wall = time.monotonic() - started
         self.metrics.round_seconds.observe(wall)
@@ -235,15 +242,14 @@ class RoundLoop:
         if result is not None:
             fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed),
                           reroutes=result.reroutes, plan=plan.to_value())
-            if result.mean_loss is not None:
-                self.metrics.loss.set(result.mean_loss)
+            self.metrics.set_loss(result.mean_loss if result.tokens else None)
             self.metrics.tokens.inc(result.tokens)
             log.info("round %d: loss %s, %d tokens, %.2fs", plan.round,
                      f"{result.mean_loss:.4f}" if result.mean_loss is not None else "n/a", result.tokens, wall)
         self.events.emit("round", **fields)
 
-    def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int,
-                         pull_until: float) -> tuple[float | None, int]:
+    def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int, pull_until: float,
+                         stop: threading.Event) -> tuple[float | None, int]:
         """Average this stage's gradients with its replicas in the plan, weighted by microbatches, then step.
 
         Each replica also shares the digest of the weights it computed with. A replica whose weights
@@ -255,7 +261,8 @@ class RoundLoop:
         members = {h.peer_id: h.endpoint for mb in plan.microbatches for h in mb.path if h.stage == stage}
         replicas = {p: e for p, e in members.items() if p not in dead or p == self.peer_id}
         mine = Contribution([g.detach().clone() for g in trainer.grads()], count, trainer.digest())
-        averaged = self.exchange.average(stage, plan.round, trainer.names, mine, replicas, pull_until)
+        averaged = self.exchange.average(stage, plan.round, trainer.names, mine, replicas, pull_until,
+                                         stop)
         if len(averaged.peers) < len(members):
             self.metrics.averaging_failures.inc()
             log.warning("stage %d round %d: averaged with %d of the plan's %d replicas", stage, plan.round,
@@ -276,6 +283,7 @@ class RoundLoop:
     # ---- a round this node was left out of ----------------------------------------------------------------------
     def _catch_up(self, plan: RoundPlan, stop: threading.Event) -> None:
         """Not in this round's plan (e.g. just joined): copy each stage's state from a replica that is."""
+        self.metrics.phase.state("catch_up")
         self.executor.begin_round(plan.round, set())
         self.executor.end_round(plan.round)
         self.exchange.passed(plan.round)

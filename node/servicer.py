@@ -1,4 +1,8 @@
-"""The server side of the data plane: StageService. Every refusal is a gRPC status with a reason."""
+"""The server side of the data plane: StageService.
+
+Handlers refuse by raising `ProtocolError` or calling `context.abort`; `node.rpc_guard` counts every
+refusal and turns anything unexpected into INTERNAL with a reason.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
     """Registered with `protocol.service.stage_service_handler`: Forward/Backward receive raw frames."""
 
     def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
-                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics,
+                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics, state_wait_s: float,
                  exchange: GradientExchange | None = None,
                  on_failure_report: Callable[[pb.FailureReport], None] | None = None,
                  checkpoint_state: Callable[[int], tuple[int, dict, dict] | None] | None = None,
@@ -44,6 +48,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.exchange = exchange
         self.on_failure_report = on_failure_report
         self.checkpoint_state = checkpoint_state  # stage -> (round, tensors, metadata) of a stage we do not host
+        self.state_wait_s = state_wait_s  # the longest a FetchState without a deadline waits for its round
         self.auth = auth  # private swarms: Forward/Backward tags are checked here, other calls by the interceptor
 
     def Forward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
@@ -57,15 +62,13 @@ class StageServicer(pb_grpc.StageServiceServicer):
         try:
             check = None if self.auth is None else (lambda env, meta: self.auth.check_frames(method, env, meta))
             env, tensor = decode_frames(frames, self.limits, check)
-            check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
-                           num_stages=self.num_stages, limits=self.limits)
-            accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
-            queued = accept(env, tensor)
-        except ProtocolError as e:
-            if isinstance(e, AuthRefused):
-                self.metrics.auth_refused.labels(method=method, reason=e.kind).inc()
-            self.metrics.rpc_errors.labels(method=method, code=e.code.name).inc()
-            context.abort(e.code, e.reason)
+        except AuthRefused as e:
+            self.metrics.auth_refused.labels(method=method, reason=e.kind).inc()
+            raise  # node.rpc_guard answers and counts it
+        check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
+                       num_stages=self.num_stages, limits=self.limits)
+        accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
+        queued = accept(env, tensor)
         self.metrics.received_bytes.inc(tensor.numel() * tensor.element_size())
         self.metrics.rpc_seconds.labels(method=method, side="server").observe(time.perf_counter() - started)
         return pb.Ack(queued=queued)
@@ -89,8 +92,10 @@ class StageServicer(pb_grpc.StageServiceServicer):
             round_, tensors, metadata = saved
             yield from encode_state(tensors, metadata, round_, self.limits.chunk_bytes)
             return
-        if request.min_round >= 0 and not trainer.wait_completed(request.min_round, context.time_remaining() or 60):
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {request.min_round} did not complete in time")
+        if request.min_round >= 0 and not trainer.wait_completed(request.min_round, context.time_remaining() or
+                                                                 self.state_wait_s, lambda: not context.is_active()):
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"round {request.min_round} did not complete here in time, "
+                                                       f"or this node is stopping")
         tensors, metadata = trainer.export(include_grads=request.include_grads)
         yield from encode_state(tensors, metadata, trainer.completed_round, self.limits.chunk_bytes)
 
@@ -124,7 +129,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
         trainer = self.trainers.get(request.stage)
         if trainer is None or self.exchange is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not host stage {request.stage}")
-        mine = self.exchange.wait_posted(request.stage, request.round, context.time_remaining() or 30.0)
+        mine = self.exchange.wait_posted(request.stage, request.round, context.time_remaining() or self.state_wait_s,
+                                         lambda: not context.is_active())
         if mine is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"no gradients for stage {request.stage} round {request.round}: this node did not take part")

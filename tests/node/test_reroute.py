@@ -6,13 +6,13 @@ from collections import Counter
 
 from node.planning import plan_round
 from node.reroute import Rerouter, expected_round_seconds, plan_around_missing
-from protocol.records import NodeRecord
+from protocol.records import NodeRecord, NodeState
 
 
 def record(peer: str, stages: tuple[int, ...], compute: float = 0.01) -> NodeRecord:
     return NodeRecord(peer_id=peer, endpoint=f"h:{peer}", stages=stages, compute_s={s: compute for s in stages},
                       memory_slots=8, role="data" if 0 in stages else "stage", version="t", swarm="s", round=0,
-                      serving=True)
+                      state=NodeState.SERVING)
 
 
 def members(*specs):
