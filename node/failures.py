@@ -199,8 +199,8 @@ class HopWatch:
             if verdict is not None:
                 self.dead.declare(nxt.peer_id, verdict)
                 self.reporter.report(env, nxt.peer_id, verdict, f"hop {env.hop + 1} ({nxt.peer_id[-8:]}) {verdict}")
-            elif now - saved.since > self.hop_deadline_s:
-                self.reporter.report(env, "", DEADLINE,
+            elif now - saved.since > self.hop_deadline_s:  # alive but not serving us in time: avoid it this round
+                self.reporter.report(env, nxt.peer_id, DEADLINE,
                                      f"no gradient for hop {env.hop} after {now - saved.since:.1f}s")
 
     def _probe(self, peer: str, endpoint: str) -> str | None:
