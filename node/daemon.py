@@ -346,7 +346,7 @@ class Daemon:
                           memory_slots=self._planned_slots(), role="data" if 0 in self.stages else "stage",
                           version=VERSION, swarm=self.config.swarm, round=max(self.executor.round, 0),
                           state=self.state, metrics_url=self.metrics_url, maddrs=tuple(self.maddrs),
-                          heartbeat_time=get_dht_time())
+                          heartbeat_time=get_dht_time(), num_stages=self.config.num_stages)
 
     def _planned_slots(self) -> int:
         """Microbatches planners may route through us at once: an origin keeps at most max_inflight of its own."""

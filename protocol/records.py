@@ -64,6 +64,7 @@ class NodeRecord:
     metrics_url: str = ""
     maddrs: tuple[str, ...] = ()
     heartbeat_time: float = 0.0  # DHT time of the beat that wrote this record
+    num_stages: int = 0  # the swarm's pipeline depth as this node runs it (0: not said), for `status`
 
     @property
     def serving(self) -> bool:
@@ -106,6 +107,8 @@ class NodeRecord:
             maddrs=tuple(m for m in value.get("maddrs", []) if isinstance(m, str)),
             heartbeat_time=float(value.get("heartbeat_time", 0.0)) if isinstance(value.get("heartbeat_time"),
                                                                                   (int, float)) else 0.0,
+            num_stages=value["num_stages"] if isinstance(value.get("num_stages"), int)
+            and not isinstance(value.get("num_stages"), bool) and value["num_stages"] > 0 else 0,
         )
 
 

@@ -11,6 +11,7 @@ Steps 2 and 3 overlap, so that the nodes' start-ups do too.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import urllib.request
@@ -18,7 +19,7 @@ import urllib.request
 import pytest
 
 from node.local_swarm import LocalSwarm
-from tests.helpers import wait_for
+from tests.helpers import run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +79,7 @@ def test_kill_restart_and_lose_a_stage(tmp_path):
         assert sum(metric(n, "swarm_node_failed_hops_total") for n in alive) >= 1
         assert metric(data, "swarm_node_reroutes_total") >= 1
         assert sum(e.get("reroutes", 0) for e in history.values()) >= 1
+        assert metric(data, "swarm_node_rounds_aborted_total") == 0
 
         # 2. Restart it with the same identity and checkpoint directory, and meanwhile (3.) kill the only
         # node of stage 2, then start a new node for stage 2.
@@ -105,6 +107,8 @@ def test_kill_restart_and_lose_a_stage(tmp_path):
         wait_for(lambda: max(rounds(data)) >= mark + 2, 120, "two rounds without stage 2")
         skipped = [e for r, e in rounds(data).items() if mark < r <= mark + 2]
         assert all(e["stage_visits"][2] == 0 and e["failed"] == 0 and e["missing_stages"] == [2] for e in skipped)
+        status = run_cli("status", "--swarm", "churn", "--json", "--initial-peers", *swarm.initial_peers())
+        assert status.returncode == 0 and json.loads(status.stdout)["missing_stages"] == [2], status.stdout
 
         # The new stage-2 node found no replica or checkpoint left: CheckFree rebuilt it from stage 1.
         swarm.wait_started([new2], timeout=120)
