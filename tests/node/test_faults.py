@@ -91,6 +91,8 @@ def test_kill_restart_and_lose_a_stage(tmp_path):
         wait_for(lambda: "stage 2 has no live replica; training continues on paths that skip it" in log(data), 60,
                  "the planner to say stage 2 is skipped")
         mark = max(rounds(data))
+        status = run_cli("status", "--swarm", "churn", "--json", "--initial-peers", *swarm.initial_peers())
+        assert status.returncode == 0 and json.loads(status.stdout)["missing_stages"] == [2], status.stdout
         new2 = swarm.start_node("s2new", "2", initial_peers=swarm.initial_peers())
 
         # The restarted node resumed from its checkpoint, then copied its replica's newer state, and follows.
@@ -107,8 +109,6 @@ def test_kill_restart_and_lose_a_stage(tmp_path):
         wait_for(lambda: max(rounds(data)) >= mark + 2, 120, "two rounds without stage 2")
         skipped = [e for r, e in rounds(data).items() if mark < r <= mark + 2]
         assert all(e["stage_visits"][2] == 0 and e["failed"] == 0 and e["missing_stages"] == [2] for e in skipped)
-        status = run_cli("status", "--swarm", "churn", "--json", "--initial-peers", *swarm.initial_peers())
-        assert status.returncode == 0 and json.loads(status.stdout)["missing_stages"] == [2], status.stdout
 
         # The new stage-2 node found no replica or checkpoint left: CheckFree rebuilt it from stage 1.
         swarm.wait_started([new2], timeout=120)
