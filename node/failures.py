@@ -145,11 +145,15 @@ class RerouteNotifier:
             if p != self.peer_id:
                 self._pool.submit(self._send, endpoint, notice, "RoundDone")
 
-    def _send(self, endpoint: str, notice, method: str = "Reroute") -> None:
-        try:
-            getattr(self.clients.stub(endpoint), method)(notice, timeout=self.timeout_s)
-        except grpc.RpcError as e:  # it learns from the re-sent hop itself, or its round times out
-            log.debug("%s notice to %s failed: %s", method, endpoint, e.code().name)
+    def _send(self, endpoint: str, notice, method: str = "Reroute", tries: int = 3) -> None:
+        for _ in range(tries):  # a lost notice costs the receiver its round deadline: try a few times
+            try:
+                getattr(self.clients.stub(endpoint), method)(notice, timeout=self.timeout_s)
+                return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # gone, or refused: retrying will not help
+                    log.debug("%s notice to %s failed: %s", method, endpoint, e.code().name)
+                    return
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
