@@ -98,6 +98,7 @@ def test_kill_restart_and_lose_a_stage(tmp_path):
         # The restarted node resumed from its checkpoint, then copied its replica's newer state, and follows.
         swarm.wait_started([back], timeout=120)
         assert back.started()["peer_id"] == victim_peer
+        wait_for(lambda: back.events("serving"), 120, "the restarted node to join")
         assert "resumed from its checkpoint" in log(back)
         assert [e["source"] for e in back.events("stage_recovered")] == ["checkpoint", "replica"]
         e = wait_for(lambda: next((e for e in back.events() if e["event"] in ("round", "caught_up")), None), 120,
@@ -112,6 +113,7 @@ def test_kill_restart_and_lose_a_stage(tmp_path):
 
         # The new stage-2 node found no replica or checkpoint left: CheckFree rebuilt it from stage 1.
         swarm.wait_started([new2], timeout=120)
+        wait_for(lambda: new2.events("serving"), 120, "the new stage-2 node to join")
         assert "rebuilt by CheckFree" in log(new2)
         assert [e["source"] for e in new2.events("stage_recovered")] == ["checkfree"]
         wait_for(lambda: any(e["stage_visits"][2] > 0 for e in rounds(data).values() if e["round"] > mark), 120,
