@@ -98,55 +98,31 @@ def plan(args: argparse.Namespace) -> int:
 
 @_usage_errors
 def train_cmd(args: argparse.Namespace) -> int:
-    import torch
     from transformers import LlamaForCausalLM
 
-    from experts.branch import branch
-    from experts.checkpoint import MANIFEST, load_expert, new_model
-    from experts.train import Identity, TrainConfig, train
+    from experts.checkpoint import load_expert, new_model
+    from experts.run import ExpertSettings, train_ensemble, train_seed
     from lm.build import resolve_device
-    from lm.data import TokenStream
 
     if args.method == "all":
         raise UsageError("experts train takes one --method (MHo-IHo, MHe-IHo or MHo-IHe)")
     domains, tokenizer = _load_domains(args)
-    device = str(resolve_device(args.device))
     out = Path(args.out)
-
-    def tcfg(steps: int, seed: int) -> TrainConfig:
-        return TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=seed,
-                           device=device, dtype=args.dtype, save_every=args.save_every)
-
+    settings = ExpertSettings(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                              save_every=args.save_every, device=str(resolve_device(args.device)), dtype=args.dtype)
     if args.seed_model:
-        seed_model, seed_manifest = load_expert(args.seed_model, device)
+        seed_model, seed_manifest = load_expert(args.seed_model, settings.device)
     else:
         config, checkpoint_dir = _model_spec(args, tokenizer.vocab_size)
-        start = (LlamaForCausalLM.from_pretrained(checkpoint_dir) if checkpoint_dir
-                 else new_model(config, args.seed))
-        mixed = TokenStream(torch.cat([d.train.tokens for d in domains.trained]))
-        mixed_dev = TokenStream(torch.cat([d.dev.tokens for d in domains.trained]))
-        seed_manifest = train(start, mixed, mixed_dev, tcfg(args.seed_steps, args.seed), out / "seed-model",
-                              Identity("seed-model", "*", tokenizer.name),
-                              resume=args.resume and (out / "seed-model" / MANIFEST).is_file()).manifest
-        seed_model = start
+        seed_model = (LlamaForCausalLM.from_pretrained(checkpoint_dir) if checkpoint_dir
+                      else new_model(config, args.seed))
+        seed_manifest = train_seed(seed_model, domains, args.seed_steps, settings, out / "seed-model",
+                                   tokenizer.name, args.seed, args.resume)
         print(f"seed model: {out / 'seed-model'} (dev ppl {seed_manifest.val_ppl:.3f})")
     [the_plan] = _plans(args, domains, seed_model.config, seed_model)
     print(the_plan.table())
-    names = [d.name for d in domains.trained]
-    for ep in the_plan.experts:
-        i = names.index(ep.domain)  # registry order: an expert's seed does not depend on the ranking
-        if args.only and ep.domain not in args.only:
-            continue
-        identity = Identity.branched_from(seed_manifest, f"{args.method}/{ep.domain}", ep.domain,
-                                          {"method": args.method, "intermediate_size": ep.intermediate_size,
-                                           "data_sha256": domains.get(ep.domain).sha256})
-        model = branch(seed_model, ep.intermediate_size, seed=args.seed * 1000 + i)
-        result = train(model, domains.get(ep.domain).train, domains.get(ep.domain).dev,
-                       tcfg(ep.steps, args.seed * 1000 + i), out / args.method / ep.domain, identity,
-                       resume=args.resume and (out / args.method / ep.domain / MANIFEST).is_file())
-        m = result.manifest
-        print(f"{ep.domain}: {out / args.method / ep.domain} steps {m.steps}/{m.target_steps} "
-              f"dev ppl {m.val_ppl:.3f} sha256 {m.weights_sha256[:16]}")
+    train_ensemble(seed_model, seed_manifest, domains, the_plan, settings, out / args.method, args.seed,
+                   args.resume, only=args.only)
     return 0
 
 
