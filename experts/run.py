@@ -7,6 +7,8 @@ manifest's lineage are the same wherever an expert comes from.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +56,8 @@ def train_seed(start: LlamaForCausalLM, domains: Domains, steps: int, settings: 
 
 def train_expert(seed_model: LlamaForCausalLM, seed_manifest: Manifest, domain: Domain, plan: ExpertPlan,
                  name: str, settings: ExpertSettings, out_dir: Path, seed: int, extra: dict,
-                 resume: bool = True, hooks: TrainHooks | None = None, progress: bool = True) -> TrainResult:
+                 resume: bool = True, hooks: TrainHooks | None = None, stop_at: int | None = None,
+                 progress: bool = True) -> TrainResult:
     """Branch an expert for `domain` from the seed at the plan's width and train it to the plan's steps.
 
     With `resume`, a checkpoint already in `out_dir` continues where it stopped (same step, losses and data
@@ -65,7 +68,18 @@ def train_expert(seed_model: LlamaForCausalLM, seed_manifest: Manifest, domain: 
                                        "data_sha256": domain.sha256})
     model = branch(seed_model, plan.intermediate_size, seed=seed)  # on resume, the checkpoint overwrites it
     return train(model, domain.train, domain.dev, settings.train_config(plan.steps, seed), out_dir, identity,
-                 resume=resume and can_resume(out_dir), hooks=hooks, progress=progress)
+                 resume=resume and can_resume(out_dir), hooks=hooks, stop_at=stop_at, progress=progress)
+
+
+def describe_seed(model: LlamaForCausalLM, name: str, tokenizer: str, source: str) -> Manifest:
+    """A manifest for a seed that was not trained here (pipeline weights, a seeded init): its hash starts lineages."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return Manifest(name=name, domain="*", config=json.loads(model.config.to_json_string(use_diff=False)),
+                    tokenizer=tokenizer, seed_hash="", parent=None, lineage=[], steps=0, target_steps=0, tokens=0,
+                    flops=0.0, val_ppl=None, weights_sha256=digest.hexdigest(), extra={"source": source})
 
 
 def train_ensemble(seed_model: LlamaForCausalLM, seed_manifest: Manifest, domains: Domains, plan: Plan,

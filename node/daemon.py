@@ -28,8 +28,11 @@ from node.discovery import SwarmDirectory
 from node.errors import UsageError
 from node.events import EventLog
 from node.executor import StageExecutor
+from node.expert_metrics import ExpertMetrics
+from node.expert_node import ExpertRole, keep_catalogue
 from node.metrics import NodeMetrics
 from node.origin import Origin
+from node.roles import Role, choose_stages, relaunch_args
 from node.rounds import RoundLoop, RoundSettings
 from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
@@ -47,6 +50,9 @@ class Daemon:
         self.config = config
         self.limits = limits
         self.metrics = NodeMetrics()
+        self.expert_metrics = ExpertMetrics(self.metrics.registry)
+        self.expert_role: ExpertRole | None = None
+        self.relaunch: list[str] | None = None  # flags to restart with in another role (node/roles.py)
         self.events = EventLog(config.events_file)
         self.stop_event = threading.Event()
         self._started: list[str] = []  # what shutdown must undo, in start order
@@ -70,6 +76,14 @@ class Daemon:
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         self.directory = SwarmDirectory(self.dht, cfg.swarm, self.peer_id, ttl=cfg.record_ttl)
         self.stages = self._choose_stages()
+        if not self.stages:  # the expert role: no pipeline at all (node/expert_node.py)
+            self.expert_role = ExpertRole(self)
+            self.expert_role.start()
+            self.endpoint, self.metrics_url = self.expert_role.endpoint, self.expert_role.metrics_url
+            self.events.emit("started", peer_id=self.peer_id, maddrs=self.maddrs, endpoint=self.endpoint,
+                             metrics_url=self.metrics_url, stages=[], role="expert", first_round=0)
+            return
+        self.expert_metrics.set_role("data" if 0 in self.stages else "stage")
         self.averagers = {s: StageGradientAverager(self.dht, cfg.swarm, s, _param_shapes(self.spec, s, cfg),
                                                    timeout=cfg.round_timeout) for s in self.stages}
         self._started.append("averagers")
@@ -100,8 +114,11 @@ class Daemon:
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat_thread.start()
         self._announce()
+        if cfg.new_swarm:  # whoever starts the swarm sets the experts' domain catalogue
+            keep_catalogue(self)
         self.events.emit("started", peer_id=self.peer_id, maddrs=self.maddrs, endpoint=self.endpoint,
-                         metrics_url=self.metrics_url, stages=self.stages, first_round=first_round)
+                         metrics_url=self.metrics_url, stages=self.stages, role="data" if 0 in self.stages else "stage",
+                         first_round=first_round)
 
     def _start_dht(self) -> DHT:
         cfg = self.config
@@ -119,17 +136,10 @@ class Daemon:
         return dht
 
     def _choose_stages(self) -> list[int]:
-        explicit = self.config.hosted_stages()
-        if explicit is not None:
-            return explicit
-        # auto: the stage with the fewest serving replicas (ties: the earliest), so the swarm fills evenly
-        members = self.directory.members() if self.config.initial_peers else {}
-        replicas = {s: 0 for s in range(self.config.num_stages)}
-        for record in members.values():
-            for s in record.stages:
-                if s in replicas:
-                    replicas[s] += 1
-        return [min(replicas, key=lambda s: (replicas[s], s))]
+        """The stages to host by --role and --stages (node/roles.py); none for the expert role."""
+        cfg = self.config
+        members = self.directory.members() if cfg.initial_peers and cfg.role != Role.EXPERT else {}
+        return choose_stages(cfg.role, cfg.hosted_stages(), members, cfg.num_stages, cfg.min_replicas)
 
     def _sync_state(self) -> int:
         """A node joining a running swarm copies each stage from a replica; returns the round to start at."""
@@ -231,6 +241,12 @@ class Daemon:
     # ---- running and stopping --------------------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.config
+        if self.expert_role is not None:
+            stage = self.expert_role.run(self.stop_event)
+            if stage is not None:  # the pipeline comes first: restart as that stage's replica
+                self.relaunch = relaunch_args(Role.STAGE, str(stage))
+                self.events.emit("relaunch", role="stage", stage=stage)
+            return
         activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
         settings = RoundSettings(swarm=cfg.swarm, num_stages=cfg.num_stages, visits=cfg.visits or cfg.num_stages,
                                  microbatches=cfg.microbatches, activation_bytes=activation_bytes,
@@ -244,6 +260,8 @@ class Daemon:
         """Stop taking work, withdraw our DHT records, and stop every thread and child process we started."""
         self.stop_event.set()
         started = self._started
+        if self.expert_role is not None:
+            self.expert_role.shutdown()
         if "grpc" in started:
             for name in ("", "swarm.v1.StageService"):
                 self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

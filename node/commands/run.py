@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -41,5 +42,8 @@ def run(args: argparse.Namespace) -> int:
         daemon.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if daemon.relaunch:  # a new role (node/roles.py): the same command line, the new role's flags last
+        print(f"swarm-node: restarting with {' '.join(daemon.relaunch)}", file=sys.stderr, flush=True)
+        os.execv(sys.executable, [sys.executable, "-m", "node", *sys.argv[1:], *daemon.relaunch])
     print("swarm-node: stopped", file=sys.stderr, flush=True)
     return 0
