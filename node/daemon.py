@@ -254,7 +254,18 @@ class Daemon:
         loop = RoundLoop(settings,
                          self.peer_id, self.directory, self.executor, self.trainers, self.averagers, self.origin,
                          self.clients, self.metrics, self.events)
+        if cfg.role == Role.AUTO and cfg.hosted_stages() is None:
+            loop.on_left_out = self._left_out
         loop.run(self.first_round, self.stop_event)
+
+    def _left_out(self, rounds: int) -> bool:
+        """An auto node the plans have not used for --idle-rounds rounds trains experts instead."""
+        if rounds < self.config.idle_rounds:
+            return False
+        log.info("left out of %d plans in a row: switching to experts", rounds)
+        self.relaunch = relaunch_args(Role.AUTO, "auto")
+        self.events.emit("relaunch", role="auto", stage=None)
+        return True
 
     def shutdown(self) -> None:
         """Stop taking work, withdraw our DHT records, and stop every thread and child process we started."""

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         dht.shutdown()
     rows = []
-    for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages), kv[0])):
+    for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages, default=-1), kv[0])):
         rows.append(dict(peer=peer, stages=",".join(map(str, r.stages)), role=r.role, endpoint=r.endpoint,
                          round=r.round, serving=r.serving,
                          compute_ms=round(1000 * sum(r.compute_s.values()), 1),
