@@ -8,7 +8,6 @@ its manifest is refused with DATA_LOSS and its record withdrawn.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import grpc
 
+from experts.manifest import sha256_open_file
 from protocol.generated.swarm.v1 import experts_pb2 as pb
 from protocol.generated.swarm.v1 import experts_pb2_grpc as pb_grpc
 from protocol.records import ExpertRecord
@@ -27,14 +27,6 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 WEIGHTS, CONFIG, MANIFEST = "model.safetensors", "config.json", "manifest.json"
-
-
-def _sha256_of(f) -> str:
-    digest = hashlib.sha256()
-    f.seek(0)
-    for block in iter(lambda: f.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -83,7 +75,7 @@ class ServedExperts:
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
         if served.checked == key:
             return True
-        if st.st_size != served.record.bytes or _sha256_of(f) != served.record.sha256:
+        if st.st_size != served.record.bytes or sha256_open_file(f) != served.record.sha256:
             return False
         served.checked = key
         return True
@@ -178,7 +170,7 @@ def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: f
                 log.warning("expert %s: download interrupted at %d bytes (%s); resuming", record.id,
                             partial.stat().st_size, e.code().name)
     with open(partial, "rb") as f:
-        actual = _sha256_of(f)
+        actual = sha256_open_file(f)
     if actual != record.sha256:
         partial.unlink()
         raise FetchError(f"expert {record.id}: downloaded bytes have sha256 {actual[:16]}..., the manifest says "
