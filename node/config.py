@@ -94,6 +94,16 @@ def _device(value: Any) -> str:
     raise ValueError("must be auto, cpu, cuda or cuda:<index>")
 
 
+def _emulation_file(value: Any) -> str:
+    """A link-emulation file, read and checked now so a malformed one stops the node at once."""
+    text = str(value)
+    if text:
+        from node.link_emulation import LinkEmulator  # stdlib only
+
+        LinkEmulator.load(text)  # EmulationError is a ValueError with a one-line reason
+    return text
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -139,6 +149,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("torch_threads", _int, "torch intra-op threads (0: torch's default)"),
     Option("events_file", str, "append one JSON line per event (round done, loss, weights digest)"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
+    # -- skippipe: measured links and link emulation
+    Option("min_nodes", _int, "plan no round until this many nodes serve (a local swarm starting together)"),
+    Option("links_refresh_rounds", _positive_int, "rounds between refreshes of this node's measured links"),
+    Option("save_model", str, "after the last round (--rounds), write each hosted stage into this HF "
+           "LlamaForCausalLM checkpoint directory (safetensors, one shard per stage; lm/whole.py)", "DIR"),
+    Option("emulate_links", _emulation_file, "TEST TOOL: delay and throttle sends as if nodes sat in the regions "
+           "this JSON file gives their endpoints (node/link_emulation.py); off when empty", "FILE"),
+    # trust (issue 10): private swarms
+    Option("swarm_key", str, "swarm key file (make one with 'swarm-node keygen PATH'): a private swarm that only "
+                             "holders of the key can join"),
     # ---- roles and HDEE domain experts (node/roles.py, node/expert_node.py) ----
     Option("role", _choice("auto", "stage", "expert"),
            "stage, expert, or auto: a stage while one has fewer than --min-replicas live replicas, else experts"),
@@ -193,6 +213,13 @@ class NodeConfig:
     torch_threads: int = 0
     events_file: str = ""
     log_level: str = "info"
+    # -- skippipe
+    min_nodes: int = 0
+    links_refresh_rounds: int = 3
+    save_model: str = ""
+    emulate_links: str = ""
+    # trust (issue 10)
+    swarm_key: str = ""  # path of the 256-bit key file; empty: a public swarm
     # roles and experts
     role: str = "auto"
     min_replicas: int = 1

@@ -22,6 +22,7 @@ from lm.data import load_corpus
 from lm.presets import ModelSpec, resolve_model, stage_layers
 from lm.stage import PipelineStage
 from lm.tokenizer import load_tokenizer
+from lm.whole import save_stage_shard
 from node.averaging import StageGradientAverager
 from node.config import NodeConfig
 from node.discovery import SwarmDirectory
@@ -30,6 +31,8 @@ from node.events import EventLog
 from node.executor import StageExecutor
 from node.expert_metrics import ExpertMetrics
 from node.expert_node import ExpertRole, keep_catalogue
+from node.link_emulation import LinkEmulator
+from node.links import LinkBook, LinkMeter, LinkSettings, ping_with
 from node.metrics import NodeMetrics
 from node.origin import Origin
 from node.roles import Role, choose_stages, relaunch_args
@@ -37,6 +40,7 @@ from node.rounds import RoundLoop, RoundSettings
 from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
 from node.transport import HopSender, StageClients
+from node.trust import NodeTrust
 from protocol.grpc_options import server_options
 from protocol.limits import WireLimits
 from protocol.service import stage_service_handler
@@ -71,10 +75,14 @@ class Daemon:
                              f"the tokenizer's {self.tokenizer.vocab_size}; give the matching --tokenizer")
         _usage(stage_layers, self.spec.config.num_hidden_layers, cfg.num_stages)
 
+        self.trust = NodeTrust.create(cfg.identity_path, cfg.swarm_key)
+        self._started.append("trust")
         self.dht = self._start_dht()
         self.peer_id = self.dht.peer_id.to_base58()
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
-        self.directory = SwarmDirectory(self.dht, cfg.swarm, self.peer_id, ttl=cfg.record_ttl)
+        self.metrics.watch_dht_refusals(lambda: self.trust.refused_records.value)
+        self.directory = SwarmDirectory(self.dht, cfg.swarm, self.peer_id, ttl=cfg.record_ttl, owner=self.trust.owner,
+                                        on_dropped=lambda reason: self.metrics.records_dropped.labels(reason).inc())
         self.stages = self._choose_stages()
         if not self.stages:  # the expert role: no pipeline at all (node/expert_node.py)
             self.expert_role = ExpertRole(self)
@@ -92,14 +100,17 @@ class Daemon:
                    for s in self.stages}
         self.trainers = {s: StageTrainer(m, cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.warmup_rounds)
                          for s, m in modules.items()}
-        self.clients = StageClients(self.limits)
+        self.clients = StageClients(self.limits, self.trust.auth)
         first_round = self._sync_state()
         compute_s = self._measure_compute(modules)
 
         self.executor = StageExecutor(self.peer_id, modules, self.device, self.dtype, cfg.memory_slots,
                                       self.metrics, send=self._send, first_round=first_round)
+        self.emulator = LinkEmulator.load(cfg.emulate_links) if cfg.emulate_links else None  # a test tool
+        self.link_meter = LinkMeter(self.peer_id, LinkSettings(refresh_rounds=cfg.links_refresh_rounds))
         self.sender = HopSender(self.peer_id, self.clients, self.metrics, local=self._accept_local,
-                                on_give_up=self._gave_up, deadline_s=cfg.round_timeout)
+                                on_give_up=self._gave_up, deadline_s=cfg.round_timeout, emulator=self.emulator,
+                                on_sent=self.link_meter.observe_send)
         self.origin = None
         if 0 in self.stages:
             data = _usage(load_corpus, cfg.data, cfg.dataset or None, self.tokenizer)
@@ -123,9 +134,7 @@ class Daemon:
     def _start_dht(self) -> DHT:
         cfg = self.config
         kwargs = dict(host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.dht_port}"], start=True,
-                      initial_peers=cfg.initial_peers or [])
-        if cfg.identity_path:
-            kwargs["identity_path"] = cfg.identity_path
+                      initial_peers=cfg.initial_peers or [], **self.trust.dht_kwargs())
         if cfg.announce_host:
             kwargs["announce_maddrs"] = [f"/ip4/{cfg.announce_host}/tcp/{cfg.dht_port}"]
         try:
@@ -177,10 +186,11 @@ class Daemon:
     def _start_grpc(self) -> None:
         cfg = self.config
         self.server = grpc.server(ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
-                                  options=server_options(self.limits))
+                                  options=server_options(self.limits),
+                                  interceptors=self.trust.server_interceptors(self.metrics))
         self.servicer = StageServicer(swarm=cfg.swarm, peer_id=self.peer_id, num_stages=cfg.num_stages,
                                       executor=self.executor, trainers=self.trainers, limits=self.limits,
-                                      metrics=self.metrics)
+                                      metrics=self.metrics, auth=self.trust.auth)
         self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -193,6 +203,8 @@ class Daemon:
         self.server.start()
         self._started.append("grpc")
         self.endpoint = f"{cfg.announce_host or cfg.host}:{port}"
+        if self.emulator is not None:
+            self.emulator.bind(self.endpoint)
         for name in ("", "swarm.v1.StageService"):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -219,10 +231,15 @@ class Daemon:
     def _record(self, serving: bool) -> NodeRecord:
         return NodeRecord(peer_id=self.peer_id, endpoint=self.endpoint, stages=tuple(self.stages),
                           compute_s=self.executor.compute_seconds() or self._compute_s,
-                          memory_slots=self.config.memory_slots, role="data" if 0 in self.stages else "stage",
+                          memory_slots=self._planned_slots(), role="data" if 0 in self.stages else "stage",
                           version=VERSION, swarm=self.config.swarm, round=max(self.executor.round, 0),
                           serving=serving, metrics_url=self.metrics_url, maddrs=tuple(self.maddrs),
                           heartbeat_time=get_dht_time())
+
+    def _planned_slots(self) -> int:
+        """Microbatches planners may route through us at once: an origin keeps at most max_inflight of its own."""
+        cfg = self.config
+        return min(cfg.memory_slots, cfg.max_inflight) if 0 in self.stages else cfg.memory_slots
 
     def _announce(self) -> None:
         if self.directory.announce(self._record(serving=True)):
@@ -250,13 +267,18 @@ class Daemon:
         activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
         settings = RoundSettings(swarm=cfg.swarm, num_stages=cfg.num_stages, visits=cfg.visits or cfg.num_stages,
                                  microbatches=cfg.microbatches, activation_bytes=activation_bytes,
-                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds)
+                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds, min_nodes=cfg.min_nodes)
+        links = LinkBook(self.dht, cfg.swarm, self.link_meter, ping_with(self.clients, self.emulator),
+                         ttl=max(60.0, 4 * cfg.round_timeout), owner=self.trust.owner, settings=self.link_meter.s)
         loop = RoundLoop(settings,
                          self.peer_id, self.directory, self.executor, self.trainers, self.averagers, self.origin,
-                         self.clients, self.metrics, self.events)
+                         self.clients, self.metrics, self.events, links=links)
         if cfg.role == Role.AUTO and cfg.hosted_stages() is None:
             loop.on_left_out = self._left_out
         loop.run(self.first_round, self.stop_event)
+        if cfg.save_model and not self.stop_event.is_set():  # every stage's replicas hold the same weights now
+            for stage, module in self.executor.stages.items():
+                save_stage_shard(module, self.spec.config, cfg.num_stages, cfg.save_model)
 
     def _left_out(self, rounds: int) -> bool:
         """An auto node the plans have not used for --idle-rounds rounds trains experts instead."""
@@ -294,6 +316,8 @@ class Daemon:
                 averager.shutdown()
         if "dht" in started:
             self.dht.shutdown()
+        if "trust" in started:
+            self.trust.close()
         self.events.emit("stopped", peer_id=getattr(self, "peer_id", None))
 
 

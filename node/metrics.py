@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -33,6 +34,23 @@ class NodeMetrics:
                                       "Microbatches whose activations this node holds", registry=r)
         self.averaging_failures = Counter("swarm_node_averaging_failures",
                                           "Rounds whose gradient averaging did not reach every replica", registry=r)
+
+        # trust (issue 10): what this node refused from strangers and forgers
+        self.auth_refused = Counter("swarm_node_auth_refused", "RPCs refused as UNAUTHENTICATED (private swarms)",
+                                    ["method", "reason"], registry=r)
+        self.records_dropped = Counter("swarm_node_records_dropped",
+                                       "DHT records or plans this node read and ignored (unsigned, not the "
+                                       "planner's, malformed)", ["reason"], registry=r)
+
+    def watch_dht_refusals(self, read) -> None:
+        """Export the count of records the DHT process refused (bad signature or swarm-key MAC)."""
+        class _Collector:
+            def collect(self):
+                family = CounterMetricFamily("swarm_node_dht_records_refused",
+                                             "DHT records refused for a bad owner signature or swarm-key MAC")
+                family.add_metric([], read())
+                yield family
+        self.registry.register(_Collector())
 
     def serve(self, host: str, port: int):
         """Start the /metrics HTTP server; returns (server, port)."""

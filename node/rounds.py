@@ -23,11 +23,13 @@ from node.events import EventLog
 from node.executor import StageExecutor
 from node.metrics import NodeMetrics
 from node.origin import Origin
-from node.planning import choose_planner, full_pipeline_plan, skip_plan
+from node.links import LinkBook
+from node.planning import choose_planner, plan_round
 from node.trainer import StageTrainer
 from node.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.records import NodeRecord, RoundPlan
+from routing.instance_io import problem_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class RoundSettings:
     activation_bytes: int
     round_timeout: float
     max_rounds: int  # 0: until stopped
+    min_nodes: int = 0  # plan no round until this many nodes serve
 
 
 class RoundLoop:
@@ -49,7 +52,8 @@ class RoundLoop:
 
     def __init__(self, settings: RoundSettings, peer_id: str, directory: SwarmDirectory, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], averagers: dict[int, StageGradientAverager],
-                 origin: Origin | None, clients: StageClients, metrics: NodeMetrics, events: EventLog):
+                 origin: Origin | None, clients: StageClients, metrics: NodeMetrics, events: EventLog,
+                 links: LinkBook | None = None):
         self.s = settings
         self.peer_id = peer_id
         self.directory = directory
@@ -60,6 +64,7 @@ class RoundLoop:
         self.clients = clients
         self.metrics = metrics
         self.events = events
+        self.links = links  # measured links: planners read them, every node refreshes its own
 
     def run(self, first_round: int, stop: threading.Event) -> None:
         round_, left_out = first_round, 0
@@ -102,15 +107,23 @@ class RoundLoop:
 
     def _make_plan(self, members: dict[str, NodeRecord], round_: int) -> RoundPlan | None:
         deadline = get_dht_time() + self.s.round_timeout
-        if self.s.visits >= self.s.num_stages:
-            return full_pipeline_plan(members, round_, self.s.num_stages, self.s.microbatches, self.peer_id,
-                                      deadline=deadline)
         try:
-            return skip_plan(members, round_, self.s.num_stages, self.s.visits, self.s.microbatches, self.peer_id,
-                             self.s.activation_bytes, deadline=deadline)
+            if sum(r.serving for r in members.values()) < self.s.min_nodes:
+                return None
+            made = plan_round(members, self.links.known() if self.links else {}, round_=round_,
+                              num_stages=self.s.num_stages, visits=self.s.visits,
+                              microbatches_per_origin=self.s.microbatches, activation_bytes=self.s.activation_bytes,
+                              planner=self.peer_id, deadline=deadline)
         except ValueError as e:  # e.g. replica counts that cannot balance yet: wait for the swarm to change
             log.warning("%s", e)
             return None
+        if made is None:
+            return None
+        plan, live = made
+        self.events.emit("planned", round=round_, predicted_s=plan.predicted_s, defaulted_links=live.defaulted_links,
+                         skipped_link_values=self.links.skipped if self.links else 0,
+                         problem=problem_to_dict(live.problem))
+        return plan
 
     def _reachable(self, members: dict[str, NodeRecord]) -> dict[str, NodeRecord]:
         """Members that answer a Ping now: a node that died keeps its DHT record until it expires."""
@@ -138,6 +151,7 @@ class RoundLoop:
             mine = [mb for mb in plan.microbatches if mb.origin == self.peer_id]
             result = self.origin.run_round(plan.round, mine, deadline, stop)
         complete = self.executor.wait_round(max(0.0, deadline - time.monotonic()), stop)
+        executed = time.monotonic() - started  # the plan's work, what the simulator predicts (no averaging)
         counts = self.executor.end_round(plan.round)
         if stop.is_set():
             log.info("stopping: round %d abandoned", plan.round)
@@ -155,11 +169,14 @@ class RoundLoop:
                                                                             barrier_until)
         wall = time.monotonic() - started
         self.metrics.round_seconds.observe(wall)
+        if self.links is not None:
+            self.links.after_round(plan, {p: r.endpoint for p, r in self.directory.members().items()})
         fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts, averaged_with=averaged_with,
+                      executed_s=round(executed, 3), predicted_s=plan.predicted_s,
                       stage_visits=_stage_visits(plan, self.s.num_stages),
                       digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms)
         if result is not None:
-            fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed))
+            fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed), plan=plan.to_value())
             if result.mean_loss is not None:
                 self.metrics.loss.set(result.mean_loss)
             self.metrics.tokens.inc(result.tokens)

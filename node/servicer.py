@@ -16,6 +16,7 @@ from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
+from protocol.rpc_auth import AuthRefused, SwarmAuth
 from protocol.state_codec import encode_state
 from protocol.tensor_codec import decode_frames
 
@@ -27,7 +28,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
     """Registered with `protocol.service.stage_service_handler`: Forward/Backward receive raw frames."""
 
     def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
-                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics):
+                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics,
+                 auth: SwarmAuth | None = None):
         self.swarm = swarm
         self.peer_id = peer_id
         self.num_stages = num_stages
@@ -35,6 +37,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.trainers = trainers
         self.limits = limits
         self.metrics = metrics
+        self.auth = auth  # private swarms: Forward/Backward tags are checked here, other calls by the interceptor
 
     def Forward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         return self._receive("Forward", request_iterator, context)
@@ -45,12 +48,15 @@ class StageServicer(pb_grpc.StageServiceServicer):
     def _receive(self, method: str, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         started = time.perf_counter()
         try:
-            env, tensor = decode_frames(frames, self.limits)
+            check = None if self.auth is None else (lambda env, meta: self.auth.check_frames(method, env, meta))
+            env, tensor = decode_frames(frames, self.limits, check)
             check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
                            num_stages=self.num_stages, limits=self.limits)
             accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
             queued = accept(env, tensor)
         except ProtocolError as e:
+            if isinstance(e, AuthRefused):
+                self.metrics.auth_refused.labels(method=method, reason=e.kind).inc()
             self.metrics.rpc_errors.labels(method=method, code=e.code.name).inc()
             context.abort(e.code, e.reason)
         self.metrics.received_bytes.inc(tensor.numel() * tensor.element_size())

@@ -9,7 +9,9 @@ hundred bytes, still go through protobuf.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 import grpc
 import torch
@@ -30,18 +32,36 @@ _ENVELOPE, _META, _DATA = 1, 2, 3
 _LENGTH_DELIMITED = 2
 
 
+class BodyCheck(Protocol):
+    def update(self, piece: memoryview) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+# Private swarms (protocol/rpc_auth.py): the sender tags a message from its envelope, metadata and bytes;
+# the receiver checks the tag's header before reading any tensor bytes, then the bytes as they arrive.
+FrameSigner = Callable[[pb.Envelope, pb.TensorMeta, memoryview], bytes]
+FrameCheck = Callable[[pb.Envelope, pb.TensorMeta], BodyCheck]
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A byte view of a CPU copy of `tensor` (works for bfloat16, which numpy lacks)."""
     flat = tensor.detach().to("cpu").contiguous().view(-1)
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def encode_frames(envelope: pb.Envelope, tensor: torch.Tensor, limits: WireLimits) -> Iterator[bytes]:
-    """Serialised TensorChunks for one tensor: the first carries the envelope and metadata."""
+def encode_frames(envelope: pb.Envelope, tensor: torch.Tensor, limits: WireLimits,
+                  sign: FrameSigner | None = None) -> Iterator[bytes]:
+    """Serialised TensorChunks for one tensor: the first carries the envelope (tagged by `sign`) and metadata."""
     if tensor.dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype {tensor.dtype} cannot be sent")
     data = tensor_bytes(tensor)
     meta = pb.TensorMeta(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), codec="raw", nbytes=len(data))
+    if sign is not None:
+        tagged = pb.Envelope()
+        tagged.CopyFrom(envelope)
+        tagged.auth = sign(envelope, meta, data)
+        envelope = tagged
     header = pb.TensorChunk(envelope=envelope, meta=meta).SerializeToString()
     step = limits.chunk_bytes
     for start in range(0, len(data), step):
@@ -56,7 +76,7 @@ def check_meta(meta: pb.TensorMeta, limits: WireLimits) -> None:
         raise invalid(f"unknown dtype {meta.dtype!r}")
     if not 0 < len(meta.shape) <= limits.max_dims or any(d <= 0 for d in meta.shape):
         raise invalid(f"bad shape {list(meta.shape)}")
-    expected = torch.Size(meta.shape).numel() * DTYPES[meta.dtype].itemsize
+    expected = math.prod(meta.shape) * DTYPES[meta.dtype].itemsize  # Python ints: a hostile shape cannot overflow
     if meta.nbytes != expected:
         raise invalid(f"nbytes {meta.nbytes} does not match shape {list(meta.shape)} of {meta.dtype} ({expected})")
     if meta.nbytes > limits.max_tensor_bytes:
@@ -64,8 +84,13 @@ def check_meta(meta: pb.TensorMeta, limits: WireLimits) -> None:
                             f"tensor of {meta.nbytes} bytes exceeds the limit of {limits.max_tensor_bytes}")
 
 
-def decode_frames(frames: Iterable[bytes], limits: WireLimits) -> tuple[pb.Envelope, torch.Tensor]:
-    """Reassemble serialised TensorChunks into (envelope, tensor), enforcing the limits as bytes arrive."""
+def decode_frames(frames: Iterable[bytes], limits: WireLimits,
+                  check: FrameCheck | None = None) -> tuple[pb.Envelope, torch.Tensor]:
+    """Reassemble serialised TensorChunks into (envelope, tensor), enforcing the limits as bytes arrive.
+
+    With `check`, the first chunk's envelope and metadata are authenticated before anything else, and
+    every tensor byte is fed to the returned body check, which must pass before the tensor is returned.
+    """
     it = iter(frames)
     first = next(it, None)
     if first is None:
@@ -78,6 +103,7 @@ def decode_frames(frames: Iterable[bytes], limits: WireLimits) -> tuple[pb.Envel
         meta = pb.TensorMeta.FromString(fields[_META])
     except DecodeError:
         raise invalid("the envelope or tensor metadata is not valid protobuf") from None
+    body = check(envelope, meta) if check is not None else None
     check_meta(meta, limits)
     out = torch.empty(meta.nbytes, dtype=torch.uint8)  # no zero-fill: every byte is written below
     buf = memoryview(out.numpy())
@@ -90,11 +116,15 @@ def decode_frames(frames: Iterable[bytes], limits: WireLimits) -> tuple[pb.Envel
         if end > len(buf):
             raise invalid(f"stream carries more than the {len(buf)} bytes its metadata announced")
         buf[filled:end] = piece
+        if body is not None:
+            body.update(piece)
         filled = end
         frame = next(it, None)
         fields = None if frame is None else _top_level_fields(frame)
     if filled != len(buf):
         raise invalid(f"stream ended after {filled} of {len(buf)} bytes")
+    if body is not None:
+        body.finish()
     return envelope, out.view(DTYPES[meta.dtype]).view(tuple(meta.shape))
 
 
