@@ -146,7 +146,8 @@ class ExpertWorker:
     """Runs jobs one after another on its own thread until stopped (or until the pipeline needs this node)."""
 
     def __init__(self, opts: ExpertOptions, directory: ExpertDirectory, members: SwarmDirectory,
-                 tokenizer, model_config, metrics: ExpertMetrics, events: EventLog, stop: threading.Event):
+                 tokenizer, model_config, metrics: ExpertMetrics, events: EventLog, stop: threading.Event,
+                 auth=None):
         self.opts = opts
         self.directory = directory
         self.members = members
@@ -158,7 +159,8 @@ class ExpertWorker:
         self.served = ServedExperts()
         self.catalogue = CatalogueKeeper(directory, opts, tokenizer)
         self.stage_needed: int | None = None  # set by the pipeline watch (auto role)
-        self.clients = StageClients(WireLimits())
+        self.auth = auth  # private swarms: RPCs carry a tag made with the swarm key
+        self.clients = StageClients(WireLimits(), auth)
         self._threads: list[threading.Thread] = []
 
     # ---- threads -------------------------------------------------------------------------------------------------
@@ -453,7 +455,8 @@ class ExpertRole:
         cfg = daemon.config
         self.config = cfg
         self.metrics = daemon.expert_metrics
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc"))
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc"),
+                                  interceptors=daemon.trust.server_interceptors(daemon.metrics))
         self.health = health.HealthServicer()
         self.worker: ExpertWorker | None = None
         self.metrics_server = None
@@ -476,9 +479,10 @@ class ExpertRole:
         self.endpoint = f"{cfg.announce_host or cfg.host}:{port}"
         opts = expert_options(cfg, d.peer_id, self.endpoint, str(d.device), creator=cfg.new_swarm,
                               watch_pipeline=cfg.role == "auto")
-        directory = ExpertDirectory(d.dht, cfg.swarm, lambda kind: self.metrics.malformed.labels(kind=kind).inc())
+        directory = ExpertDirectory(d.dht, cfg.swarm, lambda kind: self.metrics.malformed.labels(kind=kind).inc(),
+                                    owner=d.trust.owner)
         self.worker = ExpertWorker(opts, directory, d.directory, d.tokenizer, d.spec.config, self.metrics, d.events,
-                                   d.stop_event)
+                                   d.stop_event, auth=d.trust.auth)
         servicer = ExpertServicer(cfg.swarm, self.worker.served,
                                   on_data_loss=lambda r: directory.withdraw(r, ttl=cfg.record_ttl),
                                   on_bytes=self.metrics.bytes_served.inc)
@@ -546,7 +550,7 @@ def keep_catalogue(daemon) -> threading.Thread:
     """The node that started the swarm (in a stage role) publishes the catalogue and keeps it alive."""
     cfg = daemon.config
     opts = expert_options(cfg, daemon.peer_id, "", "cpu", creator=True, watch_pipeline=False)
-    keeper = CatalogueKeeper(ExpertDirectory(daemon.dht, cfg.swarm), opts, daemon.tokenizer)
+    keeper = CatalogueKeeper(ExpertDirectory(daemon.dht, cfg.swarm, owner=daemon.trust.owner), opts, daemon.tokenizer)
 
     def loop() -> None:
         while True:

@@ -22,6 +22,7 @@ from experts.manifest import sha256_open_file
 from protocol.generated.swarm.v1 import experts_pb2 as pb
 from protocol.generated.swarm.v1 import experts_pb2_grpc as pb_grpc
 from protocol.records import ExpertRecord
+from protocol.rpc_auth import ClientAuthInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class FetchError(Exception):
 
 
 def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: float = 300.0,
-                    attempts: int = 3) -> Path:
+                    attempts: int = 3, auth=None) -> Path:
     """Fetch `record`'s weights into out_root/<id>/ with config.json and manifest.json.
 
     Bytes stream into model.safetensors.partial (a broken stream resumes from its size); only after the
@@ -146,7 +147,8 @@ def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: f
     if partial.exists() and partial.stat().st_size > record.bytes:
         partial.unlink()
     with grpc.insecure_channel(record.endpoint) as channel:
-        stub = pb_grpc.ExpertServiceStub(channel)
+        stub = pb_grpc.ExpertServiceStub(channel if auth is None else
+                                         grpc.intercept_channel(channel, ClientAuthInterceptor(auth)))
         for attempt in range(attempts):
             offset = partial.stat().st_size if partial.exists() else 0
             try:

@@ -170,25 +170,29 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
 
 def _swarm_experts(args: argparse.Namespace):
-    """(records, malformed count) of the swarm's experts, read through a client-mode DHT."""
+    """(records, malformed count, RPC auth) of the swarm's experts, read through a client-mode DHT."""
     from hivemind.dht import DHT
 
     from node.expert_directory import ExpertDirectory
+    from node.trust import NodeTrust
 
+    trust = NodeTrust.create("", args.swarm_key)  # readers check signatures and, in private swarms, MACs
     try:
-        dht = DHT(initial_peers=args.initial_peers, client_mode=True, start=True)
+        dht = DHT(initial_peers=args.initial_peers, client_mode=True, start=True, **trust.dht_kwargs())
     except Exception as e:
+        trust.close()
         raise UsageError(f"could not reach the swarm through {' '.join(args.initial_peers)}: {e}") from None
     malformed = []
     try:
         records = ExpertDirectory(dht, args.swarm, on_malformed=malformed.append).all_experts()
     finally:
         dht.shutdown()
-    return records, len(malformed)
+        trust.close()
+    return records, len(malformed), trust.auth
 
 
 def list_cmd(args: argparse.Namespace) -> int:
-    records, malformed = _swarm_experts(args)
+    records, malformed, _ = _swarm_experts(args)
     if args.json:
         import json
 
@@ -209,7 +213,7 @@ def list_cmd(args: argparse.Namespace) -> int:
 def _fetch_into(args: argparse.Namespace, out: Path) -> list[Path]:
     from node.expert_service import FetchError, download_expert
 
-    records, _ = _swarm_experts(args)
+    records, _, auth = _swarm_experts(args)
     if args.expert:
         chosen = [r for r in records if r.id in args.expert]
         missing = sorted(set(args.expert) - {r.id for r in chosen})
@@ -226,7 +230,7 @@ def _fetch_into(args: argparse.Namespace, out: Path) -> list[Path]:
     paths = []
     for record in chosen:
         try:
-            paths.append(download_expert(record, args.swarm, out))
+            paths.append(download_expert(record, args.swarm, out, auth=auth))
         except FetchError as e:
             if not args.expert and not record.complete and "FAILED_PRECONDITION" in str(e):
                 print(f"skipped {record.id}: it published a newer checkpoint during the download", flush=True)
@@ -319,6 +323,7 @@ def _device_options(p: argparse.ArgumentParser, threads: int) -> None:
 def _swarm_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--initial-peers", nargs="+", required=required, metavar="MADDR", help="any peer of the swarm")
     p.add_argument("--swarm", default="swarm-node", help="swarm id (default: swarm-node)")
+    p.add_argument("--swarm-key", metavar="PATH", default="", help="the swarm key of a private swarm")
 
 
 def add_parser(subparsers) -> None:
