@@ -173,6 +173,7 @@ OPTIONS: tuple[Option, ...] = (
            "steps of a medium expert (0: 300); the policy scales them per domain"),
     Option("expert_save_every", _positive_int, "expert checkpoint (and publish) every N steps"),
     Option("expert_max_bytes", _positive_int, "bytes of text kept per catalogue domain"),
+    Option("expert_seed", str, "expert checkpoint directory this (expert) node serves as the catalogue's seed"),
 )
 
 
@@ -230,6 +231,7 @@ class NodeConfig:
     expert_steps: int = 0
     expert_save_every: int = 50
     expert_max_bytes: int = 400_000
+    expert_seed: str = ""
 
     def hosted_stages(self) -> list[int] | None:
         """The explicit stage list, or None for `auto`."""
@@ -324,6 +326,8 @@ def _check_consistency(config: NodeConfig) -> None:
             raise UsageError(f"--domain {spec!r}: expected NAME=PATH with a NAME without '/', '_' or '*' first")
         if not path.startswith("hf:") and not Path(path).is_file():
             raise UsageError(f"--domain {spec!r}: {path} does not exist")
+    if config.expert_seed and not (Path(config.expert_seed) / "manifest.json").is_file():
+        raise UsageError(f"--expert-seed {config.expert_seed}: not an expert checkpoint (no manifest.json)")
     if config.role == "expert" and config.stages != "auto":
         raise UsageError("--role expert hosts no stage; drop --stages")
     if config.max_inflight > config.memory_slots:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,7 @@ class ExpertOptions:
     creator: bool  # started the swarm: publishes the catalogue
     record_ttl: float
     refresh_s: float
+    seed_dir: str = ""  # --expert-seed: an expert checkpoint this node serves as the catalogue's seed
 
 
 @dataclass
@@ -88,6 +90,7 @@ class CatalogueKeeper:
         self.opts = opts
         self.tokenizer = tokenizer
         self._domains: dict[str, object] = {}
+        self.seed_id = ""  # set once this node serves the catalogue's seed (--expert-seed)
 
     def local_domain(self, entry: CatalogueEntry):
         """This node's text for a catalogue domain, or None (with a message) when it lacks or differs."""
@@ -137,6 +140,9 @@ class CatalogueKeeper:
         if not catalogue and self.opts.creator:
             catalogue = {e.name: e for e in self.own_entries()}
             log.info("experts: catalogue of %d domains: %s", len(catalogue), ", ".join(catalogue))
+        if self.seed_id:  # every domain branches from the seed this node serves, unless one is named already
+            catalogue = {n: e if e.seed else CatalogueEntry(**{**vars(e), "seed": self.seed_id})
+                         for n, e in catalogue.items()}
         if catalogue:
             self.directory.publish_catalogue(catalogue.values(), ttl=10 * self.opts.record_ttl)
         return catalogue
@@ -231,16 +237,22 @@ class ExpertWorker:
     def _run(self) -> None:
         try:
             self._serve_finished()
-            while not self._halted():
+            if self.opts.seed_dir:
+                self._serve_seed(Path(self.opts.seed_dir))
+        except Exception as e:  # e.g. a seed whose bytes do not match its manifest: say so, train without it
+            log.error("experts: %s", e)
+            self.events.emit("expert_failed", reason=repr(e))
+        while not self._halted():
+            try:
                 catalogue = self.catalogue.refresh()
                 job = self._unfinished_job(catalogue) or (self._new_job(catalogue) if catalogue else None)
-                if job is None:
-                    self.stop.wait(self.opts.refresh_s)
+                if job is not None:
+                    self._train(job, catalogue)
                     continue
-                self._train(job, catalogue)
-        except Exception as e:  # an expert failure must not take the node down; say why, keep serving
-            log.exception("expert training stopped: %r", e)
-            self.events.emit("expert_failed", reason=repr(e))
+            except Exception as e:  # an expert failure must not take the node down: say why, retry, keep serving
+                log.exception("expert training failed: %r", e)
+                self.events.emit("expert_failed", reason=repr(e))
+            self.stop.wait(max(self.opts.refresh_s, 5.0))
 
     def _serve_finished(self) -> None:
         """After a restart: serve and publish the finished experts this node trained before."""
@@ -259,15 +271,32 @@ class ExpertWorker:
                     stale.unlink()
                 self._publish(job, manifest)
 
+    def _serve_seed(self, path: Path) -> None:
+        """Serve --expert-seed (sha256 verified) as the expert `seed-<sha>` of domain "*", named by the catalogue."""
+        from experts.checkpoint import read_manifest, verify
+
+        manifest = read_manifest(path)
+        verify(path, manifest)
+        manifest.domain = "*"
+        record = ExpertRecord(id=f"seed-{manifest.weights_sha256[:12]}", peer_id=self.opts.peer_id,
+                              endpoint=self.opts.endpoint, bytes=(path / WEIGHTS).stat().st_size,
+                              dev_loss=math.log(manifest.val_ppl) if manifest.val_ppl else None,
+                              manifest=manifest.to_dict())
+        self.served.serve(record, path, snapshot=False)
+        self.directory.publish(record, ttl=self.opts.record_ttl)
+        self.catalogue.seed_id = record.id
+        log.info("experts: serving %s as the catalogue's seed", record.id)
+
     def _unfinished_job(self, catalogue: dict[str, CatalogueEntry]) -> Job | None:
         """A job of this node that stopped before its last step (a restart, or a stop to take a stage)."""
         from experts.checkpoint import MANIFEST, read_manifest
 
         for job_file in sorted(self.opts.home.glob(f"*/{JOB}")):
             job = Job(**json.loads(job_file.read_text()))
-            if job.domain not in catalogue:
+            if not (job_file.parent / MANIFEST).is_file():  # stopped before its claim was saved: start over
+                shutil.rmtree(job_file.parent)
                 continue
-            if (job_file.parent / MANIFEST).is_file() and read_manifest(job_file.parent).complete:
+            if job.domain not in catalogue or read_manifest(job_file.parent).complete:
                 continue
             if self.catalogue.local_domain(catalogue[job.domain]) is not None:
                 return job
@@ -389,8 +418,10 @@ class ExpertWorker:
             found = [r for r in self.directory.experts(["*"]) if r.id == entry.seed]
             for record in found:
                 try:
-                    path = download_expert(record, self.opts.swarm, self.opts.home / "seeds")
-                    model, manifest = load_expert(path)
+                    path = self.opts.home / "seeds" / record.id
+                    if not (path / "manifest.json").is_file():
+                        path = download_expert(record, self.opts.swarm, self.opts.home / "seeds")
+                    model, manifest = load_expert(path)  # verifies the sha256 again
                     manifest.extra = {**manifest.extra, "source": f"catalogue seed {record.id}"}
                     return model, manifest
                 except (FetchError, ValueError) as e:
@@ -543,7 +574,7 @@ def expert_options(cfg, peer_id: str, endpoint: str, device: str, creator: bool,
         save_every=cfg.expert_save_every, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, device=device,
         dtype=cfg.dtype, seed=cfg.seed, num_stages=cfg.num_stages, min_replicas=cfg.min_replicas,
         watch_pipeline=watch_pipeline, creator=creator, record_ttl=max(cfg.record_ttl, 4 * cfg.heartbeat_interval),
-        refresh_s=cfg.heartbeat_interval)
+        refresh_s=cfg.heartbeat_interval, seed_dir=cfg.expert_seed)
 
 
 def keep_catalogue(daemon) -> threading.Thread:

@@ -44,7 +44,12 @@ class ServedExperts:
         self._lock = threading.Lock()
         self._by_id: dict[str, _Served] = {}
 
-    def serve(self, record: ExpertRecord, checkpoint_dir: Path) -> None:
+    def serve(self, record: ExpertRecord, checkpoint_dir: Path, snapshot: bool = True) -> None:
+        """Serve `checkpoint_dir`'s weights; `snapshot=False` for a directory nobody writes to (a seed)."""
+        if not snapshot:
+            with self._lock:
+                self._by_id[record.id] = _Served(record, checkpoint_dir / WEIGHTS)
+            return
         snapshot = checkpoint_dir / f"served-{record.sha256[:16]}.safetensors"
         if not snapshot.exists():
             try:
