@@ -159,6 +159,16 @@ OPTIONS: tuple[Option, ...] = (
     # trust (issue 10): private swarms
     Option("swarm_key", str, "swarm key file (make one with 'swarm-node keygen PATH'): a private swarm that only "
                              "holders of the key can join"),
+    # lifecycle: start-up, shutdown and the pools and timeouts they size (docs/architecture.md, "A node")
+    Option("drain_grace", _non_negative_float, "seconds in-flight RPCs get to finish when the node stops"),
+    Option("child_exit_timeout", _positive_float,
+           "seconds the DHT and averager processes get to exit cleanly on shutdown before they are killed"),
+    Option("dht_write_timeout", _positive_float,
+           "seconds a heartbeat or the leaving tombstone may take to reach the DHT before it counts as failed"),
+    Option("state_transfer_timeout", _positive_float,
+           "seconds a joining node waits for one replica's stage state before it tries the next replica"),
+    Option("grpc_workers", _positive_int, "threads serving incoming RPCs"),
+    Option("send_workers", _positive_int, "threads delivering finished hops to the next peer"),
     # ---- roles and HDEE domain experts (node/roles.py, node/expert_node.py) ----
     Option("role", _choice("auto", "stage", "expert"),
            "stage, expert, or auto: a stage while one has fewer than --min-replicas live replicas, else experts"),
@@ -221,6 +231,13 @@ class NodeConfig:
     emulate_links: str = ""
     # trust (issue 10)
     swarm_key: str = ""  # path of the 256-bit key file; empty: a public swarm
+    # lifecycle
+    drain_grace: float = 1.0  # stop must finish within ~5 s: grace + child exits + DHT writes stay well below
+    child_exit_timeout: float = 2.0
+    dht_write_timeout: float = 1.0
+    state_transfer_timeout: float = 60.0
+    grpc_workers: int = 16
+    send_workers: int = 4
     # roles and experts
     role: str = "auto"
     min_replicas: int = 1

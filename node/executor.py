@@ -76,6 +76,7 @@ class StageExecutor:
         self._expected: set[tuple[int, int]] | None = None
         self._done: dict[int, set[int]] = {}  # stage -> microbatches whose backward finished this round
         self._pending_backward: set[tuple[int, int, int]] = set()
+        self._admitted: set[tuple[int, int, int]] = set()  # forward hops taken in (queued, parked or done)
         self._compute_s: dict[int, float] = {}
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="executor", daemon=True)
@@ -92,6 +93,11 @@ class StageExecutor:
     @property
     def round(self) -> int:
         return self._round
+
+    def resume_at(self, round_: int) -> None:
+        """A joining node copied the state after round_ - 1: take hops from `round_` on."""
+        with self._lock:
+            self._round = round_ - 1
 
     def compute_seconds(self) -> dict[int, float]:
         return dict(self._compute_s)
@@ -130,6 +136,7 @@ class StageExecutor:
             counts = {s: len(self._done.get(s, ())) for s in self.stages}
             self._expected = None
             self._pending_backward = {k for k in self._pending_backward if k[0] != round_}
+            self._admitted = {k for k in self._admitted if k[0] > round_}
         dropped = self.store.drop_round(round_)
         if dropped:
             log.warning("round %d ended with %d hops never backwarded; their activations were dropped",
@@ -142,17 +149,17 @@ class StageExecutor:
         if env.hop == 0:
             raise invalid("hop 0 is the origin's own: a Forward must address hop 1 or later")
         self._check_hidden(tensor, env)
-        if is_final_hop(env) and self.origin.labels(env.round, env.microbatch) is None:
-            raise ProtocolError(grpc.StatusCode.NOT_FOUND,
-                                f"round {env.round} microbatch {env.microbatch} did not start at this origin")
+        if is_final_hop(env):
+            self._check_final(env, tensor)
         with self._lock:
             self._check_round(env)
             key = (env.round, env.microbatch, env.hop)
-            if self.store.contains(key):
+            if key in self._admitted or self.store.contains(key):
                 raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS, f"hop {key} was already received")
             if not self.store.try_reserve(env.round, env.microbatch):
                 raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"activation memory is full ({self.store.slots} microbatches); retry later")
+            self._admitted.add(key)
             task = self._task(LOSS if is_final_hop(env) else FORWARD, env, tensor)
             if env.round == self._round + 1:
                 self._parked.append(task)
@@ -184,6 +191,15 @@ class StageExecutor:
         self._queue.put(self._task(FORWARD, env, input_ids))
         return True
 
+    def _check_final(self, env: pb.Envelope, hidden: torch.Tensor) -> None:
+        """The last hop returns to its origin, which must hold labels of the matching [batch, seq]."""
+        labels = self.origin.labels(env.round, env.microbatch)
+        if labels is None:
+            raise ProtocolError(grpc.StatusCode.NOT_FOUND,
+                                f"round {env.round} microbatch {env.microbatch} did not start at this origin")
+        if tuple(hidden.shape[:2]) != tuple(labels.shape):
+            raise invalid(f"activations of shape {list(hidden.shape)} do not match this microbatch's labels "
+                          f"{list(labels.shape)}")
     def _task(self, kind: str, env: pb.Envelope, tensor: torch.Tensor) -> _Task:
         return _Task(queue_key(kind, time.monotonic(), env.microbatch), next(self._seq), kind, env, tensor)
 

@@ -34,7 +34,7 @@ from node.roles import stage_in_need
 from node.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.limits import WireLimits
-from protocol.records import CatalogueEntry, ExpertRecord, NodeRecord
+from protocol.records import CatalogueEntry, ExpertRecord, NodeRecord, NodeState
 
 log = logging.getLogger(__name__)
 
@@ -486,8 +486,10 @@ class ExpertRole:
         cfg = daemon.config
         self.config = cfg
         self.metrics = daemon.expert_metrics
+        from node.rpc_guard import RpcGuard
+
         self.server = grpc.server(ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc"),
-                                  interceptors=daemon.trust.server_interceptors(daemon.metrics))
+                                  interceptors=[RpcGuard(daemon.metrics), *daemon.trust.server_interceptors(daemon.metrics)])
         self.health = health.HealthServicer()
         self.worker: ExpertWorker | None = None
         self.metrics_server = None
@@ -513,7 +515,7 @@ class ExpertRole:
         directory = ExpertDirectory(d.dht, cfg.swarm, lambda kind: self.metrics.malformed.labels(kind=kind).inc(),
                                     owner=d.trust.owner)
         self.worker = ExpertWorker(opts, directory, d.directory, d.tokenizer, d.spec.config, self.metrics, d.events,
-                                   d.stop_event, auth=d.trust.auth)
+                                   d.stop, auth=d.trust.auth)
         servicer = ExpertServicer(cfg.swarm, self.worker.served,
                                   on_data_loss=lambda r: directory.withdraw(r, ttl=cfg.record_ttl),
                                   on_bytes=self.metrics.bytes_served.inc)
@@ -535,9 +537,9 @@ class ExpertRole:
         from node.servicer import VERSION
 
         d = self.daemon
-        d.directory.announce(NodeRecord(
+        d.directory.announce(timeout=self.config.dht_write_timeout, record=NodeRecord(
             peer_id=d.peer_id, endpoint=self.endpoint, stages=(), compute_s={}, memory_slots=self.config.memory_slots,
-            role="expert", version=VERSION, swarm=self.config.swarm, round=0, serving=True,
+            role="expert", version=VERSION, swarm=self.config.swarm, round=0, state=NodeState.SERVING,
             metrics_url=self.metrics_url, maddrs=tuple(d.maddrs), heartbeat_time=get_dht_time()))
 
     def run(self, stop: threading.Event) -> int | None:
@@ -559,9 +561,12 @@ class ExpertRole:
 
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.worker is not None:
-            self.worker.join(timeout=30)
+            self.worker.join(timeout=10)  # the job loop stops at its next step, with a checkpoint
             self.worker.withdraw_all()
-        self.server.stop(grace=1.0).wait(3)
+        if not self.daemon.directory.withdraw(timeout=self.config.dht_write_timeout):
+            log.warning("could not store the tombstone in the DHT; the record expires in %.0f s",
+                        self.config.record_ttl)
+        self.server.stop(grace=self.config.drain_grace).wait()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
 
@@ -589,7 +594,7 @@ def keep_catalogue(daemon) -> threading.Thread:
                 keeper.refresh()
             except Exception as e:
                 log.debug("catalogue refresh failed: %r", e)
-            if daemon.stop_event.wait(max(opts.refresh_s, opts.record_ttl)):
+            if daemon.stop.wait(max(opts.refresh_s, opts.record_ttl)):
                 return
     thread = threading.Thread(target=loop, name="catalogue", daemon=True)
     thread.start()

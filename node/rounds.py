@@ -88,6 +88,7 @@ class RoundLoop:
 
     # ---- planning ----------------------------------------------------------------------------------------------
     def _await_plan(self, round_: int, stop: threading.Event) -> RoundPlan | None:
+        self.metrics.phase.state("planning")
         waited = time.monotonic()
         while not stop.is_set():
             plan = self.directory.fetch_plan(round_)
@@ -142,6 +143,7 @@ class RoundLoop:
 
     # ---- one round ---------------------------------------------------------------------------------------------
     def _run_round(self, plan: RoundPlan, stop: threading.Event) -> None:
+        self.metrics.phase.state("compute")
         started = time.monotonic()
         deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
         work = plan.work_of(self.peer_id)
@@ -155,6 +157,7 @@ class RoundLoop:
         counts = self.executor.end_round(plan.round)
         if stop.is_set():
             log.info("stopping: round %d abandoned", plan.round)
+            self.metrics.rounds_aborted.inc()
             return
         if not complete:
             log.warning("round %d timed out; stepping with the microbatches that finished", plan.round)
@@ -164,9 +167,13 @@ class RoundLoop:
         finished = time.monotonic()
         grace = max(3.0, finished - started)
         barrier_until = min(finished + grace, deadline + min(10.0, self.s.round_timeout / 2))
+        self.metrics.phase.state("averaging")
         for stage, trainer in self.trainers.items():
             grad_norms[stage], averaged_with[stage] = self._reduce_and_step(plan, stage, counts.get(stage, 0),
-                                                                            barrier_until)
+                                                                            barrier_until, stop)
+        (self.metrics.rounds_completed if complete and not stop.is_set() else self.metrics.rounds_aborted).inc()
+        if stop.is_set():  # averaging was cut short: the process is about to exit
+            return
         wall = time.monotonic() - started
         self.metrics.round_seconds.observe(wall)
         if self.links is not None:
@@ -177,15 +184,14 @@ class RoundLoop:
                       digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms)
         if result is not None:
             fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed), plan=plan.to_value())
-            if result.mean_loss is not None:
-                self.metrics.loss.set(result.mean_loss)
+            self.metrics.set_loss(result.mean_loss if result.tokens else None)
             self.metrics.tokens.inc(result.tokens)
             log.info("round %d: loss %s, %d tokens, %.2fs", plan.round,
                      f"{result.mean_loss:.4f}" if result.mean_loss is not None else "n/a", result.tokens, wall)
         self.events.emit("round", **fields)
 
-    def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int,
-                         barrier_until: float) -> tuple[float | None, int]:
+    def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int, barrier_until: float,
+                         stop: threading.Event) -> tuple[float | None, int]:
         """Average this stage's gradients with its replicas in the plan, weighted by microbatches, then step.
 
         Each replica also posts the digest of the weights it computed with. A replica whose weights
@@ -198,7 +204,7 @@ class RoundLoop:
         peers, reference = 1, None
         if len(replicas) > 1:
             self.directory.ready_to_average(stage, plan.round, count, trainer.digest(), ttl=4 * self.s.round_timeout)
-            ready = self.directory.wait_ready(stage, plan.round, replicas, until=barrier_until)
+            ready = self.directory.wait_ready(stage, plan.round, replicas, until=barrier_until, stop=stop)
             total = sum(c for c, _ in ready.values())
             if total > 0 and len(ready) > 1:
                 grads, peers = self.averagers[stage].average(grads, count, group_size=len(ready))
@@ -221,6 +227,7 @@ class RoundLoop:
     # ---- a round this node was left out of ----------------------------------------------------------------------
     def _catch_up(self, plan: RoundPlan, stop: threading.Event) -> None:
         """Not in this round's plan (e.g. just joined): copy each stage's state from a replica that is."""
+        self.metrics.phase.state("catch_up")
         self.executor.begin_round(plan.round, set())
         self.executor.end_round(plan.round)
         for stage, trainer in self.trainers.items():

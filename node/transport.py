@@ -30,6 +30,16 @@ UNREACHABLE_PATIENCE_S = 3.0  # a peer unreachable for this long is taken as gon
 LocalAccept = Callable[[str, pb.Envelope, torch.Tensor], None]
 
 
+class ClientsClosed(grpc.RpcError):
+    """A call attempted after `StageClients.close()`: the node is stopping."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "this node is stopping"
+
+
 class StageClients:
     """One channel per peer endpoint, reused for every call."""
 
@@ -39,9 +49,12 @@ class StageClients:
         self._stubs: dict[str, StageStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
+        self.closed = False
 
     def stub(self, endpoint: str) -> StageStub:
         with self._lock:
+            if self.closed:
+                raise ClientsClosed()
             if endpoint not in self._stubs:
                 channel = grpc.insecure_channel(endpoint, options=channel_options(self.limits))
                 self._channels.append(channel)
@@ -62,7 +75,9 @@ class StageClients:
         return decode_state(self.stub(endpoint).FetchState(request, timeout=timeout))
 
     def close(self) -> None:
+        """Close every channel, which ends the calls in flight on them (how a stopping node stops waiting)."""
         with self._lock:
+            self.closed = True
             for channel in self._channels:
                 channel.close()
             self._channels.clear()
@@ -109,6 +124,8 @@ class HopSender:
             except (ProtocolError, grpc.RpcError) as e:
                 code = e.code if isinstance(e, ProtocolError) else e.code()
                 reason = e.reason if isinstance(e, ProtocolError) else e.details()
+                if self.clients.closed:  # we are stopping: not the receiver's failure
+                    return
                 self.metrics.rpc_errors.labels(method=method, code=code.name).inc()
                 gone = code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started > UNREACHABLE_PATIENCE_S
                 if code not in RETRYABLE or gone or time.monotonic() + backoff > deadline:
@@ -116,7 +133,7 @@ class HopSender:
                                 env.microbatch, env.hop, target.peer_id[-8:], code.name, reason)
                     self.on_give_up(env, f"{code.name}: {reason}")
                     return
-                time.sleep(backoff)
+                self._closed.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
             except Exception as e:  # a bug or a broken tensor: report it rather than lose the thread
                 log.exception("%s to hop %d failed", method, env.hop)

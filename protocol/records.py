@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import Enum
 from typing import Any
 
 from protocol.envelope import HopSpec
@@ -52,6 +53,15 @@ def _require(value: dict, name: str, kind: type) -> Any:
     return item
 
 
+class NodeState(str, Enum):
+    """Where a node is in its life, announced in its record (Petals' ServerState)."""
+
+    JOINING = "joining"  # up, but copying its stages' state from a replica: not planned yet
+    SERVING = "serving"  # takes part in rounds
+    DRAINING = "draining"  # stopping: finishes nothing new, is left out of plans
+    LEFT = "left"  # gone; only its tombstone says so
+
+
 @dataclass(frozen=True)
 class NodeRecord:
     """A node's heartbeat: where to reach it and what it can do."""
@@ -65,14 +75,19 @@ class NodeRecord:
     version: str
     swarm: str
     round: int  # the round this node works on
-    serving: bool  # false while loading state; planners only use serving nodes
+    state: NodeState  # planners only use serving nodes
     metrics_url: str = ""
     maddrs: tuple[str, ...] = ()
     heartbeat_time: float = 0.0  # DHT time of the beat that wrote this record
 
+    @property
+    def serving(self) -> bool:
+        return self.state is NodeState.SERVING
+
     def to_value(self) -> dict:
         value = asdict(self)
         value.pop("peer_id")
+        value["state"] = self.state.value
         value["stages"] = list(self.stages)
         value["maddrs"] = list(self.maddrs)
         value["compute_s"] = {str(k): v for k, v in self.compute_s.items()}
@@ -101,7 +116,7 @@ class NodeRecord:
             version=_require(value, "version", str),
             swarm=_require(value, "swarm", str),
             round=_require(value, "round", int),
-            serving=_require(value, "serving", bool),
+            state=_node_state(_require(value, "state", str)),
             metrics_url=value.get("metrics_url", "") if isinstance(value.get("metrics_url", ""), str) else "",
             maddrs=tuple(m for m in value.get("maddrs", []) if isinstance(m, str)),
             heartbeat_time=float(value.get("heartbeat_time", 0.0)) if isinstance(value.get("heartbeat_time"),
@@ -109,7 +124,14 @@ class NodeRecord:
         )
 
 
-TOMBSTONE = {"left": True}
+def _node_state(text: str) -> NodeState:
+    try:
+        return NodeState(text)
+    except ValueError:
+        raise RecordError(f"state {text!r} is not one of {', '.join(s.value for s in NodeState)}") from None
+
+
+TOMBSTONE = {"left": True, "state": NodeState.LEFT.value}
 
 
 def is_tombstone(value: Any) -> bool:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages, default=-1), kv[0])):
         rows.append(dict(peer=peer, stages=",".join(map(str, r.stages)), role=r.role, endpoint=r.endpoint,
-                         round=r.round, serving=r.serving,
+                         round=r.round, state=r.state.value, serving=r.serving,
                          compute_ms=round(1000 * sum(r.compute_s.values()), 1),
                          heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url))
     matrix = _link_matrix(sorted(members), links)
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                           "skipped_link_values": skipped}, indent=2))
         return 0
     print(f"swarm '{args.swarm}': {len(rows)} node(s)")
-    header = ("peer", "stages", "role", "endpoint", "round", "serving", "compute_ms", "heartbeat_age_s")
+    header = ("peer", "stages", "role", "endpoint", "round", "state", "compute_ms", "heartbeat_age_s")
     table = [header] + [tuple(str(row[h]) if h != "peer" else row[h][-12:] for h in header) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:

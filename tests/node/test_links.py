@@ -10,7 +10,7 @@ import pytest
 from node.link_emulation import EmulationError, LinkEmulator
 from node.links import LinkMeter
 from node.planning import DEFAULT_LINK, from_wire, live_problem, plan_round
-from protocol.records import LinkEstimate, LinksRecord, NodeRecord, RecordError
+from protocol.records import LinkEstimate, LinksRecord, NodeRecord, NodeState, RecordError
 from routing.constraints import check_plan
 from tests.helpers import run_cli
 
@@ -18,7 +18,7 @@ from tests.helpers import run_cli
 def _record(peer: str, stage: int, compute: float = 0.01) -> NodeRecord:
     return NodeRecord(peer_id=peer, endpoint=f"127.0.0.1:{1000 + len(peer)}{stage}", stages=(stage,),
                       compute_s={stage: compute}, memory_slots=4, role="data" if stage == 0 else "stage",
-                      version="t", swarm="s", round=0, serving=True)
+                      version="t", swarm="s", round=0, state=NodeState.SERVING)
 
 
 MEMBERS = {p: _record(p, s) for p, s in [("d0", 0), ("d1", 0), ("a1", 1), ("b1", 1), ("s2", 2), ("s3", 3)]}
