@@ -1,12 +1,12 @@
 from experts.sizing import choose_domain
 from node.roles import Role, choose_stages, stage_in_need
-from protocol.records import NodeRecord
+from protocol.records import NodeRecord, NodeState
 
 
 def members(*stage_lists) -> dict[str, NodeRecord]:
     return {f"p{i}": NodeRecord(peer_id=f"p{i}", endpoint=f"h:{i}", stages=tuple(stages), compute_s={},
                                 memory_slots=8, role="expert" if not stages else "stage", version="v", swarm="s",
-                                round=1, serving=True) for i, stages in enumerate(stage_lists)}
+                                round=1, state=NodeState.SERVING) for i, stages in enumerate(stage_lists)}
 
 
 def test_auto_takes_a_short_stage_or_trains_experts():

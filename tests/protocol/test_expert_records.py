@@ -39,7 +39,7 @@ def test_catalogue_entry_round_trip_and_validation():
 
 def test_an_expert_node_hosts_no_stage_but_a_stage_node_must():
     value = {"endpoint": "h:1", "stages": [], "compute_s": {}, "memory_slots": 8, "role": "expert",
-             "version": "0.1.0", "swarm": "s", "round": 0, "serving": True}
+             "version": "0.1.0", "swarm": "s", "round": 0, "state": "serving"}
     assert NodeRecord.from_value("p", value).stages == ()
     with pytest.raises(RecordError):
         NodeRecord.from_value("p", {**value, "role": "stage"})
