@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from node.errors import UsageError
+from protocol.codec_names import CODEC_NAMES
 
 ENV_PREFIX = "SWARM_NODE_"
 
@@ -139,6 +140,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("torch_threads", _int, "torch intra-op threads (0: torch's default)"),
     Option("events_file", str, "append one JSON line per event (round done, loss, weights digest)"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
+    # Compression on the wire (issue 11): this node's preference per direction. The planner picks the codec
+    # most members prefer, and every node of the round uses the plan's (docs/compression.md).
+    Option("activation_codec", _choice(*CODEC_NAMES), f"codec for activations: {', '.join(CODEC_NAMES)}"),
+    Option("gradient_codec", _choice(*CODEC_NAMES), f"codec for gradients: {', '.join(CODEC_NAMES)}"),
 )
 
 
@@ -179,6 +184,9 @@ class NodeConfig:
     torch_threads: int = 0
     events_file: str = ""
     log_level: str = "info"
+    # compression on the wire
+    activation_codec: str = "raw"
+    gradient_codec: str = "raw"
 
     def hosted_stages(self) -> list[int] | None:
         """The explicit stage list, or None for `auto`."""

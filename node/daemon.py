@@ -34,6 +34,7 @@ from node.rounds import RoundLoop, RoundSettings
 from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
 from node.transport import HopSender, StageClients
+from protocol.codec_names import CODEC_NAMES
 from protocol.grpc_options import server_options
 from protocol.limits import WireLimits
 from protocol.service import stage_service_handler
@@ -212,7 +213,8 @@ class Daemon:
                           memory_slots=self.config.memory_slots, role="data" if 0 in self.stages else "stage",
                           version=VERSION, swarm=self.config.swarm, round=max(self.executor.round, 0),
                           serving=serving, metrics_url=self.metrics_url, maddrs=tuple(self.maddrs),
-                          heartbeat_time=get_dht_time())
+                          heartbeat_time=get_dht_time(), codecs=(self.config.activation_codec,
+                                                                 self.config.gradient_codec), speaks=CODEC_NAMES)
 
     def _announce(self) -> None:
         if self.directory.announce(self._record(serving=True)):
@@ -234,7 +236,8 @@ class Daemon:
         activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
         settings = RoundSettings(swarm=cfg.swarm, num_stages=cfg.num_stages, visits=cfg.visits or cfg.num_stages,
                                  microbatches=cfg.microbatches, activation_bytes=activation_bytes,
-                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds)
+                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds,
+                                 activation_shape=(cfg.batch_size, cfg.seq_len, self.spec.config.hidden_size))
         loop = RoundLoop(settings,
                          self.peer_id, self.directory, self.executor, self.trainers, self.averagers, self.origin,
                          self.clients, self.metrics, self.events)

@@ -11,12 +11,13 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from hivemind.utils import get_dht_time
 
 from node.averaging import StageGradientAverager
+from node.codecs import agree, hop_bytes
 from node.discovery import SwarmDirectory
 from node.events import EventLog
 from node.executor import StageExecutor
@@ -40,6 +41,7 @@ class RoundSettings:
     activation_bytes: int
     round_timeout: float
     max_rounds: int  # 0: until stopped
+    activation_shape: tuple[int, ...] = ()  # [batch, seq, hidden]: the planner prices hops by their encoded size
 
 
 class RoundLoop:
@@ -93,13 +95,19 @@ class RoundLoop:
         return None
 
     def _make_plan(self, members: dict[str, NodeRecord], round_: int) -> RoundPlan | None:
+        plan = self._make_paths(members, round_)
+        return None if plan is None else replace(plan, codecs=agree(members))
+
+    def _make_paths(self, members: dict[str, NodeRecord], round_: int) -> RoundPlan | None:
         deadline = get_dht_time() + self.s.round_timeout
         if self.s.visits >= self.s.num_stages:
             return full_pipeline_plan(members, round_, self.s.num_stages, self.s.microbatches, self.peer_id,
                                       deadline=deadline)
+        # A hop costs the bytes the agreed codec puts on the wire.
+        activation_bytes = hop_bytes(agree(members)[0], self.s.activation_shape, self.s.activation_bytes)
         try:
             return skip_plan(members, round_, self.s.num_stages, self.s.visits, self.s.microbatches, self.peer_id,
-                             self.s.activation_bytes, deadline=deadline)
+                             activation_bytes, deadline=deadline)
         except ValueError as e:  # e.g. replica counts that cannot balance yet: wait for the swarm to change
             log.warning("%s", e)
             return None
@@ -124,6 +132,7 @@ class RoundLoop:
         started = time.monotonic()
         deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
         work = plan.work_of(self.peer_id)
+        self.clients.codecs.use(plan.round, plan.codecs)
         self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work})
         result = None
         if self.origin is not None:
@@ -149,7 +158,8 @@ class RoundLoop:
         self.metrics.round_seconds.observe(wall)
         fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts, averaged_with=averaged_with,
                       stage_visits=_stage_visits(plan, self.s.num_stages),
-                      digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms)
+                      digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms,
+                      codecs=list(plan.codecs))
         if result is not None:
             fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed))
             if result.mean_loss is not None:

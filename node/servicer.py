@@ -17,7 +17,7 @@ from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
 from protocol.state_codec import encode_state
-from protocol.tensor_codec import decode_frames
+from protocol.tensor_codec import receive_tensor
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -45,7 +45,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
     def _receive(self, method: str, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         started = time.perf_counter()
         try:
-            env, tensor = decode_frames(frames, self.limits)
+            received = receive_tensor(frames, self.limits, device=self.executor.device)  # decoded on our device
+            env, tensor = received.envelope, received.tensor
             check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
                            num_stages=self.num_stages, limits=self.limits)
             accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
@@ -53,7 +54,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         except ProtocolError as e:
             self.metrics.rpc_errors.labels(method=method, code=e.code.name).inc()
             context.abort(e.code, e.reason)
-        self.metrics.received_bytes.inc(tensor.numel() * tensor.element_size())
+        self.metrics.received_bytes.inc(received.wire_bytes)
         self.metrics.rpc_seconds.labels(method=method, side="server").observe(time.perf_counter() - started)
         return pb.Ack(queued=queued)
 

@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
+from node.codecs import RoundCodecs
 from node.metrics import NodeMetrics
+from protocol.codecs import wire_bytes
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.grpc_options import channel_options
@@ -30,10 +32,11 @@ LocalAccept = Callable[[str, pb.Envelope, torch.Tensor], None]
 
 
 class StageClients:
-    """One channel per peer endpoint, reused for every call."""
+    """One channel per peer endpoint, reused for every call; `codecs` says how each round's tensors are encoded."""
 
     def __init__(self, limits: WireLimits):
         self.limits = limits
+        self.codecs = RoundCodecs()
         self._stubs: dict[str, StageStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
@@ -113,7 +116,8 @@ class HopSender:
     def _rpc(self, method: str, endpoint: str, env: pb.Envelope, tensor: torch.Tensor) -> None:
         stub = self.clients.stub(endpoint)
         call = stub.Forward if method == "Forward" else stub.Backward
+        codec = self.clients.codecs.for_hop(env.round, "forward" if method == "Forward" else "backward")
         started = time.perf_counter()
-        call(encode_frames(env, tensor, self.clients.limits), timeout=self.deadline_s)
+        call(encode_frames(env, tensor, self.clients.limits, codec), timeout=self.deadline_s)
         self.metrics.rpc_seconds.labels(method=method, side="client").observe(time.perf_counter() - started)
-        self.metrics.sent_bytes.inc(tensor.numel() * tensor.element_size())
+        self.metrics.sent_bytes.inc(wire_bytes(codec, tuple(tensor.shape), tensor.element_size()))

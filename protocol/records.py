@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from protocol.codec_names import CODEC_NAMES
 from protocol.envelope import HopSpec
 
 RECORD_VERSION = 1
@@ -58,12 +59,16 @@ class NodeRecord:
     metrics_url: str = ""
     maddrs: tuple[str, ...] = ()
     heartbeat_time: float = 0.0  # DHT time of the beat that wrote this record
+    codecs: tuple[str, str] = ("raw", "raw")  # preferred (activation, gradient) codecs; the plan decides
+    speaks: tuple[str, ...] = ("raw",)  # every codec this node can decode (older nodes: raw only)
 
     def to_value(self) -> dict:
         value = asdict(self)
         value.pop("peer_id")
         value["stages"] = list(self.stages)
         value["maddrs"] = list(self.maddrs)
+        value["codecs"] = list(self.codecs)
+        value["speaks"] = list(self.speaks)
         value["compute_s"] = {str(k): v for k, v in self.compute_s.items()}
         value["v"] = RECORD_VERSION
         return value
@@ -95,7 +100,24 @@ class NodeRecord:
             maddrs=tuple(m for m in value.get("maddrs", []) if isinstance(m, str)),
             heartbeat_time=float(value.get("heartbeat_time", 0.0)) if isinstance(value.get("heartbeat_time"),
                                                                                   (int, float)) else 0.0,
+            codecs=_codec_pair(value.get("codecs", ["raw", "raw"]), known_only=False),
+            speaks=_codec_names(value.get("speaks", ["raw"])),
         )
+
+
+def _codec_pair(value: Any, known_only: bool) -> tuple[str, str]:
+    """(activation, gradient) codec names; a plan may only name codecs this version speaks."""
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(c, str) for c in value):
+        raise RecordError("codecs must be [activation codec, gradient codec]")
+    if known_only and not set(value) <= set(CODEC_NAMES):
+        raise RecordError(f"codecs {value} include one this node does not speak ({', '.join(CODEC_NAMES)})")
+    return value[0], value[1]
+
+
+def _codec_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise RecordError("speaks must list codec names")
+    return tuple(value)
 
 
 TOMBSTONE = {"left": True}
@@ -124,6 +146,7 @@ class RoundPlan:
     membership_digest: str
     microbatches: tuple[PlannedMicrobatch, ...]
     deadline: float = 0.0  # DHT time by which every node ends the round, so nobody falls a round behind
+    codecs: tuple[str, str] = ("raw", "raw")  # the (activation, gradient) codecs every sender of the round uses
 
     def participants(self) -> set[str]:
         return {hop.peer_id for mb in self.microbatches for hop in mb.path}
@@ -139,7 +162,7 @@ class RoundPlan:
     def to_value(self) -> dict:
         return {
             "v": RECORD_VERSION, "round": self.round, "planner": self.planner, "digest": self.membership_digest,
-            "deadline": self.deadline,
+            "deadline": self.deadline, "codecs": list(self.codecs),
             "microbatches": [{"id": mb.id, "path": [[h.stage, h.peer_id, h.endpoint] for h in mb.path]}
                              for mb in self.microbatches],
         }
@@ -167,4 +190,4 @@ class RoundPlan:
             raise RecordError("deadline must be a number")
         return cls(round=_require(value, "round", int), planner=_require(value, "planner", str),
                    membership_digest=_require(value, "digest", str), microbatches=tuple(mbs),
-                   deadline=float(deadline))
+                   deadline=float(deadline), codecs=_codec_pair(value.get("codecs", ["raw", "raw"]), known_only=True))
