@@ -3,10 +3,12 @@
 | codec     | payload                                                   | bytes/element, float32 in  | error per element               |
 |-----------|-----------------------------------------------------------|----------------------------|---------------------------------|
 | `raw`     | the tensor's own bytes, little-endian, C order            | itemsize (4)               | none                            |
-| `bf16`    | bfloat16 values                                           | 2                          | <= |x| * 2^-8                   |
-| `int8`    | blockwise absmax: float32 scales, then int8 codes         | 1 + 4/block                | <= absmax(block) / 254          |
+| `bf16`    | bfloat16 values                                           | 2                          | <= |x| * 2^-8 (+5e-41)          |
+| `int8`    | blockwise absmax: float32 scales, then int8 codes         | 1 + 4/block                | <= absmax(block) / 254 (*)      |
 | `int4`    | the same with 4-bit codes in [-7, 7], packed              | 1/2 + 4/block              | <= absmax(block) / 14           |
 | `lowrank` | rank-r projection of the rows, then a 3-bit residual      | 3/8 + 4/block + ~2r/H      | <= absmax(residual block) / 6   |
+
+(*) and blocks whose absmax is below qmax * 1.2e-38 (float32's smallest normal scale) decode as zeros.
 
 Blockwise layout (`TensorMeta.block_size`; the same text is in proto/swarm/v1/stage.proto): the tensor is
 flattened in C order and cut into `ceil(numel / block)` blocks of `block_size` elements, the last one
@@ -39,6 +41,7 @@ from protocol.codec_names import CODEC_NAMES
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MIN_BLOCK, MAX_BLOCK = 8, 1 << 16  # a block holds whole packing groups of 8 codes
 MAX_RANK = 64
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class CodecError(ValueError):
@@ -135,14 +138,17 @@ class BlockwiseCodec(Codec):
         """float32 values (1-D, on any device) -> payload (uint8, same device)."""
         numel = flat.numel()
         blocks = -(-numel // block)
-        x = torch.nn.functional.pad(flat, (0, blocks * block - numel)).view(blocks, block)
+        if blocks * block != numel:
+            flat = torch.nn.functional.pad(flat, (0, blocks * block - numel))
+        x = flat.view(blocks, block)
         absmax = x.abs().amax(dim=1)  # NaN propagates through amax: one check on the scales covers every value
         if not bool(torch.isfinite(absmax).all()):
             raise CodecError(f"codec {self.name!r} cannot encode NaN or infinity; use raw or bf16")
         scales = absmax / self.qmax
-        divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
-        codes = torch.round(x / divisor[:, None]).clamp_(-self.qmax, self.qmax).add_(self.qmax).view(-1)
-        codes = codes.to(torch.uint8)
+        # Blocks of zeros, or of values so small (absmax < qmax * 1.2e-38) that 1/scale overflows, encode as zeros.
+        inverse = torch.where(scales >= _TINY, 1 / scales, torch.zeros_like(scales))
+        codes = torch.mul(x, inverse[:, None]).round_().clamp_(-self.qmax, self.qmax).add_(self.qmax)
+        codes = codes.view(-1).to(torch.uint8)
         packed = codes[:numel] if self.bits == 8 else _pack(codes[:-(-numel // 8) * 8], self.bits)
         return torch.cat([scales.view(torch.uint8), packed])
 
@@ -155,8 +161,10 @@ class BlockwiseCodec(Codec):
             raise CodecError("block scales must be finite")
         packed = payload[4 * blocks:]
         codes = packed if self.bits == 8 else _unpack(packed, self.bits)
-        values = torch.nn.functional.pad(codes.to(torch.float32) - self.qmax, (0, blocks * block - codes.numel()))
-        return (values.view(blocks, block) * scales[:, None]).view(-1)[:numel]
+        values = torch.empty(blocks * block, dtype=torch.float32, device=payload.device)
+        values[:codes.numel()] = codes  # one pass: uint8 -> float32; the padding is never read back
+        values = values.view(blocks, block).sub_(self.qmax).mul_(scales[:, None])
+        return values.view(-1)[:numel]
 
 
 _INT8 = BlockwiseCodec("int8", bits=8)
@@ -226,15 +234,21 @@ class LowRankCodec(Codec):
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes below 2**bits (a multiple of 8 of them) -> `bits` bytes per group of 8 codes."""
-    groups = codes.view(-1, 8).to(torch.int64)
-    words = (groups << torch.arange(0, 8 * bits, bits, device=codes.device)).sum(dim=1)
-    return ((words[:, None] >> torch.arange(0, 8 * bits, 8, device=codes.device)) & 0xFF).to(torch.uint8).view(-1)
+    if bits == 4:  # the same layout, two codes a byte, without wide integers
+        pairs = codes.view(-1, 2)
+        return pairs[:, 0] | (pairs[:, 1] << 4)
+    groups = codes.view(-1, 8).to(torch.int32)  # 8 codes of <= 3 bits fit in 24 bits
+    words = (groups << torch.arange(0, 8 * bits, bits, device=codes.device, dtype=torch.int32)).sum(1, dtype=torch.int32)
+    shifts = torch.arange(0, 8 * bits, 8, device=codes.device, dtype=torch.int32)
+    return ((words[:, None] >> shifts) & 0xFF).to(torch.uint8).view(-1)
 
 
 def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    groups = packed.view(-1, bits).to(torch.int64)
-    words = (groups << torch.arange(0, 8 * bits, 8, device=packed.device)).sum(dim=1)
-    shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
+    if bits == 4:
+        return torch.stack([packed & 0xF, packed >> 4], dim=1).view(-1)
+    groups = packed.view(-1, bits).to(torch.int32)
+    words = (groups << torch.arange(0, 8 * bits, 8, device=packed.device, dtype=torch.int32)).sum(1, dtype=torch.int32)
+    shifts = torch.arange(0, 8 * bits, bits, device=packed.device, dtype=torch.int32)
     return ((words[:, None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8).view(-1)
 
 
