@@ -1,6 +1,6 @@
 """Planner benchmark: our plan vs SkipPipe's plan vs baselines in one simulator, bounds, repair, scaling.
 
-    python bench/bench_planner.py [--instance ../shared/bench/gcp12-20nodes.json] [--repeats 3] [--quick]
+    python bench/bench_planner.py [--instance bench/instances/gcp12-20nodes.json] [--repeats 3] [--quick]
 
 Prints markdown tables and writes them to bench/results/planner.md, with the Gantt chart of our plan in
 bench/results/planner-gantt.png. Timings are medians over --repeats runs in this one process (one core).
@@ -50,7 +50,7 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--instance", default=str(REPO / ".." / "shared" / "bench" / "gcp12-20nodes.json"))
+    ap.add_argument("--instance", default=str(REPO / "bench" / "instances" / "gcp12-20nodes.json"))
     ap.add_argument("--skippipe-plan", help="default: <instance>.skippipe-plan.json next to the instance")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)

@@ -33,7 +33,7 @@ def _read_json(path: str | Path) -> Any:
 
 
 def problem_from_instance(inst: dict) -> Problem:
-    """An instance dict (the format of /work/shared/bench/*.json) as a Problem, using its cost_model."""
+    """An instance dict (the format of bench/instances/*.json) as a Problem, using its cost_model."""
     if not isinstance(inst, dict):
         raise ProblemError("instance must be a JSON object")
     nodes = _get(inst, "nodes")

@@ -16,7 +16,7 @@ from routing.repair import repair
 from routing.simulator import simulate
 from routing.synthetic import add_node, drop_nodes, generate
 
-GCP = Path(__file__).resolve().parents[3] / "shared" / "bench" / "gcp12-20nodes.json"
+GCP = Path(__file__).resolve().parents[2] / "bench" / "instances" / "gcp12-20nodes.json"
 
 
 def test_same_input_and_seed_give_the_same_plan():
@@ -35,7 +35,6 @@ def test_search_improves_on_its_start_and_beats_baselines():
     assert ours.predicted_iteration_s < full_pipeline(problem, seed=0, evals=50).predicted_iteration_s
 
 
-@pytest.mark.skipif(not GCP.exists(), reason="shared bench instances not present")
 def test_gcp_plan_is_at_least_25_percent_faster_than_skippipe_in_our_simulator():
     problem = load_instance(GCP)
     skippipe = simulate(problem, load_plan(problem, GCP.with_name("gcp12-20nodes.skippipe-plan.json")).paths)

@@ -17,9 +17,8 @@ from routing.simulator import simulate
 from routing.synthetic import generate
 from tests.helpers import run_cli
 
-BENCH = Path(__file__).resolve().parents[3] / "shared" / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "instances"
 GCP = BENCH / "gcp12-20nodes.json"
-needs_bench = pytest.mark.skipif(not GCP.exists(), reason="shared bench instances not present")
 
 
 def test_plan_round_trips_through_json():
@@ -60,7 +59,6 @@ def test_live_refusals():
                   microbatches_per_data_node=1, missing_link_s=1.0)
 
 
-@needs_bench
 def test_gcp_instance_and_skippipe_plan_load():
     problem = load_instance(GCP)
     assert problem.n == 20 and problem.stages == 6 and problem.visits == 4
@@ -76,7 +74,6 @@ def _inst():
     return json.loads(GCP.read_text())
 
 
-@needs_bench
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -95,7 +92,6 @@ def test_bad_instances_are_refused(mutate, message):
         problem_from_instance(d)
 
 
-@needs_bench
 def test_cli_refuses_bad_instance_in_one_line(tmp_path):
     d = _inst()
     d["skip"]["stages_visited_per_microbatch"] = 9
@@ -129,7 +125,6 @@ def test_plan_command_raises_usage_errors(tmp_path, name, text, message):
         command.run(argparse.Namespace(instance=str(GCP), json=None, gantt="x.pdf", seed=0))
 
 
-@needs_bench
 def test_cli_plans_and_writes_schedule_and_gantt(tmp_path):
     out, png = tmp_path / "plan.json", tmp_path / "gantt.png"
     r = run_cli("plan", "--instance", str(GCP), "--json", str(out), "--gantt", str(png), "--seed", "3")
