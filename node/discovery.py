@@ -2,102 +2,162 @@
 
 Key schema: see protocol/records.py. Records carry an expiration and are refreshed by their owner,
 so a dead node's records simply expire; a node that leaves cleanly overwrites its record with a tombstone.
+
+Every record this node writes sits under its owner subkey and is signed (protocol/record_auth.py);
+readers take the writer's peer id from that subkey and drop records without one. A round's plan is
+acted on only when the round's planner, chosen from those verified members, signed it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 
 from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
+from node.planning import choose_planner, membership_digest
+from protocol.record_auth import owner_peer_id
 from protocol.records import (TOMBSTONE, NodeRecord, RecordError, RoundPlan, averaging_key, is_tombstone,
                               nodes_key, plan_key)
+
+Dropped = Callable[[str], None]  # called with why a record was dropped: "unsigned", "not_planner", "malformed"
 
 log = logging.getLogger(__name__)
 
 
 class SwarmDirectory:
-    def __init__(self, dht: DHT, swarm: str, peer_id: str, ttl: float):
+    def __init__(self, dht: DHT, swarm: str, peer_id: str, ttl: float, owner: bytes,
+                 on_dropped: Dropped = lambda reason: None):
         self.dht = dht
         self.swarm = swarm
         self.peer_id = peer_id
         self.ttl = ttl
+        self.owner = owner  # our owner subkey: only we can write under it (protocol/record_auth.py)
+        self.on_dropped = on_dropped
+        self._reported: set[tuple[int, bytes]] = set()  # plans already logged as refused, so polling stays quiet
 
     # ---- membership ------------------------------------------------------------------------------------------
-    def announce(self, record: NodeRecord) -> bool:
-        return bool(self.dht.store(nodes_key(self.swarm), record.to_value(), get_dht_time() + self.ttl,
-                                   subkey=self.peer_id))
+    def announce(self, record: NodeRecord, timeout: float | None = None) -> bool:
+        """Store our record; False if the DHT did not confirm it within `timeout` seconds."""
+        return self._store_own(record.to_value(), get_dht_time() + self.ttl, timeout)
 
-    def withdraw(self) -> bool:
+    def withdraw(self, timeout: float | None = None) -> bool:
         """Replace our record with a tombstone that outlives it, so peers stop routing to us at once."""
-        return bool(self.dht.store(nodes_key(self.swarm), TOMBSTONE, get_dht_time() + self.ttl + 1,
-                                   subkey=self.peer_id))
+        return self._store_own(TOMBSTONE, get_dht_time() + self.ttl + 1, timeout)
+
+    def _store_own(self, value, expiration: float, timeout: float | None) -> bool:
+        future = self.dht.store(nodes_key(self.swarm), value, expiration, subkey=self.owner, return_future=True)
+        try:
+            return bool(future.result(timeout))
+        except TimeoutError:  # a hung DHT process: the caller's heartbeat age shows it
+            future.cancel()
+            return False
 
     def members(self) -> dict[str, NodeRecord]:
         """Live, well-formed node records of this swarm, by peer id."""
-        return read_members(self.dht, self.swarm)
+        return read_members(self.dht, self.swarm, self.on_dropped)
 
     # ---- plans -----------------------------------------------------------------------------------------------
     def publish_plan(self, plan: RoundPlan, ttl: float) -> bool:
         return bool(self.dht.store(plan_key(self.swarm, plan.round), plan.to_value(), get_dht_time() + ttl,
-                                   subkey=plan.planner))
+                                   subkey=self.owner))
 
-    def fetch_plan(self, round_: int) -> RoundPlan | None:
-        """The round's plan; if several planners published one, the lowest planner id wins, everywhere."""
+    def fetch_plan(self, round_: int, members: dict[str, NodeRecord] | None = None) -> RoundPlan | None:
+        """The round's plan, if the round's planner (chosen from the verified members) has signed one.
+
+        Plans from anyone else are ignored and counted once each: only the owner of a subkey can
+        write under it, so a plan under another subkey is never the planner's.
+        """
         entry = self.dht.get(plan_key(self.swarm, round_), latest=True)
         if entry is None or not isinstance(entry.value, dict):
             return None
-        for planner in sorted(entry.value):
-            try:
-                plan = RoundPlan.from_value(entry.value[planner].value)
-            except RecordError as e:
-                log.warning("ignoring a malformed plan for round %d from %s: %s", round_, planner, e)
+        members = self.members() if members is None else members
+        planner = choose_planner(members)
+        for subkey, item in entry.value.items():
+            signer = owner_peer_id(subkey)
+            if signer != planner or planner is None:
+                self._report(round_, subkey, "unsigned" if signer is None else "not_planner",
+                             f"ignoring a plan for round {round_} signed by {signer or 'nobody'}: the round's "
+                             f"planner is {planner}")
                 continue
-            if plan.round == round_:
-                return plan
+            try:
+                plan = RoundPlan.from_value(item.value)
+                if plan.round != round_ or plan.planner != signer:
+                    raise RecordError(f"it names round {plan.round} and planner {plan.planner}")
+            except RecordError as e:
+                self._report(round_, subkey, "malformed", f"ignoring a malformed plan for round {round_}: {e}")
+                continue
+            if plan.membership_digest != membership_digest(members):
+                self._report(round_, b"digest", None, f"round {round_}: the planner saw another membership "
+                             f"(digest {plan.membership_digest}, here {membership_digest(members)})")
+            return plan
         return None
+
+    def _report(self, round_: int, subkey, reason: str | None, message: str) -> None:
+        key = (round_, subkey if isinstance(subkey, bytes) else str(subkey).encode())
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        if len(self._reported) > 10_000:  # rounds move on; forget old ones
+            self._reported.clear()
+        if reason is None:
+            log.info("%s", message)
+        else:
+            log.warning("%s", message)
+            self.on_dropped(reason)
 
     # ---- averaging barrier -----------------------------------------------------------------------------------
     def ready_to_average(self, stage: int, round_: int, count: int, digest: str, ttl: float) -> None:
         """Post how many microbatches we processed, and the digest of the weights they were computed with."""
         self.dht.store(averaging_key(self.swarm, stage, round_), [count, digest], get_dht_time() + ttl,
-                       subkey=self.peer_id)
+                       subkey=self.owner)
 
     def peers_ready(self, stage: int, round_: int) -> dict[str, tuple[int, str]]:
         entry = self.dht.get(averaging_key(self.swarm, stage, round_), latest=True)
         if entry is None or not isinstance(entry.value, dict):
             return {}
         ready = {}
-        for peer, item in entry.value.items():
-            v = item.value
-            if isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str):
-                ready[str(peer)] = (v[0], v[1])
+        for subkey, item in entry.value.items():
+            peer, v = owner_peer_id(subkey), item.value
+            if peer is None:
+                self.on_dropped("unsigned")
+            elif isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str):
+                ready[peer] = (v[0], v[1])
         return ready
 
-    def wait_ready(self, stage: int, round_: int, peers: set[str], until: float) -> dict[str, tuple[int, str]]:
-        """Wait (until the monotonic time `until`) for every peer in `peers` to post; returns those that did."""
+    def wait_ready(self, stage: int, round_: int, peers: set[str], until: float,
+                   stop: threading.Event | None = None) -> dict[str, tuple[int, str]]:
+        """Wait (until the monotonic time `until`, or `stop`) for every peer in `peers` to post; returns those
+        that did."""
+        stop = stop or threading.Event()
         while True:
             ready = self.peers_ready(stage, round_)
-            if peers <= ready.keys() or time.monotonic() > until:
+            if peers <= ready.keys() or time.monotonic() > until or stop.wait(0.1):
                 return {p: v for p, v in ready.items() if p in peers}
-            time.sleep(0.1)
 
 
-def read_members(dht: DHT, swarm: str) -> dict[str, NodeRecord]:
+def read_members(dht: DHT, swarm: str, on_dropped: Dropped = lambda reason: None) -> dict[str, NodeRecord]:
+    """Verified members: records under an owner subkey (the DHT checked their signatures), by that owner's peer id."""
     entry = dht.get(nodes_key(swarm), latest=True)
     if entry is None or not isinstance(entry.value, dict):
         return {}
     members = {}
-    for peer_id, item in entry.value.items():
+    for subkey, item in entry.value.items():
+        peer_id = owner_peer_id(subkey)
+        if peer_id is None:
+            on_dropped("unsigned")
+            continue
         if is_tombstone(item.value):
             continue
         try:
-            record = NodeRecord.from_value(str(peer_id), item.value)
+            record = NodeRecord.from_value(peer_id, item.value)
         except RecordError as e:
             log.debug("skipping malformed node record from %s: %s", peer_id, e)
+            on_dropped("malformed")
             continue
         if record.swarm == swarm:
-            members[str(peer_id)] = record
+            members[peer_id] = record
     return members

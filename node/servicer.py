@@ -1,4 +1,8 @@
-"""The server side of the data plane: StageService. Every refusal is a gRPC status with a reason."""
+"""The server side of the data plane: StageService.
+
+Handlers refuse by raising `ProtocolError` or calling `context.abort`; `node.rpc_guard` counts every
+refusal and turns anything unexpected into INTERNAL with a reason.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,10 @@ from node.executor import StageExecutor
 from node.metrics import NodeMetrics
 from node.trainer import StageTrainer
 from protocol.envelope import check_envelope
-from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
+from protocol.rpc_auth import AuthRefused, SwarmAuth
 from protocol.state_codec import encode_state
 from protocol.tensor_codec import receive_tensor
 
@@ -27,7 +31,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
     """Registered with `protocol.service.stage_service_handler`: Forward/Backward receive raw frames."""
 
     def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
-                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics):
+                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics, state_wait_s: float,
+                 auth: SwarmAuth | None = None):
         self.swarm = swarm
         self.peer_id = peer_id
         self.num_stages = num_stages
@@ -35,6 +40,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.trainers = trainers
         self.limits = limits
         self.metrics = metrics
+        self.state_wait_s = state_wait_s  # the longest a FetchState without a deadline waits for its round
+        self.auth = auth  # private swarms: Forward/Backward tags are checked here, other calls by the interceptor
 
     def Forward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         return self._receive("Forward", request_iterator, context)
@@ -45,15 +52,16 @@ class StageServicer(pb_grpc.StageServiceServicer):
     def _receive(self, method: str, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         started = time.perf_counter()
         try:
-            received = receive_tensor(frames, self.limits, device=self.executor.device)  # decoded on our device
+            check = None if self.auth is None else (lambda env, meta: self.auth.check_frames(method, env, meta))
+            received = receive_tensor(frames, self.limits, check, device=self.executor.device)  # decoded on our device
             env, tensor = received.envelope, received.tensor
-            check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
-                           num_stages=self.num_stages, limits=self.limits)
-            accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
-            queued = accept(env, tensor)
-        except ProtocolError as e:
-            self.metrics.rpc_errors.labels(method=method, code=e.code.name).inc()
-            context.abort(e.code, e.reason)
+        except AuthRefused as e:
+            self.metrics.auth_refused.labels(method=method, reason=e.kind).inc()
+            raise  # node.rpc_guard answers and counts it
+        check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
+                       num_stages=self.num_stages, limits=self.limits)
+        accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
+        queued = accept(env, tensor)
         self.metrics.received_bytes.inc(received.wire_bytes)
         self.metrics.rpc_seconds.labels(method=method, side="server").observe(time.perf_counter() - started)
         return pb.Ack(queued=queued)
@@ -71,7 +79,9 @@ class StageServicer(pb_grpc.StageServiceServicer):
         trainer = self.trainers.get(request.stage)
         if trainer is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not host stage {request.stage}")
-        if request.min_round >= 0 and not trainer.wait_completed(request.min_round, context.time_remaining() or 60):
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {request.min_round} did not complete in time")
+        if request.min_round >= 0 and not trainer.wait_completed(request.min_round, context.time_remaining() or
+                                                                 self.state_wait_s, lambda: not context.is_active()):
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"round {request.min_round} did not complete here in time, "
+                                                       f"or this node is stopping")
         tensors, metadata = trainer.export(include_grads=request.include_grads)
         yield from encode_state(tensors, metadata, trainer.completed_round, self.limits.chunk_bytes)

@@ -14,8 +14,9 @@ header costs nothing; sizes are Python integers, so no product of dimensions can
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 import torch
@@ -37,15 +38,28 @@ _ENVELOPE, _META, _DATA = 1, 2, 3
 _LENGTH_DELIMITED = 2
 
 
+class BodyCheck(Protocol):
+    def update(self, piece: memoryview) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+# Private swarms (protocol/rpc_auth.py): the sender tags a message from its envelope, metadata and encoded
+# bytes; the receiver checks the tag's header before reading any tensor bytes, then the bytes as they arrive.
+FrameSigner = Callable[[pb.Envelope, pb.TensorMeta, memoryview], bytes]
+FrameCheck = Callable[[pb.Envelope, pb.TensorMeta], BodyCheck]
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A byte view of a CPU copy of `tensor` (works for bfloat16, which numpy lacks)."""
     flat = tensor.detach().to("cpu").contiguous().view(-1)
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def encode_frames(envelope: pb.Envelope, tensor: torch.Tensor, limits: WireLimits, codec: str = "raw",
-                  layout: Layout | None = None) -> Iterator[bytes]:
-    """Serialised TensorChunks for one tensor encoded with `codec`: the first carries envelope and metadata.
+def encode_frames(envelope: pb.Envelope, tensor: torch.Tensor, limits: WireLimits, sign: FrameSigner | None = None,
+                  codec: str = "raw", layout: Layout | None = None) -> Iterator[bytes]:
+    """Serialised TensorChunks for one tensor encoded with `codec`: the first carries the envelope (tagged by
+    `sign`) and metadata.
 
     Encodes at once (a tensor the codec refuses raises CodecError here, not inside gRPC's request thread);
     the frames are cut lazily from the payload.
@@ -58,6 +72,11 @@ def encode_frames(envelope: pb.Envelope, tensor: torch.Tensor, limits: WireLimit
     data = memoryview(chosen.encode(tensor, layout).numpy())
     meta = pb.TensorMeta(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), codec=codec, nbytes=len(data),
                          block_size=layout.block_size, rank=layout.rank)
+    if sign is not None:
+        tagged = pb.Envelope()
+        tagged.CopyFrom(envelope)
+        tagged.auth = sign(envelope, meta, data)
+        envelope = tagged
     return _frames(pb.TensorChunk(envelope=envelope, meta=meta).SerializeToString(), data, limits.chunk_bytes)
 
 
@@ -102,8 +121,13 @@ class Received:
     wire_bytes: int  # payload bytes that crossed the network
 
 
-def receive_tensor(frames: Iterable[bytes], limits: WireLimits, device: torch.device | str = "cpu") -> Received:
-    """Reassemble serialised TensorChunks and decode the tensor on `device`, enforcing the limits as bytes arrive."""
+def receive_tensor(frames: Iterable[bytes], limits: WireLimits, check: FrameCheck | None = None,
+                   device: torch.device | str = "cpu") -> Received:
+    """Reassemble serialised TensorChunks and decode the tensor on `device`, enforcing the limits as bytes arrive.
+
+    With `check`, the first chunk's envelope and metadata are authenticated before anything else, and
+    every encoded byte is fed to the returned body check, which must pass before the tensor is decoded.
+    """
     it = iter(frames)
     first = next(it, None)
     if first is None:
@@ -116,6 +140,7 @@ def receive_tensor(frames: Iterable[bytes], limits: WireLimits, device: torch.de
         meta = pb.TensorMeta.FromString(fields[_META])
     except DecodeError:
         raise invalid("the envelope or tensor metadata is not valid protobuf") from None
+    body = check(envelope, meta) if check is not None else None
     check_meta(meta, limits)
     out = torch.empty(meta.nbytes, dtype=torch.uint8)  # no zero-fill: every byte is written below
     buf = memoryview(out.numpy())
@@ -128,11 +153,15 @@ def receive_tensor(frames: Iterable[bytes], limits: WireLimits, device: torch.de
         if end > len(buf):
             raise invalid(f"stream carries more than the {len(buf)} bytes its metadata announced")
         buf[filled:end] = piece
+        if body is not None:
+            body.update(piece)
         filled = end
         frame = next(it, None)
         fields = None if frame is None else _top_level_fields(frame)
     if filled != len(buf):
         raise invalid(f"stream ended after {filled} of {len(buf)} bytes")
+    if body is not None:
+        body.finish()
     try:
         tensor = get_codec(meta.codec).decode(out, tuple(meta.shape), DTYPES[meta.dtype],
                                               Layout(meta.block_size, meta.rank), torch.device(device))
@@ -141,9 +170,10 @@ def receive_tensor(frames: Iterable[bytes], limits: WireLimits, device: torch.de
     return Received(envelope, tensor, meta.codec, meta.nbytes)
 
 
-def decode_frames(frames: Iterable[bytes], limits: WireLimits) -> tuple[pb.Envelope, torch.Tensor]:
+def decode_frames(frames: Iterable[bytes], limits: WireLimits,
+                  check: FrameCheck | None = None) -> tuple[pb.Envelope, torch.Tensor]:
     """(envelope, tensor) on the CPU; see `receive_tensor`."""
-    received = receive_tensor(frames, limits)
+    received = receive_tensor(frames, limits, check)
     return received.envelope, received.tensor
 
 

@@ -10,12 +10,13 @@ from node.config import add_node_arguments, load_config
 from node.errors import UsageError
 from protocol.codec_names import CODEC_NAMES
 from protocol.envelope import HopSpec
-from protocol.records import NodeRecord, PlannedMicrobatch, RecordError, RoundPlan
+from protocol.records import NodeRecord, NodeState, PlannedMicrobatch, RecordError, RoundPlan
 
 
 def record(peer: str, codecs=("raw", "raw"), speaks=CODEC_NAMES) -> NodeRecord:
     return NodeRecord(peer_id=peer, endpoint="127.0.0.1:1", stages=(0,), compute_s={0: 0.1}, memory_slots=4,
-                      role="data", version="0.1.0", swarm="s", round=0, serving=True, codecs=codecs, speaks=speaks)
+                      role="data", version="0.1.0", swarm="s", round=0, state=NodeState.SERVING, codecs=codecs,
+                      speaks=speaks)
 
 
 def test_the_majority_preference_wins_per_direction():

@@ -100,14 +100,64 @@ def test_trains_and_replicas_agree(swarm):
     assert fwd >= 5 and 0 < sent <= fwd * (elements + elements // 16) + bwd * elements * 2
 
 
+def test_forged_records_and_plans_are_ignored(swarm):
+    """A public swarm: a peer in the DHT forges another node's record and publishes plans; nobody acts on them."""
+    from dataclasses import replace
+
+    from hivemind.dht import DHT
+    from hivemind.utils import get_dht_time
+
+    from node.discovery import read_members
+    from protocol.record_auth import RefusalCounter, load_identity, owner_peer_id, record_validators
+    from protocol.records import PlannedMicrobatch, RoundPlan, nodes_key, plan_key
+
+    data = node(swarm, "data0")
+    victim = data.started()["peer_id"]
+    path, key, _ = load_identity(None)
+    validators = record_validators(key, None, RefusalCounter())
+    attacker = DHT(initial_peers=swarm.initial_peers(), start=True, identity_path=path,
+                   record_validators=validators, check_if_identity_free=False)
+    try:
+        members = read_members(attacker, SWARM)
+        victim_subkey = next(k for k, _ in attacker.get(nodes_key(SWARM), latest=True).value.items()
+                             if owner_peer_id(k) == victim)
+        hijacked = replace(members[victim], endpoint="10.255.255.1:9")
+        expires = get_dht_time() + 60
+        attacker.store(nodes_key(SWARM), hijacked.to_value(), expires, subkey=victim_subkey)  # not its to sign
+        attacker.store(nodes_key(SWARM), replace(hijacked, stages=(1,)).to_value(), expires, subkey=b"0000")
+        now = max(rounds(data))
+        bogus = HopSpec(1, victim, "10.255.255.1:9")
+        origin = HopSpec(0, victim, members[victim].endpoint)
+        for r in range(now + 1, now + 6):
+            plan = RoundPlan(r, victim, "forged", (PlannedMicrobatch(0, (origin, bogus, origin)),), expires)
+            attacker.store(plan_key(SWARM, r), plan.to_value(), expires, subkey=b"0000")  # unsigned, lowest subkey
+            attacker.store(plan_key(SWARM, r), plan.to_value(), expires, subkey=validators[0].local_public_key)
+        wait_for(lambda: max(rounds(data)) >= now + 3, 120, "three rounds after the forgeries")
+    finally:
+        attacker.shutdown()
+    listed = status(swarm)
+    assert listed[victim]["endpoint"] == members[victim].endpoint and len(listed) == len(members)
+    assert all(rounds(data)[r]["failed"] == 0 for r in range(now + 1, now + 4))
+    text = "".join(urllib.request.urlopen(n.started()["metrics_url"], timeout=5).read().decode()
+                   for n in swarm.nodes if n.alive())
+    dropped = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+               if line.startswith(("swarm_node_records_dropped_total", "swarm_node_dht_records_refused_total"))}
+    assert sum(v for k, v in dropped.items() if "not_planner" in k) > 0, dropped
+    assert sum(v for k, v in dropped.items() if "unsigned" in k) > 0, dropped
+    assert sum(v for k, v in dropped.items() if "refused" in k) > 0, dropped
+
+
 def test_node_joining_mid_run_appears_then_serves(swarm):
     before = max(rounds(node(swarm, "data0")))
     # Its own records live 20 s (the others' 30 s), so the next test sees them expire sooner.
     joined = swarm.start_node("s2b", "2", initial_peers=swarm.initial_peers(), extra=["--record-ttl", "20"])
     swarm.wait_started([joined], timeout=120)
     peer = joined.started()["peer_id"]
-    listed = wait_for(lambda: status(swarm).get(peer), 30, "the new node in `status`")
-    assert listed["stages"] == "2" and listed["serving"]
+    def serving_row():  # listed as `joining` while it copies its stage, then `serving`
+        row = status(swarm).get(peer)
+        return row if row and row["serving"] else None
+    listed = wait_for(serving_row, 30, "the new node serving in `status`")
+    assert listed["stages"] == "2" and listed["state"] == "serving"
     # It copied stage 2 from its replica, then trains in lock-step with it.
     wait_for(lambda: rounds(joined), 120, "the joined node to train a round")
     r = min(rounds(joined))

@@ -1,0 +1,68 @@
+"""What a node trusts and how it proves itself: its identity, the swarm key, record validators, RPC tags.
+
+Built once from the config; the daemon plugs its parts into the DHT (validators), the gRPC server
+(an interceptor and the Forward/Backward tag check), and the clients (tags on every call).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from node.errors import UsageError
+from node.metrics import NodeMetrics
+from protocol.record_auth import RefusalCounter, load_identity, record_validators
+from protocol.rpc_auth import ServerAuthInterceptor, SwarmAuth
+from protocol.service import SERVICE
+from protocol.swarm_key import load_key_file
+
+# Methods that carry their tag inside the message (Envelope.auth), checked while the tensor streams in.
+SELF_AUTHENTICATED = {f"/{SERVICE}/Forward", f"/{SERVICE}/Backward"}
+
+
+@dataclass
+class NodeTrust:
+    identity_path: str
+    temporary_identity: bool
+    validators: list
+    refused_records: RefusalCounter  # shared with the DHT process, which refuses forged records
+    auth: SwarmAuth | None  # None in a public swarm
+
+    @classmethod
+    def create(cls, identity_path: str, swarm_key_path: str) -> "NodeTrust":
+        swarm_key = None
+        if swarm_key_path:
+            try:
+                swarm_key = load_key_file(swarm_key_path)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        try:
+            path, private_key, temporary = load_identity(identity_path or None)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--identity-path {identity_path}: {e}") from None
+        refused = RefusalCounter()
+        return cls(path, temporary, record_validators(private_key, swarm_key, refused), refused,
+                   SwarmAuth(swarm_key) if swarm_key is not None else None)
+
+    @property
+    def owner(self) -> bytes:
+        """The subkey this node writes its records under; only its identity can sign for it."""
+        return self.validators[0].local_public_key
+
+    def dht_kwargs(self) -> dict:
+        # A fresh identity cannot be taken already; skipping the check saves starting a second p2pd.
+        return dict(identity_path=self.identity_path, record_validators=self.validators,
+                    check_if_identity_free=not self.temporary_identity)
+
+    def server_interceptors(self, metrics: NodeMetrics) -> list[grpc.ServerInterceptor]:
+        if self.auth is None:
+            return []
+        return [ServerAuthInterceptor(self.auth, SELF_AUTHENTICATED, on_refused=lambda method, reason: (
+            metrics.auth_refused.labels(method=method.rsplit("/", 1)[-1], reason=reason).inc()))]
+
+    def close(self) -> None:
+        if self.temporary_identity:
+            shutil.rmtree(Path(self.identity_path).parent, ignore_errors=True)

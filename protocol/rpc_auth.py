@@ -1,0 +1,262 @@
+"""Authenticated RPCs in a private swarm: every call carries a tag made with the swarm key.
+
+A tag is `version | timestamp | nonce | MAC` (unary calls, in the `swarm-auth-bin` metadata) or
+`version | timestamp | nonce | header MAC | full MAC` (Forward and Backward, in `Envelope.auth`).
+
+- The header MAC covers the method, the receiving peer, the envelope with its hop index and tag
+  cleared (one tag per message, whatever hop it is addressed to), the tensor metadata, the timestamp
+  and the nonce. The receiver checks it on the first chunk, before it reads any tensor bytes.
+- The full MAC extends the header MAC over the tensor's bytes as they travel; the receiver updates
+  it chunk by chunk and checks it before the tensor is handed to the executor.
+- A timestamp outside the clock window, or a nonce already seen within it, is refused: a tag is good
+  for one call. Without TLS, a tag sniffed on the wire could still be raced to another node within
+  the window for unary calls; Forward and Backward tags name their receiver.
+
+Refusals are `UNAUTHENTICATED` with the reason, raised as `ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from protocol.errors import ProtocolError
+from protocol.generated.swarm.v1 import stage_pb2 as pb
+
+METADATA_KEY = "swarm-auth-bin"
+_VERSION = 1
+_HEAD = struct.Struct(">Bd16s")  # version, timestamp (unix seconds), nonce
+_MAC = 32
+UNARY_TAG_BYTES = _HEAD.size + _MAC
+FRAME_TAG_BYTES = _HEAD.size + 2 * _MAC
+
+# Why a call was refused; the label of the refusal counter.
+MISSING, MALFORMED, STALE, REPLAYED, FORGED = "missing", "malformed", "stale", "replayed", "bad_mac"
+
+
+class AuthRefused(ProtocolError):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(grpc.StatusCode.UNAUTHENTICATED, reason)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    clock_window_s: float = 30.0  # how far a caller's clock may be from ours; tags older than this are stale
+    max_nonces: int = 1_000_000  # replay-cache bound: about 40 MB, far above any honest call rate × window
+
+
+class ReplayCache:
+    """Nonces seen within the clock window. A nonce is accepted once."""
+
+    def __init__(self, window_s: float, max_entries: int):
+        self.window_s = window_s
+        self.max_entries = max_entries
+        self._seen: OrderedDict[bytes, float] = OrderedDict()  # nonce -> time first seen, oldest first
+        self._lock = threading.Lock()
+
+    def first_time(self, nonce: bytes, now: float) -> bool:
+        with self._lock:
+            horizon = now - 2 * self.window_s  # a stale tag is refused by its timestamp, so older nonces can go
+            while self._seen and (next(iter(self._seen.values())) < horizon or len(self._seen) >= self.max_entries):
+                self._seen.popitem(last=False)
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = now
+            return True
+
+
+class BodyCheck:
+    """The full MAC of a Forward or Backward, computed while its chunks arrive."""
+
+    def __init__(self, mac: hmac.HMAC, expected: bytes):
+        self._mac = mac
+        self._expected = expected
+
+    def update(self, piece) -> None:
+        self._mac.update(piece)
+
+    def finish(self) -> None:
+        if not hmac.compare_digest(self._mac.digest(), self._expected):
+            raise AuthRefused(FORGED, "the tensor bytes do not match the call's tag")
+
+
+class SwarmAuth:
+    """Makes and checks call tags with one swarm key."""
+
+    def __init__(self, key: bytes, settings: AuthSettings = AuthSettings(), clock: Callable[[], float] = time.time):
+        self._key = key
+        self.settings = settings
+        self._clock = clock
+        self._replays = ReplayCache(settings.clock_window_s, settings.max_nonces)
+
+    # ---- Forward and Backward --------------------------------------------------------------------------------
+    def sign_frames(self, method: str, envelope: pb.Envelope, meta: pb.TensorMeta, data) -> bytes:
+        head = _HEAD.pack(_VERSION, self._clock(), secrets.token_bytes(16))
+        mac = self._frame_mac(method, envelope, meta, head)
+        head_mac = mac.copy().digest()
+        mac.update(data)
+        return head + head_mac + mac.digest()
+
+    def check_frames(self, method: str, envelope: pb.Envelope, meta: pb.TensorMeta) -> BodyCheck:
+        """Check the header of a Forward or Backward; returns the check to feed its tensor bytes to."""
+        tag = envelope.auth
+        if not tag:
+            raise AuthRefused(MISSING, "this swarm is private: the call carries no auth tag (give --swarm-key)")
+        if len(tag) != FRAME_TAG_BYTES or tag[0] != _VERSION:
+            raise AuthRefused(MALFORMED, f"auth tag of {len(tag)} bytes is malformed")
+        head, head_mac, full_mac = tag[:_HEAD.size], tag[_HEAD.size:-_MAC], tag[-_MAC:]
+        mac = self._frame_mac(method, envelope, meta, head)
+        if not hmac.compare_digest(mac.copy().digest(), head_mac):
+            raise AuthRefused(FORGED, "auth tag does not verify under this swarm's key")
+        self._fresh(head)
+        return BodyCheck(mac, full_mac)
+
+    def _frame_mac(self, method: str, envelope: pb.Envelope, meta: pb.TensorMeta, head: bytes) -> hmac.HMAC:
+        bare = pb.Envelope()
+        bare.CopyFrom(envelope)
+        bare.hop, bare.auth = 0, b""
+        receiver = envelope.path[envelope.hop].peer_id if 0 <= envelope.hop < len(envelope.path) else ""
+        mac = hmac.new(self._key, digestmod=hashlib.sha256)
+        for part in (b"swarm-node frames v1", method.encode(), receiver.encode(), head,
+                     bare.SerializeToString(deterministic=True), meta.SerializeToString(deterministic=True)):
+            mac.update(struct.pack(">I", len(part)))
+            mac.update(part)
+        return mac
+
+    # ---- unary calls -----------------------------------------------------------------------------------------
+    def sign_unary(self, method: str, request: bytes) -> bytes:
+        head = _HEAD.pack(_VERSION, self._clock(), secrets.token_bytes(16))
+        return head + self._unary_mac(method, request, head)
+
+    def check_unary(self, method: str, request: bytes, tag: bytes | None) -> None:
+        if not tag:
+            raise AuthRefused(MISSING, "this swarm is private: the call carries no auth tag (give --swarm-key)")
+        if len(tag) != UNARY_TAG_BYTES or tag[0] != _VERSION:
+            raise AuthRefused(MALFORMED, f"auth tag of {len(tag)} bytes is malformed")
+        head = tag[:_HEAD.size]
+        if not hmac.compare_digest(self._unary_mac(method, request, head), tag[_HEAD.size:]):
+            raise AuthRefused(FORGED, "auth tag does not verify under this swarm's key")
+        self._fresh(head)
+
+    def _unary_mac(self, method: str, request: bytes, head: bytes) -> bytes:
+        mac = hmac.new(self._key, digestmod=hashlib.sha256)
+        for part in (b"swarm-node unary v1", method.encode(), head, request):
+            mac.update(struct.pack(">I", len(part)))
+            mac.update(part)
+        return mac.digest()
+
+    def _fresh(self, head: bytes) -> None:
+        """Refuse stale timestamps and nonces seen before; called only once the MAC verified."""
+        _, stamp, nonce = _HEAD.unpack(head)
+        now = self._clock()
+        skew = now - stamp
+        if not abs(skew) <= self.settings.clock_window_s:  # also refuses NaN
+            raise AuthRefused(STALE, f"auth tag is {skew:.0f}s from this node's clock (window "
+                                     f"{self.settings.clock_window_s:.0f}s): a stale or replayed call, or clocks "
+                                     f"out of sync")
+        if not self._replays.first_time(nonce, now):
+            raise AuthRefused(REPLAYED, "auth tag was already used: replayed call refused")
+
+
+# ---- gRPC glue -------------------------------------------------------------------------------------------------
+class ServerAuthInterceptor(grpc.ServerInterceptor):
+    """Checks the tag of every unary-request call before its handler runs, for every service but health.
+
+    Streaming-request methods must check their own tags (Forward and Backward carry them in the
+    envelope); any other streaming-request method is refused, so a method added later is never open.
+    """
+
+    def __init__(self, auth: SwarmAuth, self_checked: set[str], on_refused: Callable[[str, str], None]):
+        self.auth = auth
+        self.self_checked = self_checked  # full method names, e.g. /swarm.v1.StageService/Forward
+        self.on_refused = on_refused
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        method = details.method
+        if handler is None or method.startswith("/grpc.health.v1.") or method in self.self_checked:
+            return handler
+        if handler.request_streaming:
+            return _refusing_handler(handler, AuthRefused(MALFORMED, f"{method} cannot be authenticated"),
+                                     lambda: self.on_refused(method, MALFORMED))
+        tag = dict(details.invocation_metadata).get(METADATA_KEY)
+        return _checking_handler(handler, method, tag, self)
+
+
+def _checking_handler(handler: grpc.RpcMethodHandler, method: str, tag: bytes | None,
+                      interceptor: ServerAuthInterceptor) -> grpc.RpcMethodHandler:
+    serialize = handler.request_deserializer  # requests arrive deserialized; the tag covers their bytes
+
+    def check(request, context) -> None:
+        try:
+            raw = request.SerializeToString(deterministic=True) if serialize is not None else bytes(request)
+            interceptor.auth.check_unary(method, raw, tag)
+        except AuthRefused as e:
+            interceptor.on_refused(method, e.kind)
+            context.abort(e.code, e.reason)
+
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        def unary_unary(request, context):
+            check(request, context)
+            return inner(request, context)
+        return grpc.unary_unary_rpc_method_handler(unary_unary, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+    inner_stream = handler.unary_stream
+
+    def unary_stream(request, context):
+        check(request, context)
+        yield from inner_stream(request, context)
+    return grpc.unary_stream_rpc_method_handler(unary_stream, request_deserializer=handler.request_deserializer,
+                                                response_serializer=handler.response_serializer)
+
+
+def _refusing_handler(handler: grpc.RpcMethodHandler, error: AuthRefused, note: Callable[[], None]):
+    def refuse(request_iterator, context):
+        note()
+        context.abort(error.code, error.reason)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(refuse, request_deserializer=handler.request_deserializer,
+                                                     response_serializer=handler.response_serializer)
+    return grpc.stream_unary_rpc_method_handler(refuse, request_deserializer=handler.request_deserializer,
+                                                response_serializer=handler.response_serializer)
+
+
+class _ClientCallDetails(grpc.ClientCallDetails):
+    def __init__(self, details: grpc.ClientCallDetails, metadata):
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = details.wait_for_ready
+        self.compression = details.compression
+
+
+class ClientAuthInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds a fresh tag to every unary-request call on the channel."""
+
+    def __init__(self, auth: SwarmAuth):
+        self.auth = auth
+
+    def _tagged(self, details: grpc.ClientCallDetails, request) -> grpc.ClientCallDetails:
+        raw = request.SerializeToString(deterministic=True) if hasattr(request, "SerializeToString") else bytes(request)
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        tag = self.auth.sign_unary(method, raw)
+        return _ClientCallDetails(details, [*(details.metadata or ()), (METADATA_KEY, tag)])
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._tagged(client_call_details, request), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._tagged(client_call_details, request), request)
