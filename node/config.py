@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from node.errors import UsageError
+from protocol.codec_names import CODEC_NAMES
 
 ENV_PREFIX = "SWARM_NODE_"
 
@@ -169,6 +170,10 @@ OPTIONS: tuple[Option, ...] = (
            "seconds a joining node waits for one replica's stage state before it tries the next replica"),
     Option("grpc_workers", _positive_int, "threads serving incoming RPCs"),
     Option("send_workers", _positive_int, "threads delivering finished hops to the next peer"),
+    # Compression on the wire (issue 11): this node's preference per direction. The planner picks the codec
+    # most members prefer, and every node of the round uses the plan's (docs/compression.md).
+    Option("activation_codec", _choice(*CODEC_NAMES), f"codec for activations: {', '.join(CODEC_NAMES)}"),
+    Option("gradient_codec", _choice(*CODEC_NAMES), f"codec for gradients: {', '.join(CODEC_NAMES)}"),
     # ---- roles and HDEE domain experts (node/roles.py, node/expert_node.py) ----
     Option("role", _choice("auto", "stage", "expert"),
            "stage, expert, or auto: a stage while one has fewer than --min-replicas live replicas, else experts"),
@@ -238,6 +243,9 @@ class NodeConfig:
     state_transfer_timeout: float = 60.0
     grpc_workers: int = 16
     send_workers: int = 4
+    # compression on the wire
+    activation_codec: str = "raw"
+    gradient_codec: str = "raw"
     # roles and experts
     role: str = "auto"
     min_replicas: int = 1

@@ -45,6 +45,7 @@ from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
 from node.transport import HopSender, StageClients
 from node.trust import NodeTrust
+from protocol.codec_names import CODEC_NAMES
 from protocol.grpc_options import server_options
 from protocol.limits import WireLimits
 from protocol.service import stage_service_handler
@@ -265,7 +266,8 @@ class Daemon:
         activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
         settings = RoundSettings(swarm=cfg.swarm, num_stages=cfg.num_stages, visits=cfg.visits or cfg.num_stages,
                                  microbatches=cfg.microbatches, activation_bytes=activation_bytes,
-                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds, min_nodes=cfg.min_nodes)
+                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds, min_nodes=cfg.min_nodes,
+                                 activation_shape=(cfg.batch_size, cfg.seq_len, self.spec.config.hidden_size))
         links = LinkBook(self.dht, cfg.swarm, self.link_meter, ping_with(self.clients, self.emulator),
                          ttl=max(60.0, 4 * cfg.round_timeout), owner=self.trust.owner, settings=self.link_meter.s)
         return RoundLoop(settings, self.peer_id, self.directory, self.executor, self.trainers, self.averagers,
@@ -389,7 +391,8 @@ class Daemon:
                           memory_slots=self._planned_slots(), role="data" if 0 in self.stages else "stage",
                           version=VERSION, swarm=self.config.swarm, round=max(self.executor.round, 0),
                           state=self.state, metrics_url=self.metrics_url, maddrs=tuple(self.maddrs),
-                          heartbeat_time=get_dht_time())
+                          heartbeat_time=get_dht_time(), codecs=(self.config.activation_codec,
+                                                                 self.config.gradient_codec), speaks=CODEC_NAMES)
 
     def _planned_slots(self) -> int:
         """Microbatches planners may route through us at once: an origin keeps at most max_inflight of its own."""

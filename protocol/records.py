@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
+from protocol.codec_names import CODEC_NAMES
 from protocol.envelope import HopSpec
 
 RECORD_VERSION = 1
@@ -79,6 +80,8 @@ class NodeRecord:
     metrics_url: str = ""
     maddrs: tuple[str, ...] = ()
     heartbeat_time: float = 0.0  # DHT time of the beat that wrote this record
+    codecs: tuple[str, str] = ("raw", "raw")  # preferred (activation, gradient) codecs; the plan decides
+    speaks: tuple[str, ...] = ("raw",)  # every codec this node can decode (older nodes: raw only)
 
     @property
     def serving(self) -> bool:
@@ -90,6 +93,8 @@ class NodeRecord:
         value["state"] = self.state.value
         value["stages"] = list(self.stages)
         value["maddrs"] = list(self.maddrs)
+        value["codecs"] = list(self.codecs)
+        value["speaks"] = list(self.speaks)
         value["compute_s"] = {str(k): v for k, v in self.compute_s.items()}
         value["v"] = RECORD_VERSION
         return value
@@ -121,7 +126,24 @@ class NodeRecord:
             maddrs=tuple(m for m in value.get("maddrs", []) if isinstance(m, str)),
             heartbeat_time=float(value.get("heartbeat_time", 0.0)) if isinstance(value.get("heartbeat_time"),
                                                                                   (int, float)) else 0.0,
+            codecs=_codec_pair(value.get("codecs", ["raw", "raw"]), known_only=False),
+            speaks=_codec_names(value.get("speaks", ["raw"])),
         )
+
+
+def _codec_pair(value: Any, known_only: bool) -> tuple[str, str]:
+    """(activation, gradient) codec names; a plan may only name codecs this version speaks."""
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(c, str) for c in value):
+        raise RecordError("codecs must be [activation codec, gradient codec]")
+    if known_only and not set(value) <= set(CODEC_NAMES):
+        raise RecordError(f"codecs {value} include one this node does not speak ({', '.join(CODEC_NAMES)})")
+    return value[0], value[1]
+
+
+def _codec_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise RecordError("speaks must list codec names")
+    return tuple(value)
 
 
 def _node_state(text: str) -> NodeState:
@@ -158,6 +180,7 @@ class RoundPlan:
     microbatches: tuple[PlannedMicrobatch, ...]
     deadline: float = 0.0  # DHT time by which every node ends the round, so nobody falls a round behind
     predicted_s: float = 0.0  # the simulator's iteration time for this plan with the links the planner knew
+    codecs: tuple[str, str] = ("raw", "raw")  # the (activation, gradient) codecs every sender of the round uses
 
     def participants(self) -> set[str]:
         return {hop.peer_id for mb in self.microbatches for hop in mb.path}
@@ -173,7 +196,7 @@ class RoundPlan:
     def to_value(self) -> dict:
         return {
             "v": RECORD_VERSION, "round": self.round, "planner": self.planner, "digest": self.membership_digest,
-            "deadline": self.deadline, "predicted_s": self.predicted_s,
+            "deadline": self.deadline, "predicted_s": self.predicted_s, "codecs": list(self.codecs),
             "microbatches": [{"id": mb.id, "path": [[h.stage, h.peer_id, h.endpoint] for h in mb.path]}
                              for mb in self.microbatches],
         }
@@ -204,7 +227,8 @@ class RoundPlan:
             raise RecordError("predicted_s must be a number")
         return cls(round=_require(value, "round", int), planner=_require(value, "planner", str),
                    membership_digest=_require(value, "digest", str), microbatches=tuple(mbs),
-                   deadline=float(deadline), predicted_s=float(predicted))
+                   deadline=float(deadline), predicted_s=float(predicted),
+                   codecs=_codec_pair(value.get("codecs", ["raw", "raw"]), known_only=True))
 
 
 # ---- measured links (skippipe) ------------------------------------------------------------------------------
