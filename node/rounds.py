@@ -10,14 +10,16 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from hivemind.utils import get_dht_time
 
 from node.averaging import Contribution, GradientExchange
 from node.checkpoint import StageCheckpoints
+from node.codecs import agree, hop_bytes
 from node.discovery import SwarmDirectory
 from node.events import EventLog
 from node.executor import StageExecutor
@@ -46,6 +48,7 @@ class RoundSettings:
     round_timeout: float
     max_rounds: int  # 0: until stopped
     min_nodes: int = 0  # plan no round until this many nodes serve
+    activation_shape: tuple[int, ...] = ()  # [batch, seq, hidden]: the planner prices hops by their encoded size
     hop_deadline_slack: float = 4.0  # a hop's deadline: this many times the round's expected compute time...
     hop_deadline_min: float = 5.0  # ...but never less than this many seconds
     checkpoint_every: int = 5  # rounds between checkpoints (with a checkpoint directory)
@@ -62,6 +65,9 @@ class Faults:
 
 
 class RoundLoop:
+    # Called with the number of consecutive rounds this node was left out of; True ends the loop (node/roles.py).
+    on_left_out: Callable[[int], bool] | None = None
+
     def __init__(self, settings: RoundSettings, peer_id: str, directory: SwarmDirectory, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], exchange: GradientExchange,
                  origin: Origin | None, clients: StageClients, metrics: NodeMetrics, events: EventLog,
@@ -82,15 +88,19 @@ class RoundLoop:
         self.links = links  # measured links: planners read them, every node refreshes its own
 
     def run(self, first_round: int, stop: threading.Event) -> None:
-        round_ = first_round
+        round_, left_out = first_round, 0
         while not stop.is_set() and (not self.s.max_rounds or round_ < self.s.max_rounds):
             plan = self._await_plan(round_, stop)
             if plan is None:
                 return
             if self.peer_id in plan.participants() and self._seconds_left(plan) > 0:
                 self._run_round(plan, stop)
+                left_out = 0
             else:  # left out, or too late to take part: copy the state after the round from a replica
                 self._catch_up(plan, stop)
+                left_out += 1
+                if self.on_left_out is not None and self.on_left_out(left_out):
+                    return
             round_ += 1
 
     @staticmethod
@@ -125,10 +135,12 @@ class RoundLoop:
             return None  # a new swarm waits until every stage has joined once
         self._say_missing(missing, round_)
         links = self.links.known() if self.links else {}
+        codecs = agree(members)  # one codec per direction for the round; a hop costs the bytes it puts on the wire
+        activation_bytes = hop_bytes(codecs[0], self.s.activation_shape, self.s.activation_bytes)
 
         def plan_for(nodes: dict[str, NodeRecord], num_stages: int, visits: int):
             return plan_round(nodes, links, round_=round_, num_stages=num_stages, visits=visits,
-                              microbatches_per_origin=self.s.microbatches, activation_bytes=self.s.activation_bytes,
+                              microbatches_per_origin=self.s.microbatches, activation_bytes=activation_bytes,
                               planner=self.peer_id, deadline=deadline)
 
         try:
@@ -144,6 +156,7 @@ class RoundLoop:
         if made is None:
             return None
         plan, live = made
+        plan = replace(plan, codecs=codecs)
         self.events.emit("planned", round=round_, predicted_s=plan.predicted_s, defaulted_links=live.defaulted_links,
                          skipped_link_values=self.links.skipped if self.links else 0,
                          problem=problem_to_dict(live.problem))
@@ -188,6 +201,7 @@ class RoundLoop:
         started = time.monotonic()
         deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
         work = plan.work_of(self.peer_id)
+        self.clients.codecs.use(plan.round, plan.codecs)
         dead = self.faults.dead.snapshot()
         origins = {mb.origin for mb in plan.microbatches} - dead
         self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work}, origins)
@@ -236,7 +250,8 @@ class RoundLoop:
         fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts, averaged_with=averaged_with,
                       executed_s=round(executed, 3), predicted_s=plan.predicted_s,
                       stage_visits=_stage_visits(plan, self.s.num_stages),
-                      digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms)
+                      digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms,
+                      codecs=list(plan.codecs))
         if self._warned_missing:
             fields.update(missing_stages=list(self._warned_missing))
         if result is not None:

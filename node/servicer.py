@@ -23,7 +23,7 @@ from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
 from protocol.rpc_auth import AuthRefused, SwarmAuth
 from protocol.state_codec import encode_state
-from protocol.tensor_codec import decode_frames
+from protocol.tensor_codec import receive_tensor
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -61,7 +61,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
         started = time.perf_counter()
         try:
             check = None if self.auth is None else (lambda env, meta: self.auth.check_frames(method, env, meta))
-            env, tensor = decode_frames(frames, self.limits, check)
+            received = receive_tensor(frames, self.limits, check, device=self.executor.device)  # decoded on our device
+            env, tensor = received.envelope, received.tensor
         except AuthRefused as e:
             self.metrics.auth_refused.labels(method=method, reason=e.kind).inc()
             raise  # node.rpc_guard answers and counts it
@@ -69,7 +70,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
                        num_stages=self.num_stages, limits=self.limits)
         accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
         queued = accept(env, tensor)
-        self.metrics.received_bytes.inc(tensor.numel() * tensor.element_size())
+        self.metrics.received_bytes.inc(received.wire_bytes)
         self.metrics.rpc_seconds.labels(method=method, side="server").observe(time.perf_counter() - started)
         return pb.Ack(queued=queued)
 

@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
+from node.codecs import RoundCodecs
 from node.metrics import NodeMetrics
+from protocol.codecs import wire_bytes
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.grpc_options import channel_options
@@ -41,10 +43,11 @@ class ClientsClosed(grpc.RpcError):
 
 
 class StageClients:
-    """One channel per peer endpoint, reused for every call."""
+    """One channel per peer endpoint, reused for every call; `codecs` says how each round's tensors are encoded."""
 
     def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None):
         self.limits = limits
+        self.codecs = RoundCodecs()
         self.auth = auth  # private swarms: every call carries a tag made with the swarm key
         self._stubs: dict[str, StageStub] = {}
         self._channels: list[grpc.Channel] = []
@@ -144,9 +147,10 @@ class HopSender:
     def _rpc(self, method: str, target, env: pb.Envelope, tensor: torch.Tensor) -> None:
         stub = self.clients.stub(target.endpoint)
         call = stub.Forward if method == "Forward" else stub.Backward
+        codec = self.clients.codecs.for_hop(env.round, "forward" if method == "Forward" else "backward")
         sizes: list[int] = []
         frames = (sizes.append(len(f)) or f for f in encode_frames(env, tensor, self.clients.limits,
-                                                                   self.clients.frame_signer(method)))
+                                                                   self.clients.frame_signer(method), codec=codec))
         if self.emulator is not None:
             frames = self.emulator.frames(target.endpoint, frames)
         started = time.perf_counter()
@@ -155,4 +159,4 @@ class HopSender:
         self.metrics.rpc_seconds.labels(method=method, side="client").observe(elapsed)
         if self.on_sent is not None:
             self.on_sent(target.peer_id, sum(sizes), elapsed)
-        self.metrics.sent_bytes.inc(tensor.numel() * tensor.element_size())
+        self.metrics.sent_bytes.inc(wire_bytes(codec, tuple(tensor.shape), tensor.element_size()))
