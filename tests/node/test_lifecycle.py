@@ -4,10 +4,10 @@
 Swarm "lifecycle": D0 and D1 (stage 0, data nodes: every plan has both, so they average every round)
 and S1 (stage 1); D3 joins late. Freezing the DHT process (SIGSTOP) of the data node that does not plan
 holds each node in one phase long enough to stop it there: that node in planning (it cannot read the
-next plan, but answers pings, so plans keep it and its microbatches never start); the planner and S1 in
-compute until the round's deadline (they wait for the frozen origin to say it is done), the planner then
-in averaging (it waits for the frozen replica's gradients until its grace period ends); D3 in catch-up
-(it waits for the state after a round that cannot finish).
+next plan, but answers pings, so plans keep it and its microbatches never start); the planner in
+averaging after each round's deadline (it waits for the frozen replica's gradients until its grace period
+ends); S1 in planning once the planner is gone; D3 in catch-up (it waits for the state after a round
+that cannot finish in time).
 Swarm "lonely": PL (stage 0), started from a shell as an operator does, and Q (stage 1). Freezing Q
 holds PL in compute; then the shell's process group gets SIGINT, as a terminal's Ctrl-C sends it.
 """
@@ -300,8 +300,9 @@ def test_stop_in_averaging_planning_and_catch_up(swarm):
     swarm.wait_started([d3], timeout=180)
 
     stop_in_phase(d3.process, d3.started()["metrics_url"], "catch_up", lambda: d3.process.send_signal(signal.SIGINT))
-    stop_in_phase(s1.process, s1.started()["metrics_url"], "compute", lambda: s1.process.send_signal(signal.SIGTERM))
     stop_in_phase(planner.process, planner.started()["metrics_url"], "averaging",
                   lambda: planner.process.send_signal(signal.SIGINT))
+    # Nobody is left to plan the next round.
+    stop_in_phase(s1.process, s1.started()["metrics_url"], "planning", lambda: s1.process.send_signal(signal.SIGTERM))
     stop_in_phase(frozen.process, frozen.started()["metrics_url"], "planning",
                   lambda: (frozen.process.send_signal(signal.SIGTERM), os.kill(dht, signal.SIGCONT)))
