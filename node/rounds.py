@@ -85,6 +85,7 @@ class RoundLoop:
         self.faults = faults
         self._warned_missing: tuple[int, ...] = ()
         self._stages_seen: set[int] = set()  # stages some plan used: only those can be lost (and skipped)
+        self._members: dict[str, NodeRecord] = {}  # the membership last read while waiting for a plan
         self.links = links  # measured links: planners read them, every node refreshes its own
 
     def run(self, first_round: int, stop: threading.Event) -> None:
@@ -117,6 +118,7 @@ class RoundLoop:
                 self._stages_seen.update(h.stage for mb in plan.microbatches for h in mb.path)
                 return plan
             members = self.directory.members()
+            self._members = members
             if choose_planner(members) == self.peer_id:
                 plan = self._make_plan(self._reachable(members), round_)
                 if plan is not None:
@@ -206,8 +208,8 @@ class RoundLoop:
         origins = {mb.origin for mb in plan.microbatches} - dead
         self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work}, origins)
         if self.faults.watch is not None:  # from the plan's expected time, not the round timeout
-            members = self.directory.members()
-            expected = max(plan.predicted_s, expected_round_seconds(plan, members))
+            # (the members last read while planning: a hung DHT must not hold the round here)
+            expected = max(plan.predicted_s, expected_round_seconds(plan, self._members))
             self.faults.watch.hop_deadline_s = max(self.s.hop_deadline_min, self.s.hop_deadline_slack * expected)
         result = None
         if self.origin is not None:
