@@ -142,6 +142,8 @@ OPTIONS: tuple[Option, ...] = (
     # trust (issue 10): private swarms
     Option("swarm_key", str, "swarm key file (make one with 'swarm-node keygen PATH'): a private swarm that only "
                              "holders of the key can join"),
+    Option("stream_idle_timeout", _positive_float, "seconds a Forward/Backward stream may stay silent before it "
+                                                   "is cancelled"),
 )
 
 
@@ -184,6 +186,7 @@ class NodeConfig:
     log_level: str = "info"
     # trust (issue 10)
     swarm_key: str = ""  # path of the 256-bit key file; empty: a public swarm
+    stream_idle_timeout: float = 10.0  # frees the gRPC worker a silent client holds
 
     def hosted_stages(self) -> list[int] | None:
         """The explicit stage list, or None for `auto`."""

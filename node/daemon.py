@@ -6,6 +6,7 @@ before this process creates any thread (gRPC, compute, heartbeat).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -34,6 +35,8 @@ from node.rounds import RoundLoop, RoundSettings
 from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
 from node.transport import HopSender, StageClients
+from node.admission import HopAdmission
+from node.stream_guard import StreamGuard, StreamLimits
 from node.trust import NodeTrust
 from protocol.grpc_options import server_options
 from protocol.limits import WireLimits
@@ -169,12 +172,18 @@ class Daemon:
 
     def _start_grpc(self) -> None:
         cfg = self.config
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
+        self.guard = StreamGuard(StreamLimits(idle_s=cfg.stream_idle_timeout),
+                                 on_refused=lambda reason: self.metrics.streams_refused.labels(reason).inc())
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=self.guard.limits.workers, thread_name_prefix="grpc"),
                                   options=server_options(self.limits),
                                   interceptors=self.trust.server_interceptors(self.metrics))
+        # A tensor never exceeds twice this swarm's activation size: larger ones are refused from their header.
+        activation = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
+        limits = dataclasses.replace(self.limits, max_tensor_bytes=min(self.limits.max_tensor_bytes, 2 * activation))
         self.servicer = StageServicer(swarm=cfg.swarm, peer_id=self.peer_id, num_stages=cfg.num_stages,
-                                      executor=self.executor, trainers=self.trainers, limits=self.limits,
-                                      metrics=self.metrics, auth=self.trust.auth)
+                                      executor=self.executor, trainers=self.trainers, limits=limits,
+                                      metrics=self.metrics, auth=self.trust.auth,
+                                      admission=HopAdmission(self.directory), guard=self.guard)
         self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -258,6 +267,7 @@ class Daemon:
                 log.warning("could not withdraw DHT records: %r", e)
         if "grpc" in started:
             self.server.stop(grace=1.0).wait(3)
+            self.guard.close()
             self.sender.close()
             self.clients.close()
         if "executor" in started:

@@ -74,6 +74,8 @@ class StageExecutor:
         self._expected: set[tuple[int, int]] | None = None
         self._done: dict[int, set[int]] = {}  # stage -> microbatches whose backward finished this round
         self._pending_backward: set[tuple[int, int, int]] = set()
+        # Forwards accepted, by (round, microbatch, hop, path's peers): a replayed or duplicated one is refused.
+        self._received: set[tuple] = set()
         self._compute_s: dict[int, float] = {}
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="executor", daemon=True)
@@ -128,6 +130,7 @@ class StageExecutor:
             counts = {s: len(self._done.get(s, ())) for s in self.stages}
             self._expected = None
             self._pending_backward = {k for k in self._pending_backward if k[0] != round_}
+            self._received = {k for k in self._received if k[0] > round_}
         dropped = self.store.drop_round(round_)
         if dropped:
             log.warning("round %d ended with %d hops never backwarded; their activations were dropped",
@@ -146,11 +149,13 @@ class StageExecutor:
         with self._lock:
             self._check_round(env)
             key = (env.round, env.microbatch, env.hop)
-            if self.store.contains(key):
+            received = (*key, tuple(h.peer_id for h in env.path))
+            if self.store.contains(key) or received in self._received:
                 raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS, f"hop {key} was already received")
             if not self.store.try_reserve(env.round, env.microbatch):
                 raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"activation memory is full ({self.store.slots} microbatches); retry later")
+            self._received.add(received)
             task = _Task(1, next(self._seq), FORWARD, env, tensor)
             if env.round == self._round + 1:
                 self._parked.append(task)

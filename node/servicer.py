@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
 
 import grpc
 
+from node.admission import HopAdmission
 from node.executor import StageExecutor
 from node.metrics import NodeMetrics
+from node.stream_guard import StreamGuard
 from node.trainer import StageTrainer
 from protocol.envelope import check_envelope
 from protocol.errors import ProtocolError
@@ -29,7 +32,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
 
     def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics,
-                 auth: SwarmAuth | None = None):
+                 auth: SwarmAuth | None = None, admission: HopAdmission | None = None,
+                 guard: StreamGuard | None = None):
         self.swarm = swarm
         self.peer_id = peer_id
         self.num_stages = num_stages
@@ -38,6 +42,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.limits = limits
         self.metrics = metrics
         self.auth = auth  # private swarms: Forward/Backward tags are checked here, other calls by the interceptor
+        self.admission = admission  # hops must be in the round's plan, along verified members
+        self.guard = guard  # caps streams per peer and in total; cancels silent ones
 
     def Forward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         return self._receive("Forward", request_iterator, context)
@@ -49,9 +55,12 @@ class StageServicer(pb_grpc.StageServiceServicer):
         started = time.perf_counter()
         try:
             check = None if self.auth is None else (lambda env, meta: self.auth.check_frames(method, env, meta))
-            env, tensor = decode_frames(frames, self.limits, check)
+            with self._guarded(context) as watch:
+                env, tensor = decode_frames(watch.frames(frames) if watch else frames, self.limits, check)
             check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
                            num_stages=self.num_stages, limits=self.limits)
+            if self.admission is not None and self.executor.round <= env.round <= self.executor.round + 1:
+                self.admission.check(env)  # other rounds: the executor refuses them without a DHT lookup
             accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
             queued = accept(env, tensor)
         except ProtocolError as e:
@@ -62,6 +71,9 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.metrics.received_bytes.inc(tensor.numel() * tensor.element_size())
         self.metrics.rpc_seconds.labels(method=method, side="server").observe(time.perf_counter() - started)
         return pb.Ack(queued=queued)
+
+    def _guarded(self, context: grpc.ServicerContext):
+        return self.guard.stream(context) if self.guard is not None else contextlib.nullcontext()
 
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
         return pb.PingReply(peer_id=self.peer_id, time=time.time())
@@ -76,7 +88,13 @@ class StageServicer(pb_grpc.StageServiceServicer):
         trainer = self.trainers.get(request.stage)
         if trainer is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not host stage {request.stage}")
-        if request.min_round >= 0 and not trainer.wait_completed(request.min_round, context.time_remaining() or 60):
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {request.min_round} did not complete in time")
+        if request.min_round >= 0:
+            try:
+                with self._guarded(context):  # a wait that holds a worker counts as a stream
+                    completed = trainer.wait_completed(request.min_round, context.time_remaining() or 60)
+            except ProtocolError as e:
+                context.abort(e.code, e.reason)
+            if not completed:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {request.min_round} did not complete in time")
         tensors, metadata = trainer.export(include_grads=request.include_grads)
         yield from encode_state(tensors, metadata, trainer.completed_round, self.limits.chunk_bytes)
