@@ -11,17 +11,26 @@ in practice; the weights digest in each round's event shows it.
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import Future
 
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
 
 log = logging.getLogger(__name__)
+_STOP_CHECK_S = 0.1  # how often a waiting step looks at the stop event
+
+
+class _Stopped(Exception):
+    """The node began to stop while averaging."""
 
 
 class StageGradientAverager:
-    def __init__(self, dht: DHT, swarm: str, stage: int, shapes: list[torch.Size], timeout: float):
+    def __init__(self, dht: DHT, swarm: str, stage: int, shapes: list[torch.Size], timeout: float,
+                 stop: threading.Event | None = None, shutdown_timeout: float = 5.0):
         self.stage = stage
+        self.stop = stop or threading.Event()
         self.shapes = shapes
         self.sizes = [s.numel() for s in shapes]
         self.timeout = timeout
@@ -29,7 +38,8 @@ class StageGradientAverager:
         # Created before the node starts threads: the averager is a forked process.
         self.averager = DecentralizedAverager(
             [buffer], dht, start=True, prefix=f"{swarm}_grad_stage{stage}", min_group_size=2,
-            min_matchmaking_time=1.0, request_timeout=0.5, allreduce_timeout=timeout, daemon=True)
+            min_matchmaking_time=1.0, request_timeout=0.5, allreduce_timeout=timeout,
+            shutdown_timeout=shutdown_timeout, daemon=True)
 
     def average(self, grads: list[torch.Tensor], weight: float, group_size: int) -> tuple[list[torch.Tensor], int]:
         """Weighted average of `grads` across replicas; returns (grads, peers that took part).
@@ -39,7 +49,9 @@ class StageGradientAverager:
         with self.averager.get_tensors() as (buffer,):
             buffer.copy_(torch.cat([g.detach().reshape(-1).to("cpu", torch.float64) for g in grads]))
         try:
-            group = self.averager.step(weight=float(weight), timeout=self.timeout, allow_retries=True)
+            group = self._step(weight)
+        except _Stopped:
+            return grads, 1
         except Exception as e:  # hivemind raises a variety of errors on a failed all-reduce
             log.warning("stage %d averaging failed: %r", self.stage, e)
             group = None
@@ -53,6 +65,24 @@ class StageGradientAverager:
         if peers != group_size:
             log.warning("stage %d averaged with %d of %d replicas", self.stage, peers, group_size)
         return out, peers
+
+    def _step(self, weight: float):
+        """hivemind's step, in a helper thread so that a stop interrupts it: a hung averager process would
+        otherwise block even its start (hivemind waits for the process's reply without a timeout)."""
+        outcome: Future = Future()
+
+        def step() -> None:
+            try:
+                outcome.set_result(self.averager.step(weight=float(weight), timeout=self.timeout, allow_retries=True))
+            except BaseException as e:
+                outcome.set_exception(e)
+        threading.Thread(target=step, name=f"averaging-{self.stage}", daemon=True).start()
+        while not self.stop.is_set():
+            try:
+                return outcome.result(timeout=_STOP_CHECK_S)
+            except TimeoutError:
+                continue
+        raise _Stopped()
 
     def shutdown(self) -> None:
         self.averager.shutdown()

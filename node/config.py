@@ -94,6 +94,16 @@ def _device(value: Any) -> str:
     raise ValueError("must be auto, cpu, cuda or cuda:<index>")
 
 
+def _emulation_file(value: Any) -> str:
+    """A link-emulation file, read and checked now so a malformed one stops the node at once."""
+    text = str(value)
+    if text:
+        from node.link_emulation import LinkEmulator  # stdlib only
+
+        LinkEmulator.load(text)  # EmulationError is a ValueError with a one-line reason
+    return text
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -139,9 +149,27 @@ OPTIONS: tuple[Option, ...] = (
     Option("torch_threads", _int, "torch intra-op threads (0: torch's default)"),
     Option("events_file", str, "append one JSON line per event (round done, loss, weights digest)"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
+    # -- skippipe: measured links and link emulation
+    Option("min_nodes", _int, "plan no round until this many nodes serve (a local swarm starting together)"),
+    Option("links_refresh_rounds", _positive_int, "rounds between refreshes of this node's measured links"),
+    Option("save_model", str, "after the last round (--rounds), write each hosted stage into this HF "
+           "LlamaForCausalLM checkpoint directory (safetensors, one shard per stage; lm/whole.py)", "DIR"),
+    Option("emulate_links", _emulation_file, "TEST TOOL: delay and throttle sends as if nodes sat in the regions "
+           "this JSON file gives their endpoints (node/link_emulation.py); off when empty", "FILE"),
     # trust (issue 10): private swarms
     Option("swarm_key", str, "swarm key file (make one with 'swarm-node keygen PATH'): a private swarm that only "
                              "holders of the key can join"),
+    # lifecycle: start-up, shutdown and the pools and timeouts they size (docs/architecture.md, "A node")
+    Option("drain_grace", _non_negative_float, "seconds in-flight RPCs get to finish when the node stops"),
+    Option("child_exit_timeout", _positive_float,
+           "seconds the DHT and averager processes get to exit cleanly on shutdown before they are killed"),
+    Option("dht_write_timeout", _positive_float,
+           "seconds a heartbeat or the leaving tombstone may take to reach the DHT before it counts as failed"),
+    Option("state_transfer_timeout", _positive_float,
+           "seconds a joining node waits for one replica's stage state before it tries the next replica"),
+    Option("grpc_workers", _positive_int, "threads serving incoming RPCs"),
+    Option("send_workers", _positive_int, "threads delivering finished hops to the next peer"),
+    # trust (issue 10): hostile input
     Option("stream_idle_timeout", _positive_float, "seconds a Forward/Backward stream may stay silent before it "
                                                    "is cancelled"),
 )
@@ -184,8 +212,21 @@ class NodeConfig:
     torch_threads: int = 0
     events_file: str = ""
     log_level: str = "info"
+    # -- skippipe
+    min_nodes: int = 0
+    links_refresh_rounds: int = 3
+    save_model: str = ""
+    emulate_links: str = ""
     # trust (issue 10)
     swarm_key: str = ""  # path of the 256-bit key file; empty: a public swarm
+    # lifecycle
+    drain_grace: float = 1.0  # stop must finish within ~5 s: grace + child exits + DHT writes stay well below
+    child_exit_timeout: float = 2.0
+    dht_write_timeout: float = 1.0
+    state_transfer_timeout: float = 60.0
+    grpc_workers: int = 16
+    send_workers: int = 4
+    # trust (issue 10)
     stream_idle_timeout: float = 10.0  # frees the gRPC worker a silent client holds
 
     def hosted_stages(self) -> list[int] | None:

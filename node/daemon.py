@@ -1,4 +1,4 @@
-"""The node daemon: start-up, serving, the round loop, and a clean shutdown.
+"""The node daemon: `Daemon.create(config)` builds and starts a node, `run()` trains, `shutdown()` stops it.
 
 Start-up order matters: the DHT and the gradient averagers are forked processes, so they start
 before this process creates any thread (gRPC, compute, heartbeat).
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import grpc
 import torch
@@ -23,15 +25,20 @@ from lm.data import load_corpus
 from lm.presets import ModelSpec, resolve_model, stage_layers
 from lm.stage import PipelineStage
 from lm.tokenizer import load_tokenizer
+from lm.whole import save_stage_shard
 from node.averaging import StageGradientAverager
+from node.children import die_with_parent
 from node.config import NodeConfig
 from node.discovery import SwarmDirectory
 from node.errors import UsageError
 from node.events import EventLog
 from node.executor import StageExecutor
+from node.link_emulation import LinkEmulator
+from node.links import LinkBook, LinkMeter, LinkSettings, ping_with
 from node.metrics import NodeMetrics
 from node.origin import Origin
 from node.rounds import RoundLoop, RoundSettings
+from node.rpc_guard import RpcGuard
 from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
 from node.transport import HopSender, StageClients
@@ -41,23 +48,72 @@ from node.trust import NodeTrust
 from protocol.grpc_options import server_options
 from protocol.limits import WireLimits
 from protocol.service import stage_service_handler
-from protocol.records import NodeRecord
+from protocol.records import NodeRecord, NodeState
 
 log = logging.getLogger(__name__)
 
 
 class Daemon:
-    def __init__(self, config: NodeConfig, limits: WireLimits = WireLimits()):
+    """One node. `create` builds and starts every component, `run` takes part in rounds until stopped, and
+    `shutdown` undoes `create` in reverse order: each component registers its own teardown as it starts."""
+
+    def __init__(self, config: NodeConfig, stop: threading.Event, limits: WireLimits):
         self.config = config
+        self.stop = stop
         self.limits = limits
         self.metrics = NodeMetrics()
         self.events = EventLog(config.events_file)
-        self.stop_event = threading.Event()
-        self._started: list[str] = []  # what shutdown must undo, in start order
+        self.state = NodeState.JOINING
+        self._first_round: int | None = None  # known once the node has joined
+        self._teardown = ExitStack()
 
-    # ---- start-up --------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        cfg = self.config
+    @classmethod
+    def create(cls, config: NodeConfig, stop: threading.Event | None = None,
+               limits: WireLimits = WireLimits()) -> "Daemon":
+        """Build and start a node; if any step fails (or `stop` is set meanwhile), undo the ones done and raise."""
+        node = cls(config, stop or threading.Event(), limits)
+        try:
+            node._build()
+        except BaseException:
+            node.shutdown()
+            raise
+        return node
+
+    def run(self) -> None:
+        """Join the swarm, then take part in rounds until stopped or `--rounds` is reached."""
+        first_round = self.join()
+        if first_round is None:
+            return
+        self.rounds.run(first_round, self.stop)
+        if self.config.save_model and not self.stop.is_set():  # every stage's replicas hold the same weights now
+            for stage, module in self.executor.stages.items():
+                save_stage_shard(module, self.spec.config, self.config.num_stages, self.config.save_model)
+
+    def join(self) -> int | None:
+        """Copy each stage's state from a replica if the swarm is running, then serve; returns the first round
+        to take part in (None if stopped meanwhile)."""
+        self.metrics.phase.state("catch_up")
+        first_round = self._copy_swarm_state()
+        if self.stop.is_set():
+            return None
+        self.executor.resume_at(first_round)
+        self._first_round = first_round
+        self._serve_when_ready()  # now, or from the heartbeat once the loop has begun `first_round`
+        return first_round
+
+    def shutdown(self) -> None:
+        """Stop taking work, withdraw from the DHT, and stop every thread and child process started."""
+        self.stop.set()
+        self.metrics.phase.state("stopping")
+        started = time.monotonic()
+        self._teardown.close()
+        log.info("stopped in %.1f s", time.monotonic() - started)
+        self.events.emit("stopped", peer_id=getattr(self, "peer_id", None), seconds=time.monotonic() - started)
+
+    # ---- building -------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg, undo = self.config, self._teardown
+        self._check_stop()
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.device = _usage(resolve_device, cfg.device)
@@ -70,65 +126,73 @@ class Daemon:
         _usage(stage_layers, self.spec.config.num_hidden_layers, cfg.num_stages)
 
         self.trust = NodeTrust.create(cfg.identity_path, cfg.swarm_key)
-        self._started.append("trust")
+        undo.callback(self.trust.close)
+        # Forked processes first, before this process has threads; each dies with us (node/children.py).
+        die_with_parent()
         self.dht = self._start_dht()
+        undo.callback(self.dht.shutdown)
         self.peer_id = self.dht.peer_id.to_base58()
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         self.metrics.watch_dht_refusals(lambda: self.trust.refused_records.value)
         self.directory = SwarmDirectory(self.dht, cfg.swarm, self.peer_id, ttl=cfg.record_ttl, owner=self.trust.owner,
                                         on_dropped=lambda reason: self.metrics.records_dropped.labels(reason).inc())
         self.stages = self._choose_stages()
-        self.averagers = {s: StageGradientAverager(self.dht, cfg.swarm, s, _param_shapes(self.spec, s, cfg),
-                                                   timeout=cfg.round_timeout) for s in self.stages}
-        self._started.append("averagers")
+        self.averagers = self._start_averagers()
+        self._check_stop()
 
         modules = {s: _usage(build_stage, self.spec, s, cfg.num_stages, cfg.seed, self.device, self.dtype)
                    for s in self.stages}
         self.trainers = {s: StageTrainer(m, cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.warmup_rounds)
                          for s, m in modules.items()}
+        for trainer in self.trainers.values():
+            undo.callback(trainer.close)
+        self._compute_s = self._measure_compute(modules)
         self.clients = StageClients(self.limits, self.trust.auth)
-        first_round = self._sync_state()
-        compute_s = self._measure_compute(modules)
-
+        undo.callback(self.clients.close)
         self.executor = StageExecutor(self.peer_id, modules, self.device, self.dtype, cfg.memory_slots,
-                                      self.metrics, send=self._send, first_round=first_round)
-        self.sender = HopSender(self.peer_id, self.clients, self.metrics, local=self._accept_local,
-                                on_give_up=self._gave_up, deadline_s=cfg.round_timeout)
-        self.origin = None
-        if 0 in self.stages:
-            data = _usage(load_corpus, cfg.data, cfg.dataset or None, self.tokenizer)
-            self.origin = Origin(cfg.swarm, self.executor, data, cfg.batch_size, cfg.seq_len, cfg.max_inflight,
-                                 cfg.seed)
+                                      self.metrics, send=self._send)
         self.executor.start()
-        self._started.append("executor")
+        undo.callback(self.executor.stop)
+        self.emulator = LinkEmulator.load(cfg.emulate_links) if cfg.emulate_links else None  # a test tool
+        self.link_meter = LinkMeter(self.peer_id, LinkSettings(refresh_rounds=cfg.links_refresh_rounds))
+        self.sender = HopSender(self.peer_id, self.clients, self.metrics, local=self._accept_local,
+                                on_give_up=self._gave_up, deadline_s=cfg.round_timeout, workers=cfg.send_workers,
+                                emulator=self.emulator, on_sent=self.link_meter.observe_send)
+        undo.callback(self.sender.close)
+        self.origin = self._make_origin()
+        self.rounds = self._make_round_loop()
+        self._check_stop()
+
         self._start_grpc()
         self._start_metrics()
-        self.first_round = first_round
-        self._compute_s = compute_s
-        self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        self._heartbeat_thread.start()
+        self._start_thread("heartbeat", self._heartbeat_loop)
+        self._start_thread("interrupter", self._interrupt_waits_on_stop)
+        undo.callback(self._leave)
         self._announce()
         self.events.emit("started", peer_id=self.peer_id, maddrs=self.maddrs, endpoint=self.endpoint,
-                         metrics_url=self.metrics_url, stages=self.stages, first_round=first_round)
+                         metrics_url=self.metrics_url, stages=self.stages)
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Stopped()
 
     def _start_dht(self) -> DHT:
         cfg = self.config
         kwargs = dict(host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.dht_port}"], start=True,
-                      initial_peers=cfg.initial_peers or [], **self.trust.dht_kwargs())
+                      initial_peers=cfg.initial_peers or [], shutdown_timeout=cfg.child_exit_timeout,
+                      **self.trust.dht_kwargs())
         if cfg.announce_host:
             kwargs["announce_maddrs"] = [f"/ip4/{cfg.announce_host}/tcp/{cfg.dht_port}"]
         try:
-            dht = DHT(**kwargs)
+            return DHT(**kwargs)
         except Exception as e:  # hivemind raises plain exceptions for bad multiaddrs and unreachable peers
             raise UsageError(f"could not start or join the DHT ({e}); check --initial-peers and --dht-port") from None
-        self._started.append("dht")
-        return dht
 
     def _choose_stages(self) -> list[int]:
         explicit = self.config.hosted_stages()
         if explicit is not None:
             return explicit
-        # auto: the stage with the fewest serving replicas (ties: the earliest), so the swarm fills evenly
+        # auto: the stage with the fewest replicas (ties: the earliest), so the swarm fills evenly
         members = self.directory.members() if self.config.initial_peers else {}
         replicas = {s: 0 for s in range(self.config.num_stages)}
         for record in members.values():
@@ -137,24 +201,19 @@ class Daemon:
                     replicas[s] += 1
         return [min(replicas, key=lambda s: (replicas[s], s))]
 
-    def _sync_state(self) -> int:
-        """A node joining a running swarm copies each stage from a replica; returns the round to start at."""
-        members = self.directory.members() if self.config.initial_peers else {}
-        swarm_round = max((r.round for r in members.values() if r.serving), default=0)
-        for stage, trainer in self.trainers.items():
-            sources = sorted(p for p, r in members.items() if r.serving and stage in r.stages and r.round > 0)
-            for peer in sources:
-                try:
-                    completed, tensors, metadata = self.clients.fetch_state(members[peer].endpoint,
-                                                                            self.config.swarm, stage)
-                except grpc.RpcError as e:
-                    log.warning("could not fetch stage %d from %s: %s", stage, peer[-8:], e.details())
-                    continue
-                trainer.load(tensors, metadata)
-                log.info("stage %d: loaded state after round %d from %s", stage, completed, peer[-8:])
-                swarm_round = max(swarm_round, completed + 1)
-                break
-        return swarm_round
+    def _start_averagers(self) -> dict[int, StageGradientAverager]:
+        cfg = self.config
+        sigint = signal.getsignal(signal.SIGINT)
+        averagers = {}
+        for s in self.stages:
+            averagers[s] = StageGradientAverager(self.dht, cfg.swarm, s, _param_shapes(self.spec, s, cfg),
+                                                 timeout=cfg.round_timeout, stop=self.stop,
+                                                 shutdown_timeout=cfg.child_exit_timeout)
+            self._teardown.callback(averagers[s].shutdown)
+        # hivemind's averager sets SIGINT to SIG_IGN in the process that starts it: give Ctrl-C back.
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
+        return averagers
 
     def _measure_compute(self, modules: dict[int, PipelineStage]) -> dict[int, float]:
         """Seconds per microbatch forward on this host, per stage: what planners weigh replicas by."""
@@ -170,20 +229,40 @@ class Daemon:
                 out[s] = time.perf_counter() - started
         return out
 
+    def _make_origin(self) -> Origin | None:
+        if 0 not in self.stages:
+            return None
+        cfg = self.config
+        data = _usage(load_corpus, cfg.data, cfg.dataset or None, self.tokenizer)
+        return Origin(cfg.swarm, self.executor, data, cfg.batch_size, cfg.seq_len, cfg.max_inflight, cfg.seed)
+
+    def _make_round_loop(self) -> RoundLoop:
+        cfg = self.config
+        activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
+        settings = RoundSettings(swarm=cfg.swarm, num_stages=cfg.num_stages, visits=cfg.visits or cfg.num_stages,
+                                 microbatches=cfg.microbatches, activation_bytes=activation_bytes,
+                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds, min_nodes=cfg.min_nodes)
+        links = LinkBook(self.dht, cfg.swarm, self.link_meter, ping_with(self.clients, self.emulator),
+                         ttl=max(60.0, 4 * cfg.round_timeout), owner=self.trust.owner, settings=self.link_meter.s)
+        return RoundLoop(settings, self.peer_id, self.directory, self.executor, self.trainers, self.averagers,
+                         self.origin, self.clients, self.metrics, self.events, links=links)
+
     def _start_grpc(self) -> None:
         cfg = self.config
-        self.guard = StreamGuard(StreamLimits(idle_s=cfg.stream_idle_timeout),
+        self.guard = StreamGuard(StreamLimits(workers=cfg.grpc_workers, idle_s=cfg.stream_idle_timeout),
                                  on_refused=lambda reason: self.metrics.streams_refused.labels(reason).inc())
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=self.guard.limits.workers, thread_name_prefix="grpc"),
+        self._teardown.callback(self.guard.close)
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="grpc"),
                                   options=server_options(self.limits),
-                                  interceptors=self.trust.server_interceptors(self.metrics))
+                                  # the guard outermost, so that it also counts the auth interceptor's refusals
+                                  interceptors=[RpcGuard(self.metrics), *self.trust.server_interceptors(self.metrics)])
         # A tensor never exceeds twice this swarm's activation size: larger ones are refused from their header.
         activation = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
         limits = dataclasses.replace(self.limits, max_tensor_bytes=min(self.limits.max_tensor_bytes, 2 * activation))
         self.servicer = StageServicer(swarm=cfg.swarm, peer_id=self.peer_id, num_stages=cfg.num_stages,
                                       executor=self.executor, trainers=self.trainers, limits=limits,
-                                      metrics=self.metrics, auth=self.trust.auth,
-                                      admission=HopAdmission(self.directory), guard=self.guard)
+                                      metrics=self.metrics, state_wait_s=cfg.state_transfer_timeout,
+                                      auth=self.trust.auth, admission=HopAdmission(self.directory), guard=self.guard)
         self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -194,18 +273,85 @@ class Daemon:
         if port == 0:
             raise UsageError(f"cannot serve gRPC on {cfg.host}:{cfg.port}: is the port taken? Pick another --port")
         self.server.start()
-        self._started.append("grpc")
+        self._teardown.callback(lambda: self.server.stop(grace=cfg.drain_grace).wait())
         self.endpoint = f"{cfg.announce_host or cfg.host}:{port}"
+        if self.emulator is not None:
+            self.emulator.bind(self.endpoint)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _set_health(self, status) -> None:
         for name in ("", "swarm.v1.StageService"):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(name, status)
 
     def _start_metrics(self) -> None:
         try:
-            self.metrics_server, _, port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            server, _, port = self.metrics.serve(self.config.host, self.config.metrics_port)
         except OSError as e:
             raise UsageError(f"cannot serve metrics on port {self.config.metrics_port}: {e.strerror}") from None
-        self._started.append("metrics")
+        self._teardown.callback(server.shutdown)
         self.metrics_url = f"http://{self.config.announce_host or self.config.host}:{port}/metrics"
+
+    def _start_thread(self, name: str, target) -> None:
+        """A helper thread that returns once `stop` is set; shutdown waits briefly for it."""
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._teardown.callback(thread.join, self.config.dht_write_timeout)
+
+    # ---- joining, state, leaving ------------------------------------------------------------------------------
+    def _copy_swarm_state(self) -> int:
+        """A node joining a running swarm copies each stage from a replica; returns the round to start at."""
+        members = self.directory.members() if self.config.initial_peers else {}
+        swarm_round = max((r.round for r in members.values() if r.serving), default=0)
+        for stage, trainer in self.trainers.items():
+            sources = sorted(p for p, r in members.items() if r.serving and stage in r.stages and r.round > 0)
+            for peer in sources:
+                if self.stop.is_set():
+                    return swarm_round
+                try:
+                    completed, tensors, metadata = self.clients.fetch_state(
+                        members[peer].endpoint, self.config.swarm, stage, timeout=self.config.state_transfer_timeout)
+                except grpc.RpcError as e:
+                    log.warning("could not fetch stage %d from %s: %s", stage, peer[-8:], e.details())
+                    continue
+                trainer.load(tensors, metadata)
+                log.info("stage %d: loaded state after round %d from %s", stage, completed, peer[-8:])
+                swarm_round = max(swarm_round, completed + 1)
+                break
+        return swarm_round
+
+    def _serve_when_ready(self) -> None:
+        """Become `serving` (plannable) once this node has begun its first round, or when nobody has planned
+        that round yet: a plan that includes us is then at most one round ahead, which the executor parks."""
+        if self.state is not NodeState.JOINING or self._first_round is None:
+            return
+        if self.executor.round >= self._first_round or self.directory.fetch_plan(self._first_round) is None:
+            self._set_state(NodeState.SERVING)
+            self.events.emit("serving", peer_id=self.peer_id, first_round=self._first_round)
+
+    def _set_state(self, state: NodeState) -> None:
+        self.state = state
+        self.metrics.state.state(state.value)
+        if state is not NodeState.LEFT:
+            self._announce()
+
+    def _leave(self) -> None:
+        """Draining: health says NOT_SERVING and the record says so; then the tombstone (`left`) replaces it."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._set_state(NodeState.DRAINING)
+        if not self.directory.withdraw(timeout=self.config.dht_write_timeout):
+            log.warning("could not store the tombstone in the DHT; the record expires in %.0f s",
+                        self.config.record_ttl)
+        self.state = NodeState.LEFT
+        self.metrics.state.state(NodeState.LEFT.value)
+
+    def _interrupt_waits_on_stop(self) -> None:
+        """Once stop is set, end the waits that do not watch the stop event themselves."""
+        self.stop.wait()
+        self.clients.close()  # ends outgoing calls in flight: sends, pings, state transfers
+        for trainer in self.trainers.values():
+            trainer.close()  # ends FetchState handlers waiting for a round
+        if self.origin is not None:
+            self.origin.interrupt()
 
     # ---- data plane glue -------------------------------------------------------------------------------------
     def _send(self, kind: str, env, tensor) -> None:
@@ -219,69 +365,42 @@ class Daemon:
             self.origin.on_failed(env.round, env.microbatch, reason)
 
     # ---- heartbeat -------------------------------------------------------------------------------------------
-    def _record(self, serving: bool) -> NodeRecord:
+    def _record(self) -> NodeRecord:
         return NodeRecord(peer_id=self.peer_id, endpoint=self.endpoint, stages=tuple(self.stages),
                           compute_s=self.executor.compute_seconds() or self._compute_s,
-                          memory_slots=self.config.memory_slots, role="data" if 0 in self.stages else "stage",
+                          memory_slots=self._planned_slots(), role="data" if 0 in self.stages else "stage",
                           version=VERSION, swarm=self.config.swarm, round=max(self.executor.round, 0),
-                          serving=serving, metrics_url=self.metrics_url, maddrs=tuple(self.maddrs),
+                          state=self.state, metrics_url=self.metrics_url, maddrs=tuple(self.maddrs),
                           heartbeat_time=get_dht_time())
 
+    def _planned_slots(self) -> int:
+        """Microbatches planners may route through us at once: an origin keeps at most max_inflight of its own."""
+        cfg = self.config
+        return min(cfg.memory_slots, cfg.max_inflight) if 0 in self.stages else cfg.memory_slots
+
     def _announce(self) -> None:
-        if self.directory.announce(self._record(serving=True)):
-            self._last_heartbeat = time.monotonic()
+        if not self.directory.announce(self._record(), timeout=self.config.dht_write_timeout):
+            log.debug("heartbeat not confirmed by the DHT")
 
     def _heartbeat_loop(self) -> None:
-        self._last_heartbeat = time.monotonic()
-        while not self.stop_event.wait(self.config.heartbeat_interval):
+        """Refresh our record; the heartbeat age metric is read from our record as the DHT returns it."""
+        stored = get_dht_time()
+        self.metrics.track_heartbeat_age(lambda: max(0.0, get_dht_time() - stored))
+        while not self.stop.wait(self.config.heartbeat_interval):
             try:
+                self._serve_when_ready()
                 self._announce()
-                self.metrics.visible_peers.set(len(self.directory.members()))
+                members = self.directory.members()
             except Exception as e:  # the DHT may be shutting down; the next beat retries
                 log.debug("heartbeat failed: %r", e)
-            self.metrics.heartbeat_age.set(time.monotonic() - self._last_heartbeat)
+                continue
+            self.metrics.visible_peers.set(len(members))
+            if self.peer_id in members:
+                stored = members[self.peer_id].heartbeat_time
 
-    # ---- running and stopping --------------------------------------------------------------------------------
-    def run(self) -> None:
-        cfg = self.config
-        activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
-        settings = RoundSettings(swarm=cfg.swarm, num_stages=cfg.num_stages, visits=cfg.visits or cfg.num_stages,
-                                 microbatches=cfg.microbatches, activation_bytes=activation_bytes,
-                                 round_timeout=cfg.round_timeout, max_rounds=cfg.rounds)
-        loop = RoundLoop(settings,
-                         self.peer_id, self.directory, self.executor, self.trainers, self.averagers, self.origin,
-                         self.clients, self.metrics, self.events)
-        loop.run(self.first_round, self.stop_event)
 
-    def shutdown(self) -> None:
-        """Stop taking work, withdraw our DHT records, and stop every thread and child process we started."""
-        self.stop_event.set()
-        started = self._started
-        if "grpc" in started:
-            for name in ("", "swarm.v1.StageService"):
-                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if "dht" in started:
-            try:
-                self.directory.withdraw()
-            except Exception as e:
-                log.warning("could not withdraw DHT records: %r", e)
-        if "grpc" in started:
-            self.server.stop(grace=1.0).wait(3)
-            self.guard.close()
-            self.sender.close()
-            self.clients.close()
-        if "executor" in started:
-            self.executor.stop()
-        if "metrics" in started:
-            self.metrics_server.shutdown()
-        if "averagers" in started:
-            for averager in self.averagers.values():
-                averager.shutdown()
-        if "dht" in started:
-            self.dht.shutdown()
-        if "trust" in started:
-            self.trust.close()
-        self.events.emit("stopped", peer_id=getattr(self, "peer_id", None))
+class Stopped(Exception):
+    """Stop was requested while the node was still being built."""
 
 
 def _param_shapes(spec: ModelSpec, stage: int, cfg: NodeConfig) -> list[torch.Size]:

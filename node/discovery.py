@@ -11,6 +11,7 @@ acted on only when the round's planner, chosen from those verified members, sign
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -39,14 +40,21 @@ class SwarmDirectory:
         self._reported: set[tuple[int, bytes]] = set()  # plans already logged as refused, so polling stays quiet
 
     # ---- membership ------------------------------------------------------------------------------------------
-    def announce(self, record: NodeRecord) -> bool:
-        return bool(self.dht.store(nodes_key(self.swarm), record.to_value(), get_dht_time() + self.ttl,
-                                   subkey=self.owner))
+    def announce(self, record: NodeRecord, timeout: float | None = None) -> bool:
+        """Store our record; False if the DHT did not confirm it within `timeout` seconds."""
+        return self._store_own(record.to_value(), get_dht_time() + self.ttl, timeout)
 
-    def withdraw(self) -> bool:
+    def withdraw(self, timeout: float | None = None) -> bool:
         """Replace our record with a tombstone that outlives it, so peers stop routing to us at once."""
-        return bool(self.dht.store(nodes_key(self.swarm), TOMBSTONE, get_dht_time() + self.ttl + 1,
-                                   subkey=self.owner))
+        return self._store_own(TOMBSTONE, get_dht_time() + self.ttl + 1, timeout)
+
+    def _store_own(self, value, expiration: float, timeout: float | None) -> bool:
+        future = self.dht.store(nodes_key(self.swarm), value, expiration, subkey=self.owner, return_future=True)
+        try:
+            return bool(future.result(timeout))
+        except TimeoutError:  # a hung DHT process: the caller's heartbeat age shows it
+            future.cancel()
+            return False
 
     def members(self) -> dict[str, NodeRecord]:
         """Live, well-formed node records of this swarm, by peer id."""
@@ -120,13 +128,15 @@ class SwarmDirectory:
                 ready[peer] = (v[0], v[1])
         return ready
 
-    def wait_ready(self, stage: int, round_: int, peers: set[str], until: float) -> dict[str, tuple[int, str]]:
-        """Wait (until the monotonic time `until`) for every peer in `peers` to post; returns those that did."""
+    def wait_ready(self, stage: int, round_: int, peers: set[str], until: float,
+                   stop: threading.Event | None = None) -> dict[str, tuple[int, str]]:
+        """Wait (until the monotonic time `until`, or `stop`) for every peer in `peers` to post; returns those
+        that did."""
+        stop = stop or threading.Event()
         while True:
             ready = self.peers_ready(stage, round_)
-            if peers <= ready.keys() or time.monotonic() > until:
+            if peers <= ready.keys() or time.monotonic() > until or stop.wait(0.1):
                 return {p: v for p, v in ready.items() if p in peers}
-            time.sleep(0.1)
 
 
 def read_members(dht: DHT, swarm: str, on_dropped: Dropped = lambda reason: None) -> dict[str, NodeRecord]:

@@ -1,4 +1,5 @@
-"""The compute side of a node: one worker thread runs forward and backward hops in priority order.
+"""The compute side of a node: one worker thread runs forward, loss and backward hops in the order
+`routing.order` prescribes, the same policy the simulator predicts the swarm with.
 
 A hop arrives as (envelope, tensor). Its envelope's path says which stage runs it and where the result
 goes next, so the executor never assumes that stages are visited in order or that any are visited at all.
@@ -23,15 +24,16 @@ from node.metrics import NodeMetrics
 from protocol.envelope import at_hop, is_final_hop
 from protocol.errors import ProtocolError, invalid
 from protocol.generated.swarm.v1 import stage_pb2 as pb
+from routing.order import BACKWARD, FORWARD, LOSS, queue_key
 
 log = logging.getLogger(__name__)
 
-FORWARD, BACKWARD = "forward", "backward"
+STOP = "stop"
 
 
 @dataclass(order=True)
 class _Task:
-    priority: int  # backward first: it frees memory and finishes microbatches
+    key: tuple  # routing.order.queue_key: loss and backward first, then first-come
     seq: int
     kind: str = field(compare=False)
     env: pb.Envelope = field(compare=False)
@@ -74,8 +76,7 @@ class StageExecutor:
         self._expected: set[tuple[int, int]] | None = None
         self._done: dict[int, set[int]] = {}  # stage -> microbatches whose backward finished this round
         self._pending_backward: set[tuple[int, int, int]] = set()
-        # Forwards accepted, by (round, microbatch, hop, path's peers): a replayed or duplicated one is refused.
-        self._received: set[tuple] = set()
+        self._admitted: set[tuple[int, int, int]] = set()  # forward hops taken in (queued, parked or done)
         self._compute_s: dict[int, float] = {}
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="executor", daemon=True)
@@ -86,12 +87,17 @@ class StageExecutor:
 
     def stop(self) -> None:
         self._stop.set()
-        self._queue.put(_Task(-1, -1, "stop", pb.Envelope(), torch.empty(0)))
+        self._queue.put(_Task((-1,), -1, STOP, pb.Envelope(), torch.empty(0)))
         self._worker.join(timeout=5)
 
     @property
     def round(self) -> int:
         return self._round
+
+    def resume_at(self, round_: int) -> None:
+        """A joining node copied the state after round_ - 1: take hops from `round_` on."""
+        with self._lock:
+            self._round = round_ - 1
 
     def compute_seconds(self) -> dict[int, float]:
         return dict(self._compute_s)
@@ -130,7 +136,7 @@ class StageExecutor:
             counts = {s: len(self._done.get(s, ())) for s in self.stages}
             self._expected = None
             self._pending_backward = {k for k in self._pending_backward if k[0] != round_}
-            self._received = {k for k in self._received if k[0] > round_}
+            self._admitted = {k for k in self._admitted if k[0] > round_}
         dropped = self.store.drop_round(round_)
         if dropped:
             log.warning("round %d ended with %d hops never backwarded; their activations were dropped",
@@ -143,20 +149,18 @@ class StageExecutor:
         if env.hop == 0:
             raise invalid("hop 0 is the origin's own: a Forward must address hop 1 or later")
         self._check_hidden(tensor, env)
-        if is_final_hop(env) and self.origin.labels(env.round, env.microbatch) is None:
-            raise ProtocolError(grpc.StatusCode.NOT_FOUND,
-                                f"round {env.round} microbatch {env.microbatch} did not start at this origin")
+        if is_final_hop(env):
+            self._check_final(env, tensor)
         with self._lock:
             self._check_round(env)
             key = (env.round, env.microbatch, env.hop)
-            received = (*key, tuple(h.peer_id for h in env.path))
-            if self.store.contains(key) or received in self._received:
+            if key in self._admitted or self.store.contains(key):
                 raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS, f"hop {key} was already received")
             if not self.store.try_reserve(env.round, env.microbatch):
                 raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"activation memory is full ({self.store.slots} microbatches); retry later")
-            self._received.add(received)
-            task = _Task(1, next(self._seq), FORWARD, env, tensor)
+            self._admitted.add(key)
+            task = self._task(LOSS if is_final_hop(env) else FORWARD, env, tensor)
             if env.round == self._round + 1:
                 self._parked.append(task)
                 return len(self._parked)
@@ -177,15 +181,27 @@ class StageExecutor:
             if key in self._pending_backward:
                 raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS, f"backward for hop {key} was already received")
             self._pending_backward.add(key)
-        self._queue.put(_Task(0, next(self._seq), BACKWARD, env, tensor))
+        self._queue.put(self._task(BACKWARD, env, tensor))
         return self._queue.qsize()
 
     def start_microbatch(self, env: pb.Envelope, input_ids: torch.Tensor) -> bool:
         """The origin's hop 0. False when activation memory is full (the origin waits and retries)."""
         if not self.store.try_reserve(env.round, env.microbatch):
             return False
-        self._queue.put(_Task(1, next(self._seq), FORWARD, env, input_ids))
+        self._queue.put(self._task(FORWARD, env, input_ids))
         return True
+
+    def _check_final(self, env: pb.Envelope, hidden: torch.Tensor) -> None:
+        """The last hop returns to its origin, which must hold labels of the matching [batch, seq]."""
+        labels = self.origin.labels(env.round, env.microbatch)
+        if labels is None:
+            raise ProtocolError(grpc.StatusCode.NOT_FOUND,
+                                f"round {env.round} microbatch {env.microbatch} did not start at this origin")
+        if tuple(hidden.shape[:2]) != tuple(labels.shape):
+            raise invalid(f"activations of shape {list(hidden.shape)} do not match this microbatch's labels "
+                          f"{list(labels.shape)}")
+    def _task(self, kind: str, env: pb.Envelope, tensor: torch.Tensor) -> _Task:
+        return _Task(queue_key(kind, time.monotonic(), env.microbatch), next(self._seq), kind, env, tensor)
 
     def _check_round(self, env: pb.Envelope) -> None:
         if env.round < self._round or (env.round == self._round and self._expected is None):
@@ -214,10 +230,10 @@ class StageExecutor:
     def _work(self) -> None:
         while not self._stop.is_set():
             task = self._queue.get()
-            if task.kind == "stop":
+            if task.kind == STOP:
                 return
             try:
-                if task.kind == FORWARD:
+                if task.kind in (FORWARD, LOSS):
                     self._forward(task.env, task.tensor)
                 else:
                     self._backward(task.env, task.tensor)

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from protocol.records import NodeState
+
+# starting: building components; catch_up: copying a stage's state from a replica (joining, or a round it
+# was left out of); planning: waiting for the round's plan; compute: the round's forward and backward hops;
+# averaging: the replicas' barrier and all-reduce, then the step; stopping: shutting down.
+PHASES = ("starting", "catch_up", "planning", "compute", "averaging", "stopping")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -20,18 +29,32 @@ class NodeMetrics:
                                       registry=r)
         self.rpc_seconds = Histogram("swarm_node_rpc_duration_seconds", "Data-plane RPC latency",
                                      ["method", "side"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.rpc_errors = Counter("swarm_node_rpc_errors", "RPCs answered or failed with an error status",
+        self.rpc_errors = Counter("swarm_node_rpc_errors",
+                                  "RPCs refused or failed, by this node (server) or its peers (client), with the status",
                                   ["method", "code"], registry=r)
         self.round_seconds = Histogram("swarm_node_round_duration_seconds", "Wall time of a training round",
                                        buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
         self.round = Gauge("swarm_node_round", "The round this node works on", registry=r)
-        self.loss = Gauge("swarm_node_loss", "Mean training loss of this data node's last round", registry=r)
+        # Only where a loss is computed (data nodes), and only after a round that trained on some tokens.
+        self.loss = _OptionalGauge("swarm_node_loss", "Mean training loss of this data node's last round")
+        r.register(self.loss)
         self.tokens = Counter("swarm_node_tokens", "Tokens trained on by this data node", registry=r)
         self.visible_peers = Gauge("swarm_node_visible_peers", "Live nodes of this swarm seen in the DHT", registry=r)
         self.heartbeat_age = Gauge("swarm_node_dht_heartbeat_age_seconds",
-                                   "Seconds since this node's last successful DHT heartbeat", registry=r)
+                                   "Seconds since the heartbeat time of this node's record as last read back "
+                                   "from the DHT", registry=r)
         self.activations_held = Gauge("swarm_node_activation_microbatches",
                                       "Microbatches whose activations this node holds", registry=r)
+        self.state = Enum("swarm_node_state", "Where this node is in its life (also in its DHT record)",
+                          states=[s.value for s in NodeState], registry=r)
+        self.phase = Enum("swarm_node_phase", "What the node's main loop is doing now", states=list(PHASES),
+                          registry=r)
+        self.rounds_completed = Counter("swarm_node_rounds_completed",
+                                        "Rounds this node took part in and finished with all its planned work",
+                                        registry=r)
+        self.rounds_aborted = Counter("swarm_node_rounds_aborted",
+                                      "Rounds this node took part in that timed out or were cut short by a stop",
+                                      registry=r)
         self.averaging_failures = Counter("swarm_node_averaging_failures",
                                           "Rounds whose gradient averaging did not reach every replica", registry=r)
 
@@ -54,7 +77,32 @@ class NodeMetrics:
                 yield family
         self.registry.register(_Collector())
 
+    def set_loss(self, loss: float | None) -> None:
+        """The last round's loss; None withdraws the series (a round that trained on no tokens has none)."""
+        self.loss.value = loss
+
+    def track_heartbeat_age(self, age: Callable[[], float]) -> None:
+        """Computed at scrape time, so a heartbeat thread stuck on a hung DHT cannot freeze the value."""
+        self.heartbeat_age.set_function(age)
+
     def serve(self, host: str, port: int):
         """Start the /metrics HTTP server; returns (server, port)."""
         server, thread = start_http_server(port, addr=host, registry=self.registry)
         return server, thread, server.server_port
+
+
+class _OptionalGauge(Collector):
+    """A gauge with no sample until it has a value (a plain Gauge would read 0 where nothing is measured)."""
+
+    def __init__(self, name: str, documentation: str):
+        self.name = name
+        self.documentation = documentation
+        self.value: float | None = None
+
+    def describe(self):
+        return [GaugeMetricFamily(self.name, self.documentation)]
+
+    def collect(self):
+        value = self.value
+        if value is not None:
+            yield GaugeMetricFamily(self.name, self.documentation, value=value)

@@ -68,6 +68,11 @@ class Origin(OriginHooks):
     def on_failed(self, round_: int, microbatch: int, reason: str) -> None:
         self._close(round_, microbatch, reason)
 
+    def interrupt(self) -> None:
+        """Wake `run_round`'s waits (the node is stopping; they re-check their stop event)."""
+        with self._cv:
+            self._cv.notify_all()
+
     def _close(self, round_: int, microbatch: int, failure: str | None) -> None:
         with self._cv:
             if (round_, microbatch) not in self._open:
@@ -109,6 +114,7 @@ class Origin(OriginHooks):
             self._cv.wait_for(lambda: not self._open or stop.is_set(), max(0.0, deadline - time.monotonic()))
             for key in list(self._open):
                 self._result.failed[key[1]] = "timed out"
+                self._result.losses.pop(key[1], None)  # a loss counts only with its tokens
                 self._labels.pop(key, None)
             self._open.clear()
             return self._result

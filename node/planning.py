@@ -1,21 +1,38 @@
-"""Turn a membership snapshot into a round plan.
+"""Turn a membership snapshot and the measured links into a round plan, always through `routing/`.
 
-With every stage visited (`--visits` equal to `--num-stages`), paths are full pipelines in stage order,
-replicas taken in turn. With fewer visits, `routing/` plans SkipPipe paths: skip-aware, balanced and
-collision-aware, from the compute times and memory slots the nodes report.
+Full pipelines (`--visits` equal to `--num-stages`) and SkipPipe paths are planned alike: `live_problem`
+builds routing's Problem from the nodes' records (compute seconds, memory slots, hosted stages) and the
+links they measured, `routing.plan` plans it, and `to_wire`/`from_wire` are the one conversion between
+routing's Plan and the RoundPlan the DHT carries.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 from protocol.envelope import HopSpec
-from protocol.records import NodeRecord, PlannedMicrobatch, RoundPlan
-from routing import LiveNode, ProblemError, from_live
+from protocol.records import LinkEstimate, NodeRecord, PlannedMicrobatch, RoundPlan
+from routing import LiveLink, LiveNode, Plan, Problem, ProblemError, from_live
 from routing import plan as plan_paths
 
-# Link estimates are not measured yet; every pair is priced alike, so the planner balances compute and memory.
-UNMEASURED_LINK_S = 0.005
+# The estimate a pair gets until it is measured, or when its estimate is absurd: loopback-like, so an
+# unmeasured pair is neither preferred nor avoided much. `swarm-node status --links` shows where it applies.
+DEFAULT_LINK = LinkEstimate(rtt_s=0.002, bandwidth_Bps=1e9)
+SAME_HOST_LINK_S = 1e-6  # two stages of one daemon: the hand-over is a function call
+
+
+@dataclass(frozen=True)
+class LiveProblem:
+    """A Problem built from the swarm, and how its node ids map back to hops."""
+
+    problem: Problem
+    hops: dict[str, HopSpec]  # routing node id ("<peer id>/<stage>") -> the hop it stands for
+    defaulted_links: int  # peer pairs priced with DEFAULT_LINK (unmeasured or absurd)
+
+
+def node_id(peer_id: str, stage: int) -> str:
+    return f"{peer_id}/{stage}"  # a daemon hosting two stages plans as two nodes
 
 
 def membership_digest(members: dict[str, NodeRecord]) -> str:
@@ -40,49 +57,85 @@ def choose_planner(members: dict[str, NodeRecord]) -> str | None:
     return data_nodes[0] if data_nodes else None
 
 
-def full_pipeline_plan(members: dict[str, NodeRecord], round_: int, num_stages: int, microbatches_per_origin: int,
-                       planner: str, deadline: float = 0.0) -> RoundPlan | None:
-    """None while some stage has no serving replica: no full path exists yet."""
-    replicas = serving_replicas(members, num_stages)
-    if any(not replicas[s] for s in range(num_stages)):
-        return None
-    hop = {p: HopSpec(0, p, members[p].endpoint) for p in members}
-    planned, mb_id = [], 0
-    for origin in replicas[0]:
-        for _ in range(microbatches_per_origin):
-            path = [HopSpec(0, origin.peer_id, origin.endpoint)]
-            for stage in range(1, num_stages):
-                chosen = replicas[stage][mb_id % len(replicas[stage])]
-                path.append(HopSpec(stage, chosen.peer_id, hop[chosen.peer_id].endpoint))
-            path.append(path[0])
-            planned.append(PlannedMicrobatch(mb_id, tuple(path)))
-            mb_id += 1
-    return RoundPlan(round=round_, planner=planner, membership_digest=membership_digest(members),
-                     microbatches=tuple(planned), deadline=deadline)
-
-
-def skip_plan(members: dict[str, NodeRecord], round_: int, num_stages: int, visits: int,
-              microbatches_per_origin: int, planner: str, activation_bytes: int,
-              deadline: float = 0.0) -> RoundPlan | None:
-    """A SkipPipe plan: each microbatch visits `visits` of the stages, stage 0 first and last."""
+def live_problem(members: dict[str, NodeRecord], links: dict[tuple[str, str], LinkEstimate], *, num_stages: int,
+                 visits: int, microbatches_per_origin: int, activation_bytes: int) -> LiveProblem | None:
+    """routing's Problem for this swarm; None while some stage has no serving replica."""
     replicas = serving_replicas(members, num_stages)
     if any(not replicas[s] for s in range(num_stages)):
         return None
     nodes, hops = [], {}
     for stage, records in replicas.items():
         for record in records:
-            node_id = f"{record.peer_id}/{stage}"  # a daemon hosting two stages plans as two nodes
             compute = record.compute_s.get(stage) or max(record.compute_s.values(), default=0.01)
-            nodes.append(LiveNode(node_id, compute_s=compute, memory=record.memory_slots, stage=stage))
-            hops[node_id] = HopSpec(stage, record.peer_id, record.endpoint)
+            key = node_id(record.peer_id, stage)
+            nodes.append(LiveNode(key, compute_s=max(compute, 1e-6), memory=record.memory_slots, stage=stage))
+            hops[key] = HopSpec(stage, record.peer_id, record.endpoint)
+    live_links, defaulted = [], 0
+    peers = sorted({h.peer_id for h in hops.values()})
+    for i, a in enumerate(peers):
+        for b in peers[i + 1:]:
+            estimate = _pair_estimate(links, a, b)
+            if estimate is None:
+                defaulted += 1
+                estimate = DEFAULT_LINK
+            for x in (k for k, h in hops.items() if h.peer_id == a):
+                for y in (k for k, h in hops.items() if h.peer_id == b):
+                    live_links.append(LiveLink(x, y, estimate.rtt_s, estimate.bandwidth_Bps))
+    full = visits >= num_stages
+    problem = from_live(nodes, live_links, stages=num_stages, visits=min(visits, num_stages),
+                        activation_bytes=activation_bytes, microbatches_per_data_node=microbatches_per_origin,
+                        max_swaps=0 if full else 2, missing_link_s=SAME_HOST_LINK_S)
+    return LiveProblem(problem, hops, defaulted)
+
+
+def _pair_estimate(links: dict[tuple[str, str], LinkEstimate], a: str, b: str) -> LinkEstimate | None:
+    """The pair's estimate, both directions averaged (routing treats links as symmetric); None when no usable
+    RTT is known. A usable RTT without a usable bandwidth (no large hop yet) takes the default bandwidth."""
+    found = [_filled(e) for e in (links.get((a, b)), links.get((b, a))) if e is not None]
+    found = [e for e in found if e is not None]
+    if not found:
+        return None
+    return LinkEstimate(sum(e.rtt_s for e in found) / len(found),
+                        len(found) / sum(1 / e.bandwidth_Bps for e in found))
+
+
+def _filled(e: LinkEstimate) -> LinkEstimate | None:
+    if e.usable():
+        return e
+    if LinkEstimate(e.rtt_s, DEFAULT_LINK.bandwidth_Bps).usable():
+        return LinkEstimate(e.rtt_s, DEFAULT_LINK.bandwidth_Bps)
+    return None
+
+
+def plan_round(members: dict[str, NodeRecord], links: dict[tuple[str, str], LinkEstimate], *, round_: int,
+               num_stages: int, visits: int, microbatches_per_origin: int, activation_bytes: int, planner: str,
+               deadline: float = 0.0) -> tuple[RoundPlan, LiveProblem] | None:
+    """The round's plan from routing/ (full pipelines too); None while some stage has no serving replica."""
+    live = live_problem(members, links, num_stages=num_stages, visits=visits,
+                        microbatches_per_origin=microbatches_per_origin, activation_bytes=activation_bytes)
+    if live is None:
+        return None
     try:
-        problem = from_live(nodes, [], stages=num_stages, visits=visits, activation_bytes=activation_bytes,
-                            microbatches_per_data_node=microbatches_per_origin, missing_link_s=UNMEASURED_LINK_S)
-        result = plan_paths(problem, seed=round_)
+        result = plan_paths(live.problem, seed=round_)
     except ProblemError as e:
         raise ValueError(f"cannot plan round {round_}: {e}") from e
-    planned = tuple(
-        PlannedMicrobatch(mb, tuple(hops[problem.node_ids[v]] for v in path))
-        for mb, path in sorted(zip(result.mb_ids, result.paths)))
-    return RoundPlan(round=round_, planner=planner, membership_digest=membership_digest(members),
-                     microbatches=planned, deadline=deadline)
+    return to_wire(live, result, round_=round_, planner=planner, digest=membership_digest(members),
+                   deadline=deadline), live
+
+
+def to_wire(live: LiveProblem, plan: Plan, *, round_: int, planner: str, digest: str,
+            deadline: float = 0.0) -> RoundPlan:
+    """routing's Plan as the RoundPlan published in the DHT (hops carry peer ids and endpoints)."""
+    ids = live.problem.node_ids
+    planned = tuple(PlannedMicrobatch(mb, tuple(live.hops[ids[v]] for v in path))
+                    for mb, path in sorted(zip(plan.mb_ids, plan.paths)))
+    return RoundPlan(round=round_, planner=planner, membership_digest=digest, microbatches=planned,
+                     deadline=deadline, predicted_s=plan.predicted_iteration_s)
+
+
+def from_wire(problem: Problem, wire: RoundPlan) -> Plan:
+    """A published RoundPlan as routing's Plan over `problem`, so routing's checkers and simulator can judge it."""
+    paths = tuple(tuple(problem.index(node_id(h.peer_id, h.stage)) for h in mb.path) for mb in wire.microbatches)
+    stage_of_node = tuple(int(str(i).rsplit("/", 1)[1]) for i in problem.node_ids)
+    return Plan(stage_of_node=stage_of_node, paths=paths, mb_ids=tuple(mb.id for mb in wire.microbatches),
+                predicted_iteration_s=wire.predicted_s)

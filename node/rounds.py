@@ -22,11 +22,13 @@ from node.events import EventLog
 from node.executor import StageExecutor
 from node.metrics import NodeMetrics
 from node.origin import Origin
-from node.planning import choose_planner, full_pipeline_plan, skip_plan
+from node.links import LinkBook
+from node.planning import choose_planner, plan_round
 from node.trainer import StageTrainer
 from node.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.records import NodeRecord, RoundPlan
+from routing.instance_io import problem_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,14 @@ class RoundSettings:
     activation_bytes: int
     round_timeout: float
     max_rounds: int  # 0: until stopped
+    min_nodes: int = 0  # plan no round until this many nodes serve
 
 
 class RoundLoop:
     def __init__(self, settings: RoundSettings, peer_id: str, directory: SwarmDirectory, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], averagers: dict[int, StageGradientAverager],
-                 origin: Origin | None, clients: StageClients, metrics: NodeMetrics, events: EventLog):
+                 origin: Origin | None, clients: StageClients, metrics: NodeMetrics, events: EventLog,
+                 links: LinkBook | None = None):
         self.s = settings
         self.peer_id = peer_id
         self.directory = directory
@@ -56,6 +60,7 @@ class RoundLoop:
         self.clients = clients
         self.metrics = metrics
         self.events = events
+        self.links = links  # measured links: planners read them, every node refreshes its own
 
     def run(self, first_round: int, stop: threading.Event) -> None:
         round_ = first_round
@@ -75,6 +80,7 @@ class RoundLoop:
 
     # ---- planning ----------------------------------------------------------------------------------------------
     def _await_plan(self, round_: int, stop: threading.Event) -> RoundPlan | None:
+        self.metrics.phase.state("planning")
         waited = time.monotonic()
         while not stop.is_set():
             plan = self.directory.fetch_plan(round_)
@@ -94,15 +100,23 @@ class RoundLoop:
 
     def _make_plan(self, members: dict[str, NodeRecord], round_: int) -> RoundPlan | None:
         deadline = get_dht_time() + self.s.round_timeout
-        if self.s.visits >= self.s.num_stages:
-            return full_pipeline_plan(members, round_, self.s.num_stages, self.s.microbatches, self.peer_id,
-                                      deadline=deadline)
         try:
-            return skip_plan(members, round_, self.s.num_stages, self.s.visits, self.s.microbatches, self.peer_id,
-                             self.s.activation_bytes, deadline=deadline)
+            if sum(r.serving for r in members.values()) < self.s.min_nodes:
+                return None
+            made = plan_round(members, self.links.known() if self.links else {}, round_=round_,
+                              num_stages=self.s.num_stages, visits=self.s.visits,
+                              microbatches_per_origin=self.s.microbatches, activation_bytes=self.s.activation_bytes,
+                              planner=self.peer_id, deadline=deadline)
         except ValueError as e:  # e.g. replica counts that cannot balance yet: wait for the swarm to change
             log.warning("%s", e)
             return None
+        if made is None:
+            return None
+        plan, live = made
+        self.events.emit("planned", round=round_, predicted_s=plan.predicted_s, defaulted_links=live.defaulted_links,
+                         skipped_link_values=self.links.skipped if self.links else 0,
+                         problem=problem_to_dict(live.problem))
+        return plan
 
     def _reachable(self, members: dict[str, NodeRecord]) -> dict[str, NodeRecord]:
         """Members that answer a Ping now: a node that died keeps its DHT record until it expires."""
@@ -121,6 +135,7 @@ class RoundLoop:
 
     # ---- one round ---------------------------------------------------------------------------------------------
     def _run_round(self, plan: RoundPlan, stop: threading.Event) -> None:
+        self.metrics.phase.state("compute")
         started = time.monotonic()
         deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
         work = plan.work_of(self.peer_id)
@@ -130,9 +145,11 @@ class RoundLoop:
             mine = [mb for mb in plan.microbatches if mb.origin == self.peer_id]
             result = self.origin.run_round(plan.round, mine, deadline, stop)
         complete = self.executor.wait_round(max(0.0, deadline - time.monotonic()), stop)
+        executed = time.monotonic() - started  # the plan's work, what the simulator predicts (no averaging)
         counts = self.executor.end_round(plan.round)
         if stop.is_set():
             log.info("stopping: round %d abandoned", plan.round)
+            self.metrics.rounds_aborted.inc()
             return
         if not complete:
             log.warning("round %d timed out; stepping with the microbatches that finished", plan.round)
@@ -142,25 +159,31 @@ class RoundLoop:
         finished = time.monotonic()
         grace = max(3.0, finished - started)
         barrier_until = min(finished + grace, deadline + min(10.0, self.s.round_timeout / 2))
+        self.metrics.phase.state("averaging")
         for stage, trainer in self.trainers.items():
             grad_norms[stage], averaged_with[stage] = self._reduce_and_step(plan, stage, counts.get(stage, 0),
-                                                                            barrier_until)
+                                                                            barrier_until, stop)
+        (self.metrics.rounds_completed if complete and not stop.is_set() else self.metrics.rounds_aborted).inc()
+        if stop.is_set():  # averaging was cut short: the process is about to exit
+            return
         wall = time.monotonic() - started
         self.metrics.round_seconds.observe(wall)
+        if self.links is not None:
+            self.links.after_round(plan, {p: r.endpoint for p, r in self.directory.members().items()})
         fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts, averaged_with=averaged_with,
+                      executed_s=round(executed, 3), predicted_s=plan.predicted_s,
                       stage_visits=_stage_visits(plan, self.s.num_stages),
                       digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms)
         if result is not None:
-            fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed))
-            if result.mean_loss is not None:
-                self.metrics.loss.set(result.mean_loss)
+            fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed), plan=plan.to_value())
+            self.metrics.set_loss(result.mean_loss if result.tokens else None)
             self.metrics.tokens.inc(result.tokens)
             log.info("round %d: loss %s, %d tokens, %.2fs", plan.round,
                      f"{result.mean_loss:.4f}" if result.mean_loss is not None else "n/a", result.tokens, wall)
         self.events.emit("round", **fields)
 
-    def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int,
-                         barrier_until: float) -> tuple[float | None, int]:
+    def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int, barrier_until: float,
+                         stop: threading.Event) -> tuple[float | None, int]:
         """Average this stage's gradients with its replicas in the plan, weighted by microbatches, then step.
 
         Each replica also posts the digest of the weights it computed with. A replica whose weights
@@ -173,7 +196,7 @@ class RoundLoop:
         peers, reference = 1, None
         if len(replicas) > 1:
             self.directory.ready_to_average(stage, plan.round, count, trainer.digest(), ttl=4 * self.s.round_timeout)
-            ready = self.directory.wait_ready(stage, plan.round, replicas, until=barrier_until)
+            ready = self.directory.wait_ready(stage, plan.round, replicas, until=barrier_until, stop=stop)
             total = sum(c for c, _ in ready.values())
             if total > 0 and len(ready) > 1:
                 grads, peers = self.averagers[stage].average(grads, count, group_size=len(ready))
@@ -196,6 +219,7 @@ class RoundLoop:
     # ---- a round this node was left out of ----------------------------------------------------------------------
     def _catch_up(self, plan: RoundPlan, stop: threading.Event) -> None:
         """Not in this round's plan (e.g. just joined): copy each stage's state from a replica that is."""
+        self.metrics.phase.state("catch_up")
         self.executor.begin_round(plan.round, set())
         self.executor.end_round(plan.round)
         for stage, trainer in self.trainers.items():

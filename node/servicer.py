@@ -1,4 +1,8 @@
-"""The server side of the data plane: StageService. Every refusal is a gRPC status with a reason."""
+"""The server side of the data plane: StageService.
+
+Handlers refuse by raising `ProtocolError` or calling `context.abort`; `node.rpc_guard` counts every
+refusal and turns anything unexpected into INTERNAL with a reason.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ from node.metrics import NodeMetrics
 from node.stream_guard import StreamGuard
 from node.trainer import StageTrainer
 from protocol.envelope import check_envelope
-from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
@@ -31,7 +34,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
     """Registered with `protocol.service.stage_service_handler`: Forward/Backward receive raw frames."""
 
     def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
-                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics,
+                 trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics, state_wait_s: float,
                  auth: SwarmAuth | None = None, admission: HopAdmission | None = None,
                  guard: StreamGuard | None = None):
         self.swarm = swarm
@@ -41,6 +44,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.trainers = trainers
         self.limits = limits
         self.metrics = metrics
+        self.state_wait_s = state_wait_s  # the longest a FetchState without a deadline waits for its round
         self.auth = auth  # private swarms: Forward/Backward tags are checked here, other calls by the interceptor
         self.admission = admission  # hops must be in the round's plan, along verified members
         self.guard = guard  # caps streams per peer and in total; cancels silent ones
@@ -57,17 +61,15 @@ class StageServicer(pb_grpc.StageServiceServicer):
             check = None if self.auth is None else (lambda env, meta: self.auth.check_frames(method, env, meta))
             with self._guarded(context) as watch:
                 env, tensor = decode_frames(watch.frames(frames) if watch else frames, self.limits, check)
-            check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
-                           num_stages=self.num_stages, limits=self.limits)
-            if self.admission is not None and self.executor.round <= env.round <= self.executor.round + 1:
-                self.admission.check(env)  # other rounds: the executor refuses them without a DHT lookup
-            accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
-            queued = accept(env, tensor)
-        except ProtocolError as e:
-            if isinstance(e, AuthRefused):
-                self.metrics.auth_refused.labels(method=method, reason=e.kind).inc()
-            self.metrics.rpc_errors.labels(method=method, code=e.code.name).inc()
-            context.abort(e.code, e.reason)
+        except AuthRefused as e:
+            self.metrics.auth_refused.labels(method=method, reason=e.kind).inc()
+            raise  # node.rpc_guard answers and counts it
+        check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
+                       num_stages=self.num_stages, limits=self.limits)
+        if self.admission is not None and self.executor.round <= env.round <= self.executor.round + 1:
+            self.admission.check(env)  # other rounds: the executor refuses them without a DHT lookup
+        accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
+        queued = accept(env, tensor)
         self.metrics.received_bytes.inc(tensor.numel() * tensor.element_size())
         self.metrics.rpc_seconds.labels(method=method, side="server").observe(time.perf_counter() - started)
         return pb.Ack(queued=queued)
@@ -89,12 +91,11 @@ class StageServicer(pb_grpc.StageServiceServicer):
         if trainer is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not host stage {request.stage}")
         if request.min_round >= 0:
-            try:
-                with self._guarded(context):  # a wait that holds a worker counts as a stream
-                    completed = trainer.wait_completed(request.min_round, context.time_remaining() or 60)
-            except ProtocolError as e:
-                context.abort(e.code, e.reason)
+            with self._guarded(context):  # a wait that holds a worker counts as a stream
+                completed = trainer.wait_completed(request.min_round, context.time_remaining() or self.state_wait_s,
+                                                   lambda: not context.is_active())
             if not completed:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {request.min_round} did not complete in time")
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"round {request.min_round} did not complete here in "
+                                                           f"time, or this node is stopping")
         tensors, metadata = trainer.export(include_grads=request.include_grads)
         yield from encode_state(tensors, metadata, trainer.completed_round, self.limits.chunk_bytes)

@@ -26,7 +26,7 @@ from protocol.errors import ProtocolError
 @dataclass(frozen=True)
 class StreamLimits:
     workers: int = 64  # gRPC worker threads
-    reserve: int = 8  # workers never given to streams: unary calls and health always get one
+    reserve: int = 4  # workers never given to streams: unary calls and health always get one
     per_peer: int = 16  # streams open at once from one address
     idle_s: float = 10.0  # a stream silent this long is cancelled
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
+from collections.abc import Callable
 
 import torch
 
 from lm.stage import PipelineStage
+
+_RECHECK_S = 0.25  # how often a waiting FetchState looks whether its caller is still there
 
 
 class StageTrainer:
@@ -25,6 +29,7 @@ class StageTrainer:
         # Held while parameters change, so a joining replica never copies a half-applied step.
         self.lock = threading.Condition()
         self._digest: str | None = None  # cached until the parameters change
+        self._closed = False
 
     def lr_at(self, round_: int) -> float:
         if self.warmup_rounds <= 0:
@@ -35,8 +40,9 @@ class StageTrainer:
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
     def set_grads(self, grads: list[torch.Tensor]) -> None:
-        for p, g in zip(self.params, grads):
-            p.grad = g.to(dtype=p.dtype, device=p.device)
+        with self.lock:
+            for p, g in zip(self.params, grads):
+                p.grad = g.to(dtype=p.dtype, device=p.device)
 
     def step(self, round_: int) -> float:
         """Clip, step and clear gradients; returns the gradient norm before clipping."""
@@ -61,10 +67,25 @@ class StageTrainer:
             self.completed_round = round_
             self.lock.notify_all()
 
-    def wait_completed(self, round_: int, timeout: float) -> bool:
-        """Block until this stage has finished `round_` (for a replica that wants a state after it)."""
+    def wait_completed(self, round_: int, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
+        """Block until this stage has finished `round_` (for a replica that wants a state after it).
+
+        Gives up (False) after `timeout` seconds, once `cancelled()` is true, or when the trainer is closed.
+        """
+        deadline = time.monotonic() + timeout
         with self.lock:
-            return self.lock.wait_for(lambda: self.completed_round >= round_, timeout)
+            while self.completed_round < round_:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed or cancelled():
+                    return False
+                self.lock.wait(min(left, _RECHECK_S))
+            return True
+
+    def close(self) -> None:
+        """The node is stopping: wake and fail every `wait_completed`."""
+        with self.lock:
+            self._closed = True
+            self.lock.notify_all()
 
     def digest(self) -> str:
         """sha256 over the parameters' bytes: equal digests mean bit-identical replicas."""
@@ -77,22 +98,26 @@ class StageTrainer:
             return self._digest
 
     def export(self, include_grads: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Parameters and AdamW moments, for a joining replica."""
-        with self.lock:
+        """A snapshot of parameters and AdamW moments, for a joining replica.
+
+        Copied under the lock that `step` takes, so the caller can serialise it at leisure while the next
+        step runs: never a half-applied step.
+        """
+        with self.lock, torch.no_grad():
             return self._export(include_grads)
 
     def _export(self, include_grads: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors: dict[str, torch.Tensor] = {}
         steps = {}
         for name, p in zip(self.names, self.params):
-            tensors[f"param/{name}"] = p.detach()
+            tensors[f"param/{name}"] = p.detach().clone()
             state = self.optimizer.state.get(p, {})
             if "exp_avg" in state:
-                tensors[f"exp_avg/{name}"] = state["exp_avg"]
-                tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"]
+                tensors[f"exp_avg/{name}"] = state["exp_avg"].clone()
+                tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].clone()
                 steps[name] = float(state["step"])
             if include_grads and p.grad is not None:
-                tensors[f"grad/{name}"] = p.grad.detach()
+                tensors[f"grad/{name}"] = p.grad.detach().clone()
         metadata = {"completed_round": str(self.completed_round), "stage": str(self.stage),
                     "steps": ",".join(f"{n}={s}" for n, s in steps.items())}
         return tensors, metadata

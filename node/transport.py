@@ -30,6 +30,16 @@ UNREACHABLE_PATIENCE_S = 3.0  # a peer unreachable for this long is taken as gon
 LocalAccept = Callable[[str, pb.Envelope, torch.Tensor], None]
 
 
+class ClientsClosed(grpc.RpcError):
+    """A call attempted after `StageClients.close()`: the node is stopping."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "this node is stopping"
+
+
 class StageClients:
     """One channel per peer endpoint, reused for every call."""
 
@@ -39,9 +49,12 @@ class StageClients:
         self._stubs: dict[str, StageStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
+        self.closed = False
 
     def stub(self, endpoint: str) -> StageStub:
         with self._lock:
+            if self.closed:
+                raise ClientsClosed()
             if endpoint not in self._stubs:
                 channel = grpc.insecure_channel(endpoint, options=channel_options(self.limits))
                 self._channels.append(channel)
@@ -62,7 +75,9 @@ class StageClients:
         return decode_state(self.stub(endpoint).FetchState(request, timeout=timeout))
 
     def close(self) -> None:
+        """Close every channel, which ends the calls in flight on them (how a stopping node stops waiting)."""
         with self._lock:
+            self.closed = True
             for channel in self._channels:
                 channel.close()
             self._channels.clear()
@@ -73,13 +88,16 @@ class HopSender:
     """Sends each finished hop to the next peer in its path without blocking the compute thread."""
 
     def __init__(self, peer_id: str, clients: StageClients, metrics: NodeMetrics, local: LocalAccept,
-                 on_give_up: Callable[[pb.Envelope, str], None], deadline_s: float, workers: int = 4):
+                 on_give_up: Callable[[pb.Envelope, str], None], deadline_s: float, workers: int = 4,
+                 emulator=None, on_sent: Callable[[str, int, float], None] | None = None):
         self.peer_id = peer_id
         self.clients = clients
         self.metrics = metrics
         self.local = local
         self.on_give_up = on_give_up
         self.deadline_s = deadline_s
+        self.emulator = emulator  # node/link_emulation.py (a test tool): delays and throttles the frames
+        self.on_sent = on_sent  # (peer id, bytes, seconds) of each delivered send: node/links.py measures links
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="send")
         self._closed = threading.Event()
 
@@ -101,11 +119,13 @@ class HopSender:
                 if target.peer_id == self.peer_id:
                     self.local(kind, env, tensor)
                 else:
-                    self._rpc(method, target.endpoint, env, tensor)
+                    self._rpc(method, target, env, tensor)
                 return
             except (ProtocolError, grpc.RpcError) as e:
                 code = e.code if isinstance(e, ProtocolError) else e.code()
                 reason = e.reason if isinstance(e, ProtocolError) else e.details()
+                if self.clients.closed:  # we are stopping: not the receiver's failure
+                    return
                 self.metrics.rpc_errors.labels(method=method, code=code.name).inc()
                 gone = code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started > UNREACHABLE_PATIENCE_S
                 if code not in RETRYABLE or gone or time.monotonic() + backoff > deadline:
@@ -113,18 +133,25 @@ class HopSender:
                                 env.microbatch, env.hop, target.peer_id[-8:], code.name, reason)
                     self.on_give_up(env, f"{code.name}: {reason}")
                     return
-                time.sleep(backoff)
+                self._closed.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
             except Exception as e:  # a bug or a broken tensor: report it rather than lose the thread
                 log.exception("%s to hop %d failed", method, env.hop)
                 self.on_give_up(env, repr(e))
                 return
 
-    def _rpc(self, method: str, endpoint: str, env: pb.Envelope, tensor: torch.Tensor) -> None:
-        stub = self.clients.stub(endpoint)
+    def _rpc(self, method: str, target, env: pb.Envelope, tensor: torch.Tensor) -> None:
+        stub = self.clients.stub(target.endpoint)
         call = stub.Forward if method == "Forward" else stub.Backward
+        sizes: list[int] = []
+        frames = (sizes.append(len(f)) or f for f in encode_frames(env, tensor, self.clients.limits,
+                                                                   self.clients.frame_signer(method)))
+        if self.emulator is not None:
+            frames = self.emulator.frames(target.endpoint, frames)
         started = time.perf_counter()
-        call(encode_frames(env, tensor, self.clients.limits, self.clients.frame_signer(method)),
-             timeout=self.deadline_s)
-        self.metrics.rpc_seconds.labels(method=method, side="client").observe(time.perf_counter() - started)
+        call(frames, timeout=self.deadline_s)
+        elapsed = time.perf_counter() - started
+        self.metrics.rpc_seconds.labels(method=method, side="client").observe(elapsed)
+        if self.on_sent is not None:
+            self.on_sent(target.peer_id, sum(sizes), elapsed)
         self.metrics.sent_bytes.inc(tensor.numel() * tensor.element_size())

@@ -152,3 +152,26 @@ def load_plan(problem: Problem, path: str | Path) -> Plan:
 
 def save_plan(problem: Problem, plan: Plan, path: str | Path) -> None:
     Path(path).write_text(json.dumps(plan_to_dict(problem, plan), indent=1) + "\n")
+
+
+def problem_to_dict(problem: Problem) -> dict:
+    """Everything the simulator and checkers read, as JSON-able data (the daemon logs the problems it planned)."""
+    return {"node_ids": list(problem.node_ids), "forward_s": problem.forward_s.tolist(),
+            "memory": problem.memory.tolist(), "link_s": problem.link_s.tolist(), "stages": problem.stages,
+            "visits": problem.visits, "stage_replicas": list(problem.stage_replicas),
+            "microbatches_per_data_node": problem.microbatches_per_data_node,
+            "stage_of_node": None if problem.stage_of_node is None else list(problem.stage_of_node),
+            "max_swaps": problem.max_swaps, "max_swap_depth": problem.max_swap_depth}
+
+
+def problem_from_dict(d: dict) -> Problem:
+    try:
+        return Problem(node_ids=tuple(d["node_ids"]), forward_s=np.array(d["forward_s"], dtype=float),
+                       memory=np.array(d["memory"], dtype=int), link_s=np.array(d["link_s"], dtype=float),
+                       stages=int(d["stages"]), visits=int(d["visits"]),
+                       stage_replicas=tuple(int(x) for x in d["stage_replicas"]),
+                       microbatches_per_data_node=int(d["microbatches_per_data_node"]),
+                       stage_of_node=None if d["stage_of_node"] is None else tuple(d["stage_of_node"]),
+                       max_swaps=int(d["max_swaps"]), max_swap_depth=int(d["max_swap_depth"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProblemError(f"problem is not in the expected format (missing or bad {e})") from None

@@ -6,8 +6,7 @@ Each microbatch with path [o, n1, .., n_{L-1}, o] runs 2L + 1 steps:
   steps L+1..2L     backward on n_{L-1}, .., n1, o          (1.5 w), retracing the forward path
 Between consecutive steps on different nodes the message pays link_s. A node runs one step at a time; a
 forward step needs a free memory slot on its node, held until that node's backward step of the same
-microbatch ends. Ready backward/loss steps go before forward steps (they free memory); ties go first-come,
-then by microbatch. Links are not contended. A plan whose memory waits form a cycle deadlocks: the result
+microbatch ends. Which ready step runs next is `routing.order`'s policy, the one node/executor.py uses. Links are not contended. A plan whose memory waits form a cycle deadlocks: the result
 says so and its makespan is infinite.
 """
 
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from routing.order import needs_slot, queue_key, step_kind
 from routing.problem import Problem
 
 EPS = 1e-9
@@ -78,8 +78,8 @@ def simulate(problem: Problem, paths: tuple[tuple[int, ...], ...] | list) -> Sim
     busy, wait = [0.0] * n, [0.0] * n
     running = [False] * n
     used = [0] * n
-    q_back: list[list] = [[] for _ in range(n)]  # (ready, mb, step): loss and backward steps
-    q_fwd: list[list] = [[] for _ in range(n)]  # (ready, mb, step): forward steps, need a memory slot
+    queued: list[list] = [[] for _ in range(n)]  # per node: (queue_key, mb, step, kind), smallest runs next
+    kinds = [step_kind(s, L) for s in range(last + 1)]
     events = [(0.0, 0, m, 0) for m in range(n_mb)]  # (time, kind, mb, step); kind 0 = arrive, 1 = done
     heapq.heapify(events)
     push, pop = heapq.heappush, heapq.heappop
@@ -90,7 +90,7 @@ def simulate(problem: Problem, paths: tuple[tuple[int, ...], ...] | list) -> Sim
         v = nodes[m][s]
         if kind == 0:
             ready[m][s] = t
-            push(q_back[v] if s >= L else q_fwd[v], (t, m, s))
+            push(queued[v], (queue_key(kinds[s], t, m), m, s, kinds[s]))
         else:
             running[v] = False
             if s > L:
@@ -105,13 +105,15 @@ def simulate(problem: Problem, paths: tuple[tuple[int, ...], ...] | list) -> Sim
         for u in sorted(set(touched)) if len(touched) > 1 else touched:
             if running[u]:
                 continue
-            if q_back[u]:
-                r, k, st = pop(q_back[u])
-            elif q_fwd[u] and used[u] < mem[u]:
-                r, k, st = pop(q_fwd[u])
-                used[u] += 1
-            else:
+            if not queued[u]:
                 continue
+            key, k, st, kind = queued[u][0]
+            if needs_slot(kind):
+                if used[u] >= mem[u]:
+                    continue
+                used[u] += 1
+            pop(queued[u])
+            r = ready[k][st]
             running[u] = True
             start[k][st] = t
             if t - r > EPS:

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from node.children import descendants as process_descendants
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,23 +22,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 
 def descendants(pid: int) -> set[int]:
     """Every live process below `pid`, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
+    return set(process_descendants(pid))
 
 
 def alive(pid: int) -> bool:

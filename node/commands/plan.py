@@ -9,7 +9,7 @@ from node.errors import UsageError
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan", help="plan SkipPipe paths for an instance file and simulate one round")
-    p.add_argument("--instance", required=True, help="instance JSON (the format of shared/bench/*.json)")
+    p.add_argument("--instance", required=True, help="instance JSON (the format of bench/instances/*.json)")
     p.add_argument("--json", metavar="OUT", help="write the plan in the schedule format")
     p.add_argument("--gantt", metavar="OUT", help="draw the simulated round (.png or .svg)")
     p.add_argument("--seed", type=int, default=0, help="planner seed (default 0); same input and seed, same plan")

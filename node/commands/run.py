@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 
 from node.config import add_node_arguments, load_config
 from node.logs import setup_logging
@@ -21,24 +22,28 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args)
     setup_logging(config.log_level)
-    from node.daemon import Daemon  # heavy imports (torch, hivemind) only once the flags are known to be good
-
-    daemon = Daemon(config)
-    # SIGTERM and SIGINT both mean: stop taking work, withdraw from the DHT, exit 0.
-    def request_stop(signum, frame):
-        daemon.stop_event.set()
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # SIGTERM and SIGINT (also a terminal's Ctrl-C) both mean: stop taking work, withdraw, exit 0. Installed
+    # before anything slow starts, so a signal during start-up stops the node too.
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        daemon.start()
-        print(f"swarm-node: peer {daemon.peer_id} hosts stage(s) {','.join(map(str, daemon.stages))} of swarm "
-              f"'{config.swarm}'", flush=True)
-        print(f"swarm-node: gRPC {daemon.endpoint}  metrics {daemon.metrics_url}", flush=True)
-        for maddr in daemon.maddrs:
-            print(f"swarm-node: join with --initial-peers {maddr}", flush=True)
-        if not daemon.stop_event.is_set():
+        from node.daemon import Daemon, Stopped  # heavy imports (torch, hivemind) once the flags are good
+
+        try:
+            daemon = Daemon.create(config, stop)
+        except Stopped:
+            print("swarm-node: stopped during start-up", file=sys.stderr, flush=True)
+            return 0
+        try:
+            print(f"swarm-node: peer {daemon.peer_id} hosts stage(s) {','.join(map(str, daemon.stages))} of "
+                  f"swarm '{config.swarm}'", flush=True)
+            print(f"swarm-node: gRPC {daemon.endpoint}  metrics {daemon.metrics_url}", flush=True)
+            for maddr in daemon.maddrs:
+                print(f"swarm-node: join with --initial-peers {maddr}", flush=True)
             daemon.run()
+        finally:
+            daemon.shutdown()
     finally:
-        daemon.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print("swarm-node: stopped", file=sys.stderr, flush=True)

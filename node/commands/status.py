@@ -13,6 +13,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
     p.add_argument("--swarm", default="swarm-node", help="swarm id (default: swarm-node)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--links", action="store_true",
+                   help="print the measured link matrix (RTT ms / MB/s, sender row to receiver column)")
     p.add_argument("--swarm-key", metavar="PATH", default="", help="the swarm key of a private swarm")
     p.set_defaults(handler=run)
 
@@ -22,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from hivemind.utils import get_dht_time
 
     from node.discovery import read_members
+    from node.links import read_links
+    from node.planning import DEFAULT_LINK
     from node.trust import NodeTrust
 
     trust = NodeTrust.create("", args.swarm_key)  # readers check signatures and, in private swarms, MACs
@@ -32,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"could not reach the swarm through {' '.join(args.initial_peers)}: {e}") from None
     try:
         members = read_members(dht, args.swarm)
+        links, skipped = read_links(dht, args.swarm)
         now = get_dht_time()
     finally:
         dht.shutdown()
@@ -39,18 +44,60 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages), kv[0])):
         rows.append(dict(peer=peer, stages=",".join(map(str, r.stages)), role=r.role, endpoint=r.endpoint,
-                         round=r.round, serving=r.serving,
+                         round=r.round, state=r.state.value, serving=r.serving,
                          compute_ms=round(1000 * sum(r.compute_s.values()), 1),
                          heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url))
+    matrix = _link_matrix(sorted(members), links)
     if args.json:
         import json
 
-        print(json.dumps({"swarm": args.swarm, "time": time.time(), "nodes": rows}, indent=2))
+        print(json.dumps({"swarm": args.swarm, "time": time.time(), "nodes": rows, "links": matrix,
+                          "skipped_link_values": skipped}, indent=2))
         return 0
     print(f"swarm '{args.swarm}': {len(rows)} node(s)")
-    header = ("peer", "stages", "role", "endpoint", "round", "serving", "compute_ms", "heartbeat_age_s")
+    header = ("peer", "stages", "role", "endpoint", "round", "state", "compute_ms", "heartbeat_age_s")
     table = [header] + [tuple(str(row[h]) if h != "peer" else row[h][-12:] for h in header) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+    defaulted = sum(1 for m in matrix if m["default"])
+    print(f"links: {len(matrix) - defaulted} of {len(matrix)} directed pairs measured; the planner prices the "
+          f"other {defaulted} at its default ({DEFAULT_LINK.rtt_s * 1000:g} ms RTT, "
+          f"{DEFAULT_LINK.bandwidth_Bps / 1e6:g} MB/s)" + (f"; {skipped} malformed values skipped" if skipped else ""))
+    if args.links:
+        peers = sorted(members)
+        cell = {(m["from"], m["to"]): m for m in matrix}
+        table = [("from \\ to",) + tuple(p[-8:] for p in peers)]
+        for a in peers:
+            table.append((a[-8:],) + tuple("-" if a == b else _cell(cell[(a, b)]) for b in peers))
+        widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+        for line in table:
+            print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+        print("cells: RTT ms / MB/s as the row's node measured them; '?' not measured yet (default used), "
+              "'!' absurd (default used)")
     return 0
+
+
+def _link_matrix(peers: list[str], links: dict) -> list[dict]:
+    """Every directed pair of members with its estimate, and whether the planner uses its default for it
+    (no estimate, or an absurd RTT); a usable RTT without a usable bandwidth keeps the RTT."""
+    out = []
+    for a in peers:
+        for b in peers:
+            if a == b:
+                continue
+            e = links.get((a, b))
+            rtt_ok = e is not None and 0 <= e.rtt_s < 60
+            out.append({"from": a, "to": b, "rtt_s": None if e is None else e.rtt_s,
+                        "bandwidth_Bps": None if e is None else e.bandwidth_Bps,
+                        "default": not rtt_ok, "bandwidth_default": e is None or not e.usable()})
+    return out
+
+
+def _cell(m: dict) -> str:
+    if m["rtt_s"] is None:
+        return "?"
+    if m["default"]:
+        return "!"
+    bandwidth = "?" if m["bandwidth_default"] else f"{m['bandwidth_Bps'] / 1e6:.1f}"
+    return f"{m['rtt_s'] * 1000:.1f}/{bandwidth}"

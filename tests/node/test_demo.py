@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,9 +33,10 @@ def _watch_descendants(process: subprocess.Popen, until_line: str) -> tuple[set[
     return seen, lines
 
 
-def test_default_demo_trains_and_exits_clean(tmp_path):
+def test_readme_demo_trains_and_exits_clean(tmp_path):
     summary = tmp_path / "summary.json"
-    demo = _demo("--rounds", "3", "--summary-json", str(summary), "--workdir", str(tmp_path / "work"))
+    demo = _demo("--rounds", "3", "--summary-json", str(summary), "--workdir", str(tmp_path / "work"),
+                 "--visits", "3", "--emulate-links", "bench/instances/gcp12-20nodes.json")  # as the README runs it
     children, lines = _watch_descendants(demo, "round   3/3")
     rest = demo.communicate(timeout=120)[0]
     assert demo.returncode == 0, "".join(lines) + rest
@@ -44,6 +46,12 @@ def test_default_demo_trains_and_exits_clean(tmp_path):
     assert all(n["metrics_url"].startswith("http://127.0.0.1:") for n in result["nodes"])
     assert any("metrics http://127.0.0.1:" in line for line in lines)
     assert len(children) >= 12  # six nodes, each with at least a DHT process and a p2pd
+    progress = [re.search(r"iteration ([\d.]+)s \(predicted ([\d.]+)s\) \| visits (\d+),(\d+),(\d+),(\d+)", line)
+                for line in lines if line.startswith("round ")]
+    assert len(progress) == 3 and all(progress), lines
+    for m in progress:  # executed visits: 2 data nodes x 4 microbatches, each visiting 2 of stages 1..3
+        assert int(m[3]) == 8 and sum(map(int, m.groups()[3:])) == 16, m[0]
+        assert float(m[1]) > 0 and float(m[2]) > 0
     wait_for(lambda: not [p for p in children if alive(p)], 15, "every node process to exit")
 
 

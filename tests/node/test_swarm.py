@@ -126,8 +126,11 @@ def test_node_joining_mid_run_appears_then_serves(swarm):
     joined = swarm.start_node("s2b", "2", initial_peers=swarm.initial_peers(), extra=["--record-ttl", "20"])
     swarm.wait_started([joined], timeout=120)
     peer = joined.started()["peer_id"]
-    listed = wait_for(lambda: status(swarm).get(peer), 30, "the new node in `status`")
-    assert listed["stages"] == "2" and listed["serving"]
+    def serving_row():  # listed as `joining` while it copies its stage, then `serving`
+        row = status(swarm).get(peer)
+        return row if row and row["serving"] else None
+    listed = wait_for(serving_row, 30, "the new node serving in `status`")
+    assert listed["stages"] == "2" and listed["state"] == "serving"
     # It copied stage 2 from its replica, then trains in lock-step with it.
     wait_for(lambda: rounds(joined), 120, "the joined node to train a round")
     r = min(rounds(joined))

@@ -1,12 +1,12 @@
 import pytest
 
 from protocol.envelope import HopSpec
-from protocol.records import NodeRecord, PlannedMicrobatch, RecordError, RoundPlan
+from protocol.records import NodeRecord, NodeState, PlannedMicrobatch, RecordError, RoundPlan
 
 
 def record(**over):
     base = dict(peer_id="p", endpoint="127.0.0.1:5", stages=(1, 2), compute_s={1: 0.1, 2: 0.2}, memory_slots=8,
-                role="stage", version="0.1.0", swarm="s", round=3, serving=True, metrics_url="http://x/metrics",
+                role="stage", version="0.1.0", swarm="s", round=3, state=NodeState.SERVING, metrics_url="http://x/metrics",
                 maddrs=("/ip4/1.2.3.4/tcp/1/p2p/Qm",), heartbeat_time=12.5)
     return NodeRecord(**{**base, **over})
 
@@ -21,7 +21,8 @@ def test_node_record_round_trip():
     lambda v: v.update(stages=[]),
     lambda v: v.update(stages=["1"]),
     lambda v: v.update(round=True),
-    lambda v: v.update(serving="yes"),
+    lambda v: v.update(state="asleep"),
+    lambda v: v.update(state=True),
     lambda v: v.update(compute_s={"x": 1}),
 ])
 def test_malformed_node_records_are_rejected(mutate):

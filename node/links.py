@@ -1,0 +1,170 @@
+"""Measured links: what this node learns about the peers it sends to, and the swarm's view for planners.
+
+Round-trip time comes from a small Ping, refreshed every few rounds to the peers this node may send to (its
+next hops in the current plan, and with skipping any serving member, so the planner can weigh unused links);
+throughput comes from the bytes and durations of real Forward and Backward sends (the latency part removed).
+Both are EWMA-smoothed and published under `<swarm>/links` (protocol/records.py, LinksRecord). Readers
+validate every value: a malformed record or entry is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
+
+from protocol.generated.swarm.v1 import stage_pb2 as pb
+from protocol.record_auth import owner_peer_id
+from protocol.records import LinkEstimate, LinksRecord, RecordError, RoundPlan, links_key
+
+log = logging.getLogger(__name__)
+
+MAX_PINGED = 32  # members pinged beyond the current next hops: bounds the cost in large swarms
+
+
+@dataclass
+class LinkSettings:
+    refresh_rounds: int = 3  # rounds between Ping refreshes and publications
+    smoothing: float = 0.3  # EWMA weight of a new sample
+    min_probe_bytes: int = 4096  # smaller sends say little about bandwidth; they only refresh latency
+
+
+def _ewma(previous: float | None, sample: float, weight: float) -> float:
+    return sample if previous is None else (1 - weight) * previous + weight * sample
+
+
+class LinkMeter:
+    """This node's measurements, by receiving peer id. Thread-safe: senders report from their threads."""
+
+    def __init__(self, peer_id: str, settings: LinkSettings = LinkSettings()):
+        self.peer_id = peer_id
+        self.s = settings
+        self._rtt: dict[str, float] = {}
+        self._sends: dict[str, tuple[float, float]] = {}  # peer -> EWMA of (bytes, seconds) of real sends
+        self._lock = threading.Lock()
+
+    def observe_rtt(self, peer: str, seconds: float) -> None:
+        with self._lock:
+            self._rtt[peer] = _ewma(self._rtt.get(peer), seconds, self.s.smoothing)
+
+    def observe_send(self, peer: str, nbytes: int, seconds: float) -> None:
+        """A real hop of `nbytes` took `seconds` from first byte out to the receiver's acknowledgement."""
+        if nbytes < self.s.min_probe_bytes or peer == self.peer_id:
+            return
+        with self._lock:
+            previous = self._sends.get(peer)
+            w = self.s.smoothing
+            self._sends[peer] = (nbytes, seconds) if previous is None else \
+                ((1 - w) * previous[0] + w * nbytes, (1 - w) * previous[1] + w * seconds)
+
+    def estimates(self) -> dict[str, LinkEstimate]:
+        """Peers with an RTT. Bandwidth: bytes over send time less the one-way latency (the current RTT's half);
+        0 (unusable, so planners fall back to their default) until a large enough hop was sent."""
+        with self._lock:
+            out = {}
+            for peer, rtt in self._rtt.items():
+                nbytes, seconds = self._sends.get(peer, (0.0, 0.0))
+                out[peer] = LinkEstimate(rtt, nbytes / max(seconds - rtt / 2, 1e-6) if nbytes else 0.0)
+            return out
+
+
+def next_hop_endpoints(plan: RoundPlan, peer_id: str) -> dict[str, str]:
+    """Peers this node sends to in `plan` (forward to the next hop, backward to the previous), by peer id."""
+    out = {}
+    for mb in plan.microbatches:
+        for i, hop in enumerate(mb.path):
+            if hop.peer_id != peer_id:
+                continue
+            for j in (i - 1, i + 1):
+                if 0 <= j < len(mb.path) and mb.path[j].peer_id != peer_id:
+                    out[mb.path[j].peer_id] = mb.path[j].endpoint
+    return out
+
+
+class LinkBook:
+    """Pings, publishes and reads `<swarm>/links`. `ping(endpoint)` returns once a Ping answered (or raises)."""
+
+    def __init__(self, dht: DHT, swarm: str, meter: LinkMeter, ping, ttl: float, owner: bytes,
+                 settings: LinkSettings = LinkSettings()):
+        self.dht = dht
+        self.owner = owner  # our owner subkey: the record is signed, readers learn the sender from it
+        self.swarm = swarm
+        self.meter = meter
+        self.ping = ping
+        self.ttl = ttl
+        self.s = settings
+        self.skipped = 0  # malformed records and entries seen by readers
+        self._refresh: threading.Thread | None = None
+
+    def after_round(self, plan: RoundPlan, members: dict[str, str] | None = None) -> None:
+        """Every few rounds (and after the first), refresh RTTs and publish, off this thread. `members`: other
+        peers (id -> endpoint) a future plan may send to."""
+        if plan.round % self.s.refresh_rounds and self.meter.estimates():
+            return
+        if self._refresh is not None and self._refresh.is_alive():
+            return
+        peers = {**dict(sorted((members or {}).items())[:MAX_PINGED]), **next_hop_endpoints(plan, self.meter.peer_id)}
+        peers.pop(self.meter.peer_id, None)
+        self._refresh = threading.Thread(target=self._measure_and_publish, args=(peers,), name="links", daemon=True)
+        self._refresh.start()
+
+    def _measure_and_publish(self, peers: dict[str, str]) -> None:
+        for peer, endpoint in peers.items():
+            started = time.perf_counter()
+            try:
+                self.ping(endpoint)
+            except grpc.RpcError:
+                continue
+            self.meter.observe_rtt(peer, time.perf_counter() - started)
+        try:
+            self.publish()
+        except Exception as e:  # the DHT may be shutting down; the next refresh retries
+            log.debug("publishing links failed: %r", e)
+
+    def publish(self) -> bool:
+        record = LinksRecord(self.meter.peer_id, self.meter.estimates(), get_dht_time())
+        return bool(self.dht.store(links_key(self.swarm), record.to_value(), get_dht_time() + self.ttl,
+                                   subkey=self.owner))
+
+    def known(self) -> dict[tuple[str, str], LinkEstimate]:
+        """Every published estimate, by (sender, receiver)."""
+        found, skipped = read_links(self.dht, self.swarm)
+        self.skipped += skipped
+        return found
+
+
+def read_links(dht: DHT, swarm: str) -> tuple[dict[tuple[str, str], LinkEstimate], int]:
+    """Published estimates by (sender, receiver), and how many malformed records or entries were skipped."""
+    entry = dht.get(links_key(swarm), latest=True)
+    if entry is None or not isinstance(entry.value, dict):
+        return {}, 0
+    found, skipped = {}, 0
+    for subkey, item in entry.value.items():
+        sender = owner_peer_id(subkey)
+        if sender is None:  # not signed by its writer: anyone could have put it there
+            skipped += 1
+            continue
+        try:
+            record, bad = LinksRecord.from_value(sender, item.value)
+        except RecordError as e:
+            log.debug("skipping malformed links record from %s: %s", sender, e)
+            skipped += 1
+            continue
+        skipped += bad
+        for receiver, estimate in record.to.items():
+            found[(record.peer_id, receiver)] = estimate
+    return found, skipped
+
+
+def ping_with(clients, emulator=None):
+    """A `ping(endpoint)` that goes through the data plane's channels (and the link emulator, when on)."""
+    def ping(endpoint: str) -> None:
+        if emulator is not None:
+            emulator.ping_delay(endpoint)
+        clients.stub(endpoint).Ping(pb.PingRequest(), timeout=5.0)
+    return ping
