@@ -169,9 +169,11 @@ OPTIONS: tuple[Option, ...] = (
            "seconds a joining node waits for one replica's stage state before it tries the next replica"),
     Option("grpc_workers", _positive_int, "threads serving incoming RPCs"),
     Option("send_workers", _positive_int, "threads delivering finished hops to the next peer"),
-    # trust (issue 10): hostile input
+    # trust (issue 10): hostile input, public reachability
     Option("stream_idle_timeout", _positive_float, "seconds a Forward/Backward stream may stay silent before it "
                                                    "is cancelled"),
+    Option("announce_port", _port, "gRPC port other peers reach this node on, behind NAT or port forwarding "
+                                   "(0: --port)"),
 )
 
 
@@ -228,6 +230,7 @@ class NodeConfig:
     send_workers: int = 4
     # trust (issue 10)
     stream_idle_timeout: float = 10.0  # frees the gRPC worker a silent client holds
+    announce_port: int = 0  # with --announce-host: the address peers dial (the reachability check tests it)
 
     def hosted_stages(self) -> list[int] | None:
         """The explicit stage list, or None for `auto`."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,7 @@ from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
 from node.transport import HopSender, StageClients
 from node.admission import HopAdmission
+from node.reachability import dial_back, self_check
 from node.stream_guard import StreamGuard, StreamLimits
 from node.trust import NodeTrust
 from protocol.grpc_options import server_options
@@ -171,6 +173,16 @@ class Daemon:
         self._announce()
         self.events.emit("started", peer_id=self.peer_id, maddrs=self.maddrs, endpoint=self.endpoint,
                          metrics_url=self.metrics_url, stages=self.stages)
+        if cfg.initial_peers:
+            self._start_thread("reachability", self._check_reachable)
+
+    def _check_reachable(self) -> None:
+        """Ask a member to dial us back; say plainly which port to open or flag to set if it cannot."""
+        result = self_check(self.directory.members(), self.peer_id, self.endpoint, self.maddrs, self.clients)
+        (log.info if result.ok else log.warning)("%s", result.message)
+        if not result.ok:
+            print(f"swarm-node: {result.message}", file=sys.stderr, flush=True)
+        self.events.emit("reachability", ok=result.ok, message=result.message)
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -262,7 +274,8 @@ class Daemon:
         self.servicer = StageServicer(swarm=cfg.swarm, peer_id=self.peer_id, num_stages=cfg.num_stages,
                                       executor=self.executor, trainers=self.trainers, limits=limits,
                                       metrics=self.metrics, state_wait_s=cfg.state_transfer_timeout,
-                                      auth=self.trust.auth, admission=HopAdmission(self.directory), guard=self.guard)
+                                      auth=self.trust.auth, admission=HopAdmission(self.directory), guard=self.guard,
+                                      dial_back=lambda request, caller: dial_back(request, caller, self.clients))
         self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -274,7 +287,7 @@ class Daemon:
             raise UsageError(f"cannot serve gRPC on {cfg.host}:{cfg.port}: is the port taken? Pick another --port")
         self.server.start()
         self._teardown.callback(lambda: self.server.stop(grace=cfg.drain_grace).wait())
-        self.endpoint = f"{cfg.announce_host or cfg.host}:{port}"
+        self.endpoint = f"{cfg.announce_host or cfg.host}:{cfg.announce_port or port}"
         if self.emulator is not None:
             self.emulator.bind(self.endpoint)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)

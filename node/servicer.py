@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -36,7 +36,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
     def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics, state_wait_s: float,
                  auth: SwarmAuth | None = None, admission: HopAdmission | None = None,
-                 guard: StreamGuard | None = None):
+                 guard: StreamGuard | None = None,
+                 dial_back: Callable[[pb.ReachabilityRequest, str], pb.ReachabilityReply] | None = None):
         self.swarm = swarm
         self.peer_id = peer_id
         self.num_stages = num_stages
@@ -48,6 +49,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.auth = auth  # private swarms: Forward/Backward tags are checked here, other calls by the interceptor
         self.admission = admission  # hops must be in the round's plan, along verified members
         self.guard = guard  # caps streams per peer and in total; cancels silent ones
+        self.dial_back = dial_back  # node/reachability.py
 
     def Forward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         return self._receive("Forward", request_iterator, context)
@@ -79,6 +81,12 @@ class StageServicer(pb_grpc.StageServiceServicer):
 
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
         return pb.PingReply(peer_id=self.peer_id, time=time.time())
+
+    def CheckReachability(self, request: pb.ReachabilityRequest, context: grpc.ServicerContext
+                          ) -> pb.ReachabilityReply:
+        if self.dial_back is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not dial back")
+        return self.dial_back(request, context.peer())
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoReply:
         return pb.InfoReply(peer_id=self.peer_id, swarm_id=self.swarm, stages=sorted(self.trainers),

@@ -30,6 +30,9 @@ def stage_service_handler(servicer: pb_grpc.StageServiceServicer) -> grpc.Generi
         "FetchState": grpc.unary_stream_rpc_method_handler(servicer.FetchState,
                                                            request_deserializer=pb.StateRequest.FromString,
                                                            response_serializer=pb.StateChunk.SerializeToString),
+        "CheckReachability": grpc.unary_unary_rpc_method_handler(
+            servicer.CheckReachability, request_deserializer=pb.ReachabilityRequest.FromString,
+            response_serializer=pb.ReachabilityReply.SerializeToString),
     })
 
 

@@ -265,3 +265,39 @@ def test_hostile_input_is_refused_while_rounds_go_on(swarm):
     during = [rounds(data)[r]["wall_s"] for r in range(first, max(rounds(data)) + 1)]
     assert all(rounds(data)[r]["failed"] == 0 for r in range(first, max(rounds(data)) + 1))
     assert sorted(during)[len(during) // 2] < 2 * sorted(before)[len(before) // 2] + 2, (before, during)
+
+
+# ---- reachability: a joining node asks a member to dial it back --------------------------------------------------
+def test_reachability_self_check(swarm):
+    from node.reachability import self_check
+    from node.transport import StageClients
+    from protocol.records import NodeRecord, NodeState
+
+    member, stranger = node(swarm, "s1"), node(swarm, "stranger")
+    checked = wait_for(lambda: member.events("reachability"), 30, "the member's reachability check")
+    assert checked[0]["ok"], checked
+    refused = wait_for(lambda: stranger.events("reachability"), 30, "the stranger's reachability check")
+    assert not refused[0]["ok"] and "--swarm-key" in refused[0]["message"]
+
+    auth = SwarmAuth(load_key_file(swarm.key))
+    started = member.started()
+    record = NodeRecord(peer_id=started["peer_id"], endpoint=started["endpoint"], stages=(1,), compute_s={1: 0.1},
+                        memory_slots=8, role="stage", version="x", swarm=SWARM, round=0, state=NodeState.SERVING)
+    clients = StageClients(WireLimits(), auth)
+    try:
+        closed = f"127.0.0.1:{_closed_port()}"
+        result = self_check({record.peer_id: record}, "me", closed, [], clients)
+        assert not result.ok and f"open TCP port {closed.split(':')[1]}" in result.message, result.message
+        code, details = _code(clients.stub(started["endpoint"]).CheckReachability,
+                              pb.ReachabilityRequest(endpoint="10.255.255.1:9"))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "only dials back its caller" in details
+    finally:
+        clients.close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
