@@ -172,6 +172,10 @@ OPTIONS: tuple[Option, ...] = (
     # trust (issue 10): hostile input, public reachability
     Option("stream_idle_timeout", _positive_float, "seconds a Forward/Backward stream may stay silent before it "
                                                    "is cancelled"),
+    Option("tls", _bool, "serve and dial gRPC over TLS with a certificate derived from --swarm-key",
+           flag_kind="switch"),
+    Option("tls_cert", str, "TLS certificate (PEM) every node of the swarm serves and trusts; with --tls-key"),
+    Option("tls_key", str, "private key (PEM) of --tls-cert"),
     Option("announce_port", _port, "gRPC port other peers reach this node on, behind NAT or port forwarding "
                                    "(0: --port)"),
 )
@@ -230,6 +234,9 @@ class NodeConfig:
     send_workers: int = 4
     # trust (issue 10)
     stream_idle_timeout: float = 10.0  # frees the gRPC worker a silent client holds
+    tls: bool = False  # TLS on the data plane, certificate derived from the swarm key
+    tls_cert: str = ""
+    tls_key: str = ""
     announce_port: int = 0  # with --announce-host: the address peers dial (the reachability check tests it)
 
     def hosted_stages(self) -> list[int] | None:

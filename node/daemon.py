@@ -127,7 +127,7 @@ class Daemon:
                              f"the tokenizer's {self.tokenizer.vocab_size}; give the matching --tokenizer")
         _usage(stage_layers, self.spec.config.num_hidden_layers, cfg.num_stages)
 
-        self.trust = NodeTrust.create(cfg.identity_path, cfg.swarm_key)
+        self.trust = NodeTrust.create(cfg.identity_path, cfg.swarm_key, cfg.tls, cfg.tls_cert, cfg.tls_key)
         undo.callback(self.trust.close)
         # Forked processes first, before this process has threads; each dies with us (node/children.py).
         die_with_parent()
@@ -149,7 +149,7 @@ class Daemon:
         for trainer in self.trainers.values():
             undo.callback(trainer.close)
         self._compute_s = self._measure_compute(modules)
-        self.clients = StageClients(self.limits, self.trust.auth)
+        self.clients = StageClients(self.limits, self.trust.auth, self.trust.tls)
         undo.callback(self.clients.close)
         self.executor = StageExecutor(self.peer_id, modules, self.device, self.dtype, cfg.memory_slots,
                                       self.metrics, send=self._send)
@@ -280,7 +280,9 @@ class Daemon:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         try:
-            port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            address = f"{cfg.host}:{cfg.port}"
+            port = self.server.add_insecure_port(address) if self.trust.tls is None else \
+                self.server.add_secure_port(address, self.trust.tls.server_credentials())
         except RuntimeError:  # grpc reports a failed bind this way
             port = 0
         if port == 0:

@@ -18,6 +18,7 @@ from protocol.grpc_options import channel_options
 from protocol.limits import WireLimits
 from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
 from protocol.service import StageStub
+from protocol.tls import SwarmTls
 from protocol.state_codec import decode_state
 from protocol.tensor_codec import encode_frames
 
@@ -43,9 +44,10 @@ class ClientsClosed(grpc.RpcError):
 class StageClients:
     """One channel per peer endpoint, reused for every call."""
 
-    def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None):
+    def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None, tls: SwarmTls | None = None):
         self.limits = limits
         self.auth = auth  # private swarms: every call carries a tag made with the swarm key
+        self.tls = tls  # the swarm's certificate, when the data plane runs over TLS
         self._stubs: dict[str, StageStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
@@ -56,7 +58,11 @@ class StageClients:
             if self.closed:
                 raise ClientsClosed()
             if endpoint not in self._stubs:
-                channel = grpc.insecure_channel(endpoint, options=channel_options(self.limits))
+                if self.tls is None:
+                    channel = grpc.insecure_channel(endpoint, options=channel_options(self.limits))
+                else:
+                    channel = grpc.secure_channel(endpoint, self.tls.channel_credentials(),
+                                                  options=channel_options(self.limits) + self.tls.channel_options())
                 self._channels.append(channel)
                 if self.auth is not None:
                     channel = grpc.intercept_channel(channel, ClientAuthInterceptor(self.auth))

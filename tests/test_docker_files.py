@@ -93,20 +93,27 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_the_entrypoint_serves_and_reports_healthy(tmp_path):
-    """`swarm-node run` with the image's settings (free ports here), then the image's health check command."""
-    env = {**os.environ, **_dockerfile_env(), "SWARM_NODE_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+    """`swarm-node run` with the image's settings (free ports here), then the image's health check command.
+
+    The node serves TLS derived from a swarm key, so the health check must speak it too."""
+    key = tmp_path / "swarm.key"
+    assert run_cli("keygen", str(key)).returncode == 0
+    env = {**os.environ, **_dockerfile_env(), "SWARM_NODE_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1",
+           "SWARM_NODE_SWARM_KEY": str(key), "SWARM_NODE_TLS": "true"}
     ports = {name: str(_free_port()) for name in ("SWARM_NODE_PORT", "SWARM_NODE_DHT_PORT", "SWARM_NODE_METRICS_PORT")}
     env.update(ports)
     endpoint = f"127.0.0.1:{ports['SWARM_NODE_PORT']}"
-    assert run_cli("health", "--endpoint", endpoint, "--timeout", "1").returncode == 1  # nothing there yet
+    tls = ["--swarm-key", str(key), "--tls"]
+    assert run_cli("health", "--endpoint", endpoint, "--timeout", "1", *tls).returncode == 1  # nothing there yet
     log = (tmp_path / "node.log").open("w")
     node = subprocess.Popen([sys.executable, "-m", "node", "run", "--new-swarm", "--stages", "0", "--num-stages", "1",
                              "--torch-threads", "1", "--device", "cpu"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             cwd=REPO, start_new_session=True)
     try:
-        wait_for(lambda: run_cli("health", "--endpoint", endpoint, "--timeout", "1").returncode == 0 or
+        wait_for(lambda: run_cli("health", "--endpoint", endpoint, "--timeout", "1", *tls).returncode == 0 or
                  node.poll() is not None, 120, "the node to report SERVING")
         assert node.poll() is None, (tmp_path / "node.log").read_text()
+        assert run_cli("health", "--endpoint", endpoint, "--timeout", "2").returncode == 1  # plaintext: refused
     finally:
         node.send_signal(signal.SIGTERM)
         try:
