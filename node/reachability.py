@@ -61,9 +61,13 @@ class Reachability:
 
 def self_check(members: dict[str, NodeRecord], me: str, endpoint: str, maddrs: list[str],
                clients: StageClients, grpc_port_flag: str = "--port", dht_port_flag: str = "--dht-port") -> Reachability:
-    peers = [r for p, r in sorted(members.items()) if p != me and r.serving]
+    others = {p: r for p, r in members.items() if p != me}
+    if not others:  # we joined through --initial-peers, yet see nobody: the wrong swarm id or key
+        return Reachability(False, "no member of the swarm is visible through --initial-peers, so nobody can dial "
+                                   "this node back: check --swarm and, for a private swarm, --swarm-key")
+    peers = [r for _, r in sorted(others.items()) if r.serving]
     if not peers:
-        return Reachability(True, "no other member to check reachability with yet")
+        return Reachability(True, "no serving member to check reachability with yet")
     peer = peers[0]
     try:
         reply = clients.stub(peer.endpoint).CheckReachability(
