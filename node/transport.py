@@ -41,6 +41,19 @@ class ClientsClosed(grpc.RpcError):
         return "this node is stopping"
 
 
+def dial(endpoint: str, options: list, auth: SwarmAuth | None, tls: SwarmTls | None
+         ) -> tuple[grpc.Channel, grpc.Channel]:
+    """A channel to a member as the swarm's trust settings require: (the channel to close, the one to call on).
+
+    TLS when the swarm runs it; an auth tag on every call in a private swarm.
+    """
+    if tls is None:
+        raw = grpc.insecure_channel(endpoint, options=options)
+    else:
+        raw = grpc.secure_channel(endpoint, tls.channel_credentials(), options=[*options, *tls.channel_options()])
+    return raw, raw if auth is None else grpc.intercept_channel(raw, ClientAuthInterceptor(auth))
+
+
 class StageClients:
     """One channel per peer endpoint, reused for every call."""
 
@@ -58,14 +71,8 @@ class StageClients:
             if self.closed:
                 raise ClientsClosed()
             if endpoint not in self._stubs:
-                if self.tls is None:
-                    channel = grpc.insecure_channel(endpoint, options=channel_options(self.limits))
-                else:
-                    channel = grpc.secure_channel(endpoint, self.tls.channel_credentials(),
-                                                  options=channel_options(self.limits) + self.tls.channel_options())
-                self._channels.append(channel)
-                if self.auth is not None:
-                    channel = grpc.intercept_channel(channel, ClientAuthInterceptor(self.auth))
+                raw, channel = dial(endpoint, channel_options(self.limits), self.auth, self.tls)
+                self._channels.append(raw)
                 self._stubs[endpoint] = StageStub(channel)
             return self._stubs[endpoint]
 
