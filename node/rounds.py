@@ -10,13 +10,15 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from hivemind.utils import get_dht_time
 
 from node.averaging import StageGradientAverager
+from node.codecs import agree, hop_bytes
 from node.discovery import SwarmDirectory
 from node.events import EventLog
 from node.executor import StageExecutor
@@ -43,9 +45,13 @@ class RoundSettings:
     round_timeout: float
     max_rounds: int  # 0: until stopped
     min_nodes: int = 0  # plan no round until this many nodes serve
+    activation_shape: tuple[int, ...] = ()  # [batch, seq, hidden]: the planner prices hops by their encoded size
 
 
 class RoundLoop:
+    # Called with the number of consecutive rounds this node was left out of; True ends the loop (node/roles.py).
+    on_left_out: Callable[[int], bool] | None = None
+
     def __init__(self, settings: RoundSettings, peer_id: str, directory: SwarmDirectory, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], averagers: dict[int, StageGradientAverager],
                  origin: Origin | None, clients: StageClients, metrics: NodeMetrics, events: EventLog,
@@ -63,15 +69,19 @@ class RoundLoop:
         self.links = links  # measured links: planners read them, every node refreshes its own
 
     def run(self, first_round: int, stop: threading.Event) -> None:
-        round_ = first_round
+        round_, left_out = first_round, 0
         while not stop.is_set() and (not self.s.max_rounds or round_ < self.s.max_rounds):
             plan = self._await_plan(round_, stop)
             if plan is None:
                 return
             if self.peer_id in plan.participants() and self._seconds_left(plan) > 0:
                 self._run_round(plan, stop)
+                left_out = 0
             else:  # left out, or too late to take part: copy the state after the round from a replica
                 self._catch_up(plan, stop)
+                left_out += 1
+                if self.on_left_out is not None and self.on_left_out(left_out):
+                    return
             round_ += 1
 
     @staticmethod
@@ -100,12 +110,14 @@ class RoundLoop:
 
     def _make_plan(self, members: dict[str, NodeRecord], round_: int) -> RoundPlan | None:
         deadline = get_dht_time() + self.s.round_timeout
+        codecs = agree(members)  # one codec per direction for the round; a hop costs the bytes it puts on the wire
+        activation_bytes = hop_bytes(codecs[0], self.s.activation_shape, self.s.activation_bytes)
         try:
             if sum(r.serving for r in members.values()) < self.s.min_nodes:
                 return None
             made = plan_round(members, self.links.known() if self.links else {}, round_=round_,
                               num_stages=self.s.num_stages, visits=self.s.visits,
-                              microbatches_per_origin=self.s.microbatches, activation_bytes=self.s.activation_bytes,
+                              microbatches_per_origin=self.s.microbatches, activation_bytes=activation_bytes,
                               planner=self.peer_id, deadline=deadline)
         except ValueError as e:  # e.g. replica counts that cannot balance yet: wait for the swarm to change
             log.warning("%s", e)
@@ -113,6 +125,7 @@ class RoundLoop:
         if made is None:
             return None
         plan, live = made
+        plan = replace(plan, codecs=codecs)
         self.events.emit("planned", round=round_, predicted_s=plan.predicted_s, defaulted_links=live.defaulted_links,
                          skipped_link_values=self.links.skipped if self.links else 0,
                          problem=problem_to_dict(live.problem))
@@ -139,6 +152,7 @@ class RoundLoop:
         started = time.monotonic()
         deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
         work = plan.work_of(self.peer_id)
+        self.clients.codecs.use(plan.round, plan.codecs)
         self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work})
         result = None
         if self.origin is not None:
@@ -173,7 +187,8 @@ class RoundLoop:
         fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts, averaged_with=averaged_with,
                       executed_s=round(executed, 3), predicted_s=plan.predicted_s,
                       stage_visits=_stage_visits(plan, self.s.num_stages),
-                      digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms)
+                      digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms,
+                      codecs=list(plan.codecs))
         if result is not None:
             fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed), plan=plan.to_value())
             self.metrics.set_loss(result.mean_loss if result.tokens else None)

@@ -24,7 +24,7 @@ from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
 from protocol.rpc_auth import AuthRefused, SwarmAuth
 from protocol.state_codec import encode_state
-from protocol.tensor_codec import decode_frames
+from protocol.tensor_codec import receive_tensor
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -61,8 +61,10 @@ class StageServicer(pb_grpc.StageServiceServicer):
         started = time.perf_counter()
         try:
             check = None if self.auth is None else (lambda env, meta: self.auth.check_frames(method, env, meta))
-            with self._guarded(context) as watch:
-                env, tensor = decode_frames(watch.frames(frames) if watch else frames, self.limits, check)
+            with self._guarded(context) as watch:  # decoded on our device
+                received = receive_tensor(watch.frames(frames) if watch else frames, self.limits, check,
+                                          device=self.executor.device)
+            env, tensor = received.envelope, received.tensor
         except AuthRefused as e:
             self.metrics.auth_refused.labels(method=method, reason=e.kind).inc()
             raise  # node.rpc_guard answers and counts it
@@ -72,7 +74,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
             self.admission.check(env)  # other rounds: the executor refuses them without a DHT lookup
         accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
         queued = accept(env, tensor)
-        self.metrics.received_bytes.inc(tensor.numel() * tensor.element_size())
+        self.metrics.received_bytes.inc(received.wire_bytes)
         self.metrics.rpc_seconds.labels(method=method, side="server").observe(time.perf_counter() - started)
         return pb.Ack(queued=queued)
 

@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
+from node.codecs import RoundCodecs
 from node.metrics import NodeMetrics
+from protocol.codecs import wire_bytes
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.grpc_options import channel_options
@@ -55,10 +57,11 @@ def dial(endpoint: str, options: list, auth: SwarmAuth | None, tls: SwarmTls | N
 
 
 class StageClients:
-    """One channel per peer endpoint, reused for every call."""
+    """One channel per peer endpoint, reused for every call; `codecs` says how each round's tensors are encoded."""
 
     def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None, tls: SwarmTls | None = None):
         self.limits = limits
+        self.codecs = RoundCodecs()
         self.auth = auth  # private swarms: every call carries a tag made with the swarm key
         self.tls = tls  # the swarm's certificate, when the data plane runs over TLS
         self._stubs: dict[str, StageStub] = {}
@@ -156,9 +159,10 @@ class HopSender:
     def _rpc(self, method: str, target, env: pb.Envelope, tensor: torch.Tensor) -> None:
         stub = self.clients.stub(target.endpoint)
         call = stub.Forward if method == "Forward" else stub.Backward
+        codec = self.clients.codecs.for_hop(env.round, "forward" if method == "Forward" else "backward")
         sizes: list[int] = []
         frames = (sizes.append(len(f)) or f for f in encode_frames(env, tensor, self.clients.limits,
-                                                                   self.clients.frame_signer(method)))
+                                                                   self.clients.frame_signer(method), codec=codec))
         if self.emulator is not None:
             frames = self.emulator.frames(target.endpoint, frames)
         started = time.perf_counter()
@@ -167,4 +171,4 @@ class HopSender:
         self.metrics.rpc_seconds.labels(method=method, side="client").observe(elapsed)
         if self.on_sent is not None:
             self.on_sent(target.peer_id, sum(sizes), elapsed)
-        self.metrics.sent_bytes.inc(tensor.numel() * tensor.element_size())
+        self.metrics.sent_bytes.inc(wire_bytes(codec, tuple(tensor.shape), tensor.element_size()))

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from hivemind.dht import DHT
     from hivemind.utils import get_dht_time
 
-    from node.discovery import read_members
+    from node.discovery import SwarmDirectory, read_members
     from node.links import read_links
     from node.planning import DEFAULT_LINK
     from node.trust import NodeTrust
@@ -38,24 +38,33 @@ def run(args: argparse.Namespace) -> int:
         members = read_members(dht, args.swarm)
         links, skipped = read_links(dht, args.swarm)
         now = get_dht_time()
+        # The codecs in use are the latest plan's (every sender of a round encodes with its plan's).
+        latest = max((r.round for r in members.values()), default=0)
+        plan = SwarmDirectory(dht, args.swarm, "", ttl=0, owner=b"").fetch_plan(latest, members) if members else None
     finally:
         dht.shutdown()
         trust.close()
+    codecs = dict(round=plan.round, activation=plan.codecs[0], gradient=plan.codecs[1]) if plan else None
     rows = []
-    for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages), kv[0])):
+    for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages, default=-1), kv[0])):
         rows.append(dict(peer=peer, stages=",".join(map(str, r.stages)), role=r.role, endpoint=r.endpoint,
                          round=r.round, state=r.state.value, serving=r.serving,
                          compute_ms=round(1000 * sum(r.compute_s.values()), 1),
-                         heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url))
+                         heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url,
+                         codecs="/".join(r.codecs)))
     matrix = _link_matrix(sorted(members), links)
     if args.json:
         import json
 
-        print(json.dumps({"swarm": args.swarm, "time": time.time(), "nodes": rows, "links": matrix,
+        print(json.dumps({"swarm": args.swarm, "time": time.time(), "codecs": codecs, "nodes": rows, "links": matrix,
                           "skipped_link_values": skipped}, indent=2))
         return 0
     print(f"swarm '{args.swarm}': {len(rows)} node(s)")
-    header = ("peer", "stages", "role", "endpoint", "round", "state", "compute_ms", "heartbeat_age_s")
+    if codecs:
+        print(f"codecs (plan of round {codecs['round']}): activations {codecs['activation']}, "
+              f"gradients {codecs['gradient']}")
+    # `codecs` per node: the activation/gradient codecs it prefers (--activation-codec/--gradient-codec).
+    header = ("peer", "stages", "role", "endpoint", "round", "state", "compute_ms", "heartbeat_age_s", "codecs")
     table = [header] + [tuple(str(row[h]) if h != "peer" else row[h][-12:] for h in header) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:

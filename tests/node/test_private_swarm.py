@@ -186,9 +186,9 @@ def _hostile_case(swarm, auth, case: str, round_offset: int, microbatch: int):
     if case == "too_large":  # announced far above this swarm's activation size: refused from the header
         meta = pb.TensorMeta(dtype="float32", shape=[600, 2048, HIDDEN], codec="raw", nbytes=600 * 2048 * HIDDEN * 4)
         return [_header_only(auth, env, meta)], {grpc.StatusCode.RESOURCE_EXHAUSTED}, "exceeds the limit"
-    if case == "overflow":  # 2^62 x 4 x 64 floats: no integer overflow, a clear refusal
+    if case == "overflow":  # 2^62 x 4 x 64 floats: no integer overflow, a clear refusal for its size
         meta = pb.TensorMeta(dtype="float32", shape=[1 << 62, 4, 64], codec="raw", nbytes=1 << 62)
-        return [_header_only(auth, env, meta)], {grpc.StatusCode.INVALID_ARGUMENT}, "does not match shape"
+        return [_header_only(auth, env, meta)], {grpc.StatusCode.RESOURCE_EXHAUSTED}, "exceeds the limit"
     if case == "tiny_chunks":  # the right bytes, one byte per chunk
         frames = _signed(auth, env, torch.zeros(1, 1, HIDDEN))
         head, data = frames[0][:-(HIDDEN * 4 + 3)], frames[0][-(HIDDEN * 4):]
