@@ -111,7 +111,7 @@ class Option:
     parse: Callable[[Any], Any]
     help: str
     metavar: str | None = None
-    flag_kind: str = "value"  # "value", "list" (nargs=+) or "switch" (store_true)
+    flag_kind: str = "value"  # "value", "list" (nargs=+), "repeat" (repeatable, nargs=+) or "switch" (store_true)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -174,6 +174,21 @@ OPTIONS: tuple[Option, ...] = (
     # most members prefer, and every node of the round uses the plan's (docs/compression.md).
     Option("activation_codec", _choice(*CODEC_NAMES), f"codec for activations: {', '.join(CODEC_NAMES)}"),
     Option("gradient_codec", _choice(*CODEC_NAMES), f"codec for gradients: {', '.join(CODEC_NAMES)}"),
+    # ---- roles and HDEE domain experts (node/roles.py, node/expert_node.py) ----
+    Option("role", _choice("auto", "stage", "expert"),
+           "stage, expert, or auto: a stage while one has fewer than --min-replicas live replicas, else experts"),
+    Option("min_replicas", _positive_int, "live replicas per stage an auto node keeps before training experts"),
+    Option("idle_rounds", _positive_int, "rounds an auto stage node may be left out of plans before it trains experts"),
+    Option("domain", _str_list, "catalogue domain NAME=PATH set by the node that starts the swarm "
+                                "(repeat; default: the offline corpus)", "NAME=PATH", "repeat"),
+    Option("expert_dir", str, "directory of expert checkpoints (default: ~/.cache/swarm-node/experts)"),
+    Option("expert_policy", _choice("ihe", "mhe", "homogeneous"),
+           "HDEE sizing: ihe (more steps for harder domains), mhe (wider MLPs) or homogeneous"),
+    Option("expert_steps", _within(_int, lambda n: n >= 0, "must be zero or a positive integer"),
+           "steps of a medium expert (0: 300); the policy scales them per domain"),
+    Option("expert_save_every", _positive_int, "expert checkpoint (and publish) every N steps"),
+    Option("expert_max_bytes", _positive_int, "bytes of text kept per catalogue domain"),
+    Option("expert_seed", str, "expert checkpoint directory this (expert) node serves as the catalogue's seed"),
 )
 
 
@@ -231,6 +246,17 @@ class NodeConfig:
     # compression on the wire
     activation_codec: str = "raw"
     gradient_codec: str = "raw"
+    # roles and experts
+    role: str = "auto"
+    min_replicas: int = 1
+    idle_rounds: int = 3
+    domain: list[str] = field(default_factory=list)
+    expert_dir: str = ""
+    expert_policy: str = "ihe"
+    expert_steps: int = 0
+    expert_save_every: int = 50
+    expert_max_bytes: int = 400_000
+    expert_seed: str = ""
 
     def hosted_stages(self) -> list[int] | None:
         """The explicit stage list, or None for `auto`."""
@@ -248,6 +274,9 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + opt.name.replace("_", "-")
         if opt.flag_kind == "switch":
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=opt.help)
+        elif opt.flag_kind == "repeat":
+            parser.add_argument(flag, nargs="+", action="extend", metavar=opt.metavar, default=argparse.SUPPRESS,
+                                help=opt.help)
         elif opt.flag_kind == "list":
             parser.add_argument(flag, nargs="+", metavar=opt.metavar, default=argparse.SUPPRESS, help=opt.help)
         else:
@@ -316,5 +345,15 @@ def _check_consistency(config: NodeConfig) -> None:
                          f"or 0 for full pipelines")
     if config.data and config.dataset:
         raise UsageError("give either --data or --dataset, not both")
+    for spec in config.domain:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or "/" in name or name.startswith(("_", "*")):
+            raise UsageError(f"--domain {spec!r}: expected NAME=PATH with a NAME without '/', '_' or '*' first")
+        if not path.startswith("hf:") and not Path(path).is_file():
+            raise UsageError(f"--domain {spec!r}: {path} does not exist")
+    if config.expert_seed and not (Path(config.expert_seed) / "manifest.json").is_file():
+        raise UsageError(f"--expert-seed {config.expert_seed}: not an expert checkpoint (no manifest.json)")
+    if config.role == "expert" and config.stages != "auto":
+        raise UsageError("--role expert hosts no stage; drop --stages")
     if config.max_inflight > config.memory_slots:
         raise UsageError(f"--max-inflight {config.max_inflight} exceeds --memory-slots {config.memory_slots}")

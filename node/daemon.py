@@ -32,10 +32,13 @@ from node.discovery import SwarmDirectory
 from node.errors import UsageError
 from node.events import EventLog
 from node.executor import StageExecutor
+from node.expert_metrics import ExpertMetrics
+from node.expert_node import ExpertRole, keep_catalogue
 from node.link_emulation import LinkEmulator
 from node.links import LinkBook, LinkMeter, LinkSettings, ping_with
 from node.metrics import NodeMetrics
 from node.origin import Origin
+from node.roles import Role, choose_stages, relaunch_args
 from node.rounds import RoundLoop, RoundSettings
 from node.rpc_guard import RpcGuard
 from node.servicer import VERSION, StageServicer
@@ -60,6 +63,9 @@ class Daemon:
         self.stop = stop
         self.limits = limits
         self.metrics = NodeMetrics()
+        self.expert_metrics = ExpertMetrics(self.metrics.registry)
+        self.expert_role: ExpertRole | None = None  # the expert role instead of stages (node/expert_node.py)
+        self.relaunch: list[str] | None = None  # flags to restart with in another role (node/roles.py)
         self.events = EventLog(config.events_file)
         self.state = NodeState.JOINING
         self._first_round: int | None = None  # known once the node has joined
@@ -79,6 +85,12 @@ class Daemon:
 
     def run(self) -> None:
         """Join the swarm, then take part in rounds until stopped or `--rounds` is reached."""
+        if self.expert_role is not None:
+            stage = self.expert_role.run(self.stop)
+            if stage is not None:  # the pipeline comes first: restart as that stage's replica
+                self.relaunch = relaunch_args(Role.STAGE, str(stage))
+                self.events.emit("relaunch", role="stage", stage=stage)
+            return
         first_round = self.join()
         if first_round is None:
             return
@@ -135,6 +147,15 @@ class Daemon:
         self.directory = SwarmDirectory(self.dht, cfg.swarm, self.peer_id, ttl=cfg.record_ttl, owner=self.trust.owner,
                                         on_dropped=lambda reason: self.metrics.records_dropped.labels(reason).inc())
         self.stages = self._choose_stages()
+        if not self.stages:  # the expert role: no pipeline at all
+            self.expert_role = ExpertRole(self)
+            undo.callback(self.expert_role.shutdown)
+            self.expert_role.start()
+            self.endpoint, self.metrics_url = self.expert_role.endpoint, self.expert_role.metrics_url
+            self.events.emit("started", peer_id=self.peer_id, maddrs=self.maddrs, endpoint=self.endpoint,
+                             metrics_url=self.metrics_url, stages=[], role="expert")
+            return
+        self.expert_metrics.set_role("data" if 0 in self.stages else "stage")
         self.averagers = self._start_averagers()
         self._check_stop()
 
@@ -159,6 +180,8 @@ class Daemon:
         undo.callback(self.sender.close)
         self.origin = self._make_origin()
         self.rounds = self._make_round_loop()
+        if cfg.role == Role.AUTO and cfg.hosted_stages() is None:
+            self.rounds.on_left_out = self._left_out
         self._check_stop()
 
         self._start_grpc()
@@ -167,8 +190,10 @@ class Daemon:
         self._start_thread("interrupter", self._interrupt_waits_on_stop)
         undo.callback(self._leave)
         self._announce()
+        if cfg.new_swarm:  # whoever starts the swarm sets the experts' domain catalogue
+            keep_catalogue(self)
         self.events.emit("started", peer_id=self.peer_id, maddrs=self.maddrs, endpoint=self.endpoint,
-                         metrics_url=self.metrics_url, stages=self.stages)
+                         metrics_url=self.metrics_url, stages=self.stages, role="data" if 0 in self.stages else "stage")
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -187,17 +212,19 @@ class Daemon:
             raise UsageError(f"could not start or join the DHT ({e}); check --initial-peers and --dht-port") from None
 
     def _choose_stages(self) -> list[int]:
-        explicit = self.config.hosted_stages()
-        if explicit is not None:
-            return explicit
-        # auto: the stage with the fewest replicas (ties: the earliest), so the swarm fills evenly
-        members = self.directory.members() if self.config.initial_peers else {}
-        replicas = {s: 0 for s in range(self.config.num_stages)}
-        for record in members.values():
-            for s in record.stages:
-                if s in replicas:
-                    replicas[s] += 1
-        return [min(replicas, key=lambda s: (replicas[s], s))]
+        """The stages to host by --role and --stages (node/roles.py); none for the expert role."""
+        cfg = self.config
+        members = self.directory.members() if cfg.initial_peers and cfg.role != Role.EXPERT else {}
+        return choose_stages(cfg.role, cfg.hosted_stages(), members, cfg.num_stages, cfg.min_replicas)
+
+    def _left_out(self, rounds: int) -> bool:
+        """An auto node the plans have not used for --idle-rounds rounds trains experts instead."""
+        if rounds < self.config.idle_rounds:
+            return False
+        log.info("left out of %d plans in a row: switching to experts", rounds)
+        self.relaunch = relaunch_args(Role.AUTO, "auto")
+        self.events.emit("relaunch", role="auto", stage=None)
+        return True
 
     def _start_averagers(self) -> dict[int, StageGradientAverager]:
         cfg = self.config

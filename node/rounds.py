@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -48,6 +49,9 @@ class RoundSettings:
 
 
 class RoundLoop:
+    # Called with the number of consecutive rounds this node was left out of; True ends the loop (node/roles.py).
+    on_left_out: Callable[[int], bool] | None = None
+
     def __init__(self, settings: RoundSettings, peer_id: str, directory: SwarmDirectory, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], averagers: dict[int, StageGradientAverager],
                  origin: Origin | None, clients: StageClients, metrics: NodeMetrics, events: EventLog,
@@ -65,15 +69,19 @@ class RoundLoop:
         self.links = links  # measured links: planners read them, every node refreshes its own
 
     def run(self, first_round: int, stop: threading.Event) -> None:
-        round_ = first_round
+        round_, left_out = first_round, 0
         while not stop.is_set() and (not self.s.max_rounds or round_ < self.s.max_rounds):
             plan = self._await_plan(round_, stop)
             if plan is None:
                 return
             if self.peer_id in plan.participants() and self._seconds_left(plan) > 0:
                 self._run_round(plan, stop)
+                left_out = 0
             else:  # left out, or too late to take part: copy the state after the round from a replica
                 self._catch_up(plan, stop)
+                left_out += 1
+                if self.on_left_out is not None and self.on_left_out(left_out):
+                    return
             round_ += 1
 
     @staticmethod

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         trust.close()
     codecs = dict(round=plan.round, activation=plan.codecs[0], gradient=plan.codecs[1]) if plan else None
     rows = []
-    for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages), kv[0])):
+    for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages, default=-1), kv[0])):
         rows.append(dict(peer=peer, stages=",".join(map(str, r.stages)), role=r.role, endpoint=r.endpoint,
                          round=r.round, state=r.state.value, serving=r.serving,
                          compute_ms=round(1000 * sum(r.compute_s.values()), 1),
