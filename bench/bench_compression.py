@@ -251,7 +251,7 @@ def main() -> int:
         f"Best activation codec within 2%: **{best_act}**, {report[best_act]['activation_ratio']:.2f}x fewer "
         f"activation bytes." if best_act else "",
         "",
-        f"Iteration s: mean over rounds 2.. of {swarm_rounds} of a local swarm of 8 processes (bench_swarm's harness), "
+        f"Iteration s: median over rounds 2.. of {swarm_rounds} of a local swarm of 8 processes (bench_swarm's harness), "
         "full pipelines over 6 stages, links emulated from gcp12-20nodes.json's regions, microbatches of 8 x 256 "
         "tokens (512 KiB raw per hop); ratio to raw's in the same run." if iteration else
         "Iteration time: not measured in this run (`--swarm-rounds 0`).",
@@ -281,8 +281,9 @@ def swarm_iterations(rounds: int) -> dict[str, float]:
         name = key(act, grad)
         result = run_config(work / name, name, NUM_STAGES, rounds, train,
                             extra=[*SWARM_ARGS, "--activation-codec", act, "--gradient-codec", grad])
-        out[name] = result.mean("executed_s")
-        print(f"swarm {name}: iteration {out[name]:.3f} s over rounds 2..{rounds - 1}", flush=True)
+        # The median: a round that hits the round timeout (a lost hop) would dominate a mean.
+        out[name] = statistics.median(r["executed_s"] for r in result.rounds[2:])
+        print(f"swarm {name}: iteration {out[name]:.3f} s (median over rounds 2..{rounds - 1})", flush=True)
     return out
 
 
@@ -303,7 +304,7 @@ def swarm_report(rounds: int, out_dir: Path, json_path: str | None) -> int:
     lines = ["# Compression in the swarm: iteration time", "",
              f"`python bench/bench_compression.py --swarm-only --swarm-rounds {rounds}`: bench_swarm's harness, 8 "
              "processes, full pipelines over 6 stages, links emulated from gcp12-20nodes.json's regions, microbatches "
-             f"of 8 x 256 tokens; mean iteration s over rounds 2..{rounds - 1}, one swarm per pair, in one run.", "",
+             f"of 8 x 256 tokens; median iteration s over rounds 2..{rounds - 1}, one swarm per pair, in one run.", "",
              table(["activation / gradient codec", "bytes per hop", "vs raw", "iteration s", "vs raw"], rows), "",
              f"Bench wall time: {time.perf_counter() - started:.0f} s."]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -203,6 +203,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("expert_save_every", _positive_int, "expert checkpoint (and publish) every N steps"),
     Option("expert_max_bytes", _positive_int, "bytes of text kept per catalogue domain"),
     Option("expert_seed", str, "expert checkpoint directory this (expert) node serves as the catalogue's seed"),
+    # trust (issue 10): hostile input, public reachability
+    Option("stream_idle_timeout", _positive_float, "seconds a Forward/Backward stream may stay silent before it "
+                                                   "is cancelled"),
+    Option("tls", _bool, "serve and dial gRPC over TLS with a certificate derived from --swarm-key",
+           flag_kind="switch"),
+    Option("tls_cert", str, "TLS certificate (PEM) every node of the swarm serves and trusts; with --tls-key"),
+    Option("tls_key", str, "private key (PEM) of --tls-cert"),
+    Option("announce_port", _port, "gRPC port other peers reach this node on, behind NAT or port forwarding "
+                                   "(0: --port)"),
 )
 
 
@@ -281,6 +290,12 @@ class NodeConfig:
     expert_save_every: int = 50
     expert_max_bytes: int = 400_000
     expert_seed: str = ""
+    # trust (issue 10)
+    stream_idle_timeout: float = 10.0  # frees the gRPC worker a silent client holds
+    tls: bool = False  # TLS on the data plane, certificate derived from the swarm key
+    tls_cert: str = ""
+    tls_key: str = ""
+    announce_port: int = 0  # with --announce-host: the address peers dial (the reachability check tests it)
 
     def hosted_stages(self) -> list[int] | None:
         """The explicit stage list, or None for `auto`."""

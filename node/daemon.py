@@ -6,7 +6,10 @@ before this process creates any thread (gRPC, compute, heartbeat).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +49,9 @@ from node.rpc_guard import RpcGuard
 from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
 from node.transport import HopSender, StageClients
+from node.admission import HopAdmission
+from node.reachability import dial_back, self_check
+from node.stream_guard import StreamGuard, StreamLimits
 from node.trust import NodeTrust
 from protocol.codec_names import CODEC_NAMES
 from protocol.grpc_options import server_options
@@ -137,7 +143,7 @@ class Daemon:
                              f"the tokenizer's {self.tokenizer.vocab_size}; give the matching --tokenizer")
         _usage(stage_layers, self.spec.config.num_hidden_layers, cfg.num_stages)
 
-        self.trust = NodeTrust.create(cfg.identity_path, cfg.swarm_key)
+        self.trust = NodeTrust.create(cfg.identity_path, cfg.swarm_key, cfg.tls, cfg.tls_cert, cfg.tls_key)
         undo.callback(self.trust.close)
         # Forked processes first, before this process has threads; each dies with us (node/children.py).
         die_with_parent()
@@ -167,7 +173,7 @@ class Daemon:
         for trainer in self.trainers.values():
             undo.callback(trainer.close)
         self._compute_s = self._measure_compute(modules)
-        self.clients = StageClients(self.limits, self.trust.auth)
+        self.clients = StageClients(self.limits, self.trust.auth, self.trust.tls)
         undo.callback(self.clients.close)
         self.executor = StageExecutor(self.peer_id, modules, self.device, self.dtype, cfg.memory_slots,
                                       self.metrics, send=self._send)
@@ -204,6 +210,16 @@ class Daemon:
             keep_catalogue(self)
         self.events.emit("started", peer_id=self.peer_id, maddrs=self.maddrs, endpoint=self.endpoint,
                          metrics_url=self.metrics_url, stages=self.stages, role="data" if 0 in self.stages else "stage")
+        if cfg.initial_peers:
+            self._start_thread("reachability", self._check_reachable)
+
+    def _check_reachable(self) -> None:
+        """Ask a member to dial us back; say plainly which port to open or flag to set if it cannot."""
+        result = self_check(self.directory.members(), self.peer_id, self.endpoint, self.maddrs, self.clients)
+        (log.info if result.ok else log.warning)("%s", result.message)
+        if not result.ok:
+            print(f"swarm-node: {result.message}", file=sys.stderr, flush=True)
+        self.events.emit("reachability", ok=result.ok, message=result.message)
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -274,28 +290,37 @@ class Daemon:
 
     def _start_grpc(self) -> None:
         cfg = self.config
+        self.guard = StreamGuard(StreamLimits(workers=cfg.grpc_workers, idle_s=cfg.stream_idle_timeout),
+                                 on_refused=lambda reason: self.metrics.streams_refused.labels(reason).inc())
+        self._teardown.callback(self.guard.close)
         self.server = grpc.server(ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="grpc"),
                                   options=server_options(self.limits),
                                   # the guard outermost, so that it also counts the auth interceptor's refusals
                                   interceptors=[RpcGuard(self.metrics), *self.trust.server_interceptors(self.metrics)])
+        # A tensor never exceeds twice this swarm's activation size: larger ones are refused from their header.
+        activation = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
+        limits = dataclasses.replace(self.limits, max_tensor_bytes=min(self.limits.max_tensor_bytes, 2 * activation))
         self.servicer = StageServicer(swarm=cfg.swarm, peer_id=self.peer_id, num_stages=cfg.num_stages,
-                                      executor=self.executor, trainers=self.trainers, limits=self.limits,
+                                      executor=self.executor, trainers=self.trainers, limits=limits,
                                       metrics=self.metrics, state_wait_s=cfg.state_transfer_timeout,
                                       exchange=self.exchange, on_failure_report=self.resilience.on_failure_report,
                                       checkpoint_state=self.resilience.checkpoint_state,
-                                      auth=self.trust.auth)
+                                      auth=self.trust.auth, admission=HopAdmission(self.directory), guard=self.guard,
+                                      dial_back=lambda request, caller: dial_back(request, caller, self.clients))
         self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         try:
-            port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            address = f"{cfg.host}:{cfg.port}"
+            port = self.server.add_insecure_port(address) if self.trust.tls is None else \
+                self.server.add_secure_port(address, self.trust.tls.server_credentials())
         except RuntimeError:  # grpc reports a failed bind this way
             port = 0
         if port == 0:
             raise UsageError(f"cannot serve gRPC on {cfg.host}:{cfg.port}: is the port taken? Pick another --port")
         self.server.start()
         self._teardown.callback(lambda: self.server.stop(grace=cfg.drain_grace).wait())
-        self.endpoint = f"{cfg.announce_host or cfg.host}:{port}"
+        self.endpoint = f"{cfg.announce_host or cfg.host}:{cfg.announce_port or port}"
         if self.emulator is not None:
             self.emulator.bind(self.endpoint)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)

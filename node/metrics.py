@@ -82,6 +82,8 @@ class NodeMetrics:
         self.records_dropped = Counter("swarm_node_records_dropped",
                                        "DHT records or plans this node read and ignored (unsigned, not the "
                                        "planner's, malformed)", ["reason"], registry=r)
+        self.streams_refused = Counter("swarm_node_streams_refused", "Streams refused or cancelled to keep gRPC "
+                                       "workers free (busy, per_peer, idle)", ["reason"], registry=r)
 
     def watch_dht_refusals(self, read) -> None:
         """Export the count of records the DHT process refused (bad signature or swarm-key MAC)."""

@@ -20,6 +20,7 @@ from protocol.grpc_options import channel_options
 from protocol.limits import WireLimits
 from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
 from protocol.service import StageStub
+from protocol.tls import SwarmTls
 from protocol.state_codec import decode_state
 from protocol.tensor_codec import encode_frames
 
@@ -42,13 +43,27 @@ class ClientsClosed(grpc.RpcError):
         return "this node is stopping"
 
 
+def dial(endpoint: str, options: list, auth: SwarmAuth | None, tls: SwarmTls | None
+         ) -> tuple[grpc.Channel, grpc.Channel]:
+    """A channel to a member as the swarm's trust settings require: (the channel to close, the one to call on).
+
+    TLS when the swarm runs it; an auth tag on every call in a private swarm.
+    """
+    if tls is None:
+        raw = grpc.insecure_channel(endpoint, options=options)
+    else:
+        raw = grpc.secure_channel(endpoint, tls.channel_credentials(), options=[*options, *tls.channel_options()])
+    return raw, raw if auth is None else grpc.intercept_channel(raw, ClientAuthInterceptor(auth))
+
+
 class StageClients:
     """One channel per peer endpoint, reused for every call; `codecs` says how each round's tensors are encoded."""
 
-    def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None):
+    def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None, tls: SwarmTls | None = None):
         self.limits = limits
         self.codecs = RoundCodecs()
         self.auth = auth  # private swarms: every call carries a tag made with the swarm key
+        self.tls = tls  # the swarm's certificate, when the data plane runs over TLS
         self._stubs: dict[str, StageStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
@@ -59,10 +74,8 @@ class StageClients:
             if self.closed:
                 raise ClientsClosed()
             if endpoint not in self._stubs:
-                channel = grpc.insecure_channel(endpoint, options=channel_options(self.limits))
-                self._channels.append(channel)
-                if self.auth is not None:
-                    channel = grpc.intercept_channel(channel, ClientAuthInterceptor(self.auth))
+                raw, channel = dial(endpoint, channel_options(self.limits), self.auth, self.tls)
+                self._channels.append(raw)
                 self._stubs[endpoint] = StageStub(channel)
             return self._stubs[endpoint]
 

@@ -6,7 +6,7 @@
 | `bf16`    | bfloat16 values                                           | 2                          | <= |x| * 2^-8 (+5e-41)          |
 | `int8`    | blockwise absmax: float32 scales, then int8 codes         | 1 + 4/block                | <= absmax(block) / 254 (*)      |
 | `int4`    | the same with 4-bit codes in [-7, 7], packed              | 1/2 + 4/block              | <= absmax(block) / 14           |
-| `lowrank` | rank-r projection of the rows, then a 3-bit residual      | 3/8 + 4/block + ~2r/H      | <= absmax(residual block) / 6   |
+| `lowrank` | rank-r projection of the rows, then a 3-bit residual      | 3/8 + 4/block + ~1.06r/H   | <= absmax(residual block) / 6   |
 
 (*) and blocks whose absmax is below qmax * 1.2e-38 (float32's smallest normal scale) decode as zeros.
 

@@ -37,6 +37,7 @@ def stage_service_handler(servicer: pb_grpc.StageServiceServicer) -> grpc.Generi
         "Reroute": unary(servicer.Reroute, pb.RerouteNotice, pb.FailureAck),
         "RoundDone": unary(servicer.RoundDone, pb.RoundDoneNotice, pb.FailureAck),
         "FetchGradients": streamed(servicer.FetchGradients, pb.GradientRequest),
+        "CheckReachability": unary(servicer.CheckReachability, pb.ReachabilityRequest, pb.ReachabilityReply),
     })
 
 

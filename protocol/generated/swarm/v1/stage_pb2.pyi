@@ -169,3 +169,21 @@ class GradientRequest(_message.Message):
     stage: int
     round: int
     def __init__(self, swarm_id: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+
+class ReachabilityRequest(_message.Message):
+    __slots__ = ("endpoint", "maddrs")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    MADDRS_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    maddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, endpoint: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReachabilityReply(_message.Message):
+    __slots__ = ("grpc_reachable", "dht_reachable", "detail")
+    GRPC_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    DHT_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    grpc_reachable: bool
+    dht_reachable: bool
+    detail: str
+    def __init__(self, grpc_reachable: _Optional[bool] = ..., dht_reachable: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -79,6 +79,11 @@ class StageServiceStub:
                 request_serializer=swarm_dot_v1_dot_stage__pb2.GradientRequest.SerializeToString,
                 response_deserializer=swarm_dot_v1_dot_stage__pb2.StateChunk.FromString,
                 _registered_method=True)
+        self.CheckReachability = channel.unary_unary(
+                '/swarm.v1.StageService/CheckReachability',
+                request_serializer=swarm_dot_v1_dot_stage__pb2.ReachabilityRequest.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_stage__pb2.ReachabilityReply.FromString,
+                _registered_method=True)
 
 
 class StageServiceServicer:
@@ -140,6 +145,12 @@ class StageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckReachability(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +198,11 @@ def add_StageServiceServicer_to_server(servicer, server):
                     servicer.FetchGradients,
                     request_deserializer=swarm_dot_v1_dot_stage__pb2.GradientRequest.FromString,
                     response_serializer=swarm_dot_v1_dot_stage__pb2.StateChunk.SerializeToString,
+            ),
+            'CheckReachability': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReachability,
+                    request_deserializer=swarm_dot_v1_dot_stage__pb2.ReachabilityRequest.FromString,
+                    response_serializer=swarm_dot_v1_dot_stage__pb2.ReachabilityReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -432,6 +448,33 @@ class StageService:
             '/swarm.v1.StageService/FetchGradients',
             swarm_dot_v1_dot_stage__pb2.GradientRequest.SerializeToString,
             swarm_dot_v1_dot_stage__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReachability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.StageService/CheckReachability',
+            swarm_dot_v1_dot_stage__pb2.ReachabilityRequest.SerializeToString,
+            swarm_dot_v1_dot_stage__pb2.ReachabilityReply.FromString,
             options,
             channel_credentials,
             insecure,
