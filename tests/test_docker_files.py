@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from node.expert_metrics import ExpertMetrics
 from node.metrics import NodeMetrics
 from tests.helpers import REPO, run_cli, wait_for
 
@@ -70,6 +71,7 @@ def test_dashboard_queries_name_exported_metrics():
     metrics = NodeMetrics()
     metrics.watch_dht_refusals(lambda: 0)
     metrics.set_loss(1.0)  # exported once a data node has a loss
+    ExpertMetrics(metrics.registry).train_loss.labels(domain="d").set(1.0)  # the expert role's, same registry
     exported = {family.name + suffix for family in metrics.registry.collect()
                 for suffix in ("", "_total", "_bucket", "_count", "_sum")}
     dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "swarm-node.json").read_text())
@@ -81,7 +83,8 @@ def test_dashboard_queries_name_exported_metrics():
         for name in names:
             assert name in exported, f"dashboard query {expr!r} names {name}, which no node exports"
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for word in ("loss", "tokens", "round time", "microbatches per stage", "rpc latency", "peers", "failures"):
+    for word in ("loss", "tokens", "round time", "microbatches per stage", "rpc latency", "peers", "failures",
+                 "experts"):
         assert word in titles
 
 
