@@ -18,10 +18,16 @@ class ChecksumError(ValueError):
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        return sha256_open_file(f)
+
+
+def sha256_open_file(f) -> str:
+    """The sha256 of an open binary file from its start (a server hashes exactly the inode it streams)."""
+    digest = hashlib.sha256()
+    f.seek(0)
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 

@@ -117,3 +117,22 @@ def make_plan(method: str, difficulties: dict[str, float], config: LlamaConfig, 
 
     experts = [ExpertPlan(d, difficulties[d], w, s, cost(w, s)) for d, w, s in zip(order, widths, steps)]
     return Plan(method, experts, baseline_flops=n * cost(medium, medium_steps))
+
+
+POLICIES = {"homogeneous": "MHo-IHo", "mhe": "MHe-IHo", "ihe": "MHo-IHe"}  # --expert-policy -> method
+
+
+def choose_domain(difficulties: dict[str, float], flops: dict[str, float], eligible: set[str]) -> str | None:
+    """The eligible domain furthest behind its share of the swarm's expert FLOPs, shares proportional to difficulty.
+
+    `flops` holds what the swarm has spent or committed per domain. With nothing spent yet, the hardest
+    domain goes first; ties go to the harder domain, then the name, so every node ranks alike.
+    """
+    candidates = [d for d in difficulties if d in eligible]
+    if not candidates:
+        return None
+    total_difficulty, total_flops = sum(difficulties.values()), sum(flops.values())
+
+    def behind(d: str) -> float:
+        return difficulties[d] / total_difficulty * total_flops - flops.get(d, 0.0)
+    return max(candidates, key=lambda d: (round(behind(d) / max(total_flops, 1.0), 9), difficulties[d], d))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,15 @@ class Identity:
 
 
 @dataclass
+class TrainHooks:
+    """How a caller (the node) watches and interrupts a run; every hook is optional."""
+
+    should_stop: Callable[[], bool] = lambda: False  # checked after every step: save a checkpoint and return
+    on_step: Callable[[int, float], None] = lambda step, loss: None
+    on_checkpoint: Callable[[Manifest], None] = lambda manifest: None  # after each save, the final one included
+
+
+@dataclass
 class TrainResult:
     manifest: Manifest
     start_step: int
@@ -71,11 +81,13 @@ class TrainResult:
 
 def train(model: LlamaForCausalLM, data: TokenStream, dev: TokenStream, cfg: TrainConfig, out_dir: Path,
           identity: Identity, resume: bool = False, stop_at: int | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, hooks: TrainHooks | None = None) -> TrainResult:
     """Train to `cfg.steps` (or only to `stop_at`, e.g. when a node's slot ends), checkpointing in `out_dir`.
 
     With `resume`, weights, optimizer, scheduler, step and RNG come from the checkpoint in `out_dir`.
+    `hooks.should_stop` ends the run early at a checkpoint (a node that must take a pipeline stage).
     """
+    hooks = hooks or TrainHooks()
     device = torch.device(cfg.device)
     compute_dtype = resolve_dtype(cfg.dtype, device)
     if compute_dtype == torch.float16:
@@ -112,14 +124,19 @@ def train(model: LlamaForCausalLM, data: TokenStream, dev: TokenStream, cfg: Tra
         optimizer.zero_grad(set_to_none=True)
         step += 1
         losses.append(loss.item())
+        hooks.on_step(step, losses[-1])
         bar.update(1)
         if step % 10 == 0 or step == end:
             rate = (step - start) * tokens_per_step / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:.0f}")
+        if hooks.should_stop():
+            break
         if cfg.save_every and step % cfg.save_every == 0 and step < end:
-            _save(model, optimizer, scheduler, generator, step, out_dir, cfg, identity, flops_per_step, dev)
+            hooks.on_checkpoint(_save(model, optimizer, scheduler, generator, step, out_dir, cfg, identity,
+                                      flops_per_step, dev))
     bar.close()
     manifest = _save(model, optimizer, scheduler, generator, step, out_dir, cfg, identity, flops_per_step, dev)
+    hooks.on_checkpoint(manifest)
     return TrainResult(manifest, start, losses)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from node.errors import UsageError
+from protocol.codec_names import CODEC_NAMES
 
 ENV_PREFIX = "SWARM_NODE_"
 
@@ -110,7 +111,7 @@ class Option:
     parse: Callable[[Any], Any]
     help: str
     metavar: str | None = None
-    flag_kind: str = "value"  # "value", "list" (nargs=+) or "switch" (store_true)
+    flag_kind: str = "value"  # "value", "list" (nargs=+), "repeat" (repeatable, nargs=+) or "switch" (store_true)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -146,6 +147,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("round_timeout", _positive_float, "seconds a round may take before its stragglers are dropped"),
     Option("heartbeat_interval", _positive_float, "seconds between DHT heartbeats"),
     Option("record_ttl", _positive_float, "seconds a DHT record lives unless refreshed"),
+    # faults: failure detection, re-routing, checkpoints (node/failures.py, node/origin.py, node/checkpoint.py)
+    Option("hop_watch_interval", _positive_float,
+           "seconds between checks that the peers after our waiting hops are alive"),
+    Option("probe_timeout", _positive_float, "seconds a liveness ping may take before it counts as missed"),
+    Option("hung_after_misses", _positive_int, "missed pings in a row after which a peer is taken as hung"),
+    Option("unreachable_patience", _positive_float,
+           "seconds a send keeps retrying a peer that refuses connections before the hop fails"),
+    Option("hop_deadline_slack", _positive_float,
+           "a hop fails when its gradient is not back after this many times the round's expected compute time"),
+    Option("hop_deadline_min", _positive_float, "the least seconds a hop may wait for its gradient"),
+    Option("max_attempts", _positive_int, "re-routes per microbatch before the origin gives it up"),
+    Option("notice_timeout", _positive_float, "seconds for a failure report or a re-route notice to be delivered"),
+    Option("checkpoint_dir", str, "save hosted stages here (and resume from here); empty: no checkpoints"),
+    Option("checkpoint_every", _positive_int, "rounds between checkpoints"),
     Option("torch_threads", _int, "torch intra-op threads (0: torch's default)"),
     Option("events_file", str, "append one JSON line per event (round done, loss, weights digest)"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
@@ -169,6 +184,34 @@ OPTIONS: tuple[Option, ...] = (
            "seconds a joining node waits for one replica's stage state before it tries the next replica"),
     Option("grpc_workers", _positive_int, "threads serving incoming RPCs"),
     Option("send_workers", _positive_int, "threads delivering finished hops to the next peer"),
+    # Compression on the wire (issue 11): this node's preference per direction. The planner picks the codec
+    # most members prefer, and every node of the round uses the plan's (docs/compression.md).
+    Option("activation_codec", _choice(*CODEC_NAMES), f"codec for activations: {', '.join(CODEC_NAMES)}"),
+    Option("gradient_codec", _choice(*CODEC_NAMES), f"codec for gradients: {', '.join(CODEC_NAMES)}"),
+    # ---- roles and HDEE domain experts (node/roles.py, node/expert_node.py) ----
+    Option("role", _choice("auto", "stage", "expert"),
+           "stage, expert, or auto: a stage while one has fewer than --min-replicas live replicas, else experts"),
+    Option("min_replicas", _positive_int, "live replicas per stage an auto node keeps before training experts"),
+    Option("idle_rounds", _positive_int, "rounds an auto stage node may be left out of plans before it trains experts"),
+    Option("domain", _str_list, "catalogue domain NAME=PATH set by the node that starts the swarm "
+                                "(repeat; default: the offline corpus)", "NAME=PATH", "repeat"),
+    Option("expert_dir", str, "directory of expert checkpoints (default: ~/.cache/swarm-node/experts)"),
+    Option("expert_policy", _choice("ihe", "mhe", "homogeneous"),
+           "HDEE sizing: ihe (more steps for harder domains), mhe (wider MLPs) or homogeneous"),
+    Option("expert_steps", _within(_int, lambda n: n >= 0, "must be zero or a positive integer"),
+           "steps of a medium expert (0: 300); the policy scales them per domain"),
+    Option("expert_save_every", _positive_int, "expert checkpoint (and publish) every N steps"),
+    Option("expert_max_bytes", _positive_int, "bytes of text kept per catalogue domain"),
+    Option("expert_seed", str, "expert checkpoint directory this (expert) node serves as the catalogue's seed"),
+    # trust (issue 10): hostile input, public reachability
+    Option("stream_idle_timeout", _positive_float, "seconds a Forward/Backward stream may stay silent before it "
+                                                   "is cancelled"),
+    Option("tls", _bool, "serve and dial gRPC over TLS with a certificate derived from --swarm-key",
+           flag_kind="switch"),
+    Option("tls_cert", str, "TLS certificate (PEM) every node of the swarm serves and trusts; with --tls-key"),
+    Option("tls_key", str, "private key (PEM) of --tls-cert"),
+    Option("announce_port", _port, "gRPC port other peers reach this node on, behind NAT or port forwarding "
+                                   "(0: --port)"),
 )
 
 
@@ -206,6 +249,16 @@ class NodeConfig:
     round_timeout: float = 120.0
     heartbeat_interval: float = 2.0
     record_ttl: float = 8.0
+    hop_watch_interval: float = 0.5
+    probe_timeout: float = 1.0
+    hung_after_misses: int = 3
+    unreachable_patience: float = 1.0
+    hop_deadline_slack: float = 4.0
+    hop_deadline_min: float = 5.0
+    max_attempts: int = 3
+    notice_timeout: float = 2.0
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 5
     torch_threads: int = 0
     events_file: str = ""
     log_level: str = "info"
@@ -223,6 +276,26 @@ class NodeConfig:
     state_transfer_timeout: float = 60.0
     grpc_workers: int = 16
     send_workers: int = 4
+    # compression on the wire
+    activation_codec: str = "raw"
+    gradient_codec: str = "raw"
+    # roles and experts
+    role: str = "auto"
+    min_replicas: int = 1
+    idle_rounds: int = 3
+    domain: list[str] = field(default_factory=list)
+    expert_dir: str = ""
+    expert_policy: str = "ihe"
+    expert_steps: int = 0
+    expert_save_every: int = 50
+    expert_max_bytes: int = 400_000
+    expert_seed: str = ""
+    # trust (issue 10)
+    stream_idle_timeout: float = 10.0  # frees the gRPC worker a silent client holds
+    tls: bool = False  # TLS on the data plane, certificate derived from the swarm key
+    tls_cert: str = ""
+    tls_key: str = ""
+    announce_port: int = 0  # with --announce-host: the address peers dial (the reachability check tests it)
 
     def hosted_stages(self) -> list[int] | None:
         """The explicit stage list, or None for `auto`."""
@@ -240,6 +313,9 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + opt.name.replace("_", "-")
         if opt.flag_kind == "switch":
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=opt.help)
+        elif opt.flag_kind == "repeat":
+            parser.add_argument(flag, nargs="+", action="extend", metavar=opt.metavar, default=argparse.SUPPRESS,
+                                help=opt.help)
         elif opt.flag_kind == "list":
             parser.add_argument(flag, nargs="+", metavar=opt.metavar, default=argparse.SUPPRESS, help=opt.help)
         else:
@@ -308,5 +384,15 @@ def _check_consistency(config: NodeConfig) -> None:
                          f"or 0 for full pipelines")
     if config.data and config.dataset:
         raise UsageError("give either --data or --dataset, not both")
+    for spec in config.domain:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or "/" in name or name.startswith(("_", "*")):
+            raise UsageError(f"--domain {spec!r}: expected NAME=PATH with a NAME without '/', '_' or '*' first")
+        if not path.startswith("hf:") and not Path(path).is_file():
+            raise UsageError(f"--domain {spec!r}: {path} does not exist")
+    if config.expert_seed and not (Path(config.expert_seed) / "manifest.json").is_file():
+        raise UsageError(f"--expert-seed {config.expert_seed}: not an expert checkpoint (no manifest.json)")
+    if config.role == "expert" and config.stages != "auto":
+        raise UsageError("--role expert hosts no stage; drop --stages")
     if config.max_inflight > config.memory_slots:
         raise UsageError(f"--max-inflight {config.max_inflight} exceeds --memory-slots {config.memory_slots}")

@@ -76,7 +76,7 @@ class RpcGuard(grpc.ServerInterceptor):
         return request
 
     def _refuse(self, method: str, error: BaseException, context: grpc.ServicerContext) -> None:
-        """Count the refusal, then answer it (or re-raise what gRPC already answered)."""
+        """Count the refusal, then answer it (or re-raise the handler's own abort)."""
         count = self.metrics.rpc_errors.labels
         if isinstance(error, ProtocolError):
             count(method=method, code=error.code.name).inc()
@@ -86,7 +86,7 @@ class RpcGuard(grpc.ServerInterceptor):
             ended = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
                 else grpc.StatusCode.CANCELLED
             count(method=method, code=ended.name).inc()
-            raise error
+            return  # gRPC has answered already; nothing to add
         code = _code(context)
         if code is not None and code != grpc.StatusCode.OK:  # the handler aborted with a status of its own
             count(method=method, code=code.name).inc()

@@ -11,13 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
+from node.codecs import RoundCodecs
 from node.metrics import NodeMetrics
+from protocol.codecs import wire_bytes
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.grpc_options import channel_options
 from protocol.limits import WireLimits
 from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
 from protocol.service import StageStub
+from protocol.tls import SwarmTls
 from protocol.state_codec import decode_state
 from protocol.tensor_codec import encode_frames
 
@@ -25,9 +28,9 @@ log = logging.getLogger(__name__)
 
 # Statuses that mean "try again shortly": the receiver is busy, or briefly unreachable.
 RETRYABLE = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
-UNREACHABLE_PATIENCE_S = 3.0  # a peer unreachable for this long is taken as gone for this hop
 
 LocalAccept = Callable[[str, pb.Envelope, torch.Tensor], None]
+GiveUp = Callable[[pb.Envelope, "grpc.StatusCode | None", str], None]  # (envelope of the failed hop, code, why)
 
 
 class ClientsClosed(grpc.RpcError):
@@ -40,12 +43,27 @@ class ClientsClosed(grpc.RpcError):
         return "this node is stopping"
 
 
-class StageClients:
-    """One channel per peer endpoint, reused for every call."""
+def dial(endpoint: str, options: list, auth: SwarmAuth | None, tls: SwarmTls | None
+         ) -> tuple[grpc.Channel, grpc.Channel]:
+    """A channel to a member as the swarm's trust settings require: (the channel to close, the one to call on).
 
-    def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None):
+    TLS when the swarm runs it; an auth tag on every call in a private swarm.
+    """
+    if tls is None:
+        raw = grpc.insecure_channel(endpoint, options=options)
+    else:
+        raw = grpc.secure_channel(endpoint, tls.channel_credentials(), options=[*options, *tls.channel_options()])
+    return raw, raw if auth is None else grpc.intercept_channel(raw, ClientAuthInterceptor(auth))
+
+
+class StageClients:
+    """One channel per peer endpoint, reused for every call; `codecs` says how each round's tensors are encoded."""
+
+    def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None, tls: SwarmTls | None = None):
         self.limits = limits
+        self.codecs = RoundCodecs()
         self.auth = auth  # private swarms: every call carries a tag made with the swarm key
+        self.tls = tls  # the swarm's certificate, when the data plane runs over TLS
         self._stubs: dict[str, StageStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
@@ -56,10 +74,8 @@ class StageClients:
             if self.closed:
                 raise ClientsClosed()
             if endpoint not in self._stubs:
-                channel = grpc.insecure_channel(endpoint, options=channel_options(self.limits))
-                self._channels.append(channel)
-                if self.auth is not None:
-                    channel = grpc.intercept_channel(channel, ClientAuthInterceptor(self.auth))
+                raw, channel = dial(endpoint, channel_options(self.limits), self.auth, self.tls)
+                self._channels.append(raw)
                 self._stubs[endpoint] = StageStub(channel)
             return self._stubs[endpoint]
 
@@ -88,9 +104,10 @@ class HopSender:
     """Sends each finished hop to the next peer in its path without blocking the compute thread."""
 
     def __init__(self, peer_id: str, clients: StageClients, metrics: NodeMetrics, local: LocalAccept,
-                 on_give_up: Callable[[pb.Envelope, str], None], deadline_s: float, workers: int = 4,
+                 on_give_up: GiveUp, deadline_s: float, unreachable_patience_s: float, workers: int = 4,
                  emulator=None, on_sent: Callable[[str, int, float], None] | None = None):
         self.peer_id = peer_id
+        self.unreachable_patience_s = unreachable_patience_s  # unreachable this long: the peer is gone
         self.clients = clients
         self.metrics = metrics
         self.local = local
@@ -151,25 +168,26 @@ class HopSender:
                 if self.clients.closed:  # we are stopping: not the receiver's failure
                     return
                 self.metrics.rpc_errors.labels(method=method, code=code.name).inc()
-                gone = code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started > UNREACHABLE_PATIENCE_S
+                gone = code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started > self.unreachable_patience_s
                 if code not in RETRYABLE or gone or time.monotonic() + backoff > deadline:
                     log.warning("%s of round %d microbatch %d to hop %d (%s) failed: %s %s", method, env.round,
                                 env.microbatch, env.hop, target.peer_id[-8:], code.name, reason)
-                    self.on_give_up(env, f"{code.name}: {reason}")
+                    self.on_give_up(env, code, reason)
                     return
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
             except Exception as e:  # a bug or a broken tensor: report it rather than lose the thread
                 log.exception("%s to hop %d failed", method, env.hop)
-                self.on_give_up(env, repr(e))
+                self.on_give_up(env, None, repr(e))
                 return
 
     def _rpc(self, method: str, target, env: pb.Envelope, tensor: torch.Tensor) -> None:
         stub = self.clients.stub(target.endpoint)
         call = stub.Forward if method == "Forward" else stub.Backward
+        codec = self.clients.codecs.for_hop(env.round, "forward" if method == "Forward" else "backward")
         sizes: list[int] = []
         frames = (sizes.append(len(f)) or f for f in encode_frames(env, tensor, self.clients.limits,
-                                                                   self.clients.frame_signer(method)))
+                                                                   self.clients.frame_signer(method), codec=codec))
         if self.emulator is not None:
             frames = self.emulator.frames(target.endpoint, frames)
         started = time.perf_counter()
@@ -178,4 +196,4 @@ class HopSender:
         self.metrics.rpc_seconds.labels(method=method, side="client").observe(elapsed)
         if self.on_sent is not None:
             self.on_sent(target.peer_id, sum(sizes), elapsed)
-        self.metrics.sent_bytes.inc(tensor.numel() * tensor.element_size())
+        self.metrics.sent_bytes.inc(wire_bytes(codec, tuple(tensor.shape), tensor.element_size()))

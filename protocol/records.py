@@ -4,8 +4,9 @@
 |----------------------------|-----------------|-----------------------------------------|
 | <swarm>/nodes              | peer id         | NodeRecord (heartbeat), or a tombstone   |
 | <swarm>/plan/<round>       | planner peer id | RoundPlan                               |
-| <swarm>/avg/<stage>/<round>| peer id         | microbatches this replica processed     |
 | <swarm>/links              | measuring peer  | LinksRecord: RTT and bandwidth per peer  |
+| <swarm>/experts            | domain name     | CatalogueEntry (the swarm's domains)     |
+| <swarm>/experts/<domain>   | expert id       | ExpertRecord (manifest + where to fetch) |
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
+from protocol.codec_names import CODEC_NAMES
 from protocol.envelope import HopSpec
 
 RECORD_VERSION = 1
@@ -31,8 +33,12 @@ def plan_key(swarm: str, round_: int) -> str:
     return f"{swarm}/plan/{round_}"
 
 
-def averaging_key(swarm: str, stage: int, round_: int) -> str:
-    return f"{swarm}/avg/{stage}/{round_}"
+def catalogue_key(swarm: str) -> str:
+    return f"{swarm}/experts"
+
+
+def experts_key(swarm: str, domain: str) -> str:
+    return f"{swarm}/experts/{domain}"
 
 
 def _require(value: dict, name: str, kind: type) -> Any:
@@ -61,7 +67,7 @@ class NodeRecord:
     stages: tuple[int, ...]
     compute_s: dict[int, float]  # measured seconds per microbatch forward, per hosted stage
     memory_slots: int
-    role: str  # "data" (hosts stage 0) or "stage"
+    role: str  # "data" (hosts stage 0), "stage", or "expert" (trains domain experts, hosts no stage)
     version: str
     swarm: str
     round: int  # the round this node works on
@@ -69,6 +75,9 @@ class NodeRecord:
     metrics_url: str = ""
     maddrs: tuple[str, ...] = ()
     heartbeat_time: float = 0.0  # DHT time of the beat that wrote this record
+    num_stages: int = 0  # the swarm's pipeline depth as this node runs it (0: not said), for `status`
+    codecs: tuple[str, str] = ("raw", "raw")  # preferred (activation, gradient) codecs; the plan decides
+    speaks: tuple[str, ...] = ("raw",)  # every codec this node can decode (older nodes: raw only)
 
     @property
     def serving(self) -> bool:
@@ -80,6 +89,8 @@ class NodeRecord:
         value["state"] = self.state.value
         value["stages"] = list(self.stages)
         value["maddrs"] = list(self.maddrs)
+        value["codecs"] = list(self.codecs)
+        value["speaks"] = list(self.speaks)
         value["compute_s"] = {str(k): v for k, v in self.compute_s.items()}
         value["v"] = RECORD_VERSION
         return value
@@ -89,8 +100,8 @@ class NodeRecord:
         if not isinstance(value, dict):
             raise RecordError("node record is not a map")
         stages = _require(value, "stages", list)
-        if not stages or not all(isinstance(s, int) and s >= 0 for s in stages):
-            raise RecordError("stages must be non-negative integers")
+        if not all(isinstance(s, int) and s >= 0 for s in stages) or (not stages and value.get("role") != "expert"):
+            raise RecordError("stages must be non-negative integers (none only for an expert node)")
         compute = _require(value, "compute_s", dict)
         try:
             compute_s = {int(k): float(v) for k, v in compute.items()}
@@ -111,7 +122,26 @@ class NodeRecord:
             maddrs=tuple(m for m in value.get("maddrs", []) if isinstance(m, str)),
             heartbeat_time=float(value.get("heartbeat_time", 0.0)) if isinstance(value.get("heartbeat_time"),
                                                                                   (int, float)) else 0.0,
+            num_stages=value["num_stages"] if isinstance(value.get("num_stages"), int)
+            and not isinstance(value.get("num_stages"), bool) and value["num_stages"] > 0 else 0,
+            codecs=_codec_pair(value.get("codecs", ["raw", "raw"]), known_only=False),
+            speaks=_codec_names(value.get("speaks", ["raw"])),
         )
+
+
+def _codec_pair(value: Any, known_only: bool) -> tuple[str, str]:
+    """(activation, gradient) codec names; a plan may only name codecs this version speaks."""
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(c, str) for c in value):
+        raise RecordError("codecs must be [activation codec, gradient codec]")
+    if known_only and not set(value) <= set(CODEC_NAMES):
+        raise RecordError(f"codecs {value} include one this node does not speak ({', '.join(CODEC_NAMES)})")
+    return value[0], value[1]
+
+
+def _codec_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise RecordError("speaks must list codec names")
+    return tuple(value)
 
 
 def _node_state(text: str) -> NodeState:
@@ -148,6 +178,7 @@ class RoundPlan:
     microbatches: tuple[PlannedMicrobatch, ...]
     deadline: float = 0.0  # DHT time by which every node ends the round, so nobody falls a round behind
     predicted_s: float = 0.0  # the simulator's iteration time for this plan with the links the planner knew
+    codecs: tuple[str, str] = ("raw", "raw")  # the (activation, gradient) codecs every sender of the round uses
 
     def participants(self) -> set[str]:
         return {hop.peer_id for mb in self.microbatches for hop in mb.path}
@@ -163,7 +194,7 @@ class RoundPlan:
     def to_value(self) -> dict:
         return {
             "v": RECORD_VERSION, "round": self.round, "planner": self.planner, "digest": self.membership_digest,
-            "deadline": self.deadline, "predicted_s": self.predicted_s,
+            "deadline": self.deadline, "predicted_s": self.predicted_s, "codecs": list(self.codecs),
             "microbatches": [{"id": mb.id, "path": [[h.stage, h.peer_id, h.endpoint] for h in mb.path]}
                              for mb in self.microbatches],
         }
@@ -194,7 +225,8 @@ class RoundPlan:
             raise RecordError("predicted_s must be a number")
         return cls(round=_require(value, "round", int), planner=_require(value, "planner", str),
                    membership_digest=_require(value, "digest", str), microbatches=tuple(mbs),
-                   deadline=float(deadline), predicted_s=float(predicted))
+                   deadline=float(deadline), predicted_s=float(predicted),
+                   codecs=_codec_pair(value.get("codecs", ["raw", "raw"]), known_only=True))
 
 
 # ---- measured links (skippipe) ------------------------------------------------------------------------------
@@ -241,3 +273,132 @@ class LinksRecord:
                 skipped += 1
         when = value.get("time", 0.0)
         return cls(peer_id, to, float(when) if isinstance(when, (int, float)) else 0.0), skipped
+
+
+def _number(value: dict, name: str) -> float:
+    item = value.get(name)
+    if not isinstance(item, (int, float)) or isinstance(item, bool):
+        raise RecordError(f"field {name!r} missing or not a number")
+    return float(item)
+
+
+def _sha256(value: dict, name: str) -> str:
+    item = _require(value, name, str)
+    if len(item) != 64 or any(c not in "0123456789abcdef" for c in item):
+        raise RecordError(f"field {name!r} is not a hex sha256")
+    return item
+
+
+def _domain_name(name: str) -> str:
+    if not name or "/" in name or name.startswith(("_", "*")):
+        raise RecordError(f"domain name {name!r} must be non-empty without '/' and not start with '_' or '*'")
+    return name
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """One domain of the swarm's catalogue: what to train on, and how to tell that a node holds the same text."""
+
+    name: str
+    source: str  # where the text comes from (a path, or the offline corpus's source description)
+    sha256: str  # of the domain's tokens: equal hashes mean equal bytes
+    tokens: int
+    difficulty: float  # model-free zlib bits per byte; sizing and the FLOPs shares weigh domains by it
+    seed: str = ""  # id of an expert record to branch from ("": the pipeline's weights or the preset's init)
+
+    def to_value(self) -> dict:
+        value = asdict(self)
+        value.pop("name")
+        value["v"] = RECORD_VERSION
+        return value
+
+    @classmethod
+    def from_value(cls, name: str, value: Any) -> "CatalogueEntry":
+        if not isinstance(value, dict):
+            raise RecordError("catalogue entry is not a map")
+        difficulty = _number(value, "difficulty")
+        tokens = _require(value, "tokens", int)
+        if difficulty <= 0 or tokens <= 0:
+            raise RecordError("difficulty and tokens must be positive")
+        seed = value.get("seed", "")
+        if not isinstance(seed, str):
+            raise RecordError("seed must be an expert id")
+        return cls(name=_domain_name(name), source=_require(value, "source", str), sha256=_sha256(value, "sha256"),
+                   tokens=tokens, difficulty=difficulty, seed=seed)
+
+
+# The node's fields of an expert record; the rest of the value is the expert's manifest (experts/manifest.py).
+_SERVED_BY = ("id", "peer_id", "endpoint", "bytes", "dev_loss", "v")
+
+
+@dataclass(frozen=True)
+class ExpertRecord:
+    """A published expert: its manifest, and the peer that serves its weights over FetchExpert."""
+
+    id: str
+    peer_id: str
+    endpoint: str  # host:port of the trainer's gRPC server
+    bytes: int  # size of model.safetensors
+    dev_loss: float | None  # nats per token on the domain's dev split
+    manifest: dict  # name, domain, config, tokenizer, lineage, steps, flops, weights_sha256, ... as trained
+
+    @property
+    def domain(self) -> str:
+        return self.manifest["domain"]
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest["weights_sha256"]
+
+    @property
+    def steps(self) -> int:
+        return self.manifest["steps"]
+
+    @property
+    def target_steps(self) -> int:
+        return self.manifest["target_steps"]
+
+    @property
+    def flops(self) -> float:
+        return float(self.manifest["flops"])
+
+    @property
+    def complete(self) -> bool:
+        return self.steps >= self.target_steps
+
+    def to_value(self) -> dict:
+        return {**self.manifest, "id": self.id, "peer_id": self.peer_id, "endpoint": self.endpoint,
+                "bytes": self.bytes, "dev_loss": self.dev_loss, "v": RECORD_VERSION}
+
+    def summary(self) -> dict:
+        """The fields `experts list --json` prints first."""
+        return {"id": self.id, "domain": self.domain, "sha256": self.sha256, "bytes": self.bytes,
+                "steps": self.steps, "target_steps": self.target_steps, "flops": self.flops,
+                "dev_loss": self.dev_loss, "peer_id": self.peer_id, "endpoint": self.endpoint}
+
+    @classmethod
+    def from_value(cls, subkey: str, value: Any) -> "ExpertRecord":
+        if not isinstance(value, dict):
+            raise RecordError("expert record is not a map")
+        expert_id = _require(value, "id", str)
+        if expert_id != subkey:
+            raise RecordError(f"expert id {expert_id!r} is not its subkey {subkey!r}")
+        manifest = {k: v for k, v in value.items() if k not in _SERVED_BY}
+        _require(manifest, "domain", str)
+        _require(manifest, "config", dict)
+        _require(manifest, "tokenizer", str)
+        _require(manifest, "format", str)
+        _sha256(manifest, "weights_sha256")
+        steps, target = _require(manifest, "steps", int), _require(manifest, "target_steps", int)
+        lineage = _require(manifest, "lineage", list)
+        if steps < 0 or target <= 0 or not all(isinstance(h, str) for h in lineage):
+            raise RecordError("steps, target_steps or lineage are malformed")
+        _number(manifest, "flops")
+        size = _require(value, "bytes", int)
+        dev_loss = value.get("dev_loss")
+        if dev_loss is not None:
+            dev_loss = _number(value, "dev_loss")
+        if size <= 0:
+            raise RecordError("bytes must be positive")
+        return cls(id=expert_id, peer_id=_require(value, "peer_id", str), endpoint=_require(value, "endpoint", str),
+                   bytes=size, dev_loss=dev_loss, manifest=manifest)

@@ -1,22 +1,28 @@
-"""Tensors on the wire: raw little-endian bytes in C order, streamed as `TensorChunk` messages.
+"""Tensors on the wire: a codec's payload (protocol/codecs.py), streamed as `TensorChunk` messages.
 
 Frames are serialised `TensorChunk`s, byte-compatible with any protobuf implementation, but built and
 read by hand around the `data` field: the sender copies the tensor's bytes once into each frame, and
 the receiver copies them once into the tensor, instead of the three and four copies that going
 through protobuf message objects costs (bench/results/transport*.md). Envelope and metadata, a few
 hundred bytes, still go through protobuf.
+
+The receiver checks the metadata against the codec (known codec, dtype, block size, and `nbytes` equal
+to the exact payload size that codec, shape and dtype give) before it allocates anything, so a lying
+header costs nothing; sizes are Python integers, so no product of dimensions can overflow.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from protocol.codecs import CodecError, Layout, get_codec
 from protocol.errors import ProtocolError, invalid
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.limits import WireLimits
@@ -38,8 +44,8 @@ class BodyCheck(Protocol):
     def finish(self) -> None: ...
 
 
-# Private swarms (protocol/rpc_auth.py): the sender tags a message from its envelope, metadata and bytes;
-# the receiver checks the tag's header before reading any tensor bytes, then the bytes as they arrive.
+# Private swarms (protocol/rpc_auth.py): the sender tags a message from its envelope, metadata and encoded
+# bytes; the receiver checks the tag's header before reading any tensor bytes, then the bytes as they arrive.
 FrameSigner = Callable[[pb.Envelope, pb.TensorMeta, memoryview], bytes]
 FrameCheck = Callable[[pb.Envelope, pb.TensorMeta], BodyCheck]
 
@@ -50,46 +56,77 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def encode_frames(envelope: pb.Envelope, tensor: torch.Tensor, limits: WireLimits,
-                  sign: FrameSigner | None = None) -> Iterator[bytes]:
-    """Serialised TensorChunks for one tensor: the first carries the envelope (tagged by `sign`) and metadata."""
+def encode_frames(envelope: pb.Envelope, tensor: torch.Tensor, limits: WireLimits, sign: FrameSigner | None = None,
+                  codec: str = "raw", layout: Layout | None = None) -> Iterator[bytes]:
+    """Serialised TensorChunks for one tensor encoded with `codec`: the first carries the envelope (tagged by
+    `sign`) and metadata.
+
+    Encodes at once (a tensor the codec refuses raises CodecError here, not inside gRPC's request thread);
+    the frames are cut lazily from the payload.
+    """
     if tensor.dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype {tensor.dtype} cannot be sent")
-    data = tensor_bytes(tensor)
-    meta = pb.TensorMeta(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), codec="raw", nbytes=len(data))
+    chosen = get_codec(codec)
+    layout = chosen.layout_for(tuple(tensor.shape)) if layout is None else layout
+    chosen.check(tensor.dtype, tuple(tensor.shape), layout)
+    data = memoryview(chosen.encode(tensor, layout).numpy())
+    meta = pb.TensorMeta(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), codec=codec, nbytes=len(data),
+                         block_size=layout.block_size, rank=layout.rank)
     if sign is not None:
         tagged = pb.Envelope()
         tagged.CopyFrom(envelope)
         tagged.auth = sign(envelope, meta, data)
         envelope = tagged
-    header = pb.TensorChunk(envelope=envelope, meta=meta).SerializeToString()
-    step = limits.chunk_bytes
-    for start in range(0, len(data), step):
+    return _frames(pb.TensorChunk(envelope=envelope, meta=meta).SerializeToString(), data, limits.chunk_bytes)
+
+
+def _frames(header: bytes, data: memoryview, step: int) -> Iterator[bytes]:
+    for start in range(0, max(len(data), 1), step):
         piece = data[start:start + step]
         yield b"".join((header if start == 0 else b"", _tag(_DATA), _varint(len(piece)), piece))
 
 
 def check_meta(meta: pb.TensorMeta, limits: WireLimits) -> None:
-    if meta.codec != "raw":
-        raise invalid(f"unknown codec {meta.codec!r}; this node speaks 'raw'")
+    """Everything about the announced tensor that can be checked before its bytes arrive."""
+    try:
+        codec = get_codec(meta.codec)
+    except CodecError as e:
+        raise invalid(str(e)) from None
     if meta.dtype not in DTYPES:
         raise invalid(f"unknown dtype {meta.dtype!r}")
     if not 0 < len(meta.shape) <= limits.max_dims or any(d <= 0 for d in meta.shape):
         raise invalid(f"bad shape {list(meta.shape)}")
-    expected = math.prod(meta.shape) * DTYPES[meta.dtype].itemsize  # Python ints: a hostile shape cannot overflow
-    if meta.nbytes != expected:
-        raise invalid(f"nbytes {meta.nbytes} does not match shape {list(meta.shape)} of {meta.dtype} ({expected})")
-    if meta.nbytes > limits.max_tensor_bytes:
+    dtype = DTYPES[meta.dtype]
+    try:
+        codec.check(dtype, tuple(meta.shape), Layout(meta.block_size, meta.rank))
+    except CodecError as e:
+        raise invalid(str(e)) from None
+    numel = math.prod(meta.shape)  # a Python integer: no overflow, however large the header's dimensions
+    decoded = numel * dtype.itemsize
+    if max(decoded, meta.nbytes) > limits.max_tensor_bytes:
         raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"tensor of {meta.nbytes} bytes exceeds the limit of {limits.max_tensor_bytes}")
+                            f"tensor of {max(decoded, meta.nbytes)} bytes exceeds the limit of "
+                            f"{limits.max_tensor_bytes}")
+    expected = codec.wire_bytes(tuple(meta.shape), dtype.itemsize, Layout(meta.block_size, meta.rank))
+    if meta.nbytes != expected:
+        raise invalid(f"nbytes {meta.nbytes} does not match shape {list(meta.shape)} of {meta.dtype} in codec "
+                      f"{meta.codec!r} ({expected})")
 
 
-def decode_frames(frames: Iterable[bytes], limits: WireLimits,
-                  check: FrameCheck | None = None) -> tuple[pb.Envelope, torch.Tensor]:
-    """Reassemble serialised TensorChunks into (envelope, tensor), enforcing the limits as bytes arrive.
+@dataclass(frozen=True)
+class Received:
+    envelope: pb.Envelope
+    tensor: torch.Tensor  # decoded, on the requested device
+    codec: str
+    wire_bytes: int  # payload bytes that crossed the network
+
+
+def receive_tensor(frames: Iterable[bytes], limits: WireLimits, check: FrameCheck | None = None,
+                   device: torch.device | str = "cpu") -> Received:
+    """Reassemble serialised TensorChunks and decode the tensor on `device`, enforcing the limits as bytes arrive.
 
     With `check`, the first chunk's envelope and metadata are authenticated before anything else, and
-    every tensor byte is fed to the returned body check, which must pass before the tensor is returned.
+    every encoded byte is fed to the returned body check, which must pass before the tensor is decoded.
     """
     it = iter(frames)
     first = next(it, None)
@@ -107,11 +144,18 @@ def decode_frames(frames: Iterable[bytes], limits: WireLimits,
     check_meta(meta, limits)
     out = torch.empty(meta.nbytes, dtype=torch.uint8)  # no zero-fill: every byte is written below
     buf = memoryview(out.numpy())
-    filled = 0
+    min_chunk = min(limits.min_chunk_bytes, limits.chunk_bytes)
+    filled, chunks, max_chunks = 0, 0, meta.nbytes // min_chunk + 2
     while fields is not None:
-        if filled and (_ENVELOPE in fields or _META in fields):
+        if chunks and (_ENVELOPE in fields or _META in fields):
             raise invalid("only the first chunk may carry an envelope or metadata")
         piece = fields.get(_DATA, memoryview(b""))
+        chunks += 1
+        if chunks > 1 and not piece:
+            raise invalid("an empty chunk after the first: every chunk but the first must carry bytes")
+        if chunks > max_chunks:
+            raise invalid(f"more than {max_chunks} chunks for {meta.nbytes} bytes: chunks must be at least "
+                          f"{min_chunk} bytes, but the last")
         end = filled + len(piece)
         if end > len(buf):
             raise invalid(f"stream carries more than the {len(buf)} bytes its metadata announced")
@@ -125,7 +169,19 @@ def decode_frames(frames: Iterable[bytes], limits: WireLimits,
         raise invalid(f"stream ended after {filled} of {len(buf)} bytes")
     if body is not None:
         body.finish()
-    return envelope, out.view(DTYPES[meta.dtype]).view(tuple(meta.shape))
+    try:
+        tensor = get_codec(meta.codec).decode(out, tuple(meta.shape), DTYPES[meta.dtype],
+                                              Layout(meta.block_size, meta.rank), torch.device(device))
+    except CodecError as e:
+        raise invalid(f"codec {meta.codec!r}: {e}") from None
+    return Received(envelope, tensor, meta.codec, meta.nbytes)
+
+
+def decode_frames(frames: Iterable[bytes], limits: WireLimits,
+                  check: FrameCheck | None = None) -> tuple[pb.Envelope, torch.Tensor]:
+    """(envelope, tensor) on the CPU; see `receive_tensor`."""
+    received = receive_tensor(frames, limits, check)
+    return received.envelope, received.tensor
 
 
 def _tag(field: int) -> bytes:

@@ -6,6 +6,7 @@ import argparse
 import functools
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from node.errors import UsageError
@@ -98,74 +99,64 @@ def plan(args: argparse.Namespace) -> int:
 
 @_usage_errors
 def train_cmd(args: argparse.Namespace) -> int:
-    import torch
     from transformers import LlamaForCausalLM
 
-    from experts.branch import branch
-    from experts.checkpoint import MANIFEST, load_expert, new_model
-    from experts.train import Identity, TrainConfig, train
+    from experts.checkpoint import load_expert, new_model
+    from experts.run import ExpertSettings, train_ensemble, train_seed
     from lm.build import resolve_device
-    from lm.data import TokenStream
 
     if args.method == "all":
         raise UsageError("experts train takes one --method (MHo-IHo, MHe-IHo or MHo-IHe)")
     domains, tokenizer = _load_domains(args)
-    device = str(resolve_device(args.device))
     out = Path(args.out)
-
-    def tcfg(steps: int, seed: int) -> TrainConfig:
-        return TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=seed,
-                           device=device, dtype=args.dtype, save_every=args.save_every)
-
+    settings = ExpertSettings(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                              save_every=args.save_every, device=str(resolve_device(args.device)), dtype=args.dtype)
     if args.seed_model:
-        seed_model, seed_manifest = load_expert(args.seed_model, device)
+        seed_model, seed_manifest = load_expert(args.seed_model, settings.device)
     else:
         config, checkpoint_dir = _model_spec(args, tokenizer.vocab_size)
-        start = (LlamaForCausalLM.from_pretrained(checkpoint_dir) if checkpoint_dir
-                 else new_model(config, args.seed))
-        mixed = TokenStream(torch.cat([d.train.tokens for d in domains.trained]))
-        mixed_dev = TokenStream(torch.cat([d.dev.tokens for d in domains.trained]))
-        seed_manifest = train(start, mixed, mixed_dev, tcfg(args.seed_steps, args.seed), out / "seed-model",
-                              Identity("seed-model", "*", tokenizer.name),
-                              resume=args.resume and (out / "seed-model" / MANIFEST).is_file()).manifest
-        seed_model = start
+        seed_model = (LlamaForCausalLM.from_pretrained(checkpoint_dir) if checkpoint_dir
+                      else new_model(config, args.seed))
+        seed_manifest = train_seed(seed_model, domains, args.seed_steps, settings, out / "seed-model",
+                                   tokenizer.name, args.seed, args.resume)
         print(f"seed model: {out / 'seed-model'} (dev ppl {seed_manifest.val_ppl:.3f})")
     [the_plan] = _plans(args, domains, seed_model.config, seed_model)
     print(the_plan.table())
-    names = [d.name for d in domains.trained]
-    for ep in the_plan.experts:
-        i = names.index(ep.domain)  # registry order: an expert's seed does not depend on the ranking
-        if args.only and ep.domain not in args.only:
-            continue
-        identity = Identity.branched_from(seed_manifest, f"{args.method}/{ep.domain}", ep.domain,
-                                          {"method": args.method, "intermediate_size": ep.intermediate_size,
-                                           "data_sha256": domains.get(ep.domain).sha256})
-        model = branch(seed_model, ep.intermediate_size, seed=args.seed * 1000 + i)
-        result = train(model, domains.get(ep.domain).train, domains.get(ep.domain).dev,
-                       tcfg(ep.steps, args.seed * 1000 + i), out / args.method / ep.domain, identity,
-                       resume=args.resume and (out / args.method / ep.domain / MANIFEST).is_file())
-        m = result.manifest
-        print(f"{ep.domain}: {out / args.method / ep.domain} steps {m.steps}/{m.target_steps} "
-              f"dev ppl {m.val_ppl:.3f} sha256 {m.weights_sha256[:16]}")
+    train_ensemble(seed_model, seed_manifest, domains, the_plan, settings, out / args.method, args.seed,
+                   args.resume, only=args.only)
     return 0
+
+
+def _load_experts(paths: list[str], device) -> list[tuple]:
+    """(manifest, model) for each expert directory, or each expert below a directory (never a seed model)."""
+    from experts.checkpoint import MANIFEST, load_expert
+
+    dirs = []
+    for d in map(Path, paths):
+        if (d / MANIFEST).is_file():
+            dirs.append(d)
+        else:  # a training or fetch output directory: every expert below it, not the seed model
+            dirs += sorted(p.parent for p in d.glob(f"**/{MANIFEST}") if p.parent.name != "seed-model")
+    if not dirs:
+        raise UsageError(f"no expert checkpoints (directories with {MANIFEST}) in {' '.join(paths)}")
+    return [tuple(reversed(load_expert(d, device))) for d in dirs]
 
 
 @_usage_errors
 def eval_cmd(args: argparse.Namespace) -> int:
-    from experts.checkpoint import MANIFEST, load_expert
     from experts.evaluate import EvalSettings, PriorCache, evaluate_ensemble, results_table, write_csv
     from lm.build import resolve_device, resolve_dtype
 
-    dirs = []
-    for d in map(Path, args.experts):
-        if (d / MANIFEST).is_file():
-            dirs.append(d)
-        else:  # a training output directory: every expert below it, not the seed model
-            dirs += sorted(p.parent for p in d.glob(f"**/{MANIFEST}") if p.parent.name != "seed-model")
-    if not dirs:
-        raise UsageError(f"no expert checkpoints (directories with {MANIFEST}) in {' '.join(args.experts)}")
+    if args.from_swarm:
+        if not args.initial_peers:
+            raise UsageError("--from-swarm needs --initial-peers MADDR")
+        fetched = Path(args.fetch_dir or tempfile.mkdtemp(prefix="swarm-experts-"))
+        _fetch_into(argparse.Namespace(**{**vars(args), "expert": [], "domain": [], "finished": True}), fetched)
+        args.experts = [str(fetched)]
+    if not args.experts:
+        raise UsageError("give --experts DIR ... or --from-swarm --initial-peers MADDR")
     device = resolve_device(args.device)
-    experts = [tuple(reversed(load_expert(d, device))) for d in dirs]
+    experts = _load_experts(args.experts, device)
     domains, _ = _load_domains(args)
     settings = EvalSettings(seq_len=args.seq_len, dev_windows=args.dev_windows, test_windows=args.test_windows,
                             top_k=args.top_k, device=device, dtype=resolve_dtype(args.dtype, device))
@@ -175,6 +166,95 @@ def eval_cmd(args: argparse.Namespace) -> int:
     if args.csv:
         write_csv(results, Path(args.csv))
         print(f"wrote {args.csv}")
+    return 0
+
+
+def _swarm_experts(args: argparse.Namespace):
+    """(records, malformed count, RPC auth) of the swarm's experts, read through a client-mode DHT."""
+    from hivemind.dht import DHT
+
+    from node.expert_directory import ExpertDirectory
+    from node.trust import NodeTrust
+
+    trust = NodeTrust.create("", args.swarm_key)  # readers check signatures and, in private swarms, MACs
+    try:
+        dht = DHT(initial_peers=args.initial_peers, client_mode=True, start=True, **trust.dht_kwargs())
+    except Exception as e:
+        trust.close()
+        raise UsageError(f"could not reach the swarm through {' '.join(args.initial_peers)}: {e}") from None
+    malformed = []
+    try:
+        records = ExpertDirectory(dht, args.swarm, on_malformed=malformed.append).all_experts()
+    finally:
+        dht.shutdown()
+        trust.close()
+    return records, len(malformed), trust.auth
+
+
+def list_cmd(args: argparse.Namespace) -> int:
+    records, malformed, _ = _swarm_experts(args)
+    if args.json:
+        import json
+
+        print(json.dumps([{**r.summary(), "manifest": r.manifest} for r in records], indent=2))
+        return 0
+    print(f"swarm '{args.swarm}': {len(records)} expert(s)" + (f", {malformed} malformed record(s) skipped"
+                                                                 if malformed else ""))
+    header = ("id", "domain", "steps", "dev_loss", "bytes", "sha256", "peer", "endpoint")
+    rows = [header] + [(r.id, r.domain, f"{r.steps}/{r.target_steps}",
+                        "-" if r.dev_loss is None else f"{r.dev_loss:.3f}", str(r.bytes), r.sha256[:16],
+                        r.peer_id[-12:], r.endpoint) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    return 0
+
+
+def _fetch_into(args: argparse.Namespace, out: Path) -> list[Path]:
+    from node.expert_service import FetchError, download_expert
+
+    records, _, auth = _swarm_experts(args)
+    if args.expert:
+        chosen = [r for r in records if r.id in args.expert]
+        missing = sorted(set(args.expert) - {r.id for r in chosen})
+        if missing:
+            raise UsageError(f"no expert {', '.join(missing)} in swarm '{args.swarm}'; see 'swarm-node experts list'")
+    elif args.domain:
+        chosen = [r for r in records if r.domain in args.domain]
+        if not chosen:
+            raise UsageError(f"no experts for domain {', '.join(args.domain)} in swarm '{args.swarm}'")
+    else:
+        chosen = [r for r in records if r.domain != "*" and (r.complete or not args.finished)]
+        if not chosen:
+            raise UsageError(f"swarm '{args.swarm}' has no {'finished ' if args.finished else ''}experts yet")
+    paths = []
+    for record in chosen:
+        try:
+            paths.append(download_expert(record, args.swarm, out, auth=auth))
+        except FetchError as e:
+            if not args.expert and not record.complete and "FAILED_PRECONDITION" in str(e):
+                print(f"skipped {record.id}: it published a newer checkpoint during the download", flush=True)
+                continue
+            raise UsageError(str(e)) from None
+        print(f"fetched {record.id} ({record.domain}, {record.steps}/{record.target_steps} steps, "
+              f"{record.bytes} bytes, sha256 {record.sha256[:16]} verified) into {paths[-1]}", flush=True)
+    return paths
+
+
+def fetch_cmd(args: argparse.Namespace) -> int:
+    _fetch_into(args, Path(args.out))
+    return 0
+
+
+@_usage_errors
+def generate_cmd(args: argparse.Namespace) -> int:
+    from experts.generate import generate
+    from lm.tokenizer import load_tokenizer
+
+    experts = _load_experts(args.experts, "cpu")
+    tokenizer = load_tokenizer(args.tokenizer)
+    print(generate([model for _, model in experts], tokenizer, args.prompt, args.max_new_tokens,
+                   args.temperature, args.seed))
     return 0
 
 
@@ -240,8 +320,14 @@ def _device_options(p: argparse.ArgumentParser, threads: int) -> None:
     p.add_argument("--threads", type=int, default=threads, help="torch CPU threads (0: torch's default)")
 
 
+def _swarm_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--initial-peers", nargs="+", required=required, metavar="MADDR", help="any peer of the swarm")
+    p.add_argument("--swarm", default="swarm-node", help="swarm id (default: swarm-node)")
+    p.add_argument("--swarm-key", metavar="PATH", default="", help="the swarm key of a private swarm")
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("experts", help="HDEE domain experts: plan, train, evaluate, benchmark")
+    p = subparsers.add_parser("experts", help="HDEE domain experts: plan, train, list, fetch, eval, generate, bench")
     sub = p.add_subparsers(dest="experts_command", metavar="SUBCOMMAND")
     sub.required = True
 
@@ -267,7 +353,10 @@ def add_parser(subparsers) -> None:
     sp.set_defaults(handler=train_cmd)
 
     sp = sub.add_parser("eval", help="score an ensemble per domain: posterior, uniform, top-k, best single")
-    sp.add_argument("--experts", nargs="+", required=True, help="expert checkpoint directories, or a train --out")
+    sp.add_argument("--experts", nargs="+", default=[], help="expert checkpoint directories, or a train/fetch --out")
+    sp.add_argument("--from-swarm", action="store_true", help="fetch the swarm's finished experts first")
+    sp.add_argument("--fetch-dir", default=None, help="with --from-swarm: where to put them (default: a temp dir)")
+    _swarm_options(sp, required=False)
     _domain_options(sp)
     sp.add_argument("--seq-len", type=int, default=128)
     sp.add_argument("--dev-windows", type=int, default=100, help="dev sequences for the prior")
@@ -277,6 +366,31 @@ def add_parser(subparsers) -> None:
     sp.add_argument("--csv", default=None, help="also write the table as CSV")
     _device_options(sp, threads=2)
     sp.set_defaults(handler=eval_cmd)
+
+    sp = sub.add_parser("list", help="the swarm's published experts (from the DHT)")
+    _swarm_options(sp, required=True)
+    sp.add_argument("--json", action="store_true", help="a JSON list of manifests instead of a table")
+    sp.set_defaults(handler=list_cmd)
+
+    sp = sub.add_parser("fetch", help="download experts from the peers that serve them, sha256 verified")
+    _swarm_options(sp, required=True)
+    which = sp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--expert", action="append", default=[], metavar="ID", help="an expert id (repeat)")
+    which.add_argument("--domain", action="append", default=[], metavar="D", help="every expert of a domain (repeat)")
+    which.add_argument("--all", action="store_true", help="every expert")
+    sp.add_argument("--finished", action="store_true", help="with --all: only experts that reached their last step")
+    sp.add_argument("--out", required=True, help="directory; each expert goes to OUT/<id>/")
+    sp.set_defaults(handler=fetch_cmd)
+
+    sp = sub.add_parser("generate", help="sample text from the posterior mixture of experts")
+    sp.add_argument("--experts", nargs="+", required=True, help="expert directories (e.g. an experts fetch --out)")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--tokenizer", default=None, help="HF tokenizer directory (default: byte tokenizer)")
+    sp.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
+    sp.set_defaults(handler=generate_cmd)
 
     sp = sub.add_parser("bench", help="MHo-IHo vs MHe-IHo vs MHo-IHe at equal FLOPs, 3 seeds")
     _domain_options(sp, max_bytes=None)

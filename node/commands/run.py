@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 import threading
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             daemon = Daemon.create(config, stop)
         except Stopped:
             print("swarm-node: stopped during start-up", file=sys.stderr, flush=True)
-            return 0
+            _exit_now(0)
         try:
             print(f"swarm-node: peer {daemon.peer_id} hosts stage(s) {','.join(map(str, daemon.stages))} of "
                   f"swarm '{config.swarm}'", flush=True)
@@ -46,5 +48,21 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if daemon.relaunch:  # a new role (node/roles.py): the same command line, the new role's flags last
+        print(f"swarm-node: restarting with {' '.join(daemon.relaunch)}", file=sys.stderr, flush=True)
+        os.execv(sys.executable, [sys.executable, "-m", "node", *sys.argv[1:], *daemon.relaunch])
     print("swarm-node: stopped", file=sys.stderr, flush=True)
-    return 0
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without waiting for threads: everything the node started is stopped by now, and a library thread
+    still blocked in a call (a peer that froze mid-RPC, a hung DHT request) must not hold the process."""
+    stuck = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon
+             and t.is_alive()]
+    if stuck:
+        logging.getLogger(__name__).info("not waiting for threads %s", ", ".join(sorted(set(stuck))))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

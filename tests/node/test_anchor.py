@@ -17,7 +17,7 @@ from lm.tokenizer import ByteTokenizer
 from node.config import NodeConfig
 from node.daemon import Daemon
 from node.local_swarm import LocalSwarm
-from node.planning import full_pipeline_plan
+from node.planning import plan_round
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,8 @@ def test_pipeline_through_stage_servers_matches_the_unsplit_model(tmp_path):
 
         # Round 0 plans two microbatches but the test feeds only the first: the stage servers keep
         # waiting for the second, so their accumulated gradients stay readable until the test is done.
-        plan = full_pipeline_plan(members, 0, 3, 2, origin.peer_id, deadline=get_dht_time() + 60)
+        plan, _ = plan_round(members, {}, round_=0, num_stages=3, visits=3, microbatches_per_origin=2,
+                             activation_bytes=2 * 32 * 64 * 4, planner=origin.peer_id, deadline=get_dht_time() + 60)
         origin.directory.publish_plan(plan, ttl=120)
         origin.executor.begin_round(0, {(mb, hop) for mb, hop, _ in plan.work_of(origin.peer_id)})
         ids = torch.randint(0, ByteTokenizer.vocab_size, (2, 32))

@@ -1,11 +1,15 @@
-"""Stopping and dying, on one real swarm: a signal in any phase exits 0 within 5 s leaving nothing behind,
-a `kill -9` leaves no orphans, hostile frames get a status with a reason, and metrics tell the truth.
+"""Stopping and dying on real swarms: a signal in any phase exits 0 within 5 s leaving nothing behind, a
+`kill -9` leaves no orphans, hostile frames get a status with a reason, and metrics tell the truth.
 
-Nodes: D0 (stage 0, the data node), S1a and S1b (stage 1), then S1c and S1d, which join late; and PL, a
-lone node of another swarm started from a shell like an operator does, which waits for a plan forever.
-Freezing S1b's averager process (SIGSTOP) then holds every node in one phase long enough to stop it
-there: S1a and S1b in averaging, D0 in compute (its next round's hops wait at the stuck replicas), and the
-late joiners in catch-up (they wait for the replicas to finish the round).
+Swarm "lifecycle": D0 and D1 (stage 0, data nodes: every plan has both, so they average every round)
+and S1 (stage 1); D3 joins late. Freezing the DHT process (SIGSTOP) of the data node that does not plan
+holds each node in one phase long enough to stop it there: that node in planning (it cannot read the
+next plan, but answers pings, so plans keep it and its microbatches never start); the planner in
+averaging after each round's deadline (it waits for the frozen replica's gradients until its grace period
+ends); S1 in planning once the planner is gone; D3 in catch-up (it waits for the state after a round
+that cannot finish in time).
+Swarm "lonely": PL (stage 0), started from a shell as an operator does, and Q (stage 1). Freezing Q
+holds PL in compute; then the shell's process group gets SIGINT, as a terminal's Ctrl-C sends it.
 """
 
 from __future__ import annotations
@@ -45,32 +49,42 @@ COMMON = ["--num-stages", "2", "--torch-threads", "1", "--device", "cpu", "--mic
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lifecycle")
-    swarm = LocalSwarm(workdir, SWARM, common_args=COMMON)
+    # A short round timeout: with a frozen origin, each round lasts until its deadline.
+    swarm = LocalSwarm(workdir, SWARM, common_args=COMMON + ["--round-timeout", "20"])
+    lonely = LocalSwarm(workdir, "lonely", common_args=COMMON)
     shell = _start_from_shell(workdir)
     first = swarm.start_node("d0", "0")
     swarm.wait_started([first], timeout=120)
-    peers = swarm.initial_peers()
-    rest = [swarm.start_node(name, "1", initial_peers=peers) for name in ("s1a", "s1b")]
+    shell_node = wait_for(lambda: _started(workdir / "pl.events.jsonl"), 120, "the shell's node to start")
+    rest = [swarm.start_node(name, stage, initial_peers=swarm.initial_peers()) for name, stage in
+            (("d1", "0"), ("s1", "1"))]
+    rest.append(lonely.start_node("q", "1", initial_peers=shell_node["maddrs"][:1]))
     swarm.wait_started(rest, timeout=180)
-    swarm.shell = shell
+    swarm.shell, swarm.lonely = shell, lonely
     yield swarm
-    for pid in [shell.pid] + [n.process.pid for n in swarm.nodes]:
+    for pid in [shell.pid] + [n.process.pid for n in swarm.nodes + lonely.nodes]:
         for p in descendants(pid):  # a test that failed half-way may have left one frozen
             _signal(p, signal.SIGCONT)
     if shell.poll() is None:
         os.killpg(shell.pid, signal.SIGKILL)
     swarm.stop()
+    lonely.stop()
 
 
 def _start_from_shell(workdir) -> subprocess.Popen:
     """`swarm-node run` as a terminal's foreground job: the shell and the node share one process group."""
     node = (f"{sys.executable} -m node run --new-swarm --swarm lonely --stages 0 "
-            f"--events-file {workdir}/pl.events.jsonl {' '.join(COMMON)}")
+            f"--events-file {workdir}/pl.events.jsonl {' '.join(COMMON)} --microbatches 16")  # rounds mostly compute
     script = f"{node}; echo \"node exited $?\""
     # The new session stands in for the terminal; inside it, nothing starts a session or a group of its own.
     return subprocess.Popen(["bash", "-c", script], cwd=REPO, stdout=open(workdir / "pl.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _started(events_path) -> dict | None:
+    started = [e for e in read_events(events_path) if e["event"] == "started"]
+    return started[0] if started else None
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -113,7 +127,7 @@ def stop_in_phase(process: subprocess.Popen, metrics_url: str, phase: str, send)
     started must be gone within 5 s. Returns the seconds that took."""
     wait_for(lambda: phase_of(metrics_url) == phase, 120, f"the node to be in phase {phase}")
     children = descendants(process.pid)
-    assert children, "a running node has its DHT process, p2pd and averagers below it"
+    assert children, "a running node has its DHT process and p2pd below it"
     started = time.monotonic()
     send()
     assert process.wait(timeout=STOP_S) == 0
@@ -124,13 +138,13 @@ def stop_in_phase(process: subprocess.Popen, metrics_url: str, phase: str, send)
 
 # ---- while the swarm trains -----------------------------------------------------------------------------------
 def test_metrics_count_rounds_and_loss_only_where_computed(swarm):
-    d0, s1a = node(swarm, "d0"), node(swarm, "s1a")
+    d0, s1 = node(swarm, "d0"), node(swarm, "s1")
     first = wait_for(lambda: metric(d0, "swarm_node_rounds_completed_total"), 120, "a completed round on d0")
     wait_for(lambda: metric(d0, "swarm_node_rounds_completed_total") > first, 120, "another completed round")
     assert metric(d0, "swarm_node_rounds_aborted_total") == 0
     assert 0 < metric(d0, "swarm_node_loss") < 10
-    wait_for(lambda: metric(s1a, "swarm_node_rounds_completed_total"), 120, "a completed round on s1a")
-    samples = scrape(s1a.started()["metrics_url"])
+    wait_for(lambda: metric(s1, "swarm_node_rounds_completed_total"), 120, "a completed round on s1")
+    samples = scrape(s1.started()["metrics_url"])
     assert "swarm_node_loss" not in samples  # stage 1 computes no loss: no series at all, not a 0
     assert samples['swarm_node_state{swarm_node_state="serving"}'] == 1.0
 
@@ -153,7 +167,7 @@ def _valid_forward(swarm, target) -> bytes:
 
 
 def test_fuzzed_frames_get_a_status_with_a_reason_and_the_node_keeps_serving(swarm):
-    target = node(swarm, "s1a")
+    target = node(swarm, "s1")
     channel = grpc.insecure_channel(target.started()["endpoint"])
     valid = _valid_forward(swarm, target)
     errors_before = sum(v for k, v in scrape(target.started()["metrics_url"]).items()
@@ -211,14 +225,14 @@ def test_fuzzed_frames_get_a_status_with_a_reason_and_the_node_keeps_serving(swa
 
 
 def test_heartbeat_age_grows_while_the_dht_process_is_frozen(swarm):
-    s1a = node(swarm, "s1a")
-    dht = _dht_process(s1a.process.pid)
+    s1 = node(swarm, "s1")
+    dht = _dht_process(s1.process.pid)
     os.kill(dht, signal.SIGSTOP)
     try:
-        wait_for(lambda: metric(s1a, "swarm_node_dht_heartbeat_age_seconds") > 4, 30, "a growing heartbeat age")
+        wait_for(lambda: metric(s1, "swarm_node_dht_heartbeat_age_seconds") > 4, 30, "a growing heartbeat age")
     finally:
         os.kill(dht, signal.SIGCONT)
-    wait_for(lambda: metric(s1a, "swarm_node_dht_heartbeat_age_seconds") < 3, 30, "a fresh heartbeat again")
+    wait_for(lambda: metric(s1, "swarm_node_dht_heartbeat_age_seconds") < 3, 30, "a fresh heartbeat again")
 
 
 def _python_children(pid: int) -> list[int]:
@@ -229,12 +243,6 @@ def _dht_process(pid: int) -> int:
     """The node's DHT process: the child that runs p2pd."""
     found = [p for p in _python_children(pid) if any("p2pd" in _cmdline(c) for c in descendants(p))]
     assert len(found) == 1, found
-    return found[0]
-
-
-def _averager_process(pid: int) -> int:
-    found = [p for p in _python_children(pid) if p != _dht_process(pid)]
-    assert len(found) == 1, found  # one hosted stage: one averager
     return found[0]
 
 
@@ -253,19 +261,25 @@ def _cmdline(pid: int) -> str:
 
 
 # ---- stopping in each phase ---------------------------------------------------------------------------------
-def test_ctrl_c_from_a_terminal_stops_a_node_waiting_for_a_plan(swarm):
+def test_ctrl_c_from_a_terminal_stops_a_node_in_compute_and_kill_9_leaves_no_orphans(swarm):
     shell = swarm.shell
-    url = wait_for(lambda: _started_url(swarm.workdir / "pl.events.jsonl"), 120, "the shell's node to start")
+    url = _started(swarm.workdir / "pl.events.jsonl")["metrics_url"]
     node_pid = next(p for p in descendants(shell.pid) if _ppid(p) == shell.pid)
-    assert not _sigint_ignored(node_pid)  # hivemind's averager set SIG_IGN here; the node undoes it
+    assert not _sigint_ignored(node_pid)
+    q = swarm.lonely.nodes[0]
+    wait_for(lambda: metric(q, "swarm_node_rounds_completed_total"), 120, "a round in the lonely swarm")
+    wait_for(lambda: phase_of(url) == "compute", 60, "PL in compute")
+    os.kill(q.process.pid, signal.SIGSTOP)  # the round's remaining hops wait at q: PL stays in compute
     # Ctrl-C: SIGINT to the terminal's foreground process group, the shell and the node.
-    stop_in_phase(shell, url, "planning", lambda: os.killpg(shell.pid, signal.SIGINT))
+    stop_in_phase(shell, url, "compute", lambda: os.killpg(shell.pid, signal.SIGINT))
     assert "node exited 0" in (swarm.workdir / "pl.log").read_text()
 
-
-def _started_url(events_path) -> str | None:
-    started = [e for e in read_events(events_path) if e["event"] == "started"]
-    return started[0]["metrics_url"] if started else None
+    # kill -9 of the frozen q (its DHT process is not frozen): within 5 s nothing it started is still running.
+    children = descendants(q.process.pid)
+    assert len(children) >= 2  # DHT process, p2pd
+    q.process.kill()
+    q.process.wait()
+    wait_for(lambda: not [p for p in children if alive(p)], STOP_S, "the killed node's children to exit")
 
 
 def _sigint_ignored(pid: int) -> bool:
@@ -275,29 +289,20 @@ def _sigint_ignored(pid: int) -> bool:
     return False
 
 
-def test_stop_in_averaging_compute_and_catch_up_and_no_orphans_after_kill_9(swarm):
-    d0, s1a, s1b = node(swarm, "d0"), node(swarm, "s1a"), node(swarm, "s1b")
-    os.kill(_averager_process(s1b.process.pid), signal.SIGSTOP)  # stage 1's all-reduce can never finish
-    for n in (s1a, s1b):
-        wait_for(lambda: phase_of(n.started()["metrics_url"]) == "averaging", 120, f"{n.name} in averaging")
-    # Two late joiners: not in the round's plan, they wait to copy the state after it from s1a or s1b.
-    late = [swarm.start_node(name, "1", initial_peers=swarm.initial_peers()) for name in ("s1c", "s1d")]
-    swarm.wait_started(late, timeout=180)
-    s1c, s1d = late
+def test_stop_in_averaging_planning_and_catch_up(swarm):
+    d0, d1, s1 = node(swarm, "d0"), node(swarm, "d1"), node(swarm, "s1")
+    planner, frozen = sorted((d0, d1), key=lambda n: n.started()["peer_id"])  # the lowest data node plans
+    dht = _dht_process(frozen.process.pid)
+    os.kill(dht, signal.SIGSTOP)
+    wait_for(lambda: phase_of(frozen.started()["metrics_url"]) == "planning", 120, f"{frozen.name} in planning")
+    # A late data node: not in the round's plan, it waits to copy the state after the round from d0 or d1.
+    d3 = swarm.start_node("d3", "0", initial_peers=swarm.initial_peers())
+    swarm.wait_started([d3], timeout=180)
 
-    url = s1c.started()["metrics_url"]
-    stop_in_phase(s1c.process, url, "catch_up", lambda: s1c.process.send_signal(signal.SIGTERM))
-
-    # kill -9: within 5 s nothing it started is still running.
-    wait_for(lambda: phase_of(s1d.started()["metrics_url"]) == "catch_up", 60, "s1d in catch-up")
-    children = descendants(s1d.process.pid)
-    assert len(children) >= 3  # DHT process, p2pd, averager
-    s1d.process.kill()
-    s1d.process.wait()
-    wait_for(lambda: not [p for p in children if alive(p)], STOP_S, "the killed node's children to exit")
-
-    stop_in_phase(d0.process, d0.started()["metrics_url"], "compute", lambda: d0.process.send_signal(signal.SIGINT))
-    stop_in_phase(s1a.process, s1a.started()["metrics_url"], "averaging",
-                  lambda: s1a.process.send_signal(signal.SIGINT))
-    stop_in_phase(s1b.process, s1b.started()["metrics_url"], "averaging",
-                  lambda: s1b.process.send_signal(signal.SIGTERM))  # its frozen averager goes too
+    stop_in_phase(d3.process, d3.started()["metrics_url"], "catch_up", lambda: d3.process.send_signal(signal.SIGINT))
+    stop_in_phase(planner.process, planner.started()["metrics_url"], "averaging",
+                  lambda: planner.process.send_signal(signal.SIGINT))
+    # Nobody is left to plan the next round.
+    stop_in_phase(s1.process, s1.started()["metrics_url"], "planning", lambda: s1.process.send_signal(signal.SIGTERM))
+    stop_in_phase(frozen.process, frozen.started()["metrics_url"], "planning",
+                  lambda: (frozen.process.send_signal(signal.SIGTERM), os.kill(dht, signal.SIGCONT)))

@@ -2,6 +2,7 @@
 
 One swarm serves the whole module, in order: it trains, a node joins, a node is killed, malformed
 RPCs arrive, a node leaves with SIGTERM, and finally everything stops with nothing left running.
+It trains with int8 activations and bf16 gradients, agreed through the plan although one node prefers raw.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import urllib.request
 import grpc
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from node.local_swarm import LocalSwarm
 from protocol.envelope import HopSpec, make_envelope
@@ -30,7 +32,8 @@ pytestmark = pytest.mark.slow
 SWARM = "test-swarm"
 HIDDEN = 64  # the tiny preset
 COMMON = ["--num-stages", "3", "--torch-threads", "1", "--device", "cpu", "--microbatches", "3",
-          "--round-timeout", "20", "--heartbeat-interval", "1", "--record-ttl", "30", "--log-level", "info"]
+          "--round-timeout", "20", "--heartbeat-interval", "1", "--record-ttl", "30", "--log-level", "info",
+          "--activation-codec", "int8", "--gradient-codec", "bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,9 @@ def swarm(tmp_path_factory):
     first = swarm.start_node("data0", "0")
     swarm.wait_started([first], timeout=120)
     peers = swarm.initial_peers()
-    rest = [swarm.start_node(name, stage, initial_peers=peers)
-            for name, stage in [("s1a", "1"), ("s1b", "1"), ("s2a", "2")]]
+    rest = [swarm.start_node(name, stage, initial_peers=peers, extra=extra)
+            for name, stage, extra in [("s1a", "1", []), ("s1b", "1", ["--activation-codec", "raw"]),  # outvoted
+                                       ("s2a", "2", [])]]
     swarm.wait_started(rest, timeout=180)
     yield swarm
     swarm.stop()
@@ -60,6 +64,17 @@ def status(swarm) -> dict[str, dict]:
     return {row["peer"]: row for row in json.loads(result.stdout)["nodes"]}
 
 
+def scrape(n) -> dict[str, float]:
+    """A node's Prometheus samples, summed over labels."""
+    with urllib.request.urlopen(n.started()["metrics_url"], timeout=5) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
 def test_trains_and_replicas_agree(swarm):
     data = node(swarm, "data0")
     wait_for(lambda: len(rounds(data)) >= 5, 180, "5 rounds on the data node")
@@ -71,6 +86,18 @@ def test_trains_and_replicas_agree(swarm):
     for r in both:  # bit-identical replicas after every step they both took
         assert a[r]["digests"]["1"] == b[r]["digests"]["1"], f"stage 1 replicas differ after round {r}"
         assert a[r]["averaged_with"]["1"] == 2
+    # Every node of every round used the plan's codecs: int8 forward, bf16 backward.
+    assert all(e["codecs"] == ["int8", "bf16"] for n in swarm.nodes for e in n.events("round"))
+    result = run_cli("status", "--swarm", SWARM, "--json", "--initial-peers", *swarm.initial_peers())
+    shown = json.loads(result.stdout)
+    assert (shown["codecs"]["activation"], shown["codecs"]["gradient"]) == ("int8", "bf16")
+    assert sorted(row["codecs"] for row in shown["nodes"]) == ["int8/bf16"] * 3 + ["raw/bf16"]
+    # And the bytes on the wire are the codecs' sizes: stage 2 sends int8 activations and bf16 gradients.
+    values = scrape(node(swarm, "s2a"))
+    sent, fwd, bwd = (values[k] for k in ("swarm_node_sent_bytes_total", "swarm_node_microbatches_forwarded_total",
+                                           "swarm_node_microbatches_backwarded_total"))
+    elements = 4 * 64 * HIDDEN  # --batch-size 4, --seq-len 64 (the defaults)
+    assert fwd >= 5 and 0 < sent <= fwd * (elements + elements // 16) + bwd * elements * 2
 
 
 def test_forged_records_and_plans_are_ignored(swarm):
@@ -85,6 +112,7 @@ def test_forged_records_and_plans_are_ignored(swarm):
     from protocol.records import PlannedMicrobatch, RoundPlan, nodes_key, plan_key
 
     data = node(swarm, "data0")
+    wait_for(lambda: rounds(data), 180, "a round on the data node")
     victim = data.started()["peer_id"]
     path, key, _ = load_identity(None)
     validators = record_validators(key, None, RefusalCounter())
@@ -196,8 +224,19 @@ def test_malformed_rpcs_get_a_reason_and_the_node_keeps_serving(swarm):
         got, details = _send(stub, env, tensor, method)
         assert got == code and reason in details, (got, details)
 
-    # No envelope at all (from a client generated from the .proto), then bytes that are not protobuf.
+    # A codec the node does not speak, and a header that lies about a codec's size: refused with a reason.
     generated = pb_grpc.StageServiceStub(grpc.insecure_channel(target.started()["endpoint"]))
+    for meta, reason in [
+        (pb.TensorMeta(dtype="float32", shape=[2, 8, HIDDEN], codec="zstd", nbytes=100),
+         "unknown codec 'zstd'; this node speaks raw, bf16, int8, int4, lowrank"),
+        (pb.TensorMeta(dtype="float32", shape=[2, 8, HIDDEN], codec="int4", nbytes=100, block_size=64),
+         "does not match"),
+    ]:
+        with pytest.raises(grpc.RpcError) as e:
+            generated.Forward(iter([pb.TensorChunk(envelope=_envelope(swarm, target, now), meta=meta)]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in e.value.details()
+
+    # No envelope at all (from a client generated from the .proto), then bytes that are not protobuf.
     with pytest.raises(grpc.RpcError) as e:
         generated.Forward(iter([pb.TensorChunk(data=b"xx")]), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "envelope" in e.value.details()
