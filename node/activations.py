@@ -1,13 +1,16 @@
-"""Tensors kept for backward, keyed by (round, microbatch, hop) and bounded by a budget in microbatches."""
+"""Tensors kept for backward, keyed by (round, microbatch, attempt, hop), bounded by a budget in microbatches."""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
-Key = tuple[int, int, int]  # (round, microbatch, hop)
+from protocol.generated.swarm.v1 import stage_pb2 as pb
+
+Key = tuple[int, int, int, int]  # (round, microbatch, attempt, hop)
 
 
 @dataclass
@@ -15,6 +18,8 @@ class Saved:
     stage: int
     inputs: torch.Tensor  # the hop's input: a leaf that receives the gradient to send back (token ids at hop 0)
     outputs: torch.Tensor  # the hop's output, still attached to its autograd graph
+    env: pb.Envelope | None = None  # as received: who comes next, and who the origin is
+    since: float = field(default_factory=time.monotonic)  # when the forward finished
 
 
 class ActivationStore:
@@ -66,6 +71,20 @@ class ActivationStore:
             if saved is not None:
                 self._release(key[0], key[1])
             return saved
+
+    def drop_attempts(self, round_: int, microbatch: int, below: int) -> int:
+        """Free a microbatch's hops from attempts before `below` (it was re-routed); returns how many."""
+        with self._lock:
+            keys = [k for k in self._saved if k[0] == round_ and k[1] == microbatch and k[2] < below]
+            for key in keys:
+                del self._saved[key]
+                self._release(round_, microbatch)
+            return len(keys)
+
+    def awaiting_backward(self) -> list[Saved]:
+        """Hops whose forward is done and whose gradient has not come back yet."""
+        with self._lock:
+            return [s for s in self._saved.values() if s.env is not None]
 
     def drop_round(self, round_: int) -> int:
         """Free everything kept for an aborted round; returns how many hops were dropped."""

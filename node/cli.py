@@ -12,7 +12,7 @@ import sys
 
 from node.errors import UsageError
 
-COMMANDS = ("run", "demo", "status", "plan", "experts", "keygen", "eval")
+COMMANDS = ("run", "demo", "status", "plan", "experts", "keygen", "eval", "health")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -147,6 +147,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("round_timeout", _positive_float, "seconds a round may take before its stragglers are dropped"),
     Option("heartbeat_interval", _positive_float, "seconds between DHT heartbeats"),
     Option("record_ttl", _positive_float, "seconds a DHT record lives unless refreshed"),
+    # faults: failure detection, re-routing, checkpoints (node/failures.py, node/origin.py, node/checkpoint.py)
+    Option("hop_watch_interval", _positive_float,
+           "seconds between checks that the peers after our waiting hops are alive"),
+    Option("probe_timeout", _positive_float, "seconds a liveness ping may take before it counts as missed"),
+    Option("hung_after_misses", _positive_int, "missed pings in a row after which a peer is taken as hung"),
+    Option("unreachable_patience", _positive_float,
+           "seconds a send keeps retrying a peer that refuses connections before the hop fails"),
+    Option("hop_deadline_slack", _positive_float,
+           "a hop fails when its gradient is not back after this many times the round's expected compute time"),
+    Option("hop_deadline_min", _positive_float, "the least seconds a hop may wait for its gradient"),
+    Option("max_attempts", _positive_int, "re-routes per microbatch before the origin gives it up"),
+    Option("notice_timeout", _positive_float, "seconds for a failure report or a re-route notice to be delivered"),
+    Option("checkpoint_dir", str, "save hosted stages here (and resume from here); empty: no checkpoints"),
+    Option("checkpoint_every", _positive_int, "rounds between checkpoints"),
     Option("torch_threads", _int, "torch intra-op threads (0: torch's default)"),
     Option("events_file", str, "append one JSON line per event (round done, loss, weights digest)"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
@@ -189,6 +203,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("expert_save_every", _positive_int, "expert checkpoint (and publish) every N steps"),
     Option("expert_max_bytes", _positive_int, "bytes of text kept per catalogue domain"),
     Option("expert_seed", str, "expert checkpoint directory this (expert) node serves as the catalogue's seed"),
+    # trust (issue 10): hostile input, public reachability
+    Option("stream_idle_timeout", _positive_float, "seconds a Forward/Backward stream may stay silent before it "
+                                                   "is cancelled"),
+    Option("tls", _bool, "serve and dial gRPC over TLS with a certificate derived from --swarm-key",
+           flag_kind="switch"),
+    Option("tls_cert", str, "TLS certificate (PEM) every node of the swarm serves and trusts; with --tls-key"),
+    Option("tls_key", str, "private key (PEM) of --tls-cert"),
+    Option("announce_port", _port, "gRPC port other peers reach this node on, behind NAT or port forwarding "
+                                   "(0: --port)"),
 )
 
 
@@ -226,6 +249,16 @@ class NodeConfig:
     round_timeout: float = 120.0
     heartbeat_interval: float = 2.0
     record_ttl: float = 8.0
+    hop_watch_interval: float = 0.5
+    probe_timeout: float = 1.0
+    hung_after_misses: int = 3
+    unreachable_patience: float = 1.0
+    hop_deadline_slack: float = 4.0
+    hop_deadline_min: float = 5.0
+    max_attempts: int = 3
+    notice_timeout: float = 2.0
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 5
     torch_threads: int = 0
     events_file: str = ""
     log_level: str = "info"
@@ -257,6 +290,12 @@ class NodeConfig:
     expert_save_every: int = 50
     expert_max_bytes: int = 400_000
     expert_seed: str = ""
+    # trust (issue 10)
+    stream_idle_timeout: float = 10.0  # frees the gRPC worker a silent client holds
+    tls: bool = False  # TLS on the data plane, certificate derived from the swarm key
+    tls_cert: str = ""
+    tls_key: str = ""
+    announce_port: int = 0  # with --announce-host: the address peers dial (the reachability check tests it)
 
     def hosted_stages(self) -> list[int] | None:
         """The explicit stage list, or None for `auto`."""

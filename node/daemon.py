@@ -1,13 +1,15 @@
 """The node daemon: `Daemon.create(config)` builds and starts a node, `run()` trains, `shutdown()` stops it.
 
-Start-up order matters: the DHT and the gradient averagers are forked processes, so they start
+Start-up order matters: the DHT is a forked process, so it starts
 before this process creates any thread (gRPC, compute, heartbeat).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +27,8 @@ from lm.presets import ModelSpec, resolve_model, stage_layers
 from lm.stage import PipelineStage
 from lm.tokenizer import load_tokenizer
 from lm.whole import save_stage_shard
-from node.averaging import StageGradientAverager
+from node.averaging import GradientExchange
+from node.checkpoint import StageCheckpoints
 from node.children import die_with_parent
 from node.config import NodeConfig
 from node.discovery import SwarmDirectory
@@ -38,12 +41,17 @@ from node.link_emulation import LinkEmulator
 from node.links import LinkBook, LinkMeter, LinkSettings, ping_with
 from node.metrics import NodeMetrics
 from node.origin import Origin
+from node.recover import recover_stages
+from node.resilience import Resilience
 from node.roles import Role, choose_stages, relaunch_args
-from node.rounds import RoundLoop, RoundSettings
+from node.rounds import Faults, RoundLoop, RoundSettings
 from node.rpc_guard import RpcGuard
 from node.servicer import VERSION, StageServicer
 from node.trainer import StageTrainer
 from node.transport import HopSender, StageClients
+from node.admission import HopAdmission
+from node.reachability import dial_back, self_check
+from node.stream_guard import StreamGuard, StreamLimits
 from node.trust import NodeTrust
 from protocol.codec_names import CODEC_NAMES
 from protocol.grpc_options import server_options
@@ -95,6 +103,7 @@ class Daemon:
         if first_round is None:
             return
         self.rounds.run(first_round, self.stop)
+        self.sender.wait_idle(self.config.round_timeout, self.stop)  # the last round's gradients reach their hops
         if self.config.save_model and not self.stop.is_set():  # every stage's replicas hold the same weights now
             for stage, module in self.executor.stages.items():
                 save_stage_shard(module, self.spec.config, self.config.num_stages, self.config.save_model)
@@ -135,7 +144,7 @@ class Daemon:
                              f"the tokenizer's {self.tokenizer.vocab_size}; give the matching --tokenizer")
         _usage(stage_layers, self.spec.config.num_hidden_layers, cfg.num_stages)
 
-        self.trust = NodeTrust.create(cfg.identity_path, cfg.swarm_key)
+        self.trust = NodeTrust.create(cfg.identity_path, cfg.swarm_key, cfg.tls, cfg.tls_cert, cfg.tls_key)
         undo.callback(self.trust.close)
         # Forked processes first, before this process has threads; each dies with us (node/children.py).
         die_with_parent()
@@ -156,7 +165,6 @@ class Daemon:
                              metrics_url=self.metrics_url, stages=[], role="expert")
             return
         self.expert_metrics.set_role("data" if 0 in self.stages else "stage")
-        self.averagers = self._start_averagers()
         self._check_stop()
 
         modules = {s: _usage(build_stage, self.spec, s, cfg.num_stages, cfg.seed, self.device, self.dtype)
@@ -166,19 +174,28 @@ class Daemon:
         for trainer in self.trainers.values():
             undo.callback(trainer.close)
         self._compute_s = self._measure_compute(modules)
-        self.clients = StageClients(self.limits, self.trust.auth)
+        self.clients = StageClients(self.limits, self.trust.auth, self.trust.tls)
         undo.callback(self.clients.close)
         self.executor = StageExecutor(self.peer_id, modules, self.device, self.dtype, cfg.memory_slots,
                                       self.metrics, send=self._send)
         self.executor.start()
         undo.callback(self.executor.stop)
+        self.activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
+        self.exchange = GradientExchange(cfg.swarm, self.peer_id, self.clients, self.limits.chunk_bytes)
+        self.resilience = Resilience.create(cfg, self.peer_id, self.clients, self.metrics, self.executor,
+                                            self.activation_bytes)
+        undo.callback(self.resilience.close)
         self.emulator = LinkEmulator.load(cfg.emulate_links) if cfg.emulate_links else None  # a test tool
         self.link_meter = LinkMeter(self.peer_id, LinkSettings(refresh_rounds=cfg.links_refresh_rounds))
         self.sender = HopSender(self.peer_id, self.clients, self.metrics, local=self._accept_local,
-                                on_give_up=self._gave_up, deadline_s=cfg.round_timeout, workers=cfg.send_workers,
+                                on_give_up=self.resilience.reporter.send_failed, deadline_s=cfg.round_timeout,
+                                unreachable_patience_s=cfg.unreachable_patience, workers=cfg.send_workers,
                                 emulator=self.emulator, on_sent=self.link_meter.observe_send)
         undo.callback(self.sender.close)
         self.origin = self._make_origin()
+        if self.origin is not None:
+            self.resilience.attach(self.origin, self.directory.members, self.metrics, cfg.max_attempts)
+        self.resilience.watch.start()
         self.rounds = self._make_round_loop()
         if cfg.role == Role.AUTO and cfg.hosted_stages() is None:
             self.rounds.on_left_out = self._left_out
@@ -194,6 +211,16 @@ class Daemon:
             keep_catalogue(self)
         self.events.emit("started", peer_id=self.peer_id, maddrs=self.maddrs, endpoint=self.endpoint,
                          metrics_url=self.metrics_url, stages=self.stages, role="data" if 0 in self.stages else "stage")
+        if cfg.initial_peers:
+            self._start_thread("reachability", self._check_reachable)
+
+    def _check_reachable(self) -> None:
+        """Ask a member to dial us back; say plainly which port to open or flag to set if it cannot."""
+        result = self_check(self.directory.members(), self.peer_id, self.endpoint, self.maddrs, self.clients)
+        (log.info if result.ok else log.warning)("%s", result.message)
+        if not result.ok:
+            print(f"swarm-node: {result.message}", file=sys.stderr, flush=True)
+        self.events.emit("reachability", ok=result.ok, message=result.message)
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -226,20 +253,6 @@ class Daemon:
         self.events.emit("relaunch", role="auto", stage=None)
         return True
 
-    def _start_averagers(self) -> dict[int, StageGradientAverager]:
-        cfg = self.config
-        sigint = signal.getsignal(signal.SIGINT)
-        averagers = {}
-        for s in self.stages:
-            averagers[s] = StageGradientAverager(self.dht, cfg.swarm, s, _param_shapes(self.spec, s, cfg),
-                                                 timeout=cfg.round_timeout, stop=self.stop,
-                                                 shutdown_timeout=cfg.child_exit_timeout)
-            self._teardown.callback(averagers[s].shutdown)
-        # hivemind's averager sets SIGINT to SIG_IGN in the process that starts it: give Ctrl-C back.
-        if sigint is not None:
-            signal.signal(signal.SIGINT, sigint)
-        return averagers
-
     def _measure_compute(self, modules: dict[int, PipelineStage]) -> dict[int, float]:
         """Seconds per microbatch forward on this host, per stage: what planners weigh replicas by."""
         cfg = self.config
@@ -263,38 +276,52 @@ class Daemon:
 
     def _make_round_loop(self) -> RoundLoop:
         cfg = self.config
-        activation_bytes = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
         settings = RoundSettings(swarm=cfg.swarm, num_stages=cfg.num_stages, visits=cfg.visits or cfg.num_stages,
-                                 microbatches=cfg.microbatches, activation_bytes=activation_bytes,
+                                 microbatches=cfg.microbatches, activation_bytes=self.activation_bytes,
                                  round_timeout=cfg.round_timeout, max_rounds=cfg.rounds, min_nodes=cfg.min_nodes,
-                                 activation_shape=(cfg.batch_size, cfg.seq_len, self.spec.config.hidden_size))
+                                 activation_shape=(cfg.batch_size, cfg.seq_len, self.spec.config.hidden_size),
+                                 hop_deadline_slack=cfg.hop_deadline_slack, hop_deadline_min=cfg.hop_deadline_min,
+                                 checkpoint_every=cfg.checkpoint_every)
+        faults = Faults(self.resilience.dead, self.resilience.notifier, self.resilience.watch,
+                        self.resilience.checkpoints)
         links = LinkBook(self.dht, cfg.swarm, self.link_meter, ping_with(self.clients, self.emulator),
                          ttl=max(60.0, 4 * cfg.round_timeout), owner=self.trust.owner, settings=self.link_meter.s)
-        return RoundLoop(settings, self.peer_id, self.directory, self.executor, self.trainers, self.averagers,
-                         self.origin, self.clients, self.metrics, self.events, links=links)
+        return RoundLoop(settings, self.peer_id, self.directory, self.executor, self.trainers, self.exchange,
+                         self.origin, self.clients, self.metrics, self.events, faults, links=links)
 
     def _start_grpc(self) -> None:
         cfg = self.config
+        self.guard = StreamGuard(StreamLimits(workers=cfg.grpc_workers, idle_s=cfg.stream_idle_timeout),
+                                 on_refused=lambda reason: self.metrics.streams_refused.labels(reason).inc())
+        self._teardown.callback(self.guard.close)
         self.server = grpc.server(ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="grpc"),
                                   options=server_options(self.limits),
                                   # the guard outermost, so that it also counts the auth interceptor's refusals
                                   interceptors=[RpcGuard(self.metrics), *self.trust.server_interceptors(self.metrics)])
+        # A tensor never exceeds twice this swarm's activation size: larger ones are refused from their header.
+        activation = cfg.batch_size * cfg.seq_len * self.spec.config.hidden_size * self.dtype.itemsize
+        limits = dataclasses.replace(self.limits, max_tensor_bytes=min(self.limits.max_tensor_bytes, 2 * activation))
         self.servicer = StageServicer(swarm=cfg.swarm, peer_id=self.peer_id, num_stages=cfg.num_stages,
-                                      executor=self.executor, trainers=self.trainers, limits=self.limits,
+                                      executor=self.executor, trainers=self.trainers, limits=limits,
                                       metrics=self.metrics, state_wait_s=cfg.state_transfer_timeout,
-                                      auth=self.trust.auth)
+                                      exchange=self.exchange, on_failure_report=self.resilience.on_failure_report,
+                                      checkpoint_state=self.resilience.checkpoint_state,
+                                      auth=self.trust.auth, admission=HopAdmission(self.directory), guard=self.guard,
+                                      dial_back=lambda request, caller: dial_back(request, caller, self.clients))
         self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         try:
-            port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            address = f"{cfg.host}:{cfg.port}"
+            port = self.server.add_insecure_port(address) if self.trust.tls is None else \
+                self.server.add_secure_port(address, self.trust.tls.server_credentials())
         except RuntimeError:  # grpc reports a failed bind this way
             port = 0
         if port == 0:
             raise UsageError(f"cannot serve gRPC on {cfg.host}:{cfg.port}: is the port taken? Pick another --port")
         self.server.start()
         self._teardown.callback(lambda: self.server.stop(grace=cfg.drain_grace).wait())
-        self.endpoint = f"{cfg.announce_host or cfg.host}:{port}"
+        self.endpoint = f"{cfg.announce_host or cfg.host}:{cfg.announce_port or port}"
         if self.emulator is not None:
             self.emulator.bind(self.endpoint)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -319,25 +346,12 @@ class Daemon:
 
     # ---- joining, state, leaving ------------------------------------------------------------------------------
     def _copy_swarm_state(self) -> int:
-        """A node joining a running swarm copies each stage from a replica; returns the round to start at."""
-        members = self.directory.members() if self.config.initial_peers else {}
-        swarm_round = max((r.round for r in members.values() if r.serving), default=0)
-        for stage, trainer in self.trainers.items():
-            sources = sorted(p for p, r in members.items() if r.serving and stage in r.stages and r.round > 0)
-            for peer in sources:
-                if self.stop.is_set():
-                    return swarm_round
-                try:
-                    completed, tensors, metadata = self.clients.fetch_state(
-                        members[peer].endpoint, self.config.swarm, stage, timeout=self.config.state_transfer_timeout)
-                except grpc.RpcError as e:
-                    log.warning("could not fetch stage %d from %s: %s", stage, peer[-8:], e.details())
-                    continue
-                trainer.load(tensors, metadata)
-                log.info("stage %d: loaded state after round %d from %s", stage, completed, peer[-8:])
-                swarm_round = max(swarm_round, completed + 1)
-                break
-        return swarm_round
+        """Each stage from its checkpoint, a replica, or a rebuild (node/recover.py); returns the round to start at."""
+        cfg = self.config
+        return recover_stages(self.trainers, self.directory.members() if cfg.initial_peers else {}, self.peer_id,
+                              cfg.swarm, cfg.num_stages, self.clients,
+                              StageCheckpoints(cfg.checkpoint_dir) if cfg.checkpoint_dir else None, self.metrics,
+                              self.events.emit, self.stop, cfg.state_transfer_timeout)
 
     def _serve_when_ready(self) -> None:
         """Become `serving` (plannable) once this node has begun its first round, or when nobody has planned
@@ -380,10 +394,6 @@ class Daemon:
     def _accept_local(self, kind: str, env, tensor) -> None:
         (self.executor.accept_forward if kind == "forward" else self.executor.accept_backward)(env, tensor)
 
-    def _gave_up(self, env, reason: str) -> None:
-        if self.origin is not None and env.path and env.path[0].peer_id == self.peer_id:
-            self.origin.on_failed(env.round, env.microbatch, reason)
-
     # ---- heartbeat -------------------------------------------------------------------------------------------
     def _record(self) -> NodeRecord:
         return NodeRecord(peer_id=self.peer_id, endpoint=self.endpoint, stages=tuple(self.stages),
@@ -392,7 +402,8 @@ class Daemon:
                           version=VERSION, swarm=self.config.swarm, round=max(self.executor.round, 0),
                           state=self.state, metrics_url=self.metrics_url, maddrs=tuple(self.maddrs),
                           heartbeat_time=get_dht_time(), codecs=(self.config.activation_codec,
-                                                                 self.config.gradient_codec), speaks=CODEC_NAMES)
+                                                                 self.config.gradient_codec), speaks=CODEC_NAMES,
+                          num_stages=self.config.num_stages)
 
     def _planned_slots(self) -> int:
         """Microbatches planners may route through us at once: an origin keeps at most max_inflight of its own."""
@@ -422,14 +433,6 @@ class Daemon:
 
 class Stopped(Exception):
     """Stop was requested while the node was still being built."""
-
-
-def _param_shapes(spec: ModelSpec, stage: int, cfg: NodeConfig) -> list[torch.Size]:
-    """Parameter shapes of a stage without allocating it (the averager needs them before any thread starts)."""
-    layers = stage_layers(spec.config.num_hidden_layers, cfg.num_stages)
-    with torch.device("meta"):
-        module = PipelineStage(spec.config, stage, layers[stage])
-    return [p.shape for p in module.parameters() if p.requires_grad]
 
 
 def _usage(fn, *args):

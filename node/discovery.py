@@ -1,4 +1,4 @@
-"""The node's view of the swarm through the hivemind DHT: heartbeats, round plans, averaging barriers.
+"""The node's view of the swarm through the hivemind DHT: heartbeats and round plans.
 
 Key schema: see protocol/records.py. Records carry an expiration and are refreshed by their owner,
 so a dead node's records simply expire; a node that leaves cleanly overwrites its record with a tombstone.
@@ -11,8 +11,6 @@ acted on only when the round's planner, chosen from those verified members, sign
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable
 
 from hivemind.dht import DHT
@@ -20,7 +18,7 @@ from hivemind.utils import get_dht_time
 
 from node.planning import choose_planner, membership_digest
 from protocol.record_auth import owner_peer_id
-from protocol.records import (TOMBSTONE, NodeRecord, RecordError, RoundPlan, averaging_key, is_tombstone,
+from protocol.records import (TOMBSTONE, NodeRecord, RecordError, RoundPlan, is_tombstone,
                               nodes_key, plan_key)
 
 Dropped = Callable[[str], None]  # called with why a record was dropped: "unsigned", "not_planner", "malformed"
@@ -108,35 +106,6 @@ class SwarmDirectory:
         else:
             log.warning("%s", message)
             self.on_dropped(reason)
-
-    # ---- averaging barrier -----------------------------------------------------------------------------------
-    def ready_to_average(self, stage: int, round_: int, count: int, digest: str, ttl: float) -> None:
-        """Post how many microbatches we processed, and the digest of the weights they were computed with."""
-        self.dht.store(averaging_key(self.swarm, stage, round_), [count, digest], get_dht_time() + ttl,
-                       subkey=self.owner)
-
-    def peers_ready(self, stage: int, round_: int) -> dict[str, tuple[int, str]]:
-        entry = self.dht.get(averaging_key(self.swarm, stage, round_), latest=True)
-        if entry is None or not isinstance(entry.value, dict):
-            return {}
-        ready = {}
-        for subkey, item in entry.value.items():
-            peer, v = owner_peer_id(subkey), item.value
-            if peer is None:
-                self.on_dropped("unsigned")
-            elif isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str):
-                ready[peer] = (v[0], v[1])
-        return ready
-
-    def wait_ready(self, stage: int, round_: int, peers: set[str], until: float,
-                   stop: threading.Event | None = None) -> dict[str, tuple[int, str]]:
-        """Wait (until the monotonic time `until`, or `stop`) for every peer in `peers` to post; returns those
-        that did."""
-        stop = stop or threading.Event()
-        while True:
-            ready = self.peers_ready(stage, round_)
-            if peers <= ready.keys() or time.monotonic() > until or stop.wait(0.1):
-                return {p: v for p, v in ready.items() if p in peers}
 
 
 def read_members(dht: DHT, swarm: str, on_dropped: Dropped = lambda reason: None) -> dict[str, NodeRecord]:

@@ -72,11 +72,16 @@ class StageExecutor:
         self._lock = threading.Condition()
         self._round = first_round - 1  # the last round begun
         self._parked: list[_Task] = []  # hops of the next round, held until this node begins it
-        # (microbatch, hop) visits this node still owes the current round; None once the round has ended.
-        self._expected: set[tuple[int, int]] | None = None
-        self._done: dict[int, set[int]] = {}  # stage -> microbatches whose backward finished this round
-        self._pending_backward: set[tuple[int, int, int]] = set()
-        self._admitted: set[tuple[int, int, int]] = set()  # forward hops taken in (queued, parked or done)
+        # Per microbatch of the current round: its attempt and the hops this node still owes it (a re-route
+        # replaces both). None once the round has ended.
+        self._expected: dict[int, tuple[int, set[int]]] | None = None
+        self._admitted: set[tuple[int, int, int, int]] = set()  # forward hops taken (queued, parked or done)
+        # Origins of the current round that may still re-route a microbatch to us: the round stays open
+        # until each says it is done (or is declared dead). Notices that arrive early wait in _done_early.
+        self._origins_open: set[str] = set()
+        self._done_early: set[tuple[int, str]] = set()
+        self._done: dict[int, int] = {}  # stage -> backward passes finished this round (what its grads sum)
+        self._pending_backward: set[tuple[int, int, int, int]] = set()
         self._compute_s: dict[int, float] = {}
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="executor", daemon=True)
@@ -102,11 +107,16 @@ class StageExecutor:
     def compute_seconds(self) -> dict[int, float]:
         return dict(self._compute_s)
 
-    def begin_round(self, round_: int, expected: set[tuple[int, int]]) -> None:
-        """Start serving `round_`: `expected` lists the (microbatch, hop) visits the plan gives this node."""
+    def begin_round(self, round_: int, expected: set[tuple[int, int]], origins: set[str] = frozenset()) -> None:
+        """Start serving `round_`: `expected` lists the (microbatch, hop) visits the plan gives this node;
+        `origins` the data nodes whose microbatches may still be re-routed here until they say they are done."""
         with self._lock:
             self._round = round_
-            self._expected = set(expected)
+            self._origins_open = {o for o in origins if (round_, o) not in self._done_early}
+            self._done_early = {k for k in self._done_early if k[0] > round_}
+            self._expected = {}
+            for mb, hop in expected:
+                self._expected.setdefault(mb, (0, set()))[1].add(hop)
             self._done = {}
             parked, self._parked = self._parked, []
         for task in parked:
@@ -128,12 +138,46 @@ class StageExecutor:
             return True
 
     def _round_complete(self) -> bool:
-        return self._expected is not None and not self._expected
+        return (self._expected is not None and not any(hops for _, hops in self._expected.values())
+                and not self._origins_open)
+
+    def origin_done(self, round_: int, origin: str) -> None:
+        """`origin` will re-route nothing more in `round_` (it finished, or it is dead)."""
+        with self._lock:
+            if round_ == self._round and self._expected is not None:
+                self._origins_open.discard(origin)
+                self._lock.notify_all()
+            elif round_ > self._round:
+                self._done_early.add((round_, origin))
+
+    def reroute(self, round_: int, microbatch: int, attempt: int, path: list[pb.Hop]) -> int:
+        """The origin re-routed a microbatch: expect our hops on its new path, and free what older attempts
+        left here. Returns how many kept hops were freed."""
+        with self._lock:
+            if round_ != self._round or self._expected is None:
+                return 0
+            current = self._expected.get(microbatch)
+            if current is not None and current[0] >= attempt:
+                return 0
+            self._expected[microbatch] = (attempt, self._my_hops(path))
+            self._pending_backward = {k for k in self._pending_backward
+                                      if not (k[0] == round_ and k[1] == microbatch and k[2] < attempt)}
+            self._lock.notify_all()
+        freed = self.store.drop_attempts(round_, microbatch, attempt)
+        self.metrics.activations_held.set(self.store.microbatches_held())
+        return freed
+
+    def _my_hops(self, path) -> set[int]:
+        return {i for i, hop in enumerate(path[:-1]) if hop.peer_id == self.peer_id}
+
+    def awaiting_backward(self):
+        """Saved hops of the current round whose gradient has not come back (for failure detection)."""
+        return [s for s in self.store.awaiting_backward() if s.env.round == self._round]
 
     def end_round(self, round_: int) -> dict[int, int]:
         """Close the round: drop whatever it left behind; returns microbatches finished per hosted stage."""
         with self._lock:
-            counts = {s: len(self._done.get(s, ())) for s in self.stages}
+            counts = {s: self._done.get(s, 0) for s in self.stages}
             self._expected = None
             self._pending_backward = {k for k in self._pending_backward if k[0] != round_}
             self._admitted = {k for k in self._admitted if k[0] > round_}
@@ -153,9 +197,10 @@ class StageExecutor:
             self._check_final(env, tensor)
         with self._lock:
             self._check_round(env)
-            key = (env.round, env.microbatch, env.hop)
+            key = _key(env)
             if key in self._admitted or self.store.contains(key):
-                raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS, f"hop {key} was already received")
+                raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS,
+                                    f"hop {key} (round, microbatch, attempt, hop) was already received")
             if not self.store.try_reserve(env.round, env.microbatch):
                 raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"activation memory is full ({self.store.slots} microbatches); retry later")
@@ -168,7 +213,7 @@ class StageExecutor:
         return self._queue.qsize()
 
     def accept_backward(self, env: pb.Envelope, tensor: torch.Tensor) -> int:
-        key = (env.round, env.microbatch, env.hop)
+        key = _key(env)
         saved = self.store.get(key)
         if saved is None or is_final_hop(env):
             raise ProtocolError(grpc.StatusCode.NOT_FOUND,
@@ -210,8 +255,25 @@ class StageExecutor:
         if env.round > self._round + 1:
             raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"unknown round {env.round}; this node is at round {self._round}")
-        if env.round == self._round and (env.microbatch, env.hop) not in self._expected \
-                and not is_final_hop(env):
+        if env.round != self._round:
+            return
+        attempt, hops = self._expected.get(env.microbatch, (-1, set()))
+        if is_final_hop(env):
+            if env.attempt < attempt:
+                raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"microbatch {env.microbatch} attempt {env.attempt} was re-routed (now attempt "
+                                    f"{attempt})")
+            return
+        if env.attempt > max(attempt, 0):  # re-routed here before (or without) the origin's notice: admit it
+            self._expected[env.microbatch] = (env.attempt, self._my_hops(env.path))
+            self._pending_backward = {k for k in self._pending_backward
+                                      if not (k[0] == env.round and k[1] == env.microbatch and k[2] < env.attempt)}
+            self.store.drop_attempts(env.round, env.microbatch, env.attempt)
+        elif env.attempt < attempt:
+            raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"microbatch {env.microbatch} attempt {env.attempt} was re-routed (now attempt "
+                                f"{attempt})")
+        elif env.hop not in hops:
             raise ProtocolError(grpc.StatusCode.NOT_FOUND,
                                 f"microbatch {env.microbatch} hop {env.hop} is not in round {env.round}'s plan "
                                 f"for this node")
@@ -240,7 +302,7 @@ class StageExecutor:
             except Exception as e:  # one bad hop must not stop the node
                 log.exception("%s of round %d microbatch %d hop %d failed", task.kind, task.env.round,
                               task.env.microbatch, task.env.hop)
-                self.store.pop((task.env.round, task.env.microbatch, task.env.hop))
+                self.store.pop(_key(task.env))
                 if task.env.path and task.env.path[0].peer_id == self.peer_id:
                     self.origin.on_failed(task.env.round, task.env.microbatch, str(e))
 
@@ -259,7 +321,7 @@ class StageExecutor:
                 inputs = tensor.to(self.device).requires_grad_(True)
                 hidden = inputs
             outputs = stage(hidden)
-        self.store.put((env.round, env.microbatch, env.hop), Saved(stage_id, inputs, outputs))
+        self.store.put(_key(env), Saved(stage_id, inputs, outputs, env))
         self._note_compute(stage_id, time.perf_counter() - started)
         self.metrics.forwarded.labels(stage=str(stage_id)).inc()
         self.metrics.activations_held.set(self.store.microbatches_held())
@@ -277,7 +339,7 @@ class StageExecutor:
         self.send(BACKWARD, at_hop(env, env.hop - 1), hidden.grad)
 
     def _backward(self, env: pb.Envelope, grad: torch.Tensor) -> None:
-        key = (env.round, env.microbatch, env.hop)
+        key = _key(env)
         saved = self.store.pop(key)
         with self._lock:
             self._pending_backward.discard(key)
@@ -288,8 +350,10 @@ class StageExecutor:
         self.metrics.activations_held.set(self.store.microbatches_held())
         with self._lock:
             if env.round == self._round and self._expected is not None:
-                self._expected.discard((env.microbatch, env.hop))
-                self._done.setdefault(saved.stage, set()).add(env.microbatch)
+                attempt, hops = self._expected.get(env.microbatch, (-1, set()))
+                if attempt == env.attempt:
+                    hops.discard(env.hop)
+                self._done[saved.stage] = self._done.get(saved.stage, 0) + 1
                 self._lock.notify_all()
         if env.hop == 0:
             self.origin.on_done(env.round, env.microbatch)
@@ -299,6 +363,10 @@ class StageExecutor:
     def _note_compute(self, stage: int, seconds: float) -> None:
         previous = self._compute_s.get(stage)
         self._compute_s[stage] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+
+def _key(env: pb.Envelope) -> tuple[int, int, int, int]:
+    return env.round, env.microbatch, env.attempt, env.hop
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -57,6 +57,24 @@ class NodeMetrics:
                                       registry=r)
         self.averaging_failures = Counter("swarm_node_averaging_failures",
                                           "Rounds whose gradient averaging did not reach every replica", registry=r)
+        # Faults: detection, re-routing, checkpoints and lost stages (node/failures.py, node/origin.py,
+        # node/checkpoint.py, node/recover.py).
+        self.reroutes = Counter("swarm_node_reroutes", "Microbatches this origin re-routed after a failed hop",
+                                registry=r)
+        self.failed_hops = Counter("swarm_node_failed_hops",
+                                   "Hops this node saw fail: unreachable, hung, deadline or refused", ["reason"],
+                                   registry=r)
+        self.peers_declared_dead = Counter("swarm_node_peers_declared_dead",
+                                           "Peers this node declared dead (unreachable or hung)", registry=r)
+        self.checkpoint_seconds = Histogram("swarm_node_checkpoint_seconds",
+                                            "Time to write one stage's checkpoint to --checkpoint-dir",
+                                            buckets=_LATENCY_BUCKETS, registry=r)
+        self.missing_stages = Gauge("swarm_node_missing_stages",
+                                    "Stages with no live replica in the planner's last look (the planner exports it)",
+                                    registry=r)
+        self.stage_recoveries = Counter("swarm_node_stage_recoveries",
+                                        "Stages this node started from something other than its seed: "
+                                        "checkpoint, replica, peer_checkpoint or checkfree", ["source"], registry=r)
 
         # trust (issue 10): what this node refused from strangers and forgers
         self.auth_refused = Counter("swarm_node_auth_refused", "RPCs refused as UNAUTHENTICATED (private swarms)",
@@ -64,6 +82,8 @@ class NodeMetrics:
         self.records_dropped = Counter("swarm_node_records_dropped",
                                        "DHT records or plans this node read and ignored (unsigned, not the "
                                        "planner's, malformed)", ["reason"], registry=r)
+        self.streams_refused = Counter("swarm_node_streams_refused", "Streams refused or cancelled to keep gRPC "
+                                       "workers free (busy, per_peer, idle)", ["reason"], registry=r)
 
     def watch_dht_refusals(self, read) -> None:
         """Export the count of records the DHT process refused (bad signature or swarm-key MAC)."""

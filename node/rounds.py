@@ -17,15 +17,18 @@ from dataclasses import dataclass, replace
 import grpc
 from hivemind.utils import get_dht_time
 
-from node.averaging import StageGradientAverager
+from node.averaging import Contribution, GradientExchange
+from node.checkpoint import StageCheckpoints
 from node.codecs import agree, hop_bytes
 from node.discovery import SwarmDirectory
 from node.events import EventLog
 from node.executor import StageExecutor
+from node.failures import DeadPeers, HopWatch, RerouteNotifier
 from node.metrics import NodeMetrics
 from node.origin import Origin
 from node.links import LinkBook
 from node.planning import choose_planner, plan_round
+from node.reroute import expected_round_seconds, missing_stages, plan_around_missing
 from node.trainer import StageTrainer
 from node.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
@@ -46,6 +49,19 @@ class RoundSettings:
     max_rounds: int  # 0: until stopped
     min_nodes: int = 0  # plan no round until this many nodes serve
     activation_shape: tuple[int, ...] = ()  # [batch, seq, hidden]: the planner prices hops by their encoded size
+    hop_deadline_slack: float = 4.0  # a hop's deadline: this many times the round's expected compute time...
+    hop_deadline_min: float = 5.0  # ...but never less than this many seconds
+    checkpoint_every: int = 5  # rounds between checkpoints (with a checkpoint directory)
+
+
+@dataclass
+class Faults:
+    """The round loop's failure handling: declared-dead peers, the hop watch, checkpoints."""
+
+    dead: DeadPeers
+    notifier: RerouteNotifier | None = None
+    watch: HopWatch | None = None
+    checkpoints: StageCheckpoints | None = None
 
 
 class RoundLoop:
@@ -53,19 +69,23 @@ class RoundLoop:
     on_left_out: Callable[[int], bool] | None = None
 
     def __init__(self, settings: RoundSettings, peer_id: str, directory: SwarmDirectory, executor: StageExecutor,
-                 trainers: dict[int, StageTrainer], averagers: dict[int, StageGradientAverager],
+                 trainers: dict[int, StageTrainer], exchange: GradientExchange,
                  origin: Origin | None, clients: StageClients, metrics: NodeMetrics, events: EventLog,
-                 links: LinkBook | None = None):
+                 faults: Faults, links: LinkBook | None = None):
         self.s = settings
         self.peer_id = peer_id
         self.directory = directory
         self.executor = executor
         self.trainers = trainers
-        self.averagers = averagers
+        self.exchange = exchange
         self.origin = origin
         self.clients = clients
         self.metrics = metrics
         self.events = events
+        self.faults = faults
+        self._warned_missing: tuple[int, ...] = ()
+        self._stages_seen: set[int] = set()  # stages some plan used: only those can be lost (and skipped)
+        self._members: dict[str, NodeRecord] = {}  # the membership last read while waiting for a plan
         self.links = links  # measured links: planners read them, every node refreshes its own
 
     def run(self, first_round: int, stop: threading.Event) -> None:
@@ -95,8 +115,10 @@ class RoundLoop:
         while not stop.is_set():
             plan = self.directory.fetch_plan(round_)
             if plan is not None:
+                self._stages_seen.update(h.stage for mb in plan.microbatches for h in mb.path)
                 return plan
             members = self.directory.members()
+            self._members = members
             if choose_planner(members) == self.peer_id:
                 plan = self._make_plan(self._reachable(members), round_)
                 if plan is not None:
@@ -110,15 +132,26 @@ class RoundLoop:
 
     def _make_plan(self, members: dict[str, NodeRecord], round_: int) -> RoundPlan | None:
         deadline = get_dht_time() + self.s.round_timeout
+        missing = missing_stages(members, self.s.num_stages)
+        if set(missing) - self._stages_seen:
+            return None  # a new swarm waits until every stage has joined once
+        self._say_missing(missing, round_)
+        links = self.links.known() if self.links else {}
         codecs = agree(members)  # one codec per direction for the round; a hop costs the bytes it puts on the wire
         activation_bytes = hop_bytes(codecs[0], self.s.activation_shape, self.s.activation_bytes)
+
+        def plan_for(nodes: dict[str, NodeRecord], num_stages: int, visits: int):
+            return plan_round(nodes, links, round_=round_, num_stages=num_stages, visits=visits,
+                              microbatches_per_origin=self.s.microbatches, activation_bytes=activation_bytes,
+                              planner=self.peer_id, deadline=deadline)
+
         try:
             if sum(r.serving for r in members.values()) < self.s.min_nodes:
                 return None
-            made = plan_round(members, self.links.known() if self.links else {}, round_=round_,
-                              num_stages=self.s.num_stages, visits=self.s.visits,
-                              microbatches_per_origin=self.s.microbatches, activation_bytes=activation_bytes,
-                              planner=self.peer_id, deadline=deadline)
+            if missing and self.s.visits < self.s.num_stages:  # skip plans go on around lost stages
+                made = plan_around_missing(plan_for, members, self.s.num_stages, self.s.visits, missing)
+            else:
+                made = plan_for(members, self.s.num_stages, self.s.visits)
         except ValueError as e:  # e.g. replica counts that cannot balance yet: wait for the swarm to change
             log.warning("%s", e)
             return None
@@ -131,6 +164,22 @@ class RoundLoop:
                          problem=problem_to_dict(live.problem))
         return plan
 
+    def _say_missing(self, missing: list[int], round_: int) -> None:
+        """One WARNING each time the set of stages without a live replica changes."""
+        if tuple(missing) == self._warned_missing:
+            return
+        self._warned_missing = tuple(missing)
+        self.metrics.missing_stages.set(len(missing))
+        if not missing:
+            log.info("round %d: every stage has a live replica again", round_)
+        elif self.s.visits >= self.s.num_stages:
+            log.warning("round %d: stage %s has no live replica; the swarm waits for a node to host it",
+                        round_, ", ".join(map(str, missing)))
+        else:
+            log.warning("round %d: stage %s has no live replica; training continues on paths that skip it",
+                        round_, ", ".join(map(str, missing)))
+        self.events.emit("missing_stages", round=round_, stages=missing)
+
     def _reachable(self, members: dict[str, NodeRecord]) -> dict[str, NodeRecord]:
         """Members that answer a Ping now: a node that died keeps its DHT record until it expires."""
         def answers(record: NodeRecord) -> bool:
@@ -138,9 +187,11 @@ class RoundLoop:
                 return True
             try:
                 self.clients.stub(record.endpoint).Ping(pb.PingRequest(), timeout=1.0)
-                return True
             except grpc.RpcError:
+                self.faults.dead.declare(record.peer_id, "no answer to the planner's ping")
                 return False
+            self.faults.dead.forgive(record.peer_id)  # back (restarted with the same identity)
+            return True
         records = list(members.values())
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(records)))) as pool:
             alive = list(pool.map(answers, records))
@@ -153,11 +204,23 @@ class RoundLoop:
         deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
         work = plan.work_of(self.peer_id)
         self.clients.codecs.use(plan.round, plan.codecs)
-        self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work})
+        dead = self.faults.dead.snapshot()
+        origins = {mb.origin for mb in plan.microbatches} - dead
+        self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work}, origins)
+        if self.faults.watch is not None:  # from the plan's expected time, not the round timeout
+            # (the members last read while planning: a hung DHT must not hold the round here)
+            expected = max(plan.predicted_s, expected_round_seconds(plan, self._members))
+            self.faults.watch.hop_deadline_s = max(self.s.hop_deadline_min, self.s.hop_deadline_slack * expected)
         result = None
         if self.origin is not None:
             mine = [mb for mb in plan.microbatches if mb.origin == self.peer_id]
-            result = self.origin.run_round(plan.round, mine, deadline, stop)
+            result = self.origin.run_round(plan.round, mine, deadline, stop, plan=plan)
+            if self.faults.notifier is not None:
+                peers = {h.peer_id: h.endpoint for mb in plan.microbatches for h in mb.path if h.peer_id not in dead}
+                self.faults.notifier.round_done(peers, pb.RoundDoneNotice(swarm_id=self.s.swarm, round=plan.round,
+                                                                          origin=self.peer_id))
+            else:
+                self.executor.origin_done(plan.round, self.peer_id)
         complete = self.executor.wait_round(max(0.0, deadline - time.monotonic()), stop)
         executed = time.monotonic() - started  # the plan's work, what the simulator predicts (no averaging)
         counts = self.executor.end_round(plan.round)
@@ -168,18 +231,20 @@ class RoundLoop:
         if not complete:
             log.warning("round %d timed out; stepping with the microbatches that finished", plan.round)
         grad_norms, averaged_with = {}, {}
-        # Replicas finish their work at about the same time, so one that has not shown up after a grace
-        # period (or past the round's deadline) is dead or lagging; it will copy the state afterwards.
+        # Replicas finish their work at about the same time. A dead one fails its pull at once; a live one
+        # that is slower is waited for a grace period (never past the round's deadline plus a little).
         finished = time.monotonic()
         grace = max(3.0, finished - started)
-        barrier_until = min(finished + grace, deadline + min(10.0, self.s.round_timeout / 2))
+        pull_until = min(finished + grace, deadline + min(10.0, self.s.round_timeout / 2))
         self.metrics.phase.state("averaging")
         for stage, trainer in self.trainers.items():
             grad_norms[stage], averaged_with[stage] = self._reduce_and_step(plan, stage, counts.get(stage, 0),
-                                                                            barrier_until, stop)
+                                                                            pull_until, stop)
+        self.exchange.passed(plan.round)
         (self.metrics.rounds_completed if complete and not stop.is_set() else self.metrics.rounds_aborted).inc()
         if stop.is_set():  # averaging was cut short: the process is about to exit
             return
+        self._checkpoint(plan.round)
         wall = time.monotonic() - started
         self.metrics.round_seconds.observe(wall)
         if self.links is not None:
@@ -189,42 +254,43 @@ class RoundLoop:
                       stage_visits=_stage_visits(plan, self.s.num_stages),
                       digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms,
                       codecs=list(plan.codecs))
+        if self._warned_missing:
+            fields.update(missing_stages=list(self._warned_missing))
         if result is not None:
-            fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed), plan=plan.to_value())
+            fields.update(loss=result.mean_loss, tokens=result.tokens, failed=len(result.failed),
+                          reroutes=result.reroutes, plan=plan.to_value())
             self.metrics.set_loss(result.mean_loss if result.tokens else None)
             self.metrics.tokens.inc(result.tokens)
             log.info("round %d: loss %s, %d tokens, %.2fs", plan.round,
                      f"{result.mean_loss:.4f}" if result.mean_loss is not None else "n/a", result.tokens, wall)
         self.events.emit("round", **fields)
 
-    def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int, barrier_until: float,
+    def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int, pull_until: float,
                          stop: threading.Event) -> tuple[float | None, int]:
         """Average this stage's gradients with its replicas in the plan, weighted by microbatches, then step.
 
-        Each replica also posts the digest of the weights it computed with. A replica whose weights
+        Each replica also shares the digest of the weights it computed with. A replica whose weights
         differ from the most common digest copies the state of a replica holding it after the step,
         so drift between replicas (a missed averaging, a late joiner) heals within a round.
         """
         trainer = self.trainers[stage]
-        replicas = plan.replicas(stage)
-        grads = [g / max(count, 1) for g in trainer.grads()]  # local mean over this replica's microbatches
-        peers, reference = 1, None
-        if len(replicas) > 1:
-            self.directory.ready_to_average(stage, plan.round, count, trainer.digest(), ttl=4 * self.s.round_timeout)
-            ready = self.directory.wait_ready(stage, plan.round, replicas, until=barrier_until, stop=stop)
-            total = sum(c for c, _ in ready.values())
-            if total > 0 and len(ready) > 1:
-                grads, peers = self.averagers[stage].average(grads, count, group_size=len(ready))
-                if peers < len(ready):
-                    self.metrics.averaging_failures.inc()
-            reference = _reference_replica(ready, trainer.digest())
-        else:
-            total = count
-        if total == 0:
+        dead = self.faults.dead.snapshot()
+        members = {h.peer_id: h.endpoint for mb in plan.microbatches for h in mb.path if h.stage == stage}
+        replicas = {p: e for p, e in members.items() if p not in dead or p == self.peer_id}
+        mine = Contribution([g.detach().clone() for g in trainer.grads()], count, trainer.digest())
+        averaged = self.exchange.average(stage, plan.round, trainer.names, mine, replicas, pull_until,
+                                         stop)
+        if len(averaged.peers) < len(members):
+            self.metrics.averaging_failures.inc()
+            log.warning("stage %d round %d: averaged with %d of the plan's %d replicas", stage, plan.round,
+                        len(averaged.peers), len(members))
+        peers = len(averaged.peers)
+        reference = _reference_replica(averaged.peers, trainer.digest()) if peers > 1 else None
+        if averaged.total == 0:
             trainer.skip(plan.round)
             norm = None
         else:
-            trainer.set_grads(grads)
+            trainer.set_grads(averaged.grads)
             norm = trainer.step(plan.round)
         if reference is not None:
             log.warning("stage %d weights differ from replica %s's; copying its state", stage, reference[-8:])
@@ -237,6 +303,7 @@ class RoundLoop:
         self.metrics.phase.state("catch_up")
         self.executor.begin_round(plan.round, set())
         self.executor.end_round(plan.round)
+        self.exchange.passed(plan.round)
         for stage, trainer in self.trainers.items():
             replicas = sorted(plan.replicas(stage) - {self.peer_id})
             if not replicas or not self._copy_state(stage, plan.round, replicas):
@@ -261,6 +328,21 @@ class RoundLoop:
             log.info("stage %d: loaded the state after round %d from %s", stage, round_, peer[-8:])
             return True
         return False
+
+
+    def _checkpoint(self, round_: int) -> None:
+        checkpoints = self.faults.checkpoints
+        if checkpoints is None or (round_ + 1) % self.s.checkpoint_every:
+            return
+        for stage, trainer in self.trainers.items():
+            started = time.perf_counter()
+            try:
+                path = checkpoints.save(trainer)
+            except OSError as e:  # a full disk must not stop training; say so loudly
+                log.error("stage %d: checkpoint after round %d failed: %s", stage, round_, e)
+                continue
+            self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+            log.debug("stage %d: checkpoint after round %d in %s", stage, round_, path)
 
 
 def _reference_replica(ready: dict[str, tuple[int, str]], my_digest: str) -> str | None:

@@ -6,16 +6,21 @@ refusal and turns anything unexpected into INTERNAL with a reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
+from node.admission import HopAdmission
+from node.averaging import GradientExchange
 from node.executor import StageExecutor
 from node.metrics import NodeMetrics
+from node.stream_guard import StreamGuard
 from node.trainer import StageTrainer
-from protocol.envelope import check_envelope
+from protocol.envelope import check_envelope, check_path
+from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
@@ -32,7 +37,12 @@ class StageServicer(pb_grpc.StageServiceServicer):
 
     def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics, state_wait_s: float,
-                 auth: SwarmAuth | None = None):
+                 exchange: GradientExchange | None = None,
+                 on_failure_report: Callable[[pb.FailureReport], None] | None = None,
+                 checkpoint_state: Callable[[int], tuple[int, dict, dict] | None] | None = None,
+                 auth: SwarmAuth | None = None, admission: HopAdmission | None = None,
+                 guard: StreamGuard | None = None,
+                 dial_back: Callable[[pb.ReachabilityRequest, str], pb.ReachabilityReply] | None = None):
         self.swarm = swarm
         self.peer_id = peer_id
         self.num_stages = num_stages
@@ -40,8 +50,14 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.trainers = trainers
         self.limits = limits
         self.metrics = metrics
+        self.exchange = exchange
+        self.on_failure_report = on_failure_report
+        self.checkpoint_state = checkpoint_state  # stage -> (round, tensors, metadata) of a stage we do not host
         self.state_wait_s = state_wait_s  # the longest a FetchState without a deadline waits for its round
         self.auth = auth  # private swarms: Forward/Backward tags are checked here, other calls by the interceptor
+        self.admission = admission  # hops must be in the round's plan, along verified members
+        self.guard = guard  # caps streams per peer and in total; cancels silent ones
+        self.dial_back = dial_back  # node/reachability.py
 
     def Forward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         return self._receive("Forward", request_iterator, context)
@@ -53,21 +69,34 @@ class StageServicer(pb_grpc.StageServiceServicer):
         started = time.perf_counter()
         try:
             check = None if self.auth is None else (lambda env, meta: self.auth.check_frames(method, env, meta))
-            received = receive_tensor(frames, self.limits, check, device=self.executor.device)  # decoded on our device
+            with self._guarded(context) as watch:  # decoded on our device
+                received = receive_tensor(watch.frames(frames) if watch else frames, self.limits, check,
+                                          device=self.executor.device)
             env, tensor = received.envelope, received.tensor
         except AuthRefused as e:
             self.metrics.auth_refused.labels(method=method, reason=e.kind).inc()
             raise  # node.rpc_guard answers and counts it
         check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
                        num_stages=self.num_stages, limits=self.limits)
+        if self.admission is not None and self.executor.round <= env.round <= self.executor.round + 1:
+            self.admission.check(env)  # other rounds: the executor refuses them without a DHT lookup
         accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
         queued = accept(env, tensor)
         self.metrics.received_bytes.inc(received.wire_bytes)
         self.metrics.rpc_seconds.labels(method=method, side="server").observe(time.perf_counter() - started)
         return pb.Ack(queued=queued)
 
+    def _guarded(self, context: grpc.ServicerContext):
+        return self.guard.stream(context) if self.guard is not None else contextlib.nullcontext()
+
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
         return pb.PingReply(peer_id=self.peer_id, time=time.time())
+
+    def CheckReachability(self, request: pb.ReachabilityRequest, context: grpc.ServicerContext
+                          ) -> pb.ReachabilityReply:
+        if self.dial_back is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not dial back")
+        return self.dial_back(request, context.peer())
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoReply:
         return pb.InfoReply(peer_id=self.peer_id, swarm_id=self.swarm, stages=sorted(self.trainers),
@@ -78,10 +107,53 @@ class StageServicer(pb_grpc.StageServiceServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
         trainer = self.trainers.get(request.stage)
         if trainer is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not host stage {request.stage}")
+            saved = self.checkpoint_state(request.stage) if self.checkpoint_state else None
+            if saved is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"this node neither hosts stage {request.stage} nor holds "
+                                                         f"a checkpoint of it")
+            round_, tensors, metadata = saved
+            yield from encode_state(tensors, metadata, round_, self.limits.chunk_bytes)
+            return
         if request.min_round >= 0 and not trainer.wait_completed(request.min_round, context.time_remaining() or
                                                                  self.state_wait_s, lambda: not context.is_active()):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"round {request.min_round} did not complete here in time, "
                                                        f"or this node is stopping")
         tensors, metadata = trainer.export(include_grads=request.include_grads)
         yield from encode_state(tensors, metadata, trainer.completed_round, self.limits.chunk_bytes)
+
+    def ReportFailure(self, request: pb.FailureReport, context: grpc.ServicerContext) -> pb.FailureAck:
+        if request.swarm_id != self.swarm:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        if self.on_failure_report is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node is not a data node: it originates nothing")
+        self.on_failure_report(request)
+        return pb.FailureAck()
+
+    def Reroute(self, request: pb.RerouteNotice, context: grpc.ServicerContext) -> pb.FailureAck:
+        if request.swarm_id != self.swarm:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        try:
+            check_path(request.path, self.num_stages, self.limits)
+        except ProtocolError as e:
+            context.abort(e.code, e.reason)
+        self.executor.reroute(request.round, request.microbatch, request.attempt, list(request.path))
+        return pb.FailureAck()
+
+    def RoundDone(self, request: pb.RoundDoneNotice, context: grpc.ServicerContext) -> pb.FailureAck:
+        if request.swarm_id != self.swarm:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        self.executor.origin_done(request.round, request.origin)
+        return pb.FailureAck()
+
+    def FetchGradients(self, request: pb.GradientRequest, context: grpc.ServicerContext) -> Iterator[pb.StateChunk]:
+        if request.swarm_id != self.swarm:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        trainer = self.trainers.get(request.stage)
+        if trainer is None or self.exchange is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not host stage {request.stage}")
+        mine = self.exchange.wait_posted(request.stage, request.round, context.time_remaining() or self.state_wait_s,
+                                         lambda: not context.is_active())
+        if mine is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"no gradients for stage {request.stage} round {request.round}: this node did not take part")
+        yield from self.exchange.encode(mine, request.round, trainer.names)

@@ -26,6 +26,7 @@ class StageTrainer:
         self.warmup_rounds = warmup_rounds
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.completed_round = -1  # the last round whose step this stage has taken
+        self.last_grad_norm = 0.0  # CheckFree weighs a neighbour's layers by it
         # Held while parameters change, so a joining replica never copies a half-applied step.
         self.lock = threading.Condition()
         self._digest: str | None = None  # cached until the parameters change
@@ -56,6 +57,7 @@ class StageTrainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.completed_round = round_
+            self.last_grad_norm = float(norm)
             self._digest = None
             self.lock.notify_all()
         return float(norm)
@@ -119,6 +121,7 @@ class StageTrainer:
             if include_grads and p.grad is not None:
                 tensors[f"grad/{name}"] = p.grad.detach().clone()
         metadata = {"completed_round": str(self.completed_round), "stage": str(self.stage),
+                    "grad_norm": repr(self.last_grad_norm),
                     "steps": ",".join(f"{n}={s}" for n, s in steps.items())}
         return tensors, metadata
 

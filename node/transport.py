@@ -20,6 +20,7 @@ from protocol.grpc_options import channel_options
 from protocol.limits import WireLimits
 from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
 from protocol.service import StageStub
+from protocol.tls import SwarmTls
 from protocol.state_codec import decode_state
 from protocol.tensor_codec import encode_frames
 
@@ -27,9 +28,9 @@ log = logging.getLogger(__name__)
 
 # Statuses that mean "try again shortly": the receiver is busy, or briefly unreachable.
 RETRYABLE = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
-UNREACHABLE_PATIENCE_S = 3.0  # a peer unreachable for this long is taken as gone for this hop
 
 LocalAccept = Callable[[str, pb.Envelope, torch.Tensor], None]
+GiveUp = Callable[[pb.Envelope, "grpc.StatusCode | None", str], None]  # (envelope of the failed hop, code, why)
 
 
 class ClientsClosed(grpc.RpcError):
@@ -42,13 +43,27 @@ class ClientsClosed(grpc.RpcError):
         return "this node is stopping"
 
 
+def dial(endpoint: str, options: list, auth: SwarmAuth | None, tls: SwarmTls | None
+         ) -> tuple[grpc.Channel, grpc.Channel]:
+    """A channel to a member as the swarm's trust settings require: (the channel to close, the one to call on).
+
+    TLS when the swarm runs it; an auth tag on every call in a private swarm.
+    """
+    if tls is None:
+        raw = grpc.insecure_channel(endpoint, options=options)
+    else:
+        raw = grpc.secure_channel(endpoint, tls.channel_credentials(), options=[*options, *tls.channel_options()])
+    return raw, raw if auth is None else grpc.intercept_channel(raw, ClientAuthInterceptor(auth))
+
+
 class StageClients:
     """One channel per peer endpoint, reused for every call; `codecs` says how each round's tensors are encoded."""
 
-    def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None):
+    def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None, tls: SwarmTls | None = None):
         self.limits = limits
         self.codecs = RoundCodecs()
         self.auth = auth  # private swarms: every call carries a tag made with the swarm key
+        self.tls = tls  # the swarm's certificate, when the data plane runs over TLS
         self._stubs: dict[str, StageStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
@@ -59,10 +74,8 @@ class StageClients:
             if self.closed:
                 raise ClientsClosed()
             if endpoint not in self._stubs:
-                channel = grpc.insecure_channel(endpoint, options=channel_options(self.limits))
-                self._channels.append(channel)
-                if self.auth is not None:
-                    channel = grpc.intercept_channel(channel, ClientAuthInterceptor(self.auth))
+                raw, channel = dial(endpoint, channel_options(self.limits), self.auth, self.tls)
+                self._channels.append(raw)
                 self._stubs[endpoint] = StageStub(channel)
             return self._stubs[endpoint]
 
@@ -91,9 +104,10 @@ class HopSender:
     """Sends each finished hop to the next peer in its path without blocking the compute thread."""
 
     def __init__(self, peer_id: str, clients: StageClients, metrics: NodeMetrics, local: LocalAccept,
-                 on_give_up: Callable[[pb.Envelope, str], None], deadline_s: float, workers: int = 4,
+                 on_give_up: GiveUp, deadline_s: float, unreachable_patience_s: float, workers: int = 4,
                  emulator=None, on_sent: Callable[[str, int, float], None] | None = None):
         self.peer_id = peer_id
+        self.unreachable_patience_s = unreachable_patience_s  # unreachable this long: the peer is gone
         self.clients = clients
         self.metrics = metrics
         self.local = local
@@ -103,9 +117,33 @@ class HopSender:
         self.on_sent = on_sent  # (peer id, bytes, seconds) of each delivered send: node/links.py measures links
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="send")
         self._closed = threading.Event()
+        self._pending = 0  # sends submitted and not finished (delivered or given up)
+        self._idle = threading.Condition()
 
     def __call__(self, kind: str, env: pb.Envelope, tensor: torch.Tensor) -> None:
-        self._pool.submit(self._deliver, kind, env, tensor)
+        with self._idle:
+            self._pending += 1
+        self._pool.submit(self._tracked, kind, env, tensor)
+
+    def _tracked(self, kind: str, env: pb.Envelope, tensor: torch.Tensor) -> None:
+        try:
+            self._deliver(kind, env, tensor)
+        finally:
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float, stop: threading.Event) -> bool:
+        """Wait until every send so far is delivered or given up (a node's last round ends with gradients
+        still on their way to the previous hops); False on timeout or stop."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or stop.is_set():
+                    return False
+                self._idle.wait(min(left, 0.25))
+        return True
 
     def close(self) -> None:
         self._closed.set()
@@ -130,17 +168,17 @@ class HopSender:
                 if self.clients.closed:  # we are stopping: not the receiver's failure
                     return
                 self.metrics.rpc_errors.labels(method=method, code=code.name).inc()
-                gone = code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started > UNREACHABLE_PATIENCE_S
+                gone = code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started > self.unreachable_patience_s
                 if code not in RETRYABLE or gone or time.monotonic() + backoff > deadline:
                     log.warning("%s of round %d microbatch %d to hop %d (%s) failed: %s %s", method, env.round,
                                 env.microbatch, env.hop, target.peer_id[-8:], code.name, reason)
-                    self.on_give_up(env, f"{code.name}: {reason}")
+                    self.on_give_up(env, code, reason)
                     return
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
             except Exception as e:  # a bug or a broken tensor: report it rather than lose the thread
                 log.exception("%s to hop %d failed", method, env.hop)
-                self.on_give_up(env, repr(e))
+                self.on_give_up(env, None, repr(e))
                 return
 
     def _rpc(self, method: str, target, env: pb.Envelope, tensor: torch.Tensor) -> None:

@@ -18,6 +18,7 @@ from protocol.record_auth import RefusalCounter, load_identity, record_validator
 from protocol.rpc_auth import ServerAuthInterceptor, SwarmAuth
 from protocol.service import SERVICE
 from protocol.swarm_key import load_key_file
+from protocol.tls import SwarmTls
 
 # Methods that carry their tag inside the message (Envelope.auth), checked while the tensor streams in.
 SELF_AUTHENTICATED = {f"/{SERVICE}/Forward", f"/{SERVICE}/Backward"}
@@ -30,22 +31,25 @@ class NodeTrust:
     validators: list
     refused_records: RefusalCounter  # shared with the DHT process, which refuses forged records
     auth: SwarmAuth | None  # None in a public swarm
+    tls: SwarmTls | None = None  # None: plaintext gRPC
 
     @classmethod
-    def create(cls, identity_path: str, swarm_key_path: str) -> "NodeTrust":
+    def create(cls, identity_path: str, swarm_key_path: str, tls: bool = False, tls_cert: str = "",
+               tls_key: str = "") -> "NodeTrust":
         swarm_key = None
         if swarm_key_path:
             try:
                 swarm_key = load_key_file(swarm_key_path)
             except ValueError as e:
                 raise UsageError(str(e)) from None
+        swarm_tls = _tls(swarm_key, tls, tls_cert, tls_key)
         try:
             path, private_key, temporary = load_identity(identity_path or None)
         except (OSError, ValueError) as e:
             raise UsageError(f"--identity-path {identity_path}: {e}") from None
         refused = RefusalCounter()
         return cls(path, temporary, record_validators(private_key, swarm_key, refused), refused,
-                   SwarmAuth(swarm_key) if swarm_key is not None else None)
+                   SwarmAuth(swarm_key) if swarm_key is not None else None, swarm_tls)
 
     @property
     def owner(self) -> bytes:
@@ -66,3 +70,19 @@ class NodeTrust:
     def close(self) -> None:
         if self.temporary_identity:
             shutil.rmtree(Path(self.identity_path).parent, ignore_errors=True)
+
+
+def _tls(swarm_key: bytes | None, derive: bool, cert: str, key: str) -> SwarmTls | None:
+    if bool(cert) != bool(key):
+        raise UsageError("give both --tls-cert and --tls-key, or neither")
+    if cert:
+        try:
+            return SwarmTls.from_files(cert, key)
+        except OSError as e:
+            raise UsageError(f"cannot read the TLS certificate or key: {e}") from None
+    if derive:
+        if swarm_key is None:
+            raise UsageError("--tls derives the certificate from the swarm key: give --swarm-key too "
+                             "(or --tls-cert and --tls-key)")
+        return SwarmTls.derived(swarm_key)
+    return None

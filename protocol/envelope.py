@@ -27,9 +27,13 @@ class HopSpec:
 
 
 def make_envelope(swarm_id: str, round_: int, microbatch: int, path: Sequence[HopSpec], hop: int,
-                  auth: bytes = b"") -> pb.Envelope:
+                  auth: bytes = b"", attempt: int = 0) -> pb.Envelope:
     return pb.Envelope(swarm_id=swarm_id, round=round_, microbatch=microbatch,
-                       path=[h.to_pb() for h in path], hop=hop, auth=auth)
+                       path=[h.to_pb() for h in path], hop=hop, auth=auth, attempt=attempt)
+
+
+def path_of(env: pb.Envelope) -> tuple[HopSpec, ...]:
+    return tuple(HopSpec(h.stage, h.peer_id, h.endpoint) for h in env.path)
 
 
 def check_path(path: Sequence[pb.Hop], num_stages: int, limits: WireLimits) -> None:
@@ -64,8 +68,8 @@ def check_envelope(env: pb.Envelope, *, swarm_id: str, peer_id: str, stages: Seq
         raise invalid(f"hop {env.hop} is addressed to peer {hop.peer_id}, not to this node")
     if hop.stage not in stages:
         raise invalid(f"hop {env.hop} asks for stage {hop.stage}, which this node does not host")
-    if env.round < 0 or env.microbatch < 0:
-        raise invalid("round and microbatch must be non-negative")
+    if env.round < 0 or env.microbatch < 0 or env.attempt < 0:
+        raise invalid("round, microbatch and attempt must be non-negative")
 
 
 def at_hop(env: pb.Envelope, hop: int) -> pb.Envelope:

@@ -13,6 +13,9 @@ class WireLimits:
     max_tensor_bytes: int = 512 * MiB  # one activation or gradient, all chunks together
     max_path_hops: int = 256
     max_dims: int = 8
+    # A stream may carry at most nbytes // min_chunk_bytes + 2 chunks, so a million 1-byte chunks (or an
+    # endless run of empty ones) is refused after a few instead of read for minutes.
+    min_chunk_bytes: int = 64 * 1024
 
     @property
     def max_message_bytes(self) -> int:

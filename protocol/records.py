@@ -4,7 +4,6 @@
 |----------------------------|-----------------|-----------------------------------------|
 | <swarm>/nodes              | peer id         | NodeRecord (heartbeat), or a tombstone   |
 | <swarm>/plan/<round>       | planner peer id | RoundPlan                               |
-| <swarm>/avg/<stage>/<round>| peer id         | microbatches this replica processed     |
 | <swarm>/links              | measuring peer  | LinksRecord: RTT and bandwidth per peer  |
 | <swarm>/experts            | domain name     | CatalogueEntry (the swarm's domains)     |
 | <swarm>/experts/<domain>   | expert id       | ExpertRecord (manifest + where to fetch) |
@@ -32,10 +31,6 @@ def nodes_key(swarm: str) -> str:
 
 def plan_key(swarm: str, round_: int) -> str:
     return f"{swarm}/plan/{round_}"
-
-
-def averaging_key(swarm: str, stage: int, round_: int) -> str:
-    return f"{swarm}/avg/{stage}/{round_}"
 
 
 def catalogue_key(swarm: str) -> str:
@@ -80,6 +75,7 @@ class NodeRecord:
     metrics_url: str = ""
     maddrs: tuple[str, ...] = ()
     heartbeat_time: float = 0.0  # DHT time of the beat that wrote this record
+    num_stages: int = 0  # the swarm's pipeline depth as this node runs it (0: not said), for `status`
     codecs: tuple[str, str] = ("raw", "raw")  # preferred (activation, gradient) codecs; the plan decides
     speaks: tuple[str, ...] = ("raw",)  # every codec this node can decode (older nodes: raw only)
 
@@ -126,6 +122,8 @@ class NodeRecord:
             maddrs=tuple(m for m in value.get("maddrs", []) if isinstance(m, str)),
             heartbeat_time=float(value.get("heartbeat_time", 0.0)) if isinstance(value.get("heartbeat_time"),
                                                                                   (int, float)) else 0.0,
+            num_stages=value["num_stages"] if isinstance(value.get("num_stages"), int)
+            and not isinstance(value.get("num_stages"), bool) and value["num_stages"] > 0 else 0,
             codecs=_codec_pair(value.get("codecs", ["raw", "raw"]), known_only=False),
             speaks=_codec_names(value.get("speaks", ["raw"])),
         )

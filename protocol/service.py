@@ -20,16 +20,24 @@ def stage_service_handler(servicer: pb_grpc.StageServiceServicer) -> grpc.Generi
     def frames(method):
         return grpc.stream_unary_rpc_method_handler(method, request_deserializer=None,
                                                     response_serializer=pb.Ack.SerializeToString)
+    def unary(method, request, reply):
+        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request.FromString,
+                                                   response_serializer=reply.SerializeToString)
+
+    def streamed(method, request):
+        return grpc.unary_stream_rpc_method_handler(method, request_deserializer=request.FromString,
+                                                    response_serializer=pb.StateChunk.SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Forward": frames(servicer.Forward),
         "Backward": frames(servicer.Backward),
-        "Ping": grpc.unary_unary_rpc_method_handler(servicer.Ping, request_deserializer=pb.PingRequest.FromString,
-                                                    response_serializer=pb.PingReply.SerializeToString),
-        "Info": grpc.unary_unary_rpc_method_handler(servicer.Info, request_deserializer=pb.InfoRequest.FromString,
-                                                    response_serializer=pb.InfoReply.SerializeToString),
-        "FetchState": grpc.unary_stream_rpc_method_handler(servicer.FetchState,
-                                                           request_deserializer=pb.StateRequest.FromString,
-                                                           response_serializer=pb.StateChunk.SerializeToString),
+        "Ping": unary(servicer.Ping, pb.PingRequest, pb.PingReply),
+        "Info": unary(servicer.Info, pb.InfoRequest, pb.InfoReply),
+        "FetchState": streamed(servicer.FetchState, pb.StateRequest),
+        "ReportFailure": unary(servicer.ReportFailure, pb.FailureReport, pb.FailureAck),
+        "Reroute": unary(servicer.Reroute, pb.RerouteNotice, pb.FailureAck),
+        "RoundDone": unary(servicer.RoundDone, pb.RoundDoneNotice, pb.FailureAck),
+        "FetchGradients": streamed(servicer.FetchGradients, pb.GradientRequest),
+        "CheckReachability": unary(servicer.CheckReachability, pb.ReachabilityRequest, pb.ReachabilityReply),
     })
 
 

@@ -144,11 +144,18 @@ def receive_tensor(frames: Iterable[bytes], limits: WireLimits, check: FrameChec
     check_meta(meta, limits)
     out = torch.empty(meta.nbytes, dtype=torch.uint8)  # no zero-fill: every byte is written below
     buf = memoryview(out.numpy())
-    filled = 0
+    min_chunk = min(limits.min_chunk_bytes, limits.chunk_bytes)
+    filled, chunks, max_chunks = 0, 0, meta.nbytes // min_chunk + 2
     while fields is not None:
-        if filled and (_ENVELOPE in fields or _META in fields):
+        if chunks and (_ENVELOPE in fields or _META in fields):
             raise invalid("only the first chunk may carry an envelope or metadata")
         piece = fields.get(_DATA, memoryview(b""))
+        chunks += 1
+        if chunks > 1 and not piece:
+            raise invalid("an empty chunk after the first: every chunk but the first must carry bytes")
+        if chunks > max_chunks:
+            raise invalid(f"more than {max_chunks} chunks for {meta.nbytes} bytes: chunks must be at least "
+                          f"{min_chunk} bytes, but the last")
         end = filled + len(piece)
         if end > len(buf):
             raise invalid(f"stream carries more than the {len(buf)} bytes its metadata announced")

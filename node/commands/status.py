@@ -41,25 +41,29 @@ def run(args: argparse.Namespace) -> int:
         # The codecs in use are the latest plan's (every sender of a round encodes with its plan's).
         latest = max((r.round for r in members.values()), default=0)
         plan = SwarmDirectory(dht, args.swarm, "", ttl=0, owner=b"").fetch_plan(latest, members) if members else None
+        reachable = _reachable(members, trust.auth)
     finally:
         dht.shutdown()
         trust.close()
     codecs = dict(round=plan.round, activation=plan.codecs[0], gradient=plan.codecs[1]) if plan else None
+    missing = _missing_stages(members, reachable)
     rows = []
     for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages, default=-1), kv[0])):
         rows.append(dict(peer=peer, stages=",".join(map(str, r.stages)), role=r.role, endpoint=r.endpoint,
                          round=r.round, state=r.state.value, serving=r.serving,
                          compute_ms=round(1000 * sum(r.compute_s.values()), 1),
                          heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url,
-                         codecs="/".join(r.codecs)))
+                         codecs="/".join(r.codecs), reachable=peer in reachable))
     matrix = _link_matrix(sorted(members), links)
     if args.json:
         import json
 
         print(json.dumps({"swarm": args.swarm, "time": time.time(), "codecs": codecs, "nodes": rows, "links": matrix,
-                          "skipped_link_values": skipped}, indent=2))
+                          "skipped_link_values": skipped, "missing_stages": missing}, indent=2))
         return 0
     print(f"swarm '{args.swarm}': {len(rows)} node(s)")
+    if missing:
+        print(f"missing stages (no reachable serving replica): {', '.join(map(str, missing))}")
     if codecs:
         print(f"codecs (plan of round {codecs['round']}): activations {codecs['activation']}, "
               f"gradients {codecs['gradient']}")
@@ -110,3 +114,36 @@ def _cell(m: dict) -> str:
         return "!"
     bandwidth = "?" if m["bandwidth_default"] else f"{m['bandwidth_Bps'] / 1e6:.1f}"
     return f"{m['rtt_s'] * 1000:.1f}/{bandwidth}"
+
+
+def _reachable(members: dict, auth) -> set[str]:
+    """Members whose gRPC server answers a Ping now (a killed node's record outlives it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from node.transport import StageClients
+    from protocol.generated.swarm.v1 import stage_pb2 as pb
+    from protocol.limits import WireLimits
+
+    clients = StageClients(WireLimits(), auth)
+
+    def answers(record) -> bool:
+        try:
+            clients.stub(record.endpoint).Ping(pb.PingRequest(), timeout=2.0)
+            return True
+        except grpc.RpcError:
+            return False
+    try:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            ok = list(pool.map(answers, members.values()))
+    finally:
+        clients.close()
+    return {peer for peer, up in zip(members, ok) if up}
+
+
+def _missing_stages(members: dict, reachable: set[str]) -> list[int]:
+    """Stages of the swarm (as its nodes report its depth) that no reachable serving node hosts."""
+    depth = max((r.num_stages for r in members.values()), default=0)
+    hosted = {s for p, r in members.items() if r.serving and p in reachable for s in r.stages}
+    return [s for s in range(depth) if s not in hosted]

@@ -2,9 +2,12 @@
 `kill -9` leaves no orphans, hostile frames get a status with a reason, and metrics tell the truth.
 
 Swarm "lifecycle": D0 and D1 (stage 0, data nodes: every plan has both, so they average every round)
-and S1 (stage 1); D3 joins late. Freezing D1's averager process (SIGSTOP) holds each node in one phase
-long enough to stop it there: D0 and D1 in averaging, S1 in planning (nobody can plan the next round),
-D3 in catch-up (it waits for the state after a round that cannot finish).
+and S1 (stage 1); D3 joins late. Freezing the DHT process (SIGSTOP) of the data node that does not plan
+holds each node in one phase long enough to stop it there: that node in planning (it cannot read the
+next plan, but answers pings, so plans keep it and its microbatches never start); the planner in
+averaging after each round's deadline (it waits for the frozen replica's gradients until its grace period
+ends); S1 in planning once the planner is gone; D3 in catch-up (it waits for the state after a round
+that cannot finish in time).
 Swarm "lonely": PL (stage 0), started from a shell as an operator does, and Q (stage 1). Freezing Q
 holds PL in compute; then the shell's process group gets SIGINT, as a terminal's Ctrl-C sends it.
 """
@@ -46,7 +49,8 @@ COMMON = ["--num-stages", "2", "--torch-threads", "1", "--device", "cpu", "--mic
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lifecycle")
-    swarm = LocalSwarm(workdir, SWARM, common_args=COMMON)
+    # A short round timeout: with a frozen origin, each round lasts until its deadline.
+    swarm = LocalSwarm(workdir, SWARM, common_args=COMMON + ["--round-timeout", "20"])
     lonely = LocalSwarm(workdir, "lonely", common_args=COMMON)
     shell = _start_from_shell(workdir)
     first = swarm.start_node("d0", "0")
@@ -123,7 +127,7 @@ def stop_in_phase(process: subprocess.Popen, metrics_url: str, phase: str, send)
     started must be gone within 5 s. Returns the seconds that took."""
     wait_for(lambda: phase_of(metrics_url) == phase, 120, f"the node to be in phase {phase}")
     children = descendants(process.pid)
-    assert children, "a running node has its DHT process, p2pd and averagers below it"
+    assert children, "a running node has its DHT process and p2pd below it"
     started = time.monotonic()
     send()
     assert process.wait(timeout=STOP_S) == 0
@@ -242,12 +246,6 @@ def _dht_process(pid: int) -> int:
     return found[0]
 
 
-def _averager_process(pid: int) -> int:
-    found = [p for p in _python_children(pid) if p != _dht_process(pid)]
-    assert len(found) == 1, found  # one hosted stage: one averager
-    return found[0]
-
-
 def _ppid(pid: int) -> int:
     try:
         return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
@@ -267,7 +265,7 @@ def test_ctrl_c_from_a_terminal_stops_a_node_in_compute_and_kill_9_leaves_no_orp
     shell = swarm.shell
     url = _started(swarm.workdir / "pl.events.jsonl")["metrics_url"]
     node_pid = next(p for p in descendants(shell.pid) if _ppid(p) == shell.pid)
-    assert not _sigint_ignored(node_pid)  # hivemind's averager set SIG_IGN here; the node undoes it
+    assert not _sigint_ignored(node_pid)
     q = swarm.lonely.nodes[0]
     wait_for(lambda: metric(q, "swarm_node_rounds_completed_total"), 120, "a round in the lonely swarm")
     wait_for(lambda: phase_of(url) == "compute", 60, "PL in compute")
@@ -276,10 +274,9 @@ def test_ctrl_c_from_a_terminal_stops_a_node_in_compute_and_kill_9_leaves_no_orp
     stop_in_phase(shell, url, "compute", lambda: os.killpg(shell.pid, signal.SIGINT))
     assert "node exited 0" in (swarm.workdir / "pl.log").read_text()
 
-    # kill -9 of the frozen q (its DHT and averager processes are not frozen): within 5 s nothing it
-    # started is still running.
+    # kill -9 of the frozen q (its DHT process is not frozen): within 5 s nothing it started is still running.
     children = descendants(q.process.pid)
-    assert len(children) >= 3  # DHT process, p2pd, averager
+    assert len(children) >= 2  # DHT process, p2pd
     q.process.kill()
     q.process.wait()
     wait_for(lambda: not [p for p in children if alive(p)], STOP_S, "the killed node's children to exit")
@@ -294,15 +291,18 @@ def _sigint_ignored(pid: int) -> bool:
 
 def test_stop_in_averaging_planning_and_catch_up(swarm):
     d0, d1, s1 = node(swarm, "d0"), node(swarm, "d1"), node(swarm, "s1")
-    os.kill(_averager_process(d1.process.pid), signal.SIGSTOP)  # stage 0's all-reduce can never finish
-    for n in (d0, d1):
-        wait_for(lambda: phase_of(n.started()["metrics_url"]) == "averaging", 120, f"{n.name} in averaging")
+    planner, frozen = sorted((d0, d1), key=lambda n: n.started()["peer_id"])  # the lowest data node plans
+    dht = _dht_process(frozen.process.pid)
+    os.kill(dht, signal.SIGSTOP)
+    wait_for(lambda: phase_of(frozen.started()["metrics_url"]) == "planning", 120, f"{frozen.name} in planning")
     # A late data node: not in the round's plan, it waits to copy the state after the round from d0 or d1.
     d3 = swarm.start_node("d3", "0", initial_peers=swarm.initial_peers())
     swarm.wait_started([d3], timeout=180)
 
     stop_in_phase(d3.process, d3.started()["metrics_url"], "catch_up", lambda: d3.process.send_signal(signal.SIGINT))
+    stop_in_phase(planner.process, planner.started()["metrics_url"], "averaging",
+                  lambda: planner.process.send_signal(signal.SIGINT))
+    # Nobody is left to plan the next round.
     stop_in_phase(s1.process, s1.started()["metrics_url"], "planning", lambda: s1.process.send_signal(signal.SIGTERM))
-    stop_in_phase(d0.process, d0.started()["metrics_url"], "averaging", lambda: d0.process.send_signal(signal.SIGINT))
-    stop_in_phase(d1.process, d1.started()["metrics_url"], "averaging",
-                  lambda: d1.process.send_signal(signal.SIGTERM))  # its frozen averager goes too
+    stop_in_phase(frozen.process, frozen.started()["metrics_url"], "planning",
+                  lambda: (frozen.process.send_signal(signal.SIGTERM), os.kill(dht, signal.SIGCONT)))

@@ -44,7 +44,8 @@ def swarm(tmp_path_factory):
     first = swarm.start_node("data0", "0", extra=["--swarm-key", str(key)])
     swarm.wait_started([first], timeout=120)
     peers = swarm.initial_peers()
-    member = swarm.start_node("s1", "1", initial_peers=peers, extra=["--swarm-key", str(key)])
+    member = swarm.start_node("s1", "1", initial_peers=peers,
+                              extra=["--swarm-key", str(key), "--stream-idle-timeout", "3"])
     stranger = swarm.start_node("stranger", "1", initial_peers=peers, extra=["--swarm-key", str(wrong)])
     swarm.wait_started([member, stranger], timeout=180)
     yield swarm
@@ -151,8 +152,152 @@ def test_replayed_and_stale_calls_are_refused(swarm):
     # With the key, calls work.
     good = StageStub(_channel(target, auth))
     assert good.Ping(pb.PingRequest(), timeout=5).peer_id == target.started()["peer_id"]
-    # Training went on through all of it.
-    data = node(swarm, "data0")
-    last = max(rounds(data))
-    wait_for(lambda: max(rounds(data)) >= last + 2, 120, "two more rounds")
-    assert all(rounds(data)[r]["failed"] == 0 for r in rounds(data))
+    # (training goes on through all of it: checked after the hostile client below)
+
+
+# ---- hostile input: a client holding the key probes a stage node; each try is refused cheaply -------------------
+def _signed(auth, env, tensor, method="Forward"):
+    return list(encode_frames(env, tensor, WireLimits(), lambda e, m, d: auth.sign_frames(method, e, m, d)))
+
+
+def _header_only(auth, env, meta):
+    env = pb.Envelope.FromString(env.SerializeToString())
+    env.auth = auth.sign_frames("Forward", env, meta, b"")
+    return pb.TensorChunk(envelope=env, meta=meta).SerializeToString()
+
+
+def _hostile_case(swarm, auth, case: str, round_offset: int, microbatch: int):
+    """(frames, expected code(s), a word the reason must contain) for one hostile try."""
+    target = node(swarm, "s1")
+    current = max(rounds(target), default=-1) + 1
+    tensor = torch.zeros(4, 64, HIDDEN)
+    env = _forward(swarm, target, current + round_offset, microbatch)
+    if case == "not_in_plan":  # fills no slot: the plan has no such microbatch
+        # (the round moves on meanwhile: a round the node is not at is refused for that, also before any slot)
+        return _signed(auth, env, tensor), {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                            grpc.StatusCode.FAILED_PRECONDITION}, "round"
+    if case == "replay":
+        frames = _signed(auth, env, tensor)
+        try:
+            StageStub(_channel(target)).Forward(iter(frames), timeout=10)
+        except grpc.RpcError:
+            pass
+        return frames, {grpc.StatusCode.UNAUTHENTICATED}, "replayed"
+    if case == "too_large":  # announced far above this swarm's activation size: refused from the header
+        meta = pb.TensorMeta(dtype="float32", shape=[600, 2048, HIDDEN], codec="raw", nbytes=600 * 2048 * HIDDEN * 4)
+        return [_header_only(auth, env, meta)], {grpc.StatusCode.RESOURCE_EXHAUSTED}, "exceeds the limit"
+    if case == "overflow":  # 2^62 x 4 x 64 floats: no integer overflow, a clear refusal for its size
+        meta = pb.TensorMeta(dtype="float32", shape=[1 << 62, 4, 64], codec="raw", nbytes=1 << 62)
+        return [_header_only(auth, env, meta)], {grpc.StatusCode.RESOURCE_EXHAUSTED}, "exceeds the limit"
+    if case == "tiny_chunks":  # the right bytes, one byte per chunk
+        frames = _signed(auth, env, torch.zeros(1, 1, HIDDEN))
+        head, data = frames[0][:-(HIDDEN * 4 + 3)], frames[0][-(HIDDEN * 4):]
+        ones = [head] + [b"\x1a\x01" + data[i:i + 1] for i in range(len(data))]
+        return ones, {grpc.StatusCode.INVALID_ARGUMENT}, "chunks"
+    if case == "empty_chunks":
+        frames = _signed(auth, env, torch.zeros(1, 1, HIDDEN))
+        return frames[:1] + [b""] * 50, {grpc.StatusCode.INVALID_ARGUMENT}, "empty chunk"
+    if case == "foreign_hop":  # a planned microbatch whose path returns through an address of the client's choice
+        data = node(swarm, "data0").started()
+        origin, me = env.path[0], env.path[1]
+        path = [HopSpec(0, origin.peer_id, origin.endpoint), HopSpec(1, me.peer_id, me.endpoint),
+                HopSpec(0, data["peer_id"], "10.255.255.1:9")]
+        env = make_envelope(SWARM, current + round_offset, microbatch % 2, path, 1)
+        return (_signed(auth, env, tensor),
+                {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 grpc.StatusCode.FAILED_PRECONDITION}, "")
+    raise AssertionError(case)
+
+
+CASES = ["not_in_plan", "replay", "too_large", "overflow", "tiny_chunks", "empty_chunks", "foreign_hop"]
+
+
+def test_hostile_input_is_refused_while_rounds_go_on(swarm):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    auth = SwarmAuth(load_key_file(swarm.key))
+    target, data = node(swarm, "s1"), node(swarm, "data0")
+    stub = StageStub(_channel(target))
+    before = [e["wall_s"] for e in rounds(data).values()]
+    first = max(rounds(data)) + 1
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(case=st.sampled_from(CASES), round_offset=st.integers(0, 1), microbatch=st.integers(2, 10 ** 6))
+    def probe(case, round_offset, microbatch):
+        frames, codes, word = _hostile_case(swarm, auth, case, round_offset, microbatch)
+        code, details = _code(stub.Forward, iter(frames))
+        assert code in codes and word in details, (case, code, details)
+        if case == "foreign_hop" and code == grpc.StatusCode.PERMISSION_DENIED:
+            assert "10.255.255.1:9" in details
+
+    probe()
+    # Silent streams: a valid header, then nothing. They cannot take every worker, and are cancelled.
+    import threading
+
+    env = _forward(swarm, target, 10_000)
+    meta = pb.TensorMeta(dtype="float32", shape=[4, 64, HIDDEN], codec="raw", nbytes=4 * 64 * HIDDEN * 4)
+    hold = threading.Event()
+    results = []
+
+    def silent():
+        def frames():
+            yield _header_only(auth, env, meta)
+            hold.wait(60)
+        results.append(_code(stub.Forward, frames()))
+
+    threads = [threading.Thread(target=silent) for _ in range(20)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    pinged = time.monotonic()
+    assert StageStub(_channel(target, auth)).Ping(pb.PingRequest(), timeout=5).peer_id
+    assert time.monotonic() - pinged < 2
+    for t in threads:
+        t.join(30)
+    hold.set()
+    codes = {code for code, _ in results}
+    assert len(results) == 20 and codes <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}, results
+    assert grpc.StatusCode.CANCELLED in codes
+    assert metric(target, 'swarm_node_streams_refused_total{reason="idle"}') > 0
+    # Rounds went on at their usual pace, losing nothing.
+    wait_for(lambda: max(rounds(data)) >= first + 2, 120, "two more rounds")
+    during = [rounds(data)[r]["wall_s"] for r in range(first, max(rounds(data)) + 1)]
+    assert all(rounds(data)[r]["failed"] == 0 for r in range(first, max(rounds(data)) + 1))
+    assert sorted(during)[len(during) // 2] < 2 * sorted(before)[len(before) // 2] + 2, (before, during)
+
+
+# ---- reachability: a joining node asks a member to dial it back --------------------------------------------------
+def test_reachability_self_check(swarm):
+    from node.reachability import self_check
+    from node.transport import StageClients
+    from protocol.records import NodeRecord, NodeState
+
+    member, stranger = node(swarm, "s1"), node(swarm, "stranger")
+    checked = wait_for(lambda: member.events("reachability"), 30, "the member's reachability check")
+    assert checked[0]["ok"], checked
+    refused = wait_for(lambda: stranger.events("reachability"), 30, "the stranger's reachability check")
+    assert not refused[0]["ok"] and "--swarm-key" in refused[0]["message"]
+
+    auth = SwarmAuth(load_key_file(swarm.key))
+    started = member.started()
+    record = NodeRecord(peer_id=started["peer_id"], endpoint=started["endpoint"], stages=(1,), compute_s={1: 0.1},
+                        memory_slots=8, role="stage", version="x", swarm=SWARM, round=0, state=NodeState.SERVING)
+    clients = StageClients(WireLimits(), auth)
+    try:
+        closed = f"127.0.0.1:{_closed_port()}"
+        result = self_check({record.peer_id: record}, "me", closed, [], clients)
+        assert not result.ok and f"open TCP port {closed.split(':')[1]}" in result.message, result.message
+        code, details = _code(clients.stub(started["endpoint"]).CheckReachability,
+                              pb.ReachabilityRequest(endpoint="10.255.255.1:9"))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "only dials back its caller" in details
+    finally:
+        clients.close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

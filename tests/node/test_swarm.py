@@ -114,6 +114,7 @@ def test_forged_records_and_plans_are_ignored(swarm):
     from protocol.records import PlannedMicrobatch, RoundPlan, nodes_key, plan_key
 
     data = node(swarm, "data0")
+    wait_for(lambda: rounds(data), 180, "a round on the data node")
     victim = data.started()["peer_id"]
     path, key, _ = load_identity(None)
     validators = record_validators(key, None, RefusalCounter())

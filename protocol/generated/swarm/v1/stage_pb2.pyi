@@ -17,20 +17,22 @@ class Hop(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., peer_id: _Optional[str] = ..., endpoint: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("swarm_id", "round", "microbatch", "path", "hop", "auth")
+    __slots__ = ("swarm_id", "round", "microbatch", "path", "hop", "auth", "attempt")
     SWARM_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MICROBATCH_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     HOP_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     swarm_id: str
     round: int
     microbatch: int
     path: _containers.RepeatedCompositeFieldContainer[Hop]
     hop: int
     auth: bytes
-    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., microbatch: _Optional[int] = ..., path: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., hop: _Optional[int] = ..., auth: _Optional[bytes] = ...) -> None: ...
+    attempt: int
+    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., microbatch: _Optional[int] = ..., path: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., hop: _Optional[int] = ..., auth: _Optional[bytes] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class TensorMeta(_message.Message):
     __slots__ = ("dtype", "shape", "codec", "nbytes", "block_size", "rank")
@@ -113,3 +115,75 @@ class StateChunk(_message.Message):
     round: int
     data: bytes
     def __init__(self, round: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class FailureReport(_message.Message):
+    __slots__ = ("swarm_id", "round", "microbatch", "attempt", "failed_peer", "reason")
+    SWARM_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCH_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_PEER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    swarm_id: str
+    round: int
+    microbatch: int
+    attempt: int
+    failed_peer: str
+    reason: str
+    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., microbatch: _Optional[int] = ..., attempt: _Optional[int] = ..., failed_peer: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class FailureAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RerouteNotice(_message.Message):
+    __slots__ = ("swarm_id", "round", "microbatch", "attempt", "path")
+    SWARM_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCH_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    swarm_id: str
+    round: int
+    microbatch: int
+    attempt: int
+    path: _containers.RepeatedCompositeFieldContainer[Hop]
+    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., microbatch: _Optional[int] = ..., attempt: _Optional[int] = ..., path: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+
+class RoundDoneNotice(_message.Message):
+    __slots__ = ("swarm_id", "round", "origin")
+    SWARM_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    swarm_id: str
+    round: int
+    origin: str
+    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., origin: _Optional[str] = ...) -> None: ...
+
+class GradientRequest(_message.Message):
+    __slots__ = ("swarm_id", "stage", "round")
+    SWARM_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    swarm_id: str
+    stage: int
+    round: int
+    def __init__(self, swarm_id: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+
+class ReachabilityRequest(_message.Message):
+    __slots__ = ("endpoint", "maddrs")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    MADDRS_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    maddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, endpoint: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReachabilityReply(_message.Message):
+    __slots__ = ("grpc_reachable", "dht_reachable", "detail")
+    GRPC_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    DHT_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    grpc_reachable: bool
+    dht_reachable: bool
+    detail: str
+    def __init__(self, grpc_reachable: _Optional[bool] = ..., dht_reachable: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...

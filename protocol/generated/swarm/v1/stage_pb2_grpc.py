@@ -59,6 +59,31 @@ class StageServiceStub:
                 request_serializer=swarm_dot_v1_dot_stage__pb2.StateRequest.SerializeToString,
                 response_deserializer=swarm_dot_v1_dot_stage__pb2.StateChunk.FromString,
                 _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/swarm.v1.StageService/ReportFailure',
+                request_serializer=swarm_dot_v1_dot_stage__pb2.FailureReport.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_stage__pb2.FailureAck.FromString,
+                _registered_method=True)
+        self.Reroute = channel.unary_unary(
+                '/swarm.v1.StageService/Reroute',
+                request_serializer=swarm_dot_v1_dot_stage__pb2.RerouteNotice.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_stage__pb2.FailureAck.FromString,
+                _registered_method=True)
+        self.RoundDone = channel.unary_unary(
+                '/swarm.v1.StageService/RoundDone',
+                request_serializer=swarm_dot_v1_dot_stage__pb2.RoundDoneNotice.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_stage__pb2.FailureAck.FromString,
+                _registered_method=True)
+        self.FetchGradients = channel.unary_stream(
+                '/swarm.v1.StageService/FetchGradients',
+                request_serializer=swarm_dot_v1_dot_stage__pb2.GradientRequest.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_stage__pb2.StateChunk.FromString,
+                _registered_method=True)
+        self.CheckReachability = channel.unary_unary(
+                '/swarm.v1.StageService/CheckReachability',
+                request_serializer=swarm_dot_v1_dot_stage__pb2.ReachabilityRequest.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_stage__pb2.ReachabilityReply.FromString,
+                _registered_method=True)
 
 
 class StageServiceServicer:
@@ -94,6 +119,38 @@ class StageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFailure(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reroute(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RoundDone(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchGradients(self, request, context):
+        """Blocks until this replica has posted the round's gradients (or the call's deadline passes).
+        Answered as a safetensors blob like FetchState; metadata carries the microbatch count and weights digest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckReachability(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +178,31 @@ def add_StageServiceServicer_to_server(servicer, server):
                     servicer.FetchState,
                     request_deserializer=swarm_dot_v1_dot_stage__pb2.StateRequest.FromString,
                     response_serializer=swarm_dot_v1_dot_stage__pb2.StateChunk.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=swarm_dot_v1_dot_stage__pb2.FailureReport.FromString,
+                    response_serializer=swarm_dot_v1_dot_stage__pb2.FailureAck.SerializeToString,
+            ),
+            'Reroute': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reroute,
+                    request_deserializer=swarm_dot_v1_dot_stage__pb2.RerouteNotice.FromString,
+                    response_serializer=swarm_dot_v1_dot_stage__pb2.FailureAck.SerializeToString,
+            ),
+            'RoundDone': grpc.unary_unary_rpc_method_handler(
+                    servicer.RoundDone,
+                    request_deserializer=swarm_dot_v1_dot_stage__pb2.RoundDoneNotice.FromString,
+                    response_serializer=swarm_dot_v1_dot_stage__pb2.FailureAck.SerializeToString,
+            ),
+            'FetchGradients': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchGradients,
+                    request_deserializer=swarm_dot_v1_dot_stage__pb2.GradientRequest.FromString,
+                    response_serializer=swarm_dot_v1_dot_stage__pb2.StateChunk.SerializeToString,
+            ),
+            'CheckReachability': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReachability,
+                    request_deserializer=swarm_dot_v1_dot_stage__pb2.ReachabilityRequest.FromString,
+                    response_serializer=swarm_dot_v1_dot_stage__pb2.ReachabilityReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +340,141 @@ class StageService:
             '/swarm.v1.StageService/FetchState',
             swarm_dot_v1_dot_stage__pb2.StateRequest.SerializeToString,
             swarm_dot_v1_dot_stage__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.StageService/ReportFailure',
+            swarm_dot_v1_dot_stage__pb2.FailureReport.SerializeToString,
+            swarm_dot_v1_dot_stage__pb2.FailureAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reroute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.StageService/Reroute',
+            swarm_dot_v1_dot_stage__pb2.RerouteNotice.SerializeToString,
+            swarm_dot_v1_dot_stage__pb2.FailureAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RoundDone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.StageService/RoundDone',
+            swarm_dot_v1_dot_stage__pb2.RoundDoneNotice.SerializeToString,
+            swarm_dot_v1_dot_stage__pb2.FailureAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchGradients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/swarm.v1.StageService/FetchGradients',
+            swarm_dot_v1_dot_stage__pb2.GradientRequest.SerializeToString,
+            swarm_dot_v1_dot_stage__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReachability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.StageService/CheckReachability',
+            swarm_dot_v1_dot_stage__pb2.ReachabilityRequest.SerializeToString,
+            swarm_dot_v1_dot_stage__pb2.ReachabilityReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,218 @@
+"""Churn benchmark: a loopback swarm loses and regains nodes, then runs as long again without churn.
+
+    python bench/bench_churn.py [--rounds 300] [--quick]
+
+Swarm: one data node and two replicas each of stages 1 and 2 (full pipelines), every node with its own
+identity and --checkpoint-dir. Churn phase: every 5-10 rounds (counted once the previous victim is back)
+a random non-origin node is killed with SIGKILL (its whole process group, as when a host dies) and
+restarted with the same identity and checkpoint directory. Soak phase: as many rounds without churn.
+
+Reports, measured in this one run:
+- rounds lost (a round number missing from the data node's history, or a round with failed microbatches);
+- the delay each kill added: the wall time of the round it hit minus the soak's median round;
+- RSS and open file descriptors of the long-lived data node over time (after warm-up, ratio end/start);
+- the soak's slowest round relative to its median;
+- processes left after the swarm stopped (everything any node ever started, killed nodes included).
+Writes bench/results/churn.md, churn.json and churn.png (loss and RSS against rounds, kills marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from node.local_swarm import LocalSwarm, NodeProcess  # noqa: E402
+from tests.helpers import alive, descendants  # noqa: E402
+
+LAYOUT = [("data", "0"), ("s1a", "1"), ("s1b", "1"), ("s2a", "2"), ("s2b", "2")]
+COMMON = ["--num-stages", "3", "--microbatches", "4", "--max-inflight", "4", "--torch-threads", "1",
+          "--device", "cpu", "--round-timeout", "60", "--heartbeat-interval", "1", "--record-ttl", "20",
+          "--checkpoint-every", "5"]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Churn:
+    def __init__(self, workdir: Path, seed: int):
+        self.workdir = workdir
+        self.swarm = LocalSwarm(workdir, "churn-bench", common_args=COMMON)
+        self.rng = random.Random(seed)
+        self.by_name: dict[str, NodeProcess] = {}
+        self.pids_seen: set[int] = set()
+        self.kills: list[dict] = []
+        self.samples: list[dict] = []
+
+    def start(self, name: str, stage: str, run: int = 0) -> NodeProcess:
+        extra = ["--checkpoint-dir", str(self.workdir / f"{name}.ckpt"),
+                 "--identity-path", str(self.workdir / f"{name}.key")]
+        peers = self.swarm.initial_peers() if any(n.alive() for n in self.swarm.nodes) else None
+        node = self.swarm.start_node(f"{name}.{run}", stage, extra=extra, initial_peers=peers)
+        self.by_name[name] = node
+        return node
+
+    def data(self) -> NodeProcess:
+        return self.by_name["data"]
+
+    def rounds(self) -> dict[int, dict]:
+        return {e["round"]: e for e in self.data().events("round")}
+
+    def note_processes(self) -> None:
+        for node in self.swarm.nodes:
+            if node.alive():
+                self.pids_seen.add(node.process.pid)
+                self.pids_seen.update(descendants(node.process.pid))
+
+    def sample(self) -> None:
+        data = self.data()
+        rounds = self.rounds()
+        self.samples.append({"time": time.time(), "round": max(rounds, default=-1),
+                             "rss_mb": rss_mb(data.process.pid), "fds": fds(data.process.pid)})
+
+    def wait_rounds(self, target: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while max(self.rounds(), default=-1) < target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"round {target} not reached in {timeout:.0f}s; logs in {self.workdir}")
+            self.sample()
+            self.note_processes()
+            time.sleep(1.0)
+
+    def kill_and_restart(self) -> None:
+        name = self.rng.choice([n for n, _ in LAYOUT if n != "data"])
+        stage = dict(LAYOUT)[name]
+        victim = self.by_name[name]
+        self.note_processes()
+        rounds = self.rounds()
+        at = max(rounds, default=-1) + 1
+        os.killpg(victim.process.pid, signal.SIGKILL)
+        victim.process.wait()
+        killed = time.time()
+        run = sum(1 for k in self.kills if k["node"] == name) + 1
+        node = self.start(name, stage, run)
+        self.swarm.wait_started([node], timeout=300)
+        # back: it trains (or catches up) a round
+        while not [e for e in node.events() if e["event"] in ("round", "caught_up")]:
+            self.sample()
+            time.sleep(0.5)
+        self.kills.append({"node": name, "round": at, "time": killed, "back_s": round(time.time() - killed, 1),
+                           "sources": [e["source"] for e in node.events("stage_recovered")]})
+        print(f"  killed {name} in round {at}; back after {self.kills[-1]['back_s']}s "
+              f"(loaded from {', '.join(self.kills[-1]['sources']) or 'nothing'})", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=300, help="rounds of churn, then as many of soak")
+    ap.add_argument("--quick", action="store_true", help="40 + 40 rounds (within 10 minutes)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = ap.parse_args()
+    n = 40 if args.quick else args.rounds
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-churn-"))
+    bench = Churn(workdir, args.seed)
+    started = time.time()
+    try:
+        first = bench.start("data", "0")
+        bench.swarm.wait_started([first], timeout=300)
+        rest = [bench.start(name, stage) for name, stage in LAYOUT[1:]]
+        bench.swarm.wait_started(rest, timeout=300)
+        bench.wait_rounds(2, 300)
+        warm = max(bench.rounds())
+        print(f"swarm up after {time.time() - started:.0f}s; churn for {n} rounds", flush=True)
+        while max(bench.rounds()) < warm + n:
+            bench.wait_rounds(max(bench.rounds()) + bench.rng.randint(5, 10), 600)
+            if max(bench.rounds()) < warm + n:
+                bench.kill_and_restart()
+        churn_end = max(bench.rounds())
+        print(f"soak for {n} rounds", flush=True)
+        bench.wait_rounds(churn_end + n, 600 + 10 * n)
+        bench.note_processes()
+    finally:
+        bench.swarm.stop()
+    time.sleep(5)  # children exit within seconds of their parent
+    left = sorted(p for p in bench.pids_seen if alive(p))
+
+    rounds = bench.rounds()
+    first_round, last_round = min(rounds), max(rounds)
+    missing = [r for r in range(first_round, last_round + 1) if r not in rounds]
+    failed = [r for r, e in rounds.items() if e.get("failed")]
+    soak = [rounds[r]["wall_s"] for r in rounds if r > churn_end]
+    churn = [rounds[r]["wall_s"] for r in rounds if warm < r <= churn_end]
+    soak_median = statistics.median(soak)
+    delays = [max(0.0, rounds[k["round"]]["wall_s"] - soak_median) for k in bench.kills if k["round"] in rounds]
+    after_warm = [s for s in bench.samples if s["round"] > warm + 5]
+    rss0, rss1 = after_warm[0]["rss_mb"], after_warm[-1]["rss_mb"]
+    fd0, fd1 = after_warm[0]["fds"], after_warm[-1]["fds"]
+    rows = [
+        ("rounds (churn + soak)", f"{len(churn)} + {len(soak)}"),
+        ("kills", str(len(bench.kills))),
+        ("rounds lost (missing or with failed microbatches)", str(len(missing) + len(failed))),
+        ("delay added per kill, median / worst", f"{statistics.median(delays):.2f} s / {max(delays):.2f} s"
+         if delays else "n/a"),
+        ("median round, churn vs soak", f"{statistics.median(churn):.2f} s vs {soak_median:.2f} s "
+                                        f"({statistics.median(churn) / soak_median:.2f}x)"),
+        ("soak: slowest round / median", f"{max(soak) / soak_median:.2f}x"),
+        ("data node RSS after warm-up, start -> end", f"{rss0:.0f} -> {rss1:.0f} MiB ({rss1 / rss0:.2f}x)"),
+        ("data node open fds, start -> end", f"{fd0} -> {fd1} ({fd1 / fd0:.2f}x)"),
+        ("restarted node back (started, following rounds), median", f"{statistics.median(k['back_s'] for k in bench.kills):.0f} s"
+         if bench.kills else "n/a"),
+        ("processes left after stop", str(len(left))),
+    ]
+    table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    header = (f"`python bench/bench_churn.py{' --quick' if args.quick else f' --rounds {n}'}` "
+              f"({time.time() - started:.0f} s wall, {os.cpu_count()} cores shared)\n\n")
+    (out / "churn.md").write_text(header + table + "\n")
+    (out / "churn.json").write_text(json.dumps({"kills": bench.kills, "samples": bench.samples,
+                                                "rounds": rounds, "left": left, "churn_end": churn_end,
+                                                "warm": warm}, indent=1))
+    _plot(out / "churn.png", rounds, bench.samples, bench.kills, churn_end)
+    print(header + table)
+    return 0 if not missing and not failed and not left else 1
+
+
+def _plot(path: Path, rounds: dict[int, dict], samples: list[dict], kills: list[dict], churn_end: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
+    xs = sorted(r for r in rounds if rounds[r].get("loss") is not None)
+    ax1.plot(xs, [rounds[r]["loss"] for r in xs], lw=0.8, label="loss (data node)")
+    ax1.set_ylabel("loss")
+    ax2.plot([s["round"] for s in samples], [s["rss_mb"] for s in samples], lw=0.8, color="tab:green")
+    ax2.set_ylabel("data node RSS (MiB)")
+    ax2.set_xlabel("round")
+    for ax in (ax1, ax2):
+        for k in kills:
+            ax.axvline(k["round"], color="tab:red", lw=0.6, alpha=0.6)
+        ax.axvline(churn_end, color="black", ls="--", lw=0.8)
+    ax1.set_title("churn (red: a node killed with SIGKILL and restarted), then soak (after the dashed line)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Failure detection: which peers are gone, which hops failed, and telling each microbatch's origin.
+
+A hop fails in one of two ways, seen by the node just before the failed peer on the path:
+- its send fails: the connection is refused or stays down (`HopSender` gives up), or the receiver refuses;
+- its gradient does not come back: `HopWatch` pings the next peer of every hop still waiting for its
+  backward, and gives up on the hop when the ping fails or when the hop's deadline passes. The deadline
+  comes from the round's expected time (`node.reroute.expected_round_seconds`), not from --round-timeout.
+Either way a `FailureReport` goes to the microbatch's origin (a local call when that is us), which
+re-routes it (`node.origin`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from node.executor import StageExecutor
+from node.metrics import NodeMetrics
+from node.transport import StageClients
+from protocol.generated.swarm.v1 import stage_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# failed_hops_total{reason}: unreachable (connection refused or down), hung (pings time out),
+# deadline (no gradient back in time), refused (the receiver answered with an error status).
+UNREACHABLE, HUNG, DEADLINE, REFUSED = "unreachable", "hung", "deadline", "refused"
+
+
+class DeadPeers:
+    """Peers this node has declared dead. Planning and re-routing avoid them; one that answers again is
+    forgiven (a node restarted with the same identity)."""
+
+    def __init__(self, metrics: NodeMetrics):
+        self.metrics = metrics
+        self._dead: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.listeners: list[Callable[[str], None]] = []  # called with each newly declared peer
+
+    def declare(self, peer: str, why: str) -> bool:
+        """True when this is news."""
+        with self._lock:
+            if not peer or peer in self._dead:
+                return False
+            self._dead[peer] = time.monotonic()
+        self.metrics.peers_declared_dead.inc()
+        log.warning("peer %s declared dead: %s", peer[-8:], why)
+        for listener in self.listeners:
+            listener(peer)
+        return True
+
+    def forgive(self, peer: str) -> None:
+        with self._lock:
+            self._dead.pop(peer, None)
+
+    def __contains__(self, peer: str) -> bool:
+        with self._lock:
+            return peer in self._dead
+
+    def snapshot(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._dead)
+
+
+class FailureReporter:
+    """Sends a failed hop's report to its microbatch's origin, once per (round, microbatch, attempt)."""
+
+    def __init__(self, swarm: str, peer_id: str, clients: StageClients, metrics: NodeMetrics, dead: DeadPeers,
+                 local: Callable[[pb.FailureReport], None], timeout_s: float):
+        self.swarm = swarm
+        self.dead = dead
+        self.peer_id = peer_id
+        self.clients = clients
+        self.metrics = metrics
+        self.local = local
+        self.timeout_s = timeout_s
+        self._sent: set[tuple[int, int, int]] = set()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="report")
+
+    def report(self, env: pb.Envelope, failed_peer: str, kind: str, detail: str) -> None:
+        key = (env.round, env.microbatch, env.attempt)
+        with self._lock:
+            if key in self._sent:
+                return
+            self._sent.add(key)
+            if len(self._sent) > 4096:  # old rounds' keys are of no use any more
+                self._sent = {k for k in self._sent if k[0] >= env.round - 1}
+        self.metrics.failed_hops.labels(reason=kind).inc()
+        report = pb.FailureReport(swarm_id=self.swarm, round=env.round, microbatch=env.microbatch,
+                                  attempt=env.attempt, failed_peer=failed_peer, reason=f"{kind}: {detail}")
+        origin = env.path[0]
+        if origin.peer_id == self.peer_id:
+            self._pool.submit(self.local, report)
+        else:
+            self._pool.submit(self._send, origin.endpoint, report)
+
+    def send_failed(self, env: pb.Envelope, code: grpc.StatusCode | None, detail: str) -> None:
+        """`HopSender` gave up on delivering `env` (addressed to the hop that failed)."""
+        target = env.path[env.hop].peer_id
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.dead.declare(target, f"unreachable: {detail}")
+            self.report(env, target, UNREACHABLE, detail)
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self.report(env, target, HUNG, detail)
+        else:  # refused (or a local error): the peer is alive but will not take the hop; route around it
+            self.report(env, target, REFUSED, f"{code.name if code else 'error'}: {detail}")
+
+    def _send(self, endpoint: str, report: pb.FailureReport) -> None:
+        try:
+            self.clients.stub(endpoint).ReportFailure(report, timeout=self.timeout_s)
+        except grpc.RpcError as e:  # the origin itself is gone: its microbatches die with it
+            log.info("could not report round %d microbatch %d's failure to its origin: %s", report.round,
+                     report.microbatch, e.code().name)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RerouteNotifier:
+    """Tells the round's nodes a microbatch's new path (ourselves directly), all at once, briefly."""
+
+    def __init__(self, peer_id: str, clients: StageClients, executor: StageExecutor, timeout_s: float):
+        self.peer_id = peer_id
+        self.clients = clients
+        self.executor = executor
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="notify")
+
+    def __call__(self, peers: dict[str, str], notice: pb.RerouteNotice) -> None:
+        self.executor.reroute(notice.round, notice.microbatch, notice.attempt, list(notice.path))
+        futures = [self._pool.submit(self._send, endpoint, notice) for p, endpoint in peers.items()
+                   if p != self.peer_id]
+        for future in futures:
+            future.result()
+
+    def round_done(self, peers: dict[str, str], notice: pb.RoundDoneNotice) -> None:
+        """Our microbatches of the round are all finished: nobody needs to keep the round open for us."""
+        self.executor.origin_done(notice.round, notice.origin)
+        for p, endpoint in peers.items():
+            if p != self.peer_id:
+                self._pool.submit(self._send, endpoint, notice, "RoundDone")
+
+    def _send(self, endpoint: str, notice, method: str = "Reroute", tries: int = 3) -> None:
+        for _ in range(tries):  # a lost notice costs the receiver its round deadline: try a few times
+            try:
+                getattr(self.clients.stub(endpoint), method)(notice, timeout=self.timeout_s)
+                return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # gone, or refused: retrying will not help
+                    log.debug("%s notice to %s failed: %s", method, endpoint, e.code().name)
+                    return
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class HopWatch:
+    """Watches the hops this node forwarded and still waits on: is the next peer alive, is time up?"""
+
+    def __init__(self, peer_id: str, executor: StageExecutor, clients: StageClients, reporter: FailureReporter,
+                 dead: DeadPeers, interval_s: float, probe_timeout_s: float, hung_after_misses: int):
+        self.peer_id = peer_id
+        self.executor = executor
+        self.clients = clients
+        self.reporter = reporter
+        self.dead = dead
+        self.interval_s = interval_s
+        self.probe_timeout_s = probe_timeout_s
+        self.hung_after_misses = hung_after_misses
+        self.hop_deadline_s = float("inf")  # set each round from its expected time
+        self._misses: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="hop-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.probe_timeout_s + 1)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except Exception:  # never let the watch die
+                log.exception("hop watch failed")
+
+    def check(self) -> None:
+        now = time.monotonic()
+        waiting = [s for s in self.executor.awaiting_backward() if now - s.since > self.interval_s]
+        nexts = {s.env.path[s.env.hop + 1].peer_id: s.env.path[s.env.hop + 1].endpoint for s in waiting}
+        verdicts = {peer: self._probe(peer, endpoint) for peer, endpoint in nexts.items() if peer != self.peer_id}
+        for saved in waiting:
+            env = saved.env
+            nxt = env.path[env.hop + 1]
+            verdict = verdicts.get(nxt.peer_id)
+            if verdict is not None:
+                self.dead.declare(nxt.peer_id, verdict)
+                self.reporter.report(env, nxt.peer_id, verdict, f"hop {env.hop + 1} ({nxt.peer_id[-8:]}) {verdict}")
+            elif now - saved.since > self.hop_deadline_s:  # alive but not serving us in time: avoid it this round
+                self.reporter.report(env, nxt.peer_id, DEADLINE,
+                                     f"no gradient for hop {env.hop} after {now - saved.since:.1f}s")
+
+    def _probe(self, peer: str, endpoint: str) -> str | None:
+        """None when the peer answers; UNREACHABLE or HUNG when it is taken as gone."""
+        try:
+            self.clients.stub(endpoint).Ping(pb.PingRequest(), timeout=self.probe_timeout_s)
+            self._misses.pop(peer, None)
+            return None
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                return UNREACHABLE
+            misses = self._misses.get(peer, 0) + 1
+            self._misses[peer] = misses
+            return HUNG if misses >= self.hung_after_misses else None
