@@ -103,6 +103,7 @@ class Daemon:
         if first_round is None:
             return
         self.rounds.run(first_round, self.stop)
+        self.sender.wait_idle(self.config.round_timeout, self.stop)  # the last round's gradients reach their hops
         if self.config.save_model and not self.stop.is_set():  # every stage's replicas hold the same weights now
             for stage, module in self.executor.stages.items():
                 save_stage_shard(module, self.spec.config, self.config.num_stages, self.config.save_model)

@@ -117,9 +117,33 @@ class HopSender:
         self.on_sent = on_sent  # (peer id, bytes, seconds) of each delivered send: node/links.py measures links
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="send")
         self._closed = threading.Event()
+        self._pending = 0  # sends submitted and not finished (delivered or given up)
+        self._idle = threading.Condition()
 
     def __call__(self, kind: str, env: pb.Envelope, tensor: torch.Tensor) -> None:
-        self._pool.submit(self._deliver, kind, env, tensor)
+        with self._idle:
+            self._pending += 1
+        self._pool.submit(self._tracked, kind, env, tensor)
+
+    def _tracked(self, kind: str, env: pb.Envelope, tensor: torch.Tensor) -> None:
+        try:
+            self._deliver(kind, env, tensor)
+        finally:
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float, stop: threading.Event) -> bool:
+        """Wait until every send so far is delivered or given up (a node's last round ends with gradients
+        still on their way to the previous hops); False on timeout or stop."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or stop.is_set():
+                    return False
+                self._idle.wait(min(left, 0.25))
+        return True
 
     def close(self) -> None:
         self._closed.set()

@@ -41,7 +41,8 @@ def test_pipeline_through_stage_servers_matches_the_unsplit_model(tmp_path):
         origin.origin.keep_logits = True
         nodes = [servers.start_node(f"stage{s}", str(s), initial_peers=origin.maddrs[:1]) for s in (1, 2)]
         servers.wait_started(nodes, timeout=120)
-        members = wait_for(lambda: (m := origin.directory.members()) and len(m) == 3 and m, 30, "all three nodes")
+        members = wait_for(lambda: (m := origin.directory.members()) and len(m) == 3
+                           and all(r.serving for r in m.values()) and m, 60, "all three nodes serving")
 
         # Round 0 plans two microbatches but the test feeds only the first: the stage servers keep
         # waiting for the second, so their accumulated gradients stay readable until the test is done.
