@@ -5,7 +5,8 @@
 Swarm: one data node and two replicas each of stages 1 and 2 (full pipelines), every node with its own
 identity and --checkpoint-dir. Churn phase: every 5-10 rounds (counted once the previous victim is back)
 a random non-origin node is killed with SIGKILL (its whole process group, as when a host dies) and
-restarted with the same identity and checkpoint directory. Soak phase: as many rounds without churn.
+restarted with the same identity and checkpoint directory; the churn phase lasts --rounds rounds with
+every node up (the rounds that pass while a victim restarts come on top). Soak phase: as many rounds without churn.
 
 Reports, measured in this one run:
 - rounds lost (a round number missing from the data node's history, or a round with failed microbatches);
@@ -141,9 +142,12 @@ def main() -> int:
         bench.wait_rounds(2, 300)
         warm = max(bench.rounds())
         print(f"swarm up after {time.time() - started:.0f}s; churn for {n} rounds", flush=True)
-        while max(bench.rounds()) < warm + n:
-            bench.wait_rounds(max(bench.rounds()) + bench.rng.randint(5, 10), 600)
-            if max(bench.rounds()) < warm + n:
+        counted = 0  # churn rounds with every node up: the rounds a restart takes are not counted
+        while counted < n:
+            gap = min(bench.rng.randint(5, 10), n - counted)
+            bench.wait_rounds(max(bench.rounds()) + gap, 600)
+            counted += gap
+            if counted < n:
                 bench.kill_and_restart()
         churn_end = max(bench.rounds())
         print(f"soak for {n} rounds", flush=True)

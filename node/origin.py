@@ -122,13 +122,14 @@ class Origin(OriginHooks):
             attempt = report.attempt + 1
             ids = self._labels.get(key)
         if attempt > rec.max_attempts:
-            self.on_failed(report.round, mb, f"gave up after {report.attempt + 1} attempts: {report.reason}")
+            self._abandon(plan, report.round, mb, attempt, avoid,
+                          f"gave up after {report.attempt + 1} attempts: {report.reason}")
             return
         path = rec.rerouter.path_for(plan, mb, frozenset(avoid), rec.members())
         if path is None:
             log.warning("round %d microbatch %d: no live path avoids %s; it is lost (%s)", report.round, mb,
                         ", ".join(sorted(p[-8:] for p in avoid)), report.reason)
-            self.on_failed(report.round, mb, f"no live path: {report.reason}")
+            self._abandon(plan, report.round, mb, attempt, avoid, f"no live path: {report.reason}")
             return
         with self._cv:
             if key not in self._open:
@@ -144,6 +145,14 @@ class Origin(OriginHooks):
         log.info("round %d microbatch %d: re-routed as attempt %d via %s (%s)", report.round, mb, attempt,
                  _describe(path), report.reason)
         self._start(make_envelope(self.swarm, report.round, mb, path, hop=0, attempt=attempt), ids)
+
+    def _abandon(self, plan: RoundPlan, round_: int, mb: int, attempt: int, avoid, reason: str) -> None:
+        """Give a microbatch up: a notice with an empty path tells the round's nodes (us included) to stop
+        waiting for its hops and free what they kept, so the round does not wait out its deadline."""
+        notice = pb.RerouteNotice(swarm_id=self.swarm, round=round_, microbatch=mb, attempt=attempt)
+        peers = {h.peer_id: h.endpoint for m in plan.microbatches for h in m.path}
+        self.recovery.notify({p: e for p, e in peers.items() if p not in avoid}, notice)
+        self.on_failed(round_, mb, reason)
 
     def _start(self, env: pb.Envelope, ids: torch.Tensor) -> None:
         while not self.executor.start_microbatch(env, ids):  # our own activation memory is full

@@ -133,7 +133,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
         if request.swarm_id != self.swarm:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
         try:
-            check_path(request.path, self.num_stages, self.limits)
+            if request.path:  # an empty path: the origin gave the microbatch up
+                check_path(request.path, self.num_stages, self.limits)
         except ProtocolError as e:
             context.abort(e.code, e.reason)
         self.executor.reroute(request.round, request.microbatch, request.attempt, list(request.path))
