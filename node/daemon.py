@@ -126,7 +126,8 @@ class Daemon:
         self.metrics.phase.state("stopping")
         started = time.monotonic()
         self._teardown.close()
-        log.info("stopped in %.1f s", time.monotonic() - started)
+        if hasattr(self, "peer_id"):  # a node that never joined (a usage error) has nothing to report
+            log.info("stopped in %.1f s", time.monotonic() - started)
         self.events.emit("stopped", peer_id=getattr(self, "peer_id", None), seconds=time.monotonic() - started)
 
     # ---- building -------------------------------------------------------------------------------------------

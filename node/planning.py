@@ -110,7 +110,13 @@ def _filled(e: LinkEstimate) -> LinkEstimate | None:
 def plan_round(members: dict[str, NodeRecord], links: dict[tuple[str, str], LinkEstimate], *, round_: int,
                num_stages: int, visits: int, microbatches_per_origin: int, activation_bytes: int, planner: str,
                deadline: float = 0.0) -> tuple[RoundPlan, LiveProblem] | None:
-    """The round's plan from routing/ (full pipelines too); None while some stage has no serving replica."""
+    """The round's plan from routing/ (full pipelines too); None while some stage has no serving replica.
+
+    A one-stage swarm (data parallelism only) has nothing to route: each microbatch stays at its origin,
+    and no LiveProblem comes back."""
+    if num_stages == 1:
+        return _origin_only_plan(members, round_=round_, microbatches_per_origin=microbatches_per_origin,
+                                 planner=planner, deadline=deadline), None
     live = live_problem(members, links, num_stages=num_stages, visits=visits,
                         microbatches_per_origin=microbatches_per_origin, activation_bytes=activation_bytes)
     if live is None:
@@ -121,6 +127,20 @@ def plan_round(members: dict[str, NodeRecord], links: dict[tuple[str, str], Link
         raise ValueError(f"cannot plan round {round_}: {e}") from e
     return to_wire(live, result, round_=round_, planner=planner, digest=membership_digest(members),
                    deadline=deadline), live
+
+
+def _origin_only_plan(members: dict[str, NodeRecord], *, round_: int, microbatches_per_origin: int, planner: str,
+                      deadline: float) -> RoundPlan | None:
+    origins = serving_replicas(members, 1)[0]
+    if not origins:
+        return None
+    planned = []
+    for record in origins:
+        hop = HopSpec(0, record.peer_id, record.endpoint)
+        for _ in range(microbatches_per_origin):
+            planned.append(PlannedMicrobatch(len(planned), (hop, hop)))
+    return RoundPlan(round=round_, planner=planner, membership_digest=membership_digest(members),
+                     microbatches=tuple(planned), deadline=deadline)
 
 
 def to_wire(live: LiveProblem, plan: Plan, *, round_: int, planner: str, digest: str,

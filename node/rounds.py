@@ -159,9 +159,10 @@ class RoundLoop:
             return None
         plan, live = made
         plan = replace(plan, codecs=codecs)
-        self.events.emit("planned", round=round_, predicted_s=plan.predicted_s, defaulted_links=live.defaulted_links,
+        self.events.emit("planned", round=round_, predicted_s=plan.predicted_s,
+                         defaulted_links=live.defaulted_links if live else 0,
                          skipped_link_values=self.links.skipped if self.links else 0,
-                         problem=problem_to_dict(live.problem))
+                         problem=problem_to_dict(live.problem) if live else None)
         return plan
 
     def _say_missing(self, missing: list[int], round_: int) -> None:

@@ -7,6 +7,8 @@ Built once from the config; the daemon plugs its parts into the DHT (validators)
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +88,23 @@ def _tls(swarm_key: bytes | None, derive: bool, cert: str, key: str) -> SwarmTls
                              "(or --tls-cert and --tls-key)")
         return SwarmTls.derived(swarm_key)
     return None
+
+
+@contextmanager
+def reading_swarm(initial_peers: list[str], swarm_key: str) -> Iterator[tuple["DHT", NodeTrust]]:
+    """A client-mode DHT for commands that only read the swarm (status, experts list/fetch). Like a node, it
+    checks every record's signature and, in a private swarm, its MAC; it is shut down on leaving."""
+    from hivemind.dht import DHT
+
+    trust = NodeTrust.create("", swarm_key)
+    try:
+        try:
+            dht = DHT(initial_peers=initial_peers, client_mode=True, start=True, **trust.dht_kwargs())
+        except Exception as e:
+            raise UsageError(f"could not reach the swarm through {' '.join(initial_peers)}: {e}") from None
+        try:
+            yield dht, trust
+        finally:
+            dht.shutdown()
+    finally:
+        trust.close()

@@ -171,23 +171,12 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
 def _swarm_experts(args: argparse.Namespace):
     """(records, malformed count, RPC auth) of the swarm's experts, read through a client-mode DHT."""
-    from hivemind.dht import DHT
-
     from node.expert_directory import ExpertDirectory
-    from node.trust import NodeTrust
+    from node.trust import reading_swarm
 
-    trust = NodeTrust.create("", args.swarm_key)  # readers check signatures and, in private swarms, MACs
-    try:
-        dht = DHT(initial_peers=args.initial_peers, client_mode=True, start=True, **trust.dht_kwargs())
-    except Exception as e:
-        trust.close()
-        raise UsageError(f"could not reach the swarm through {' '.join(args.initial_peers)}: {e}") from None
     malformed = []
-    try:
+    with reading_swarm(args.initial_peers, args.swarm_key) as (dht, trust):
         records = ExpertDirectory(dht, args.swarm, on_malformed=malformed.append).all_experts()
-    finally:
-        dht.shutdown()
-        trust.close()
     return records, len(malformed), trust.auth
 
 

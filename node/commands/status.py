@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from node.errors import UsageError
-
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("status", help="print the swarm's nodes as seen in the DHT")
@@ -20,21 +18,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hivemind.dht import DHT
     from hivemind.utils import get_dht_time
 
     from node.discovery import SwarmDirectory, read_members
     from node.links import read_links
     from node.planning import DEFAULT_LINK
-    from node.trust import NodeTrust
+    from node.trust import reading_swarm
 
-    trust = NodeTrust.create("", args.swarm_key)  # readers check signatures and, in private swarms, MACs
-    try:
-        dht = DHT(initial_peers=args.initial_peers, client_mode=True, start=True, **trust.dht_kwargs())
-    except Exception as e:
-        trust.close()
-        raise UsageError(f"could not reach the swarm through {' '.join(args.initial_peers)}: {e}") from None
-    try:
+    with reading_swarm(args.initial_peers, args.swarm_key) as (dht, trust):
         members = read_members(dht, args.swarm)
         links, skipped = read_links(dht, args.swarm)
         now = get_dht_time()
@@ -42,9 +33,6 @@ def run(args: argparse.Namespace) -> int:
         latest = max((r.round for r in members.values()), default=0)
         plan = SwarmDirectory(dht, args.swarm, "", ttl=0, owner=b"").fetch_plan(latest, members) if members else None
         reachable = _reachable(members, trust.auth)
-    finally:
-        dht.shutdown()
-        trust.close()
     codecs = dict(round=plan.round, activation=plan.codecs[0], gradient=plan.codecs[1]) if plan else None
     missing = _missing_stages(members, reachable)
     rows = []

@@ -296,7 +296,7 @@ def test_stop_in_averaging_planning_and_catch_up(swarm):
     os.kill(dht, signal.SIGSTOP)
     wait_for(lambda: phase_of(frozen.started()["metrics_url"]) == "planning", 120, f"{frozen.name} in planning")
     # A late data node: not in the round's plan, it waits to copy the state after the round from d0 or d1.
-    d3 = swarm.start_node("d3", "0", initial_peers=swarm.initial_peers())
+    d3 = swarm.start_node("d3", "0", initial_peers=planner.started()["maddrs"][:1])  # not the frozen DHT
     swarm.wait_started([d3], timeout=180)
 
     stop_in_phase(d3.process, d3.started()["metrics_url"], "catch_up", lambda: d3.process.send_signal(signal.SIGINT))
