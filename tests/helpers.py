@@ -41,3 +41,13 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def node(swarm, name: str):
+    """The LocalSwarm node started under `name`."""
+    return next(n for n in swarm.nodes if n.name == name)
+
+
+def rounds(n) -> dict[int, dict]:
+    """A node's round events by round number."""
+    return {e["round"]: e for e in n.events("round")}

@@ -20,7 +20,7 @@ import pytest
 
 from node.cli import main
 from node.local_swarm import LocalSwarm
-from tests.helpers import run_cli, wait_for
+from tests.helpers import rounds, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -87,10 +87,6 @@ def _expert_args(swarm, name: str, role: str) -> list[str]:
 
 def node(swarm, name):
     return [n for n in swarm.nodes if n.name == name][-1]
-
-
-def rounds(n) -> dict[int, dict]:
-    return {e["round"]: e for e in n.events("round")}
 
 
 def listed(swarm) -> list[dict]:

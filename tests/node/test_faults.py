@@ -19,17 +19,13 @@ import urllib.request
 import pytest
 
 from node.local_swarm import LocalSwarm
-from tests.helpers import run_cli, wait_for
+from tests.helpers import rounds, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
 COMMON = ["--num-stages", "3", "--visits", "2", "--microbatches", "4", "--max-inflight", "4",
           "--torch-threads", "1", "--device", "cpu", "--round-timeout", "60", "--heartbeat-interval", "1",
           "--record-ttl", "30", "--checkpoint-every", "2", "--seq-len", "32"]
-
-
-def rounds(n) -> dict[int, dict]:
-    return {e["round"]: e for e in n.events("round")}
 
 
 def log(n) -> str:

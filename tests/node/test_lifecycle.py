@@ -35,7 +35,7 @@ from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.limits import WireLimits
 from protocol.service import SERVICE, StageStub
 from protocol.tensor_codec import encode_frames
-from tests.helpers import REPO, alive, descendants, wait_for
+from tests.helpers import REPO, alive, descendants, node, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -92,10 +92,6 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-def node(swarm, name):
-    return next(n for n in swarm.nodes if n.name == name)
 
 
 def scrape(metrics_url: str) -> dict[str, float]:

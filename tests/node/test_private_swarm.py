@@ -22,7 +22,7 @@ from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
 from protocol.service import StageStub
 from protocol.swarm_key import load_key_file
 from protocol.tensor_codec import encode_frames
-from tests.helpers import run_cli, wait_for
+from tests.helpers import node, rounds, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -50,14 +50,6 @@ def swarm(tmp_path_factory):
     swarm.wait_started([member, stranger], timeout=180)
     yield swarm
     swarm.stop()
-
-
-def node(swarm, name):
-    return next(n for n in swarm.nodes if n.name == name)
-
-
-def rounds(n) -> dict[int, dict]:
-    return {e["round"]: e for e in n.events("round")}
 
 
 def status(swarm, key) -> dict[str, dict]:

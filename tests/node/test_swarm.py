@@ -25,7 +25,7 @@ from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.service import StageStub
 from protocol.limits import WireLimits
 from protocol.tensor_codec import encode_frames
-from tests.helpers import alive, descendants, run_cli, wait_for
+from tests.helpers import alive, descendants, node, rounds, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -48,14 +48,6 @@ def swarm(tmp_path_factory):
     swarm.wait_started(rest, timeout=180)
     yield swarm
     swarm.stop()
-
-
-def node(swarm, name):
-    return next(n for n in swarm.nodes if n.name == name)
-
-
-def rounds(n) -> dict[int, dict]:
-    return {e["round"]: e for e in n.events("round")}
 
 
 def status(swarm) -> dict[str, dict]:
