@@ -4,9 +4,9 @@
 |-----------|-----------------------------------------------------------|----------------------------|---------------------------------|
 | `raw`     | the tensor's own bytes, little-endian, C order            | itemsize (4)               | none                            |
 | `bf16`    | bfloat16 values                                           | 2                          | <= |x| * 2^-8 (+5e-41)          |
-| `int8`    | blockwise absmax: float32 scales, then int8 codes         | 1 + 4/block                | <= absmax(block) / 254 (*)      |
-| `int4`    | the same with 4-bit codes in [-7, 7], packed              | 1/2 + 4/block              | <= absmax(block) / 14           |
-| `lowrank` | rank-r projection of the rows, then a 3-bit residual      | 3/8 + 4/block + ~1.06r/H   | <= absmax(residual block) / 6   |
+| `int8`    | blockwise absmax: float32 scales, then int8 codes         | 1 + 4/block (block 64)     | <= absmax(block) / 254 (*)      |
+| `int4`    | the same with 4-bit codes in [-7, 7], packed              | 1/2 + 4/block (block 128)  | <= absmax(block) / 14           |
+| `lowrank` | rank-r projection of the rows, then a 2-bit residual      | 1/4 + 4/block + ~1.06r/H   | <= absmax(residual block) / 2   |
 
 (*) and blocks whose absmax is below qmax * 1.2e-38 (float32's smallest normal scale) decode as zeros.
 
@@ -20,8 +20,10 @@ integer), over `ceil(numel / 8) * 8` codes. A value decodes as code * scale, cas
 `lowrank` (`TensorMeta.rank` = r) views the tensor as N rows of H = shape[-1] elements. It finds an
 orthonormal basis W (H x r) of the rows' top-r subspace by two steps of subspace iteration from a fixed
 seed, and sends W (bfloat16), the coefficients C = X W (N x r, blockwise int8 in blocks of 64), and the
-residual X - C W^T (blockwise 3-bit in blocks of `block_size`). It decodes as C W^T + residual. Hidden
-states are nearly low-rank (bench/results/compression.md), so the residual, and its error, is small.
+residual X - C W^T (blockwise 2-bit codes in [-1, 1], in blocks of `block_size`). It decodes as C W^T +
+residual. Hidden states are nearly low-rank (bench/results/compression.md), so the residual, and its error,
+is small. (A 3-bit residual sends a third more bytes, and its loss in the benchmark was no better, within
+the seeds' spread. Gradients are not low-rank: `lowrank` is for activations, `int4` for gradients.)
 
 Lossy codecs refuse NaN and infinity at encode time (CodecError): a block's absmax would be meaningless.
 `raw` and `bf16` carry them unchanged (bf16 also rounds finite values above 3.39e38 to infinity).
@@ -168,16 +170,17 @@ class BlockwiseCodec(Codec):
 
 
 _INT8 = BlockwiseCodec("int8", bits=8)
-_INT3 = BlockwiseCodec("int3", bits=3)
+_INT2 = BlockwiseCodec("int2", bits=2)  # ternary codes: lowrank's residual
 _COEFF_BLOCK = 64  # lowrank's coefficients: int8 blocks of this many values
 
 
 @dataclass(frozen=True)
 class LowRankCodec(Codec):
-    """Top-r row subspace (bf16 basis, int8 coefficients) plus a blockwise 3-bit residual."""
+    """Top-r row subspace (bf16 basis, int8 coefficients) plus a blockwise low-bit residual."""
 
     default: Layout = Layout(block_size=128, rank=4)
     iterations: int = 2
+    residual: BlockwiseCodec = _INT2
 
     def layout_for(self, shape: tuple[int, ...]) -> Layout:
         return Layout(self.default.block_size, min(self.default.rank, shape[-1]))
@@ -193,7 +196,7 @@ class LowRankCodec(Codec):
         hidden, rank = shape[-1], layout.rank
         rows = math.prod(shape) // hidden
         return (2 * hidden * rank + _INT8.wire_bytes((rows * rank,), 4, Layout(_COEFF_BLOCK))
-                + _INT3.wire_bytes(shape, 4, layout))
+                + self.residual.wire_bytes(shape, 4, layout))
 
     def encode(self, tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
         _require_float(self.name, tensor.dtype)
@@ -204,7 +207,7 @@ class LowRankCodec(Codec):
         coefficients = _INT8.quantize((x @ basis.float()).view(-1), _COEFF_BLOCK)
         rows = x.shape[0]
         low = _INT8.dequantize(coefficients, rows * layout.rank, _COEFF_BLOCK).view(rows, -1) @ basis.float().T
-        residual = _INT3.quantize((x - low).view(-1), layout.block_size)
+        residual = self.residual.quantize((x - low).view(-1), layout.block_size)
         return torch.cat([basis.contiguous().view(-1).view(torch.uint8), coefficients, residual]).cpu()
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, layout: Layout,
@@ -218,7 +221,7 @@ class LowRankCodec(Codec):
         if not bool(torch.isfinite(basis).all()):
             raise CodecError("the basis must be finite")
         coefficients = _INT8.dequantize(payload[split:coeff_end], rows * rank, _COEFF_BLOCK).view(rows, rank)
-        residual = _INT3.dequantize(payload[coeff_end:], rows * hidden, layout.block_size).view(rows, hidden)
+        residual = self.residual.dequantize(payload[coeff_end:], rows * hidden, layout.block_size).view(rows, hidden)
         return torch.addmm(residual, coefficients, basis.T).to(dtype).view(shape)
 
     def _basis(self, x: torch.Tensor, rank: int) -> torch.Tensor:
@@ -271,7 +274,7 @@ CODECS: dict[str, Codec] = {
     "raw": Codec("raw"),
     "bf16": Bf16Codec("bf16"),
     "int8": _INT8,
-    "int4": BlockwiseCodec("int4", bits=4),
+    "int4": BlockwiseCodec("int4", bits=4, default=Layout(block_size=128)),
     "lowrank": LowRankCodec("lowrank"),
 }
 assert tuple(CODECS) == CODEC_NAMES, "protocol/codec_names.py lists the codecs of CODECS, in order"
