@@ -4,9 +4,11 @@ One server interceptor sees every call, so the handlers need no bookkeeping of t
 - a handler's own refusal (`context.abort`, a `ProtocolError`) is counted with its status;
 - a request that does not deserialise becomes INVALID_ARGUMENT with the parser's reason;
 - an unexpected exception becomes INTERNAL with the exception named in the reason, and is logged;
-- a call that gRPC itself ends while the handler reads it is counted too: a message over the size limit
-  (the client sees RESOURCE_EXHAUSTED) or a client that went away; the server side cannot tell which,
-  so these count as CANCELLED, or DEADLINE_EXCEEDED once the call's deadline has passed;
+- a call that gRPC itself ends while the handler reads it is counted too, when gRPC tells the handler so:
+  a message over the size limit (the client sees RESOURCE_EXHAUSTED) or a client that went away; the
+  server side cannot tell which, so these count as CANCELLED, or DEADLINE_EXCEEDED once the call's
+  deadline has passed. (gRPC may instead end the request stream as if the client had finished, and answer
+  on its own: such a call is not counted.)
 - a call to a method this node does not serve is counted as UNIMPLEMENTED under method "unknown".
 """
 
