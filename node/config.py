@@ -180,6 +180,9 @@ OPTIONS: tuple[Option, ...] = (
            "seconds the DHT and averager processes get to exit cleanly on shutdown before they are killed"),
     Option("dht_write_timeout", _positive_float,
            "seconds a heartbeat or the leaving tombstone may take to reach the DHT before it counts as failed"),
+    Option("dht_read_timeout", _positive_float,
+           "seconds a DHT read (members, plans, links) may take; a slower read counts as finding nothing new, "
+           "so a hung DHT process never blocks the node"),
     Option("state_transfer_timeout", _positive_float,
            "seconds a joining node waits for one replica's stage state before it tries the next replica"),
     Option("grpc_workers", _positive_int, "threads serving incoming RPCs"),
@@ -273,6 +276,7 @@ class NodeConfig:
     drain_grace: float = 1.0  # stop must finish within ~5 s: grace + child exits + DHT writes stay well below
     child_exit_timeout: float = 2.0
     dht_write_timeout: float = 1.0
+    dht_read_timeout: float = 5.0  # loopback reads take milliseconds; WAN reads well under a second
     state_transfer_timeout: float = 60.0
     grpc_workers: int = 16
     send_workers: int = 4

@@ -155,7 +155,8 @@ class Daemon:
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         self.metrics.watch_dht_refusals(lambda: self.trust.refused_records.value)
         self.directory = SwarmDirectory(self.dht, cfg.swarm, self.peer_id, ttl=cfg.record_ttl, owner=self.trust.owner,
-                                        on_dropped=lambda reason: self.metrics.records_dropped.labels(reason).inc())
+                                        on_dropped=lambda reason: self.metrics.records_dropped.labels(reason).inc(),
+                                        read_timeout=cfg.dht_read_timeout, stop=self.stop)
         self.stages = self._choose_stages()
         if not self.stages:  # the expert role: no pipeline at all
             self.expert_role = ExpertRole(self)
@@ -286,7 +287,8 @@ class Daemon:
         faults = Faults(self.resilience.dead, self.resilience.notifier, self.resilience.watch,
                         self.resilience.checkpoints)
         links = LinkBook(self.dht, cfg.swarm, self.link_meter, ping_with(self.clients, self.emulator),
-                         ttl=max(60.0, 4 * cfg.round_timeout), owner=self.trust.owner, settings=self.link_meter.s)
+                         ttl=max(60.0, 4 * cfg.round_timeout), owner=self.trust.owner, settings=self.link_meter.s,
+                         read_timeout=cfg.dht_read_timeout)
         return RoundLoop(settings, self.peer_id, self.directory, self.executor, self.trainers, self.exchange,
                          self.origin, self.clients, self.metrics, self.events, faults, links=links)
 
@@ -312,12 +314,7 @@ class Daemon:
         self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        try:
-            address = f"{cfg.host}:{cfg.port}"
-            port = self.server.add_insecure_port(address) if self.trust.tls is None else \
-                self.server.add_secure_port(address, self.trust.tls.server_credentials())
-        except RuntimeError:  # grpc reports a failed bind this way
-            port = 0
+        port = self.trust.add_port(self.server, f"{cfg.host}:{cfg.port}")
         if port == 0:
             raise UsageError(f"cannot serve gRPC on {cfg.host}:{cfg.port}: is the port taken? Pick another --port")
         self.server.start()

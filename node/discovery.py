@@ -11,6 +11,8 @@ acted on only when the round's planner, chosen from those verified members, sign
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 
 from hivemind.dht import DHT
@@ -25,29 +27,51 @@ Dropped = Callable[[str], None]  # called with why a record was dropped: "unsign
 
 log = logging.getLogger(__name__)
 
+STOP_POLL_S = 0.1  # how often a DHT read looks at the stop event
+
+
+def get_latest(dht: DHT, key: str, timeout: float | None, stop: threading.Event | None = None):
+    """The newest entry under `key`, or None. TimeoutError when the DHT does not answer within `timeout`
+    seconds, or when `stop` is set first (a stopping node does not wait for a hung DHT process)."""
+    future = dht.get(key, latest=True, return_future=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = STOP_POLL_S if deadline is None else max(0.0, min(STOP_POLL_S, deadline - time.monotonic()))
+        try:
+            return future.result(step)
+        except TimeoutError:
+            if (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline):
+                future.cancel()
+                raise
+
 
 class SwarmDirectory:
     def __init__(self, dht: DHT, swarm: str, peer_id: str, ttl: float, owner: bytes,
-                 on_dropped: Dropped = lambda reason: None):
+                 on_dropped: Dropped = lambda reason: None, read_timeout: float | None = None,
+                 stop: threading.Event | None = None):
         self.dht = dht
         self.swarm = swarm
         self.peer_id = peer_id
         self.ttl = ttl
         self.owner = owner  # our owner subkey: only we can write under it (protocol/record_auth.py)
         self.on_dropped = on_dropped
+        self.read_timeout = read_timeout  # a read slower than this finds nothing new (a hung DHT process)
+        self.stop = stop  # set when the node stops: reads give up at once
+        self._members_seen: dict[str, NodeRecord] = {}
         self._reported: set[tuple[int, bytes]] = set()  # plans already logged as refused, so polling stays quiet
 
     # ---- membership ------------------------------------------------------------------------------------------
     def announce(self, record: NodeRecord, timeout: float | None = None) -> bool:
         """Store our record; False if the DHT did not confirm it within `timeout` seconds."""
-        return self._store_own(record.to_value(), get_dht_time() + self.ttl, timeout)
+        return self._store(nodes_key(self.swarm), record.to_value(), get_dht_time() + self.ttl, timeout)
 
     def withdraw(self, timeout: float | None = None) -> bool:
         """Replace our record with a tombstone that outlives it, so peers stop routing to us at once."""
-        return self._store_own(TOMBSTONE, get_dht_time() + self.ttl + 1, timeout)
+        return self._store(nodes_key(self.swarm), TOMBSTONE, get_dht_time() + self.ttl + 1, timeout)
 
-    def _store_own(self, value, expiration: float, timeout: float | None) -> bool:
-        future = self.dht.store(nodes_key(self.swarm), value, expiration, subkey=self.owner, return_future=True)
+    def _store(self, key: str, value, expiration: float, timeout: float | None) -> bool:
+        """Store under our owner subkey; False if the DHT did not confirm it within `timeout` seconds."""
+        future = self.dht.store(key, value, expiration, subkey=self.owner, return_future=True)
         try:
             return bool(future.result(timeout))
         except TimeoutError:  # a hung DHT process: the caller's heartbeat age shows it
@@ -55,13 +79,16 @@ class SwarmDirectory:
             return False
 
     def members(self) -> dict[str, NodeRecord]:
-        """Live, well-formed node records of this swarm, by peer id."""
-        return read_members(self.dht, self.swarm, self.on_dropped)
+        """Live, well-formed node records of this swarm, by peer id (those last seen if the DHT is too slow)."""
+        try:
+            self._members_seen = read_members(self.dht, self.swarm, self.on_dropped, self.read_timeout, self.stop)
+        except TimeoutError:
+            log.warning("the DHT did not answer within %.1f s; using the members seen before", self.read_timeout)
+        return dict(self._members_seen)
 
     # ---- plans -----------------------------------------------------------------------------------------------
     def publish_plan(self, plan: RoundPlan, ttl: float) -> bool:
-        return bool(self.dht.store(plan_key(self.swarm, plan.round), plan.to_value(), get_dht_time() + ttl,
-                                   subkey=self.owner))
+        return self._store(plan_key(self.swarm, plan.round), plan.to_value(), get_dht_time() + ttl, self.read_timeout)
 
     def fetch_plan(self, round_: int, members: dict[str, NodeRecord] | None = None) -> RoundPlan | None:
         """The round's plan, if the round's planner (chosen from the verified members) has signed one.
@@ -69,7 +96,10 @@ class SwarmDirectory:
         Plans from anyone else are ignored and counted once each: only the owner of a subkey can
         write under it, so a plan under another subkey is never the planner's.
         """
-        entry = self.dht.get(plan_key(self.swarm, round_), latest=True)
+        try:
+            entry = get_latest(self.dht, plan_key(self.swarm, round_), self.read_timeout, self.stop)
+        except TimeoutError:  # the caller polls again
+            return None
         if entry is None or not isinstance(entry.value, dict):
             return None
         members = self.members() if members is None else members
@@ -108,9 +138,11 @@ class SwarmDirectory:
             self.on_dropped(reason)
 
 
-def read_members(dht: DHT, swarm: str, on_dropped: Dropped = lambda reason: None) -> dict[str, NodeRecord]:
-    """Verified members: records under an owner subkey (the DHT checked their signatures), by that owner's peer id."""
-    entry = dht.get(nodes_key(swarm), latest=True)
+def read_members(dht: DHT, swarm: str, on_dropped: Dropped = lambda reason: None, timeout: float | None = None,
+                 stop: threading.Event | None = None) -> dict[str, NodeRecord]:
+    """Verified members: records under an owner subkey (the DHT checked their signatures), by that owner's peer
+    id. TimeoutError as for `get_latest`."""
+    entry = get_latest(dht, nodes_key(swarm), timeout, stop)
     if entry is None or not isinstance(entry.value, dict):
         return {}
     members = {}

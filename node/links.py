@@ -18,6 +18,7 @@ import grpc
 from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
+from node.discovery import get_latest
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.record_auth import owner_peer_id
 from protocol.records import LinkEstimate, LinksRecord, RecordError, RoundPlan, links_key
@@ -90,8 +91,9 @@ class LinkBook:
     """Pings, publishes and reads `<swarm>/links`. `ping(endpoint)` returns once a Ping answered (or raises)."""
 
     def __init__(self, dht: DHT, swarm: str, meter: LinkMeter, ping, ttl: float, owner: bytes,
-                 settings: LinkSettings = LinkSettings()):
+                 settings: LinkSettings = LinkSettings(), read_timeout: float | None = None):
         self.dht = dht
+        self.read_timeout = read_timeout
         self.owner = owner  # our owner subkey: the record is signed, readers learn the sender from it
         self.swarm = swarm
         self.meter = meter
@@ -100,6 +102,7 @@ class LinkBook:
         self.s = settings
         self.skipped = 0  # malformed records and entries seen by readers
         self._refresh: threading.Thread | None = None
+        self._seen: dict[tuple[str, str], LinkEstimate] = {}
 
     def after_round(self, plan: RoundPlan, members: dict[str, str] | None = None) -> None:
         """Every few rounds (and after the first), refresh RTTs and publish, off this thread. `members`: other
@@ -133,14 +136,19 @@ class LinkBook:
 
     def known(self) -> dict[tuple[str, str], LinkEstimate]:
         """Every published estimate, by (sender, receiver)."""
-        found, skipped = read_links(self.dht, self.swarm)
+        try:
+            found, skipped = read_links(self.dht, self.swarm, self.read_timeout)
+        except TimeoutError:  # a hung DHT process: plan with the estimates seen before
+            return dict(self._seen)
         self.skipped += skipped
+        self._seen = found
         return found
 
 
-def read_links(dht: DHT, swarm: str) -> tuple[dict[tuple[str, str], LinkEstimate], int]:
-    """Published estimates by (sender, receiver), and how many malformed records or entries were skipped."""
-    entry = dht.get(links_key(swarm), latest=True)
+def read_links(dht: DHT, swarm: str, timeout: float | None = None) -> tuple[dict[tuple[str, str], LinkEstimate], int]:
+    """Published estimates by (sender, receiver), and how many malformed records or entries were skipped.
+    TimeoutError when the DHT does not answer within `timeout` seconds."""
+    entry = get_latest(dht, links_key(swarm), timeout)
     if entry is None or not isinstance(entry.value, dict):
         return {}, 0
     found, skipped = {}, 0
