@@ -67,7 +67,7 @@ class DeadPeers:
 
 
 class FailureReporter:
-    """Sends a failed hop's report to its microbatch's origin, once per (round, microbatch, attempt)."""
+    """Sends a failed hop's report to its microbatch's origin, once per (round, microbatch, attempt, kind)."""
 
     def __init__(self, swarm: str, peer_id: str, clients: StageClients, metrics: NodeMetrics, dead: DeadPeers,
                  local: Callable[[pb.FailureReport], None], timeout_s: float):
@@ -78,12 +78,12 @@ class FailureReporter:
         self.metrics = metrics
         self.local = local
         self.timeout_s = timeout_s
-        self._sent: set[tuple[int, int, int]] = set()
+        self._sent: set[tuple[int, int, int, str]] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="report")
 
     def report(self, env: pb.Envelope, failed_peer: str, kind: str, detail: str) -> None:
-        key = (env.round, env.microbatch, env.attempt)
+        key = (env.round, env.microbatch, env.attempt, kind)  # a slow hop may still die: that is news
         with self._lock:
             if key in self._sent:
                 return

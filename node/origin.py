@@ -21,7 +21,7 @@ import torch
 
 from lm.data import TokenStream
 from node.executor import OriginHooks, StageExecutor
-from node.failures import DeadPeers
+from node.failures import DEADLINE, DeadPeers
 from node.metrics import NodeMetrics
 from node.reroute import Rerouter
 from protocol.envelope import HopSpec, make_envelope
@@ -126,6 +126,12 @@ class Origin(OriginHooks):
                           f"gave up after {report.attempt + 1} attempts: {report.reason}")
             return
         path = rec.rerouter.path_for(plan, mb, frozenset(avoid), rec.members())
+        if path is None and report.reason.startswith(DEADLINE) and report.failed_peer not in rec.dead:
+            # Slow, not gone, and nothing else can take the hop: waiting for it beats losing the microbatch.
+            # Should the peer die after all, the hop watch reports that too, and the round's deadline stands.
+            log.info("round %d microbatch %d: no other path than through the slow %s; waiting for it", report.round,
+                     mb, report.failed_peer[-8:])
+            return
         if path is None:
             log.warning("round %d microbatch %d: no live path avoids %s; it is lost (%s)", report.round, mb,
                         ", ".join(sorted(p[-8:] for p in avoid)), report.reason)

@@ -25,7 +25,10 @@ pytestmark = pytest.mark.slow
 
 COMMON = ["--num-stages", "3", "--visits", "2", "--microbatches", "4", "--max-inflight", "4",
           "--torch-threads", "1", "--device", "cpu", "--round-timeout", "60", "--heartbeat-interval", "1",
-          "--record-ttl", "30", "--checkpoint-every", "2", "--seq-len", "32"]
+          "--record-ttl", "30", "--checkpoint-every", "2", "--seq-len", "32",
+          # Deaths here are found by pings and failed sends. A generous hop deadline keeps a loaded machine's
+          # slow hops from being re-routed early, which would leave the killed node holding only stale work.
+          "--hop-deadline-min", "20"]
 
 
 def log(n) -> str:
