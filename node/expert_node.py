@@ -153,7 +153,7 @@ class ExpertWorker:
 
     def __init__(self, opts: ExpertOptions, directory: ExpertDirectory, members: SwarmDirectory,
                  tokenizer, model_config, metrics: ExpertMetrics, events: EventLog, stop: threading.Event,
-                 auth=None):
+                 auth=None, tls=None):
         self.opts = opts
         self.directory = directory
         self.members = members
@@ -166,7 +166,8 @@ class ExpertWorker:
         self.catalogue = CatalogueKeeper(directory, opts, tokenizer)
         self.stage_needed: int | None = None  # set by the pipeline watch (auto role)
         self.auth = auth  # private swarms: RPCs carry a tag made with the swarm key
-        self.clients = StageClients(WireLimits(), auth)
+        self.tls = tls  # the swarm's certificate when it serves TLS
+        self.clients = StageClients(WireLimits(), auth, tls)
         self._threads: list[threading.Thread] = []
 
     # ---- threads -------------------------------------------------------------------------------------------------
@@ -420,7 +421,8 @@ class ExpertWorker:
                 try:
                     path = self.opts.home / "seeds" / record.id
                     if not (path / "manifest.json").is_file():
-                        path = download_expert(record, self.opts.swarm, self.opts.home / "seeds")
+                        path = download_expert(record, self.opts.swarm, self.opts.home / "seeds", auth=self.auth,
+                                               tls=self.tls)
                     model, manifest = load_expert(path)  # verifies the sha256 again
                     manifest.extra = {**manifest.extra, "source": f"catalogue seed {record.id}"}
                     return model, manifest
@@ -503,10 +505,7 @@ class ExpertRole:
 
         d, cfg = self.daemon, self.config
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        try:
-            port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        except RuntimeError:
-            port = 0
+        port = d.trust.add_port(self.server, f"{cfg.host}:{cfg.port}")
         if port == 0:
             raise UsageError(f"cannot serve gRPC on {cfg.host}:{cfg.port}: is the port taken? Pick another --port")
         self.endpoint = f"{cfg.announce_host or cfg.host}:{port}"
@@ -515,7 +514,7 @@ class ExpertRole:
         directory = ExpertDirectory(d.dht, cfg.swarm, lambda kind: self.metrics.malformed.labels(kind=kind).inc(),
                                     owner=d.trust.owner)
         self.worker = ExpertWorker(opts, directory, d.directory, d.tokenizer, d.spec.config, self.metrics, d.events,
-                                   d.stop, auth=d.trust.auth)
+                                   d.stop, auth=d.trust.auth, tls=d.trust.tls)
         servicer = ExpertServicer(cfg.swarm, self.worker.served,
                                   on_data_loss=lambda r: directory.withdraw(r, ttl=cfg.record_ttl),
                                   on_bytes=self.metrics.bytes_served.inc)

@@ -19,10 +19,10 @@ from pathlib import Path
 import grpc
 
 from experts.manifest import sha256_open_file
+from node.transport import dial
 from protocol.generated.swarm.v1 import experts_pb2 as pb
 from protocol.generated.swarm.v1 import experts_pb2_grpc as pb_grpc
 from protocol.records import ExpertRecord
-from protocol.rpc_auth import ClientAuthInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class FetchError(Exception):
 
 
 def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: float = 300.0,
-                    attempts: int = 3, auth=None) -> Path:
+                    attempts: int = 3, auth=None, tls=None) -> Path:
     """Fetch `record`'s weights into out_root/<id>/ with config.json and manifest.json.
 
     Bytes stream into model.safetensors.partial (a broken stream resumes from its size); only after the
@@ -151,9 +151,9 @@ def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: f
     final, partial = out / WEIGHTS, out / (WEIGHTS + ".partial")
     if partial.exists() and partial.stat().st_size > record.bytes:
         partial.unlink()
-    with grpc.insecure_channel(record.endpoint) as channel:
-        stub = pb_grpc.ExpertServiceStub(channel if auth is None else
-                                         grpc.intercept_channel(channel, ClientAuthInterceptor(auth)))
+    raw, channel = dial(record.endpoint, [], auth, tls)
+    with raw:
+        stub = pb_grpc.ExpertServiceStub(channel)
         for attempt in range(attempts):
             offset = partial.stat().st_size if partial.exists() else 0
             try:

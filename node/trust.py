@@ -63,6 +63,15 @@ class NodeTrust:
         return dict(identity_path=self.identity_path, record_validators=self.validators,
                     check_if_identity_free=not self.temporary_identity)
 
+    def add_port(self, server: grpc.Server, address: str) -> int:
+        """Serve `server` on `address`, over TLS when the swarm runs it; the bound port, 0 if it is taken."""
+        try:
+            if self.tls is None:
+                return server.add_insecure_port(address)
+            return server.add_secure_port(address, self.tls.server_credentials())
+        except RuntimeError:  # grpc reports a failed bind this way
+            return 0
+
     def server_interceptors(self, metrics: NodeMetrics) -> list[grpc.ServerInterceptor]:
         if self.auth is None:
             return []
@@ -72,6 +81,24 @@ class NodeTrust:
     def close(self) -> None:
         if self.temporary_identity:
             shutil.rmtree(Path(self.identity_path).parent, ignore_errors=True)
+
+
+def client_tls(swarm_key_path: str, derive: bool, cert: str) -> SwarmTls | None:
+    """What a command that dials members (health, eval, experts fetch) trusts when the swarm serves TLS: the
+    certificate in `cert`, or the one derived from the swarm key; None for plaintext."""
+    if cert:
+        try:
+            return SwarmTls(Path(cert).read_bytes(), b"")
+        except OSError as e:
+            raise UsageError(f"cannot read --tls-cert {cert}: {e.strerror}") from None
+    if not derive:
+        return None
+    if not swarm_key_path:
+        raise UsageError("--tls derives the certificate from the swarm key: give --swarm-key too (or --tls-cert)")
+    try:
+        return SwarmTls.derived(load_key_file(swarm_key_path))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _tls(swarm_key: bytes | None, derive: bool, cert: str, key: str) -> SwarmTls | None:

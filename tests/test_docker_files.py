@@ -98,7 +98,8 @@ def _free_port() -> int:
 def test_the_entrypoint_serves_and_reports_healthy(tmp_path):
     """`swarm-node run` with the image's settings (free ports here), then the image's health check command.
 
-    The node serves TLS derived from a swarm key, so the health check must speak it too."""
+    The node serves TLS derived from a swarm key, so the health check must speak it too, and so must
+    `swarm-node eval`, which fetches the node's stage from it."""
     key = tmp_path / "swarm.key"
     assert run_cli("keygen", str(key)).returncode == 0
     env = {**os.environ, **_dockerfile_env(), "SWARM_NODE_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1",
@@ -109,14 +110,22 @@ def test_the_entrypoint_serves_and_reports_healthy(tmp_path):
     tls = ["--swarm-key", str(key), "--tls"]
     assert run_cli("health", "--endpoint", endpoint, "--timeout", "1", *tls).returncode == 1  # nothing there yet
     log = (tmp_path / "node.log").open("w")
+    events = tmp_path / "node.events.jsonl"
     node = subprocess.Popen([sys.executable, "-m", "node", "run", "--new-swarm", "--stages", "0", "--num-stages", "1",
-                             "--torch-threads", "1", "--device", "cpu"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=REPO, start_new_session=True)
+                             "--torch-threads", "1", "--device", "cpu", "--events-file", str(events)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     try:
         wait_for(lambda: run_cli("health", "--endpoint", endpoint, "--timeout", "1", *tls).returncode == 0 or
                  node.poll() is not None, 120, "the node to report SERVING")
         assert node.poll() is None, (tmp_path / "node.log").read_text()
         assert run_cli("health", "--endpoint", endpoint, "--timeout", "2").returncode == 1  # plaintext: refused
+        maddr = next(json.loads(line) for line in events.read_text().splitlines()
+                     if json.loads(line)["event"] == "started")["maddrs"][0]
+        (tmp_path / "held.txt").write_text("a held-out line of text\n" * 200)
+        evaluated = run_cli("eval", "--initial-peers", maddr, "--num-stages", "1", "--data", str(tmp_path / "held.txt"),
+                            "--seq-len", "32", "--max-sequences", "4", "--json", *tls)
+        assert evaluated.returncode == 0, evaluated.stderr
+        assert json.loads(evaluated.stdout)["perplexity"] > 1
     finally:
         node.send_signal(signal.SIGTERM)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from node.commands.options import tls_options
 from node.errors import UsageError
 
 
@@ -16,6 +17,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="fetch the stages from this running swarm")
     p.add_argument("--swarm", default="swarm-node", help="swarm id with --initial-peers (default: swarm-node)")
     p.add_argument("--swarm-key", metavar="PATH", default="", help="the swarm key of a private swarm")
+    tls_options(p)
     p.add_argument("--num-stages", type=int, default=4, help="stages the model is split into (default: 4)")
     p.add_argument("--omit-stages", default="", help="stages to skip, e.g. 2,3 (never 0)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per evaluated window (default: 64)")
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from lm.presets import resolve_model
     from lm.tokenizer import load_tokenizer
     from lm.whole import perplexity, save_stage_shard
+    from node.trust import client_tls
 
     try:
         tokenizer = load_tokenizer(args.tokenizer or None)
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     source = args.model
     if args.initial_peers:
         source = f"swarm '{args.swarm}'"
-        fetch_stages(stages, args.initial_peers, args.swarm, args.swarm_key)
+        fetch_stages(stages, args.initial_peers, args.swarm, args.swarm_key,
+                     client_tls(args.swarm_key, args.tls, args.tls_cert))
     if args.save_model:
         for module in stages.values():
             save_stage_shard(module, spec.config, args.num_stages, args.save_model)
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def fetch_stages(stages: dict, initial_peers: list[str], swarm: str, swarm_key: str = "") -> None:
+def fetch_stages(stages: dict, initial_peers: list[str], swarm: str, swarm_key: str = "", tls=None) -> None:
     """Load every stage's parameters from a serving replica of a running swarm (FetchState)."""
     import torch
     from hivemind.dht import DHT
@@ -92,7 +96,7 @@ def fetch_stages(stages: dict, initial_peers: list[str], swarm: str, swarm_key: 
     except Exception as e:
         trust.close()
         raise UsageError(f"could not reach the swarm through {' '.join(initial_peers)}: {e}") from None
-    clients = StageClients(WireLimits(), trust.auth)
+    clients = StageClients(WireLimits(), trust.auth, tls)
     try:
         members = read_members(dht, swarm)
         for stage, module in stages.items():

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from node.commands.options import tls_options
 from node.errors import UsageError
 
 DEFAULT_REPORT = "bench/results/experts.md"
@@ -201,8 +202,10 @@ def list_cmd(args: argparse.Namespace) -> int:
 
 def _fetch_into(args: argparse.Namespace, out: Path) -> list[Path]:
     from node.expert_service import FetchError, download_expert
+    from node.trust import client_tls
 
     records, _, auth = _swarm_experts(args)
+    tls = client_tls(args.swarm_key, args.tls, args.tls_cert)
     if args.expert:
         chosen = [r for r in records if r.id in args.expert]
         missing = sorted(set(args.expert) - {r.id for r in chosen})
@@ -219,7 +222,7 @@ def _fetch_into(args: argparse.Namespace, out: Path) -> list[Path]:
     paths = []
     for record in chosen:
         try:
-            paths.append(download_expert(record, args.swarm, out, auth=auth))
+            paths.append(download_expert(record, args.swarm, out, auth=auth, tls=tls))
         except FetchError as e:
             if not args.expert and not record.complete and "FAILED_PRECONDITION" in str(e):
                 print(f"skipped {record.id}: it published a newer checkpoint during the download", flush=True)
@@ -346,6 +349,7 @@ def add_parser(subparsers) -> None:
     sp.add_argument("--from-swarm", action="store_true", help="fetch the swarm's finished experts first")
     sp.add_argument("--fetch-dir", default=None, help="with --from-swarm: where to put them (default: a temp dir)")
     _swarm_options(sp, required=False)
+    tls_options(sp)
     _domain_options(sp)
     sp.add_argument("--seq-len", type=int, default=128)
     sp.add_argument("--dev-windows", type=int, default=100, help="dev sequences for the prior")
@@ -363,6 +367,7 @@ def add_parser(subparsers) -> None:
 
     sp = sub.add_parser("fetch", help="download experts from the peers that serve them, sha256 verified")
     _swarm_options(sp, required=True)
+    tls_options(sp)
     which = sp.add_mutually_exclusive_group(required=True)
     which.add_argument("--expert", action="append", default=[], metavar="ID", help="an expert id (repeat)")
     which.add_argument("--domain", action="append", default=[], metavar="D", help="every expert of a domain (repeat)")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from node.commands.options import tls_options
 
 
 def add_parser(subparsers) -> None:
@@ -13,8 +14,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default: 3)")
     p.add_argument("--swarm-key", metavar="PATH", default="", help="with --tls: the swarm key the certificate "
                                                                      "is derived from")
-    p.add_argument("--tls", action="store_true", help="the node serves TLS (certificate from --swarm-key)")
-    p.add_argument("--tls-cert", metavar="PATH", default="", help="the node serves TLS with this certificate")
+    tls_options(p)
     p.set_defaults(handler=run)
 
 
@@ -22,18 +22,10 @@ def run(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = grpc.insecure_channel(args.endpoint)
-    if args.tls_cert or args.tls:
-        from node.errors import UsageError
-        from protocol.swarm_key import load_key_file
-        from protocol.tls import SwarmTls
+    from node.transport import dial
+    from node.trust import client_tls
 
-        try:
-            tls = SwarmTls(Path(args.tls_cert).read_bytes(), b"") if args.tls_cert else \
-                SwarmTls.derived(load_key_file(args.swarm_key))
-        except (OSError, ValueError) as e:
-            raise UsageError(str(e)) from None
-        channel = grpc.secure_channel(args.endpoint, tls.channel_credentials(), options=tls.channel_options())
+    channel, _ = dial(args.endpoint, [], None, client_tls(args.swarm_key, args.tls, args.tls_cert))
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
