@@ -8,7 +8,7 @@ from protocol.limits import WireLimits
 def channel_options(limits: WireLimits) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", limits.max_message_bytes),
-        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_receive_message_length", limits.grpc_message_bytes),
         # Large activations: let HTTP/2 flow control open wide windows quickly.
         ("grpc.http2.bdp_probe", 1),
         # During a call (a long-polled FetchGradients, a large transfer), ping every 2 s and give up after
@@ -23,7 +23,7 @@ def channel_options(limits: WireLimits) -> list[tuple[str, int]]:
 def server_options(limits: WireLimits) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", limits.max_message_bytes),
-        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_receive_message_length", limits.grpc_message_bytes),
         ("grpc.so_reuseport", 0),
         # Accept the clients' 2 s keepalive pings (the default minimum of 5 min would answer GOAWAY).
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),

@@ -19,5 +19,12 @@ class WireLimits:
 
     @property
     def max_message_bytes(self) -> int:
-        """gRPC's per-message cap: one chunk plus room for the envelope."""
+        """The largest frame a receiver takes: one chunk plus room for the envelope. The receiver checks it
+        itself (`receive_tensor`), so the refusal names the limit and is counted."""
         return self.chunk_bytes + MiB
+
+    @property
+    def grpc_message_bytes(self) -> int:
+        """gRPC's own per-message cap, a backstop at twice ours: it bounds what one frame can make a receiver
+        buffer, and refuses (RESOURCE_EXHAUSTED) by itself what is larger still."""
+        return 2 * self.max_message_bytes

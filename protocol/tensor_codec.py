@@ -121,6 +121,14 @@ class Received:
     wire_bytes: int  # payload bytes that crossed the network
 
 
+def _sized(frame: bytes, limits: WireLimits) -> bytes:
+    if len(frame) > limits.max_message_bytes:
+        raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a chunk of {len(frame)} bytes exceeds the "
+                            f"{limits.max_message_bytes}-byte message limit: send chunks of at most "
+                            f"{limits.chunk_bytes} bytes")
+    return frame
+
+
 def receive_tensor(frames: Iterable[bytes], limits: WireLimits, check: FrameCheck | None = None,
                    device: torch.device | str = "cpu") -> Received:
     """Reassemble serialised TensorChunks and decode the tensor on `device`, enforcing the limits as bytes arrive.
@@ -132,7 +140,7 @@ def receive_tensor(frames: Iterable[bytes], limits: WireLimits, check: FrameChec
     first = next(it, None)
     if first is None:
         raise invalid("empty stream: the first chunk must carry the envelope and tensor metadata")
-    fields = _top_level_fields(first)
+    fields = _top_level_fields(_sized(first, limits))
     if _ENVELOPE not in fields or _META not in fields:
         raise invalid("the first chunk must carry the envelope and tensor metadata")
     try:
@@ -164,7 +172,7 @@ def receive_tensor(frames: Iterable[bytes], limits: WireLimits, check: FrameChec
             body.update(piece)
         filled = end
         frame = next(it, None)
-        fields = None if frame is None else _top_level_fields(frame)
+        fields = None if frame is None else _top_level_fields(_sized(frame, limits))
     if filled != len(buf):
         raise invalid(f"stream ended after {filled} of {len(buf)} bytes")
     if body is not None:

@@ -144,8 +144,8 @@ def test_forged_records_and_plans_are_ignored(swarm):
 
 def test_node_joining_mid_run_appears_then_serves(swarm):
     before = max(rounds(node(swarm, "data0")))
-    # Its own records live 20 s (the others' 30 s), so the next test sees them expire sooner.
-    joined = swarm.start_node("s2b", "2", initial_peers=swarm.initial_peers(), extra=["--record-ttl", "20"])
+    # Its own records live 12 s (the others' 30 s), so the next test sees them expire sooner.
+    joined = swarm.start_node("s2b", "2", initial_peers=swarm.initial_peers(), extra=["--record-ttl", "12"])
     swarm.wait_started([joined], timeout=120)
     peer = joined.started()["peer_id"]
     def serving_row():  # listed as `joining` while it copies its stage, then `serving`
@@ -172,9 +172,9 @@ def test_killed_node_record_expires(swarm):
     victim.process.wait()
     killed_at = time.monotonic()
     assert peer in status(swarm)  # the record outlives its node for a while...
-    # ...until it expires (20 s after the last heartbeat), and no p2pd of the dead node lingers.
+    # ...until it expires (12 s after the last heartbeat), and no p2pd of the dead node lingers.
     wait_for(lambda: peer not in status(swarm), 60, "the killed node's record to expire", interval=1)
-    assert time.monotonic() - killed_at < 50
+    assert time.monotonic() - killed_at < 40
     wait_for(lambda: not [p for p in children if alive(p)], 10, "the killed node's children to exit")
 
 
@@ -240,7 +240,11 @@ def test_malformed_rpcs_get_a_reason_and_the_node_keeps_serving(swarm):
     with pytest.raises(grpc.RpcError) as e:
         stub.Forward(iter([b"\xff\xff\xff"]), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in e.value.details()
-    # One message larger than the wire limit: refused by gRPC itself.
+    # One message over the node's message limit: refused by its own check, with the limit named; and one over
+    # gRPC's cap (twice that): refused by gRPC itself.
+    big = torch.zeros(1 << 20)  # 4 MiB in one chunk
+    code, details = _send(stub, _envelope(swarm, target, now), big, limits=WireLimits(chunk_bytes=16 << 20))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message limit" in details, details
     huge = torch.zeros(3 << 20)  # 12 MiB in one chunk
     code, _ = _send(stub, _envelope(swarm, target, now), huge, limits=WireLimits(chunk_bytes=16 << 20))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
