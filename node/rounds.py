@@ -86,6 +86,7 @@ class RoundLoop:
         self._warned_missing: tuple[int, ...] = ()
         self._stages_seen: set[int] = set()  # stages some plan used: only those can be lost (and skipped)
         self._members: dict[str, NodeRecord] = {}  # the membership last read while waiting for a plan
+        self._last_executed = 0.0  # seconds the last round's work took here: a floor for hop deadlines
         self.links = links  # measured links: planners read them, every node refreshes its own
 
     def run(self, first_round: int, stop: threading.Event) -> None:
@@ -210,7 +211,8 @@ class RoundLoop:
         self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work}, origins)
         if self.faults.watch is not None:  # from the plan's expected time, not the round timeout
             # (the members last read while planning: a hung DHT must not hold the round here)
-            expected = max(plan.predicted_s, expected_round_seconds(plan, self._members))
+            # The last round's measured time too: a prediction from links not yet measured can be far too low.
+            expected = max(plan.predicted_s, expected_round_seconds(plan, self._members), self._last_executed)
             self.faults.watch.hop_deadline_s = max(self.s.hop_deadline_min, self.s.hop_deadline_slack * expected)
         result = None
         if self.origin is not None:
@@ -224,6 +226,7 @@ class RoundLoop:
                 self.executor.origin_done(plan.round, self.peer_id)
         complete = self.executor.wait_round(max(0.0, deadline - time.monotonic()), stop)
         executed = time.monotonic() - started  # the plan's work, what the simulator predicts (no averaging)
+        self._last_executed = executed
         counts = self.executor.end_round(plan.round)
         if stop.is_set():
             log.info("stopping: round %d abandoned", plan.round)
