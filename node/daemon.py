@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -144,6 +145,8 @@ class Daemon:
             raise UsageError(f"--model {cfg.model} has a vocabulary of {self.spec.config.vocab_size}, smaller than "
                              f"the tokenizer's {self.tokenizer.vocab_size}; give the matching --tokenizer")
         _usage(stage_layers, self.spec.config.num_hidden_layers, cfg.num_stages)
+        _check_port_free(cfg.host, cfg.port, "gRPC", "--port")  # before the DHT starts: a taken port fails at once
+        _check_port_free(cfg.host, cfg.metrics_port, "metrics", "--metrics-port")
 
         self.trust = NodeTrust.create(cfg.identity_path, cfg.swarm_key, cfg.tls, cfg.tls_cert, cfg.tls_key)
         undo.callback(self.trust.close)
@@ -431,6 +434,24 @@ class Daemon:
 
 class Stopped(Exception):
     """Stop was requested while the node was still being built."""
+
+
+def _check_port_free(host: str, port: int, what: str, flag: str) -> None:
+    """Refuse a taken fixed port (0 picks a free one later). The probe sets SO_REUSEADDR as gRPC does, so
+    only a port someone listens on is refused."""
+    if not port:
+        return
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise UsageError(f"cannot serve {what} on {host}:{port}: {e.strerror}") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UsageError(f"cannot serve {what} on {host}:{port}: {e.strerror}; pick another {flag}") from None
 
 
 def _usage(fn, *args):
