@@ -17,6 +17,10 @@ Iteration time comes from the swarm harness (`bench/bench_swarm.py`'s `run_confi
 full pipelines over 6 stages, links emulated from the GCP instance's regions (about 10 MB/s and 50-130 ms
 between regions), microbatches of 8 x 256 tokens so that a hop carries 512 KiB raw; one swarm per
 SWARM_PAIRS entry, same seeds and tokens (`--swarm-rounds 0` skips it; `iteration_s` is then null).
+The tiny preset's hidden size is 12x smaller than llama-160m's, so its hops carry 12x fewer bytes for the
+same tokens: `--link-slowdown` (default 12) divides the links' bandwidth by that much, so that the wire
+takes the share of a round it would take for a real model on these links. `--link-slowdown 1` runs the
+links as the instance gives them.
 
 Writes bench/results/compression.md, compression.json (the --json layout) and compression-loss.png.
 """
@@ -47,6 +51,7 @@ from lm.data import load_corpus  # noqa: E402
 from lm.presets import resolve_model  # noqa: E402
 from lm.tokenizer import ByteTokenizer  # noqa: E402
 from protocol.codecs import get_codec  # noqa: E402
+from bench_swarm import LINK_SLOWDOWN  # noqa: E402
 
 STAGES = 4
 BATCH, SEQ = 4, 128
@@ -166,10 +171,15 @@ def main() -> int:
                                                       "0 skips the swarm runs)")
     ap.add_argument("--swarm-only", action="store_true", help="only the swarm runs (iteration time): "
                     "writes compression-swarm.md")
+    ap.add_argument("--link-slowdown", type=float, default=LINK_SLOWDOWN,
+                    help=f"divide the emulated links' bandwidth by this (default {LINK_SLOWDOWN:g}: llama-160m's hidden "
+                         "size over the tiny preset's, so a hop spends a llama-160m hop's time on the wire)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
+    if args.link_slowdown <= 0:
+        ap.error("--link-slowdown must be positive")
     if args.swarm_only:
-        return swarm_report(args.swarm_rounds or 8, Path(args.out), args.json)
+        return swarm_report(args.swarm_rounds or 8, args.link_slowdown, Path(args.out), args.json)
     steps = args.steps or (100 if args.quick else 200)
     pairs = QUICK_PAIRS if args.quick else PAIRS
     started = time.perf_counter()
@@ -200,7 +210,7 @@ def main() -> int:
         print(f"{key(act, grad)}: final losses {[round(r['final'], 4) for r in results]}", flush=True)
 
     swarm_rounds = args.swarm_rounds if args.swarm_rounds is not None else (5 if args.quick else 8)
-    iteration = swarm_iterations(swarm_rounds) if swarm_rounds else {}
+    iteration = swarm_iterations(swarm_rounds, args.link_slowdown) if swarm_rounds else {}
 
     raw_bytes = costs["raw"]["act"][0] + costs["raw"]["grad"][0]
     raw_final = [r["final"] for r in runs["raw"]]
@@ -252,8 +262,9 @@ def main() -> int:
         f"activation bytes." if best_act else "",
         "",
         f"Iteration s: median over rounds 2.. of {swarm_rounds} of a local swarm of 8 processes (bench_swarm's harness), "
-        "full pipelines over 6 stages, links emulated from gcp12-20nodes.json's regions, microbatches of 8 x 256 "
-        "tokens (512 KiB raw per hop); ratio to raw's in the same run." if iteration else
+        f"full pipelines over 6 stages, links emulated from gcp12-20nodes.json's regions with their bandwidth divided "
+        f"by {args.link_slowdown:g} (`--link-slowdown`), microbatches of 8 x 256 tokens (512 KiB raw per hop); ratio "
+        "to raw's in the same run." if iteration else
         "Iteration time: not measured in this run (`--swarm-rounds 0`).",
         "GPU encode/decode cost was not measured (no GPU here); the ops are the same torch ops on the device.",
         f"Bench wall time: {time.perf_counter() - started:.0f} s.",
@@ -268,7 +279,7 @@ def main() -> int:
     return 0
 
 
-def swarm_iterations(rounds: int) -> dict[str, float]:
+def swarm_iterations(rounds: int, slowdown: float) -> dict[str, float]:
     """Mean iteration seconds per SWARM_PAIRS entry, each on a fresh swarm of the bench_swarm harness."""
     import tempfile
 
@@ -280,18 +291,19 @@ def swarm_iterations(rounds: int) -> dict[str, float]:
     for act, grad in SWARM_PAIRS:
         name = key(act, grad)
         result = run_config(work / name, name, NUM_STAGES, rounds, train,
-                            extra=[*SWARM_ARGS, "--activation-codec", act, "--gradient-codec", grad])
+                            extra=[*SWARM_ARGS, "--activation-codec", act, "--gradient-codec", grad],
+                            link_slowdown=slowdown)
         # The median: a round that hits the round timeout (a lost hop) would dominate a mean.
         out[name] = statistics.median(r["executed_s"] for r in result.rounds[2:])
         print(f"swarm {name}: iteration {out[name]:.3f} s (median over rounds 2..{rounds - 1})", flush=True)
     return out
 
 
-def swarm_report(rounds: int, out_dir: Path, json_path: str | None) -> int:
+def swarm_report(rounds: int, slowdown: float, out_dir: Path, json_path: str | None) -> int:
     from protocol.codecs import wire_bytes
 
     started = time.perf_counter()
-    iteration = swarm_iterations(rounds)
+    iteration = swarm_iterations(rounds, slowdown)
     shape = (8, 256, 64)  # SWARM_ARGS on the tiny preset
     rows, report = [], {}
     raw_hop = 2 * wire_bytes("raw", shape, 4)
@@ -302,9 +314,10 @@ def swarm_report(rounds: int, out_dir: Path, json_path: str | None) -> int:
         rows.append([f"`{act}` / `{grad}`", hop, f"{raw_hop / hop:.2f}x", f"{iteration[name]:.3f}",
                      f"{iteration[name] / iteration['raw']:.2f}"])
     lines = ["# Compression in the swarm: iteration time", "",
-             f"`python bench/bench_compression.py --swarm-only --swarm-rounds {rounds}`: bench_swarm's harness, 8 "
-             "processes, full pipelines over 6 stages, links emulated from gcp12-20nodes.json's regions, microbatches "
-             f"of 8 x 256 tokens; median iteration s over rounds 2..{rounds - 1}, one swarm per pair, in one run.", "",
+             f"`python bench/bench_compression.py --swarm-only --swarm-rounds {rounds} --link-slowdown {slowdown:g}`: "
+             "bench_swarm's harness, 8 processes, full pipelines over 6 stages, links emulated from "
+             f"gcp12-20nodes.json's regions with their bandwidth divided by {slowdown:g}, microbatches of 8 x 256 "
+             f"tokens; median iteration s over rounds 2..{rounds - 1}, one swarm per pair, in one run.", "",
              table(["activation / gradient codec", "bytes per hop", "vs raw", "iteration s", "vs raw"], rows), "",
              f"Bench wall time: {time.perf_counter() - started:.0f} s."]
     out_dir.mkdir(parents=True, exist_ok=True)

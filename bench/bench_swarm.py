@@ -6,7 +6,8 @@ Both configurations run the same layout (8 processes, 6 stages: two data nodes, 
 once), the same seeds and the same tokens (same microbatches per round, same rounds). Each node's endpoint
 sits in one Google Cloud region of bench/instances/gcp12-20nodes.json (node i in instance node i's region),
 with that instance's latency and bandwidth between regions, emulated in the data plane
-(`--emulate-links`). "full" visits all 6 stages; "skip" visits 4 of 6 (SkipPipe's ratio).
+(`--emulate-links`), the bandwidth divided by `--link-slowdown` (default 12: see LINK_SLOWDOWN).
+"full" visits all 6 stages; "skip" visits 4 of 6 (SkipPipe's ratio).
 
 It reports, per configuration: mean iteration time measured (the slowest data node's time from starting a
 round's plan to its last backward; averaging excluded) against the simulator's prediction for the plans it
@@ -32,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lm.presets import PRESETS  # noqa: E402
 from node.link_emulation import place_endpoints  # noqa: E402
 from node.local_swarm import LocalSwarm, free_port  # noqa: E402
 
@@ -40,6 +42,10 @@ LAYOUT = (0, 0, 1, 1, 2, 3, 4, 5)  # stage of each process
 NUM_STAGES = 6
 SKIP_VISITS = 4
 WARMUP_ROUNDS = 2  # excluded from the timing means: first plans run on default link estimates
+# The tiny preset carries a token in 64 dims, a llama-160m in 768: its hops carry 12x fewer bytes for the same
+# tokens. Dividing the links' bandwidth by that much gives each hop the time on the wire a llama-160m hop takes,
+# so the wire takes its real share of a round (compute is not scaled: CPU compute of the tiny preset stands in).
+LINK_SLOWDOWN = PRESETS["llama-160m"]["hidden_size"] / PRESETS["tiny"]["hidden_size"]
 NODE_ARGS = ["--model", "tiny", "--microbatches", "4", "--max-inflight", "2", "--batch-size", "4", "--seq-len", "64",
              "--torch-threads", "1", "--device", "cpu", "--round-timeout", "120", "--seed", "0",
              "--links-refresh-rounds", "2", "--log-level", "warning"]
@@ -72,19 +78,28 @@ def split_corpus(workdir: Path, heldout_fraction: float = 0.05) -> tuple[Path, P
     return train, heldout
 
 
-def emulation_file(path: Path, endpoints: list[str], instance: Path = INSTANCE) -> Path:
-    """Endpoint i sits in the region of the instance's node i; links between regions as the instance gives them."""
+def emulation_file(path: Path, endpoints: list[str], instance: Path = INSTANCE, slowdown: float = 1.0) -> Path:
+    """Endpoint i sits in the region of the instance's node i; links between regions as the instance gives them,
+    their bandwidth divided by `slowdown` (a bench whose tensors are k times smaller than a real model's
+    passes k: each hop then spends the real model's time on the wire)."""
     spec = place_endpoints(json.loads(instance.read_text()), endpoints)
-    path.write_text(json.dumps({"source": f"{instance.name}: regions, latency and bandwidth between them", **spec}))
+    for link in [*spec["links"], spec["same_location_link"]]:
+        if link is not None:
+            link["bandwidth_GiBps"] = link["bandwidth_GiBps"] / slowdown
+    source = f"{instance.name}: regions, latency and bandwidth between them"
+    if slowdown != 1:
+        source += f", bandwidth divided by {slowdown:g}"
+    path.write_text(json.dumps({"source": source, **spec}))
     return path
 
 
 def run_config(workdir: Path, name: str, visits: int, rounds: int, train: Path, layout=LAYOUT,
-               num_stages: int = NUM_STAGES, extra: list[str] | None = None, timeout: float = 900) -> ConfigResult:
+               num_stages: int = NUM_STAGES, extra: list[str] | None = None, timeout: float = 900,
+               link_slowdown: float = 1.0) -> ConfigResult:
     """Train one configuration on a fresh local swarm; returns per-round figures and the saved model."""
     workdir.mkdir(parents=True, exist_ok=True)
     ports = [free_port() for _ in layout]
-    links = emulation_file(workdir / "links.json", [f"127.0.0.1:{p}" for p in ports])
+    links = emulation_file(workdir / "links.json", [f"127.0.0.1:{p}" for p in ports], slowdown=link_slowdown)
     model_dir = workdir / "model"
     swarm = LocalSwarm(workdir, swarm=f"bench-{name}", common_args=[
         *NODE_ARGS, "--num-stages", str(num_stages), "--visits", str(visits), "--rounds", str(rounds),
@@ -113,7 +128,8 @@ def run_config(workdir: Path, name: str, visits: int, rounds: int, train: Path, 
     for r in done:
         events = [p[r] for p in per_node]
         tokens += sum(e["tokens"] for e in events)
-        result.rounds.append({"round": r, "tokens": tokens, "loss": statistics.mean(e["loss"] for e in events),
+        losses = [e["loss"] for e in events if e["loss"] is not None]  # None: every microbatch of that node failed
+        result.rounds.append({"round": r, "tokens": tokens, "loss": statistics.mean(losses) if losses else None,
                               "executed_s": max(e["executed_s"] for e in events),
                               "round_s": max(e["wall_s"] for e in events),  # plan work + barrier + averaging
                               "predicted_s": events[0]["predicted_s"],
@@ -172,7 +188,12 @@ def main() -> int:
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON here")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--workdir", help="node logs and models (default: a temp dir)")
+    ap.add_argument("--link-slowdown", type=float, default=LINK_SLOWDOWN,
+                    help=f"divide the emulated links' bandwidth by this (default {LINK_SLOWDOWN:g}: llama-160m's hidden "
+                         "size over the tiny preset's, so a hop spends a llama-160m hop's time on the wire)")
     args = ap.parse_args()
+    if args.link_slowdown <= 0:
+        ap.error("--link-slowdown must be positive")
     rounds = args.rounds or (12 if args.quick else 30)
     bench_started = time.monotonic()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-swarm-"))
@@ -183,7 +204,7 @@ def main() -> int:
     for name, visits in (("full", NUM_STAGES), ("skip", SKIP_VISITS)):
         print(f"bench_swarm: {name} ({visits} of {NUM_STAGES} stages), {rounds} rounds, logs in {work / name}",
               flush=True)
-        r = run_config(work / name, name, visits, rounds, train)
+        r = run_config(work / name, name, visits, rounds, train, link_slowdown=args.link_slowdown)
         r.ppl = evaluate(r.model_dir, heldout)
         r.ppl_omit = evaluate(r.model_dir, heldout, omit=omit)
         results.append(r)
@@ -207,6 +228,11 @@ def main() -> int:
                     f"| {s['round_s']:.2f} "
                     f"| {s['final_loss']:.4f} | {s['ppl']:.3f} | {s['ppl_omit_half']:.3f} | {s['ppl_omit_half'] / s['ppl']:.3f} |")
     loss_ratio = skip.rounds[-1]["loss"] / full.rounds[-1]["loss"]
+    # Equal wall-clock: each run's loss when the faster one ended (the last round done by then).
+    t_end = min(full.rounds[-1]["time_s"], skip.rounds[-1]["time_s"])
+    at_time = {r.name: [x["loss"] for x in r.rounds if x["time_s"] <= t_end][-1] for r in results}
+    summary["equal_time_s"] = t_end
+    summary["loss_at_equal_time"] = at_time
     table = "\n".join([
         "| config | stages visited | iteration s (measured) | predicted s | measured / predicted | vs full | "
         "whole round s (incl. averaging) | "
@@ -218,12 +244,15 @@ def main() -> int:
         f"- Speed, skip <= 0.6x full: {summary['skip']['iteration_s'] / summary['full']['iteration_s']:.2f}x.",
         f"- Convergence, skip's loss at equal tokens within 3% of full's: {loss_ratio:.3f} "
         f"({summary['tokens']} tokens each).",
+        f"- Lower at equal wall-clock: after {t_end:.0f} s, skip {at_time['skip']:.4f} vs full {at_time['full']:.4f} "
+        f"({at_time['skip'] / at_time['full']:.3f}x).",
         f"- Omission, ppl <= 1.10x own full: skip {summary['skip']['ppl_omit_half'] / summary['skip']['ppl']:.3f}, "
         f"full-trained {summary['full']['ppl_omit_half'] / summary['full']['ppl']:.3f}."])
     text = (f"# Local swarm benchmark (`python bench/bench_swarm.py{' --quick' if args.quick else ''}`)\n\n"
             f"{len(LAYOUT)} processes, {NUM_STAGES} stages (layout {','.join(map(str, LAYOUT))}), tiny LLaMA, "
             f"{rounds} rounds of 2 data nodes x 4 microbatches x 4 x 64 tokens, same seeds; links emulated from "
-            f"{INSTANCE.name}'s regions. Means over rounds {WARMUP_ROUNDS}..{rounds - 1}. "
+            f"{INSTANCE.name}'s regions, bandwidth divided by {args.link_slowdown:g} (`--link-slowdown`). "
+            f"Means over rounds {WARMUP_ROUNDS}..{rounds - 1}. "
             f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, shared 2-core "
             f"machine; the whole bench took {time.monotonic() - bench_started:.0f} s.\n\n{table}\n\n{targets}\n\n![loss vs tokens and wall-clock](swarm.png)\n")
     (out / "swarm.md").write_text(text)

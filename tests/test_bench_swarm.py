@@ -6,6 +6,8 @@ import importlib.util
 import json
 import sys
 
+import pytest
+
 from node.link_emulation import LinkEmulator
 from tests.helpers import REPO
 
@@ -29,4 +31,8 @@ def test_emulation_places_endpoints_in_the_instance_regions(tmp_path):
     link = next(lk for lk in instance["links"] if {lk["a"], lk["b"]} == {emulator.regions[endpoints[0]],
                                                                         emulator.regions[endpoints[1]]})
     assert emulator.link_to(endpoints[1]).latency_s == link["latency_ms"] / 1000
+    slowed = LinkEmulator.load(bench.emulation_file(tmp_path / "slow.json", endpoints, slowdown=12))
+    slowed.bind(endpoints[0])
+    assert slowed.link_to(endpoints[1]).bandwidth_Bps * 12 == pytest.approx(emulator.link_to(endpoints[1]).bandwidth_Bps)
+    assert slowed.link_to(endpoints[1]).latency_s == emulator.link_to(endpoints[1]).latency_s
     assert bench.half_of_nonzero_stages(6) == {2, 4} and bench.half_of_nonzero_stages(4) == {2}
