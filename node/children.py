@@ -9,6 +9,10 @@ reparented to init and live on. So every process forked from the daemon, at fork
 - starts a watchdog thread on the parent's pid: when the parent dies, it kills its own descendants
   (p2pd) and exits. A parent-death signal alone (PR_SET_PDEATHSIG) would kill the DHT process before it
   could take p2pd along.
+
+hivemind shares its futures' state through torch tensors, by default with torch's "file_system" strategy,
+which starts a torch_shm_manager process that outlived a killed daemon by 3.5 s or more. The daemon shares
+them by file descriptor instead: no manager process at all (open descriptors stay flat over rounds).
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ import signal
 import threading
 from pathlib import Path
 
+import torch.multiprocessing
+
 _installed = False
 
 
 def die_with_parent() -> None:
     """Make every later fork of this process (and of its children) follow the rules above. Idempotent."""
     global _installed
+    torch.multiprocessing.set_sharing_strategy("file_descriptor")
     if not _installed:
         os.register_at_fork(after_in_child=_in_child)
         _installed = True

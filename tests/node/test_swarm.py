@@ -270,7 +270,7 @@ def test_sigterm_withdraws_and_leaves_nothing_running(swarm):
     assert len(children) >= 2  # at least the DHT process and its p2pd
     leaving.process.send_signal(signal.SIGTERM)
     assert leaving.process.wait(timeout=20) == 0
-    # torch's shared-memory manager exits on its own once its clients are gone, within a few seconds.
+    # Its DHT process and p2pd exit with it (there is no torch_shm_manager: node/children.py).
     wait_for(lambda: not [p for p in children if alive(p)], 10, "the node's child processes to exit")
     # Withdrawn at once, long before its 30 s record would have expired.
     wait_for(lambda: peer not in status(swarm), 15, "the withdrawn record to disappear")
