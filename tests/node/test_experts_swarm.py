@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 SWARM = "experts-swarm"
 COMMON = ["--num-stages", "2", "--torch-threads", "1", "--device", "cpu", "--microbatches", "2", "--seq-len", "32",
           "--round-timeout", "20", "--heartbeat-interval", "1", "--record-ttl", "30", "--log-level", "info"]
-EXPERT = ["--expert-steps", "40", "--expert-save-every", "10"]
+EXPERT = ["--expert-steps", "24", "--expert-save-every", "6"]
 
 
 def domain_text(kind: str, n: int = 30_000) -> str:
@@ -120,7 +120,7 @@ def test_killed_expert_node_resumes_from_its_checkpoint(swarm):
     e1 = node(swarm, "e1")
     peer = e1.started()["peer_id"]
 
-    def mid_expert():  # the newest checkpoint is in the middle of an expert: at least 10 steps to go
+    def mid_expert():  # the newest checkpoint is in the middle of an expert: at least 6 steps to go
         published = e1.events("expert_published")
         last = published[-1] if published else None
         return last if last and 0 < last["steps"] < last["target_steps"] else None
