@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from protocol.envelope import HopSpec
 from protocol.records import LinkEstimate, NodeRecord, PlannedMicrobatch, RoundPlan
-from routing import LiveLink, LiveNode, Plan, Problem, ProblemError, from_live
+from routing import LiveLink, LiveNode, Plan, Problem, ProblemError, cover_replicas, from_live
 from routing import plan as plan_paths
 
 # The estimate a pair gets until it is measured, or when its estimate is absurd: loopback-like, so an
@@ -122,7 +122,9 @@ def plan_round(members: dict[str, NodeRecord], links: dict[tuple[str, str], Link
     if live is None:
         return None
     try:
-        result = plan_paths(live.problem, seed=round_)
+        # Every replica in the round: one left out could take no re-routed microbatch, and would copy state
+        # after the round instead of training.
+        result = cover_replicas(live.problem, plan_paths(live.problem, seed=round_))
     except ProblemError as e:
         raise ValueError(f"cannot plan round {round_}: {e}") from e
     return to_wire(live, result, round_=round_, planner=planner, digest=membership_digest(members),

@@ -11,12 +11,13 @@ The daemon plans from live measurements and repairs when the swarm changes:
 from routing.constraints import check_plan
 from routing.instance_io import load_instance, plan_from_dict, plan_to_dict
 from routing.plan import Plan, replica_weights, stage_visits
-from routing.planner import plan
+from routing.planner import cover_replicas, plan
 from routing.problem import LiveLink, LiveNode, Problem, ProblemError, from_live
 from routing.repair import repair
 from routing.simulator import simulate
 
 __all__ = [
-    "LiveLink", "LiveNode", "Plan", "Problem", "ProblemError", "check_plan", "from_live", "load_instance",
+    "LiveLink", "LiveNode", "Plan", "Problem", "ProblemError", "check_plan", "cover_replicas", "from_live",
+    "load_instance",
     "plan", "plan_from_dict", "plan_to_dict", "repair", "replica_weights", "simulate", "stage_visits",
 ]

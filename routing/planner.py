@@ -16,6 +16,7 @@ from routing.construct import construct
 from routing.plan import Plan
 from routing.problem import Problem
 from routing.search import improve
+from routing.simulator import simulate
 
 SIM_BUDGET = 30_000  # microbatch-simulations the search may spend: about 1000 evaluations at 30 microbatches
 
@@ -38,3 +39,36 @@ def plan(problem: Problem, *, seed: int = 0, evals: int | None = None) -> Plan:
         predicted_end_s=tuple(sim.mb_end()),
         planner_wall_s=time.perf_counter() - t0,
     )
+
+
+def cover_replicas(problem: Problem, plan: Plan) -> Plan:
+    """The plan with every replica of a stage serving at least one of the round's visits to that stage, where
+    the stage has a replica serving two or more: a hop moves from its busiest replica to the idle one.
+
+    A swarm wants this even when the search left a replica idle for a slightly faster round: an idle
+    replica is not in the round, so it can take no re-routed microbatch when its twin dies, and it copies
+    its stage's state after the round instead of training. The prediction is the moved plan's."""
+    paths = [list(p) for p in plan.paths]
+    load = [0] * problem.n
+    for path in paths:
+        for v in path[1:-1]:
+            load[v] += 1
+    moved = False
+    for idle in range(problem.n):
+        stage = plan.stage_of_node[idle]
+        if stage == 0 or load[idle] or problem.memory[idle] < 1:
+            continue
+        busiest = max((v for v in range(problem.n) if plan.stage_of_node[v] == stage), key=lambda v: load[v])
+        if load[busiest] < 2:
+            continue
+        m, i = max((m, i) for m, path in enumerate(paths) for i, v in enumerate(path[1:-1], 1) if v == busiest)
+        paths[m][i] = idle
+        load[busiest] -= 1
+        load[idle] += 1
+        moved = True
+    if not moved:
+        return plan
+    sim = simulate(problem, paths)
+    return Plan(stage_of_node=plan.stage_of_node, paths=tuple(tuple(p) for p in paths), mb_ids=plan.mb_ids,
+                predicted_iteration_s=sim.makespan, predicted_end_s=tuple(sim.mb_end()),
+                planner_wall_s=plan.planner_wall_s)
