@@ -6,6 +6,7 @@ Used by `swarm-node demo` and by the multi-node tests, so both exercise exactly 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -100,11 +101,18 @@ class LocalSwarm:
 
 
 def free_port() -> int:
-    """A port the OS just handed out and released: for endpoints that must be known before a node starts
-    (link emulation files name nodes by endpoint)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port for an endpoint that must be known before its node starts (link emulation files name nodes
+    by endpoint). It lies below the kernel's ephemeral range, which every port-0 listener (p2pd) and every
+    outgoing connection draws from, so none of them can take it before the node binds it."""
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for port in random.Random().sample(range(max(1024, low - 12_000), low), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _tail(path: Path, lines: int = 15) -> str:
