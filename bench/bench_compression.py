@@ -22,7 +22,8 @@ same tokens: `--link-slowdown` (default 12) divides the links' bandwidth by that
 takes the share of a round it would take for a real model on these links. `--link-slowdown 1` runs the
 links as the instance gives them.
 
-Writes bench/results/compression.md, compression.json (the --json layout) and compression-loss.png.
+Writes bench/results/compression.md, compression.json (the --json layout) and compression-loss.png (loss at
+equal tokens; beside it, the swarm runs' loss against wall-clock).
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def main() -> int:
         print(f"{key(act, grad)}: final losses {[round(r['final'], 4) for r in results]}", flush=True)
 
     swarm_rounds = args.swarm_rounds if args.swarm_rounds is not None else (5 if args.quick else 8)
-    iteration = swarm_iterations(swarm_rounds, args.link_slowdown) if swarm_rounds else {}
+    iteration, curves = swarm_iterations(swarm_rounds, args.link_slowdown) if swarm_rounds else ({}, {})
 
     raw_bytes = costs["raw"]["act"][0] + costs["raw"]["grad"][0]
     raw_final = [r["final"] for r in runs["raw"]]
@@ -275,19 +276,20 @@ def main() -> int:
     (out_dir / "compression.json").write_text(payload + "\n")
     if args.json:
         Path(args.json).write_text(payload + "\n")
-    plot(runs, out_dir / "compression-loss.png")
+    plot(runs, curves, out_dir / "compression-loss.png")
     return 0
 
 
-def swarm_iterations(rounds: int, slowdown: float) -> dict[str, float]:
-    """Mean iteration seconds per SWARM_PAIRS entry, each on a fresh swarm of the bench_swarm harness."""
+def swarm_iterations(rounds: int, slowdown: float) -> tuple[dict[str, float], dict[str, list[dict]]]:
+    """Median iteration seconds per SWARM_PAIRS entry, each on a fresh swarm of the bench_swarm harness, and
+    each swarm's rounds (time_s, loss, ...) for the loss-vs-time plot."""
     import tempfile
 
     from bench_swarm import NUM_STAGES, run_config, split_corpus
 
     work = Path(tempfile.mkdtemp(prefix="bench-compression-"))
     train, _ = split_corpus(work)
-    out = {}
+    out, curves = {}, {}
     for act, grad in SWARM_PAIRS:
         name = key(act, grad)
         result = run_config(work / name, name, NUM_STAGES, rounds, train,
@@ -295,15 +297,16 @@ def swarm_iterations(rounds: int, slowdown: float) -> dict[str, float]:
                             link_slowdown=slowdown)
         # The median: a round that hits the round timeout (a lost hop) would dominate a mean.
         out[name] = statistics.median(r["executed_s"] for r in result.rounds[2:])
+        curves[name] = result.rounds
         print(f"swarm {name}: iteration {out[name]:.3f} s (median over rounds 2..{rounds - 1})", flush=True)
-    return out
+    return out, curves
 
 
 def swarm_report(rounds: int, slowdown: float, out_dir: Path, json_path: str | None) -> int:
     from protocol.codecs import wire_bytes
 
     started = time.perf_counter()
-    iteration = swarm_iterations(rounds, slowdown)
+    iteration, _ = swarm_iterations(rounds, slowdown)
     shape = (8, 256, 64)  # SWARM_ARGS on the tiny preset
     rows, report = [], {}
     raw_hop = 2 * wire_bytes("raw", shape, 4)
@@ -328,13 +331,15 @@ def swarm_report(rounds: int, slowdown: float, out_dir: Path, json_path: str | N
     return 0
 
 
-def plot(runs: dict, path: Path) -> None:
+def plot(runs: dict, curves: dict[str, list[dict]], path: Path) -> None:
+    """Loss at equal tokens (in-process runs); with swarm runs, also their loss against wall-clock."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(12 if curves else 7, 4), squeeze=False)
+    ax = axes[0][0]
     for name, results in runs.items():
         losses = [statistics.fmean(step) for step in zip(*(r["losses"] for r in results))]
         window = 10
@@ -345,6 +350,14 @@ def plot(runs: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.legend()
     ax.set_title("Loss at equal tokens, per activation+gradient codec")
+    if curves:
+        ax = axes[0][1]
+        for name, rounds in curves.items():
+            ax.plot([r["time_s"] for r in rounds], [r["loss"] for r in rounds], marker=".", label=name)
+        ax.set_xlabel("wall-clock s (the swarm's rounds, averaging included)")
+        ax.set_ylabel("training loss (per round)")
+        ax.legend()
+        ax.set_title("Swarm under emulated links: loss against time")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
