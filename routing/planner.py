@@ -43,7 +43,8 @@ def plan(problem: Problem, *, seed: int = 0, evals: int | None = None) -> Plan:
 
 def cover_replicas(problem: Problem, plan: Plan) -> Plan:
     """The plan with every replica of a stage serving at least one of the round's visits to that stage, where
-    the stage has a replica serving two or more: a hop moves from its busiest replica to the idle one.
+    another replica serves two or more: of those replicas' hops, the one whose move to the idle replica
+    leaves the shortest simulated round (then the earliest microbatch ends, summed) moves.
 
     A swarm wants this even when the search left a replica idle for a slightly faster round: an idle
     replica is not in the round, so it can take no re-routed microbatch when its twin dies, and it copies
@@ -58,12 +59,20 @@ def cover_replicas(problem: Problem, plan: Plan) -> Plan:
         stage = plan.stage_of_node[idle]
         if stage == 0 or load[idle] or problem.memory[idle] < 1:
             continue
-        busiest = max((v for v in range(problem.n) if plan.stage_of_node[v] == stage), key=lambda v: load[v])
-        if load[busiest] < 2:
+        hops = [(m, i) for m, path in enumerate(paths) for i, v in enumerate(path[1:-1], 1)
+                if plan.stage_of_node[v] == stage and load[v] >= 2]
+        if not hops:
             continue
-        m, i = max((m, i) for m, path in enumerate(paths) for i, v in enumerate(path[1:-1], 1) if v == busiest)
+
+        def cost_after(hop: tuple[int, int]) -> tuple[float, float]:
+            m, i = hop
+            trial = [list(p) for p in paths]
+            trial[m][i] = idle
+            sim = simulate(problem, trial)
+            return sim.makespan, float(sum(sim.mb_end()))
+        m, i = min(hops, key=cost_after)
+        load[paths[m][i]] -= 1
         paths[m][i] = idle
-        load[busiest] -= 1
         load[idle] += 1
         moved = True
     if not moved:

@@ -85,18 +85,20 @@ def test_repair_refills_a_stage_that_lost_its_last_replica():
 
 
 def test_cover_replicas_puts_every_replica_in_the_round():
-    from routing import LiveNode, cover_replicas, from_live
+    from routing import LiveLink, LiveNode, cover_replicas, from_live
 
-    # Stage 1 has a fast replica and one 50x slower: the search leaves the slow one idle.
+    # Stage 1 has a fast replica and one 50x slower: the search leaves the slow one idle. Its link to d0 is
+    # slow too, so the hop to move is one of d1's microbatches.
     nodes = [LiveNode("d0", 0.01, 8, 0), LiveNode("d1", 0.01, 8, 0), LiveNode("fast", 0.01, 8, 1),
              LiveNode("slow", 0.5, 8, 1), LiveNode("s2", 0.01, 8, 2)]
-    problem = from_live(nodes, [], stages=3, visits=3, activation_bytes=1000, microbatches_per_data_node=4,
-                        missing_link_s=0.001, max_swaps=0)
+    problem = from_live(nodes, [LiveLink("d0", "slow", 2.0, 1e9)], stages=3, visits=3, activation_bytes=1000,
+                        microbatches_per_data_node=4, missing_link_s=0.001, max_swaps=0)
     searched = plan(problem, seed=0, evals=100)
     slow = problem.node_ids.index("slow")
     assert not any(slow in p for p in searched.paths)  # the premise: the search alone leaves it out
     covered = cover_replicas(problem, searched)
     assert sum(p.count(slow) for p in covered.paths) == 1  # one hop moved, from the busy twin
+    assert next(p for p in covered.paths if slow in p)[0] == problem.node_ids.index("d1")
     assert covered.mb_ids == searched.mb_ids
     assert check_plan(problem, covered) == []
     assert covered.predicted_iteration_s == simulate(problem, covered.paths).makespan
