@@ -37,7 +37,10 @@ from node.local_swarm import LocalSwarm, NodeProcess  # noqa: E402
 from tests.helpers import alive, descendants  # noqa: E402
 
 LAYOUT = [("data", "0"), ("s1a", "1"), ("s1b", "1"), ("s2a", "2"), ("s2b", "2")]
+# Microbatches of 8 x 128 tokens: a round takes about a second, as in the 6-node swarm issue 8 measured
+# (1.7 s); with a quarter-second round one scheduling hiccup on shared cores doubles a round.
 COMMON = ["--num-stages", "3", "--microbatches", "4", "--max-inflight", "4", "--torch-threads", "1",
+          "--batch-size", "8", "--seq-len", "128",
           "--device", "cpu", "--round-timeout", "60", "--heartbeat-interval", "1", "--record-ttl", "20",
           "--checkpoint-every", "5"]
 
