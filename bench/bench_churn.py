@@ -45,6 +45,14 @@ COMMON = ["--num-stages", "3", "--microbatches", "4", "--max-inflight", "4", "--
           "--checkpoint-every", "5"]
 
 
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot), from /proc; None when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -62,7 +70,7 @@ class Churn:
         self.swarm = LocalSwarm(workdir, "churn-bench", common_args=COMMON)
         self.rng = random.Random(seed)
         self.by_name: dict[str, NodeProcess] = {}
-        self.pids_seen: set[int] = set()
+        self.pids_seen: dict[int, int] = {}  # pid -> its start time: a pid the kernel reuses later is not ours
         self.kills: list[dict] = []
         self.samples: list[dict] = []
 
@@ -83,8 +91,8 @@ class Churn:
     def note_processes(self) -> None:
         for node in self.swarm.nodes:
             if node.alive():
-                self.pids_seen.add(node.process.pid)
-                self.pids_seen.update(descendants(node.process.pid))
+                for pid in [node.process.pid, *descendants(node.process.pid)]:
+                    self.pids_seen.setdefault(pid, start_time(pid))
 
     def sample(self) -> None:
         data = self.data()
@@ -159,7 +167,7 @@ def main() -> int:
     finally:
         bench.swarm.stop()
     time.sleep(5)  # children exit within seconds of their parent
-    left = sorted(p for p in bench.pids_seen if alive(p))
+    left = sorted(p for p, started_at in bench.pids_seen.items() if alive(p) and start_time(p) == started_at)
 
     rounds = bench.rounds()
     first_round, last_round = min(rounds), max(rounds)
