@@ -317,9 +317,7 @@ class Daemon:
         self.server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        port = self.trust.add_port(self.server, f"{cfg.host}:{cfg.port}")
-        if port == 0:
-            raise UsageError(f"cannot serve gRPC on {cfg.host}:{cfg.port}: is the port taken? Pick another --port")
+        port = self.trust.add_port(self.server, cfg.host, cfg.port)
         self.server.start()
         self._teardown.callback(lambda: self.server.stop(grace=cfg.drain_grace).wait())
         self.endpoint = f"{cfg.announce_host or cfg.host}:{cfg.announce_port or port}"

@@ -505,9 +505,7 @@ class ExpertRole:
 
         d, cfg = self.daemon, self.config
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        port = d.trust.add_port(self.server, f"{cfg.host}:{cfg.port}")
-        if port == 0:
-            raise UsageError(f"cannot serve gRPC on {cfg.host}:{cfg.port}: is the port taken? Pick another --port")
+        port = d.trust.add_port(self.server, cfg.host, cfg.port)
         self.endpoint = f"{cfg.announce_host or cfg.host}:{port}"
         opts = expert_options(cfg, d.peer_id, self.endpoint, str(d.device), creator=cfg.new_swarm,
                               watch_pipeline=cfg.role == "auto")

@@ -63,14 +63,17 @@ class NodeTrust:
         return dict(identity_path=self.identity_path, record_validators=self.validators,
                     check_if_identity_free=not self.temporary_identity)
 
-    def add_port(self, server: grpc.Server, address: str) -> int:
-        """Serve `server` on `address`, over TLS when the swarm runs it; the bound port, 0 if it is taken."""
+    def add_port(self, server: grpc.Server, host: str, port: int) -> int:
+        """Serve `server` on host:port, over TLS when the swarm runs it; the bound port (UsageError if taken)."""
+        address = f"{host}:{port}"
         try:
-            if self.tls is None:
-                return server.add_insecure_port(address)
-            return server.add_secure_port(address, self.tls.server_credentials())
+            bound = server.add_insecure_port(address) if self.tls is None else \
+                server.add_secure_port(address, self.tls.server_credentials())
         except RuntimeError:  # grpc reports a failed bind this way
-            return 0
+            bound = 0
+        if not bound:
+            raise UsageError(f"cannot serve gRPC on {address}: is the port taken? Pick another --port")
+        return bound
 
     def server_interceptors(self, metrics: NodeMetrics) -> list[grpc.ServerInterceptor]:
         if self.auth is None:
