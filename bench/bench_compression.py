@@ -52,7 +52,7 @@ from lm.data import load_corpus  # noqa: E402
 from lm.presets import resolve_model  # noqa: E402
 from lm.tokenizer import ByteTokenizer  # noqa: E402
 from protocol.codecs import get_codec  # noqa: E402
-from bench_swarm import LINK_SLOWDOWN  # noqa: E402
+from bench_swarm import link_slowdown_option  # noqa: E402
 
 STAGES = 4
 BATCH, SEQ = 4, 128
@@ -172,13 +172,9 @@ def main() -> int:
                                                       "0 skips the swarm runs)")
     ap.add_argument("--swarm-only", action="store_true", help="only the swarm runs (iteration time): "
                     "writes compression-swarm.md")
-    ap.add_argument("--link-slowdown", type=float, default=LINK_SLOWDOWN,
-                    help=f"divide the emulated links' bandwidth by this (default {LINK_SLOWDOWN:g}: llama-160m's hidden "
-                         "size over the tiny preset's, so a hop spends a llama-160m hop's time on the wire)")
+    link_slowdown_option(ap)
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
-    if args.link_slowdown <= 0:
-        ap.error("--link-slowdown must be positive")
     if args.swarm_only:
         return swarm_report(args.swarm_rounds or 8, args.link_slowdown, Path(args.out), args.json)
     steps = args.steps or (100 if args.quick else 200)

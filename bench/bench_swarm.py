@@ -66,6 +66,18 @@ class ConfigResult:
         return statistics.mean(values) if values else float("nan")
 
 
+def link_slowdown_option(ap: argparse.ArgumentParser) -> None:
+    """--link-slowdown, for every bench that runs this harness."""
+    def positive(text: str) -> float:
+        value = float(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be positive")
+        return value
+    ap.add_argument("--link-slowdown", type=positive, default=LINK_SLOWDOWN,
+                    help=f"divide the emulated links' bandwidth by this (default {LINK_SLOWDOWN:g}: llama-160m's hidden "
+                         "size over the tiny preset's, so a hop spends a llama-160m hop's time on the wire)")
+
+
 def split_corpus(workdir: Path, heldout_fraction: float = 0.05) -> tuple[Path, Path]:
     """The offline default corpus split into training text and held-out text (by position)."""
     from lm.data import default_corpus
@@ -188,12 +200,8 @@ def main() -> int:
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON here")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--workdir", help="node logs and models (default: a temp dir)")
-    ap.add_argument("--link-slowdown", type=float, default=LINK_SLOWDOWN,
-                    help=f"divide the emulated links' bandwidth by this (default {LINK_SLOWDOWN:g}: llama-160m's hidden "
-                         "size over the tiny preset's, so a hop spends a llama-160m hop's time on the wire)")
+    link_slowdown_option(ap)
     args = ap.parse_args()
-    if args.link_slowdown <= 0:
-        ap.error("--link-slowdown must be positive")
     rounds = args.rounds or (12 if args.quick else 30)
     bench_started = time.monotonic()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-swarm-"))
