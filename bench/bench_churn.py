@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from node.local_swarm import LocalSwarm, NodeProcess  # noqa: E402
+from node.process.local_swarm import LocalSwarm, NodeProcess  # noqa: E402
 from tests.helpers import alive, descendants  # noqa: E402
 
 LAYOUT = [("data", "0"), ("s1a", "1"), ("s1b", "1"), ("s2a", "2"), ("s2b", "2")]

@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lm.presets import PRESETS  # noqa: E402
-from node.link_emulation import place_endpoints  # noqa: E402
-from node.local_swarm import LocalSwarm, free_port  # noqa: E402
+from node.dataplane.link_emulation import place_endpoints  # noqa: E402
+from node.process.local_swarm import LocalSwarm, free_port  # noqa: E402
 
 INSTANCE = REPO / "bench" / "instances" / "gcp12-20nodes.json"
 LAYOUT = (0, 0, 1, 1, 2, 3, 4, 5)  # stage of each process

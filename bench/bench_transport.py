@@ -10,9 +10,9 @@ is timed from the start of encoding on the sender to the receipt of the receiver
 only after the tensor is fully decoded on the far side:
 
 * grpc   - a sync ``grpc.server`` with StageService registered through ``protocol.service.stage_service_handler``,
-           whose Forward does what node/servicer.py does on receipt (``decode_frames`` into a tensor, then
+           whose Forward does what node/dataplane/servicer.py does on receipt (``decode_frames`` into a tensor, then
            ``Ack``; no executor); the client calls ``StageStub(channel).Forward(encode_frames(...))`` as
-           node/transport.py does. Always the real ``channel_options`` / ``server_options`` / ``WireLimits()``;
+           node/dataplane/transport.py does. Always the real ``channel_options`` / ``server_options`` / ``WireLimits()``;
            variants run as separate, labelled "grpc:NAME" columns and never alter the "grpc" column.
 * tcp    - length-prefixed ``sendall`` of the tensor's bytes; the receiver ``recv_into``s a preallocated
            bytearray and answers one byte. The ceiling for anything on loopback.
@@ -140,13 +140,13 @@ def grpc_server_main(conn, variant_name: str | None) -> None:
     from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
     from protocol.grpc_options import server_options
     from protocol.service import stage_service_handler
-    from protocol.tensor_codec import decode_frames
+    from protocol.tensor_frames import decode_frames
 
     torch.set_num_threads(1)
     limits = bench_limits(variant_name)
 
     class Servicer(pb_grpc.StageServiceServicer):
-        """node/servicer.py's Forward without the node: decode the frames into a tensor, then Ack."""
+        """node/dataplane/servicer.py's Forward without the node: decode the frames into a tensor, then Ack."""
 
         def Forward(self, request_iterator, context):
             envelope, tensor = decode_frames(request_iterator, limits)
@@ -288,7 +288,7 @@ def client_main(conn, servers: dict, plan: list[tuple[int, int]], warmup: int, t
     from protocol.envelope import HopSpec, make_envelope
     from protocol.grpc_options import channel_options
     from protocol.service import StageStub
-    from protocol.tensor_codec import encode_frames, tensor_bytes
+    from protocol.tensor_frames import encode_frames, tensor_bytes
 
     torch.set_num_threads(1)
     addresses = {name: address for name, (address, _) in servers.items()}
@@ -327,7 +327,7 @@ def client_main(conn, servers: dict, plan: list[tuple[int, int]], warmup: int, t
 
             senders["p2p"] = lambda tensor, verify: in_loop(p2p_call(tensor, verify))
 
-        # gRPC: "grpc" is protocol/ as committed, sent as node/transport.py sends; "grpc:NAME" is variant NAME,
+        # gRPC: "grpc" is protocol/ as committed, sent as node/dataplane/transport.py sends; "grpc:NAME" is variant NAME,
         # each with its own channel.
         def grpc_sender(name: str):
             limits = bench_limits(name.partition(":")[2] or None)

@@ -99,7 +99,7 @@ def _emulation_file(value: Any) -> str:
     """A link-emulation file, read and checked now so a malformed one stops the node at once."""
     text = str(value)
     if text:
-        from node.link_emulation import LinkEmulator  # stdlib only
+        from node.dataplane.link_emulation import LinkEmulator  # stdlib only
 
         LinkEmulator.load(text)  # EmulationError is a ValueError with a one-line reason
     return text
@@ -147,7 +147,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("round_timeout", _positive_float, "seconds a round may take before its stragglers are dropped"),
     Option("heartbeat_interval", _positive_float, "seconds between DHT heartbeats"),
     Option("record_ttl", _positive_float, "seconds a DHT record lives unless refreshed"),
-    # faults: failure detection, re-routing, checkpoints (node/failures.py, node/origin.py, node/checkpoint.py)
+    # faults: failure detection, re-routing, checkpoints (node/faults/detection.py, node/stage/origin.py, node/control/checkpoint.py)
     Option("hop_watch_interval", _positive_float,
            "seconds between checks that the peers after our waiting hops are alive"),
     Option("probe_timeout", _positive_float, "seconds a liveness ping may take before it counts as missed"),
@@ -170,7 +170,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("save_model", str, "after the last round (--rounds), write each hosted stage into this HF "
            "LlamaForCausalLM checkpoint directory (safetensors, one shard per stage; lm/whole.py)", "DIR"),
     Option("emulate_links", _emulation_file, "TEST TOOL: delay and throttle sends as if nodes sat in the regions "
-           "this JSON file gives their endpoints (node/link_emulation.py); off when empty", "FILE"),
+           "this JSON file gives their endpoints (node/dataplane/link_emulation.py); off when empty", "FILE"),
     # trust (issue 10): private swarms
     Option("swarm_key", str, "swarm key file (make one with 'swarm-node keygen PATH'): a private swarm that only "
                              "holders of the key can join"),
@@ -191,7 +191,7 @@ OPTIONS: tuple[Option, ...] = (
     # most members prefer, and every node of the round uses the plan's (docs/compression.md).
     Option("activation_codec", _choice(*CODEC_NAMES), f"codec for activations: {', '.join(CODEC_NAMES)}"),
     Option("gradient_codec", _choice(*CODEC_NAMES), f"codec for gradients: {', '.join(CODEC_NAMES)}"),
-    # ---- roles and HDEE domain experts (node/roles.py, node/expert_node.py) ----
+    # ---- roles and HDEE domain experts (node/roles.py, node/expert/worker.py) ----
     Option("role", _choice("auto", "stage", "expert"),
            "stage, expert, or auto: a stage while one has fewer than --min-replicas live replicas, else experts"),
     Option("min_replicas", _positive_int, "live replicas per stage an auto node keeps before training experts"),

@@ -28,32 +28,32 @@ from lm.presets import ModelSpec, resolve_model, stage_layers
 from lm.stage import PipelineStage
 from lm.tokenizer import load_tokenizer
 from lm.whole import save_stage_shard
-from node.averaging import GradientExchange
-from node.checkpoint import StageCheckpoints
-from node.children import die_with_parent
+from node.control.averaging import GradientExchange
+from node.control.checkpoint import StageCheckpoints
+from node.process.children import die_with_parent
 from node.config import NodeConfig
-from node.discovery import SwarmDirectory
+from node.control.discovery import SwarmDirectory
 from node.errors import UsageError
 from node.events import EventLog
-from node.executor import StageExecutor
-from node.expert_metrics import ExpertMetrics
-from node.expert_node import ExpertRole, keep_catalogue
-from node.link_emulation import LinkEmulator
-from node.links import LinkBook, LinkMeter, LinkSettings, ping_with
-from node.metrics import NodeMetrics
-from node.origin import Origin
-from node.recover import recover_stages
+from node.stage.executor import StageExecutor
+from node.expert.metrics import ExpertMetrics
+from node.expert.worker import ExpertRole, keep_catalogue
+from node.dataplane.link_emulation import LinkEmulator
+from node.control.links import LinkBook, LinkMeter, LinkSettings, ping_with
+from node.host.metrics import NodeMetrics
+from node.stage.origin import Origin
+from node.control.restore import recover_stages
 from node.resilience import Resilience
 from node.roles import Role, choose_stages, relaunch_args
-from node.rounds import Faults, RoundLoop, RoundSettings
-from node.rpc_guard import RpcGuard
-from node.servicer import VERSION, StageServicer
-from node.trainer import StageTrainer
-from node.transport import HopSender, StageClients
-from node.admission import HopAdmission
-from node.reachability import dial_back, self_check
-from node.stream_guard import StreamGuard, StreamLimits
-from node.trust import NodeTrust
+from node.control.rounds import Faults, RoundLoop, RoundSettings
+from node.host.rpc_guard import RpcGuard
+from node.dataplane.servicer import VERSION, StageServicer
+from node.stage.trainer import StageTrainer
+from node.dataplane.transport import HopSender, StageClients
+from node.stage.admission import HopAdmission
+from node.host.reachability import dial_back, self_check
+from node.host.stream_guard import StreamGuard, StreamLimits
+from node.host.trust import NodeTrust
 from protocol.codec_names import CODEC_NAMES
 from protocol.grpc_options import server_options
 from protocol.limits import WireLimits
@@ -73,7 +73,7 @@ class Daemon:
         self.limits = limits
         self.metrics = NodeMetrics()
         self.expert_metrics = ExpertMetrics(self.metrics.registry)
-        self.expert_role: ExpertRole | None = None  # the expert role instead of stages (node/expert_node.py)
+        self.expert_role: ExpertRole | None = None  # the expert role instead of stages (node/expert/worker.py)
         self.relaunch: list[str] | None = None  # flags to restart with in another role (node/roles.py)
         self.events = EventLog(config.events_file)
         self.state = NodeState.JOINING
@@ -150,7 +150,7 @@ class Daemon:
 
         self.trust = NodeTrust.create(cfg.identity_path, cfg.swarm_key, cfg.tls, cfg.tls_cert, cfg.tls_key)
         undo.callback(self.trust.close)
-        # Forked processes first, before this process has threads; each dies with us (node/children.py).
+        # Forked processes first, before this process has threads; each dies with us (node/process/children.py).
         die_with_parent()
         self.dht = self._start_dht()
         undo.callback(self.dht.shutdown)
@@ -345,7 +345,7 @@ class Daemon:
 
     # ---- joining, state, leaving ------------------------------------------------------------------------------
     def _copy_swarm_state(self) -> int:
-        """Each stage from its checkpoint, a replica, or a rebuild (node/recover.py); returns the round to start at."""
+        """Each stage from its checkpoint, a replica, or a rebuild (node/control/restore.py); returns the round to start at."""
         cfg = self.config
         return recover_stages(self.trainers, self.directory.members() if cfg.initial_peers else {}, self.peer_id,
                               cfg.swarm, cfg.num_stages, self.clients,

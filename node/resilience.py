@@ -1,19 +1,19 @@
 """The fault-handling parts of a node, built together: declared-dead peers, failure reports to origins,
-re-route notices, the hop watch, the re-router and checkpoints (see node/failures.py, node/reroute.py,
-node/checkpoint.py)."""
+re-route notices, the hop watch, the re-router and checkpoints (see node/faults/detection.py, node/faults/reroute.py,
+node/control/checkpoint.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from node.checkpoint import StageCheckpoints
+from node.control.checkpoint import StageCheckpoints
 from node.config import NodeConfig
-from node.executor import StageExecutor
-from node.failures import DeadPeers, FailureReporter, HopWatch, RerouteNotifier
-from node.metrics import NodeMetrics
-from node.origin import Origin, Recovery
-from node.reroute import Rerouter
-from node.transport import StageClients
+from node.stage.executor import StageExecutor
+from node.faults.detection import DeadPeers, FailureReporter, HopWatch, RerouteNotifier
+from node.host.metrics import NodeMetrics
+from node.stage.origin import Origin, Recovery
+from node.faults.reroute import Rerouter
+from node.dataplane.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 
 

@@ -17,3 +17,9 @@ class ProtocolError(Exception):
 
 def invalid(reason: str) -> ProtocolError:
     return ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+
+def check_swarm(theirs: str, ours: str) -> None:
+    """A request names the swarm it is for; one for another swarm is refused before anything else."""
+    if theirs != ours:
+        raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {theirs!r} is not this node's")

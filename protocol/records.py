@@ -191,6 +191,11 @@ class RoundPlan:
     def replicas(self, stage: int) -> set[str]:
         return {hop.peer_id for mb in self.microbatches for hop in mb.path if hop.stage == stage}
 
+    def endpoints(self, stage: int | None = None) -> dict[str, str]:
+        """Peer id -> endpoint of every node on the round's paths (only `stage`'s replicas, when given)."""
+        return {hop.peer_id: hop.endpoint for mb in self.microbatches for hop in mb.path
+                if stage is None or hop.stage == stage}
+
     def to_value(self) -> dict:
         return {
             "v": RECORD_VERSION, "round": self.round, "planner": self.planner, "digest": self.membership_digest,

@@ -1,6 +1,6 @@
 """StageService registration and client stubs with raw-bytes Forward and Backward.
 
-Forward and Backward frames are serialised `TensorChunk`s handled by `tensor_codec` directly (one copy
+Forward and Backward frames are serialised `TensorChunk`s handled by `tensor_frames` directly (one copy
 per side); the other methods use the generated protobuf code. The wire format is exactly the one in
 proto/swarm/v1/stage.proto, so clients generated from it in any language interoperate.
 """
@@ -42,7 +42,7 @@ def stage_service_handler(servicer: pb_grpc.StageServiceServicer) -> grpc.Generi
 
 
 class StageStub(pb_grpc.StageServiceStub):
-    """Client side: Forward/Backward send an iterator of raw frames (`tensor_codec.encode_frames`)."""
+    """Client side: Forward/Backward send an iterator of raw frames (`tensor_frames.encode_frames`)."""
 
     def __init__(self, channel: grpc.Channel):
         super().__init__(channel)

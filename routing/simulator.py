@@ -6,7 +6,7 @@ Each microbatch with path [o, n1, .., n_{L-1}, o] runs 2L + 1 steps:
   steps L+1..2L     backward on n_{L-1}, .., n1, o          (1.5 w), retracing the forward path
 Between consecutive steps on different nodes the message pays link_s. A node runs one step at a time; a
 forward step needs a free memory slot on its node, held until that node's backward step of the same
-microbatch ends. Which ready step runs next is `routing.order`'s policy, the one node/executor.py uses. Links are not contended. A plan whose memory waits form a cycle deadlocks: the result
+microbatch ends. Which ready step runs next is `routing.order`'s policy, the one node/stage/executor.py uses. Links are not contended. A plan whose memory waits form a cycle deadlocks: the result
 says so and its makespan is infinite.
 """
 

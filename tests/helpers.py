@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from node.children import descendants as process_descendants
+from node.process.children import descendants as process_descendants
 
 REPO = Path(__file__).resolve().parents[1]
 

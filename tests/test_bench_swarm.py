@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from node.link_emulation import LinkEmulator
+from node.dataplane.link_emulation import LinkEmulator
 from tests.helpers import REPO
 
 

@@ -1,6 +1,6 @@
 """Smoke tests for bench/bench_transport.py: its gRPC column is protocol/ as committed, the report reads
 right, and a tiny end-to-end run (whose first transfer on every transport is checksummed by the receiver)
-leaves no process behind. The codec itself is tested in tests/protocol/test_codec.py."""
+leaves no process behind. The codec itself is tested in tests/protocol/test_frames.py."""
 
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from node.expert_metrics import ExpertMetrics
-from node.metrics import NodeMetrics
+from node.expert.metrics import ExpertMetrics
+from node.host.metrics import NodeMetrics
 from tests.helpers import REPO, run_cli, wait_for
 
 DOCKER = REPO / "docker"

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from lm.presets import resolve_model
     from lm.tokenizer import load_tokenizer
     from lm.whole import perplexity, save_stage_shard
-    from node.trust import client_tls
+    from node.host.trust import client_tls
 
     try:
         tokenizer = load_tokenizer(args.tokenizer or None)
@@ -85,9 +85,9 @@ def fetch_stages(stages: dict, initial_peers: list[str], swarm: str, swarm_key: 
     import torch
     from hivemind.dht import DHT
 
-    from node.discovery import read_members
-    from node.transport import StageClients
-    from node.trust import NodeTrust
+    from node.control.discovery import read_members
+    from node.dataplane.transport import StageClients
+    from node.host.trust import NodeTrust
     from protocol.limits import WireLimits
 
     trust = NodeTrust.create("", swarm_key)  # signed records; in a private swarm, MACs and RPC tags

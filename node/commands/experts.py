@@ -172,8 +172,8 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
 def _swarm_experts(args: argparse.Namespace):
     """(records, malformed count, RPC auth) of the swarm's experts, read through a client-mode DHT."""
-    from node.expert_directory import ExpertDirectory
-    from node.trust import reading_swarm
+    from node.expert.directory import ExpertDirectory
+    from node.host.trust import reading_swarm
 
     malformed = []
     with reading_swarm(args.initial_peers, args.swarm_key) as (dht, trust):
@@ -201,8 +201,8 @@ def list_cmd(args: argparse.Namespace) -> int:
 
 
 def _fetch_into(args: argparse.Namespace, out: Path) -> list[Path]:
-    from node.expert_service import FetchError, download_expert
-    from node.trust import client_tls
+    from node.expert.service import FetchError, download_expert
+    from node.host.trust import client_tls
 
     records, _, auth = _swarm_experts(args)
     tls = client_tls(args.swarm_key, args.tls, args.tls_cert)

@@ -22,8 +22,8 @@ def run(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from node.transport import dial
-    from node.trust import client_tls
+    from node.dataplane.transport import dial
+    from node.host.trust import client_tls
 
     channel, _ = dial(args.endpoint, [], None, client_tls(args.swarm_key, args.tls, args.tls_cert))
     with channel:

@@ -20,10 +20,10 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from hivemind.utils import get_dht_time
 
-    from node.discovery import SwarmDirectory, read_members
-    from node.links import read_links
-    from node.planning import DEFAULT_LINK
-    from node.trust import reading_swarm
+    from node.control.discovery import SwarmDirectory, read_members
+    from node.control.links import read_links
+    from node.control.planning import DEFAULT_LINK
+    from node.host.trust import reading_swarm
 
     with reading_swarm(args.initial_peers, args.swarm_key) as (dht, trust):
         members = read_members(dht, args.swarm)
@@ -110,7 +110,7 @@ def _reachable(members: dict, auth) -> set[str]:
 
     import grpc
 
-    from node.transport import StageClients
+    from node.dataplane.transport import StageClients
     from protocol.generated.swarm.v1 import stage_pb2 as pb
     from protocol.limits import WireLimits
 

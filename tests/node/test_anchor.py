@@ -16,8 +16,8 @@ from lm.presets import resolve_model
 from lm.tokenizer import ByteTokenizer
 from node.config import NodeConfig
 from node.daemon import Daemon
-from node.local_swarm import LocalSwarm
-from node.planning import plan_round
+from node.process.local_swarm import LocalSwarm
+from node.control.planning import plan_round
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,9 @@ import torch
 from lm.build import build_stage
 from lm.presets import resolve_model
 from lm.tokenizer import load_tokenizer
-from node.checkpoint import StageCheckpoints
-from node.recover import checkfree
-from node.trainer import StageTrainer
+from node.control.checkpoint import StageCheckpoints
+from node.control.restore import checkfree
+from node.stage.trainer import StageTrainer
 
 NUM_STAGES = 3
 

@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from node.codecs import RoundCodecs, agree, hop_bytes
+from node.dataplane.codec_agreement import RoundCodecs, agree, hop_bytes
 from node.config import add_node_arguments, load_config
 from node.errors import UsageError
 from protocol.codec_names import CODEC_NAMES

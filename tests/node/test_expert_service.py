@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from node.expert_service import ExpertServicer, FetchError, ServedExperts, download_expert
+from node.expert.service import ExpertServicer, FetchError, ServedExperts, download_expert
 from protocol.generated.swarm.v1 import experts_pb2 as pb
 from protocol.generated.swarm.v1 import experts_pb2_grpc as pb_grpc
 from protocol.records import ExpertRecord

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from node.local_swarm import LocalSwarm
+from node.process.local_swarm import LocalSwarm
 from tests.helpers import rounds, run_cli, wait_for
 
 pytestmark = pytest.mark.slow

@@ -29,12 +29,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node.events import read_events
-from node.local_swarm import LocalSwarm
+from node.process.local_swarm import LocalSwarm
 from protocol.envelope import HopSpec, make_envelope
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.limits import WireLimits
 from protocol.service import SERVICE, StageStub
-from protocol.tensor_codec import encode_frames
+from protocol.tensor_frames import encode_frames
 from tests.helpers import REPO, alive, descendants, node, wait_for
 
 pytestmark = pytest.mark.slow

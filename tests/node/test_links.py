@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from node.link_emulation import EmulationError, LinkEmulator
-from node.links import LinkMeter
-from node.planning import DEFAULT_LINK, from_wire, live_problem, plan_round
+from node.dataplane.link_emulation import EmulationError, LinkEmulator
+from node.control.links import LinkMeter
+from node.control.planning import DEFAULT_LINK, from_wire, live_problem, plan_round
 from protocol.records import LinkEstimate, LinksRecord, NodeRecord, NodeState, RecordError
 from routing.constraints import check_plan
 from tests.helpers import run_cli

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from node.local_swarm import LocalSwarm
+from node.process.local_swarm import LocalSwarm
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow

@@ -14,14 +14,14 @@ import grpc
 import pytest
 import torch
 
-from node.local_swarm import LocalSwarm
+from node.process.local_swarm import LocalSwarm
 from protocol.envelope import HopSpec, make_envelope
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.limits import WireLimits
 from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
 from protocol.service import StageStub
 from protocol.swarm_key import load_key_file
-from protocol.tensor_codec import encode_frames
+from protocol.tensor_frames import encode_frames
 from tests.helpers import node, rounds, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
@@ -264,8 +264,8 @@ def test_hostile_input_is_refused_while_rounds_go_on(swarm):
 
 # ---- reachability: a joining node asks a member to dial it back --------------------------------------------------
 def test_reachability_self_check(swarm):
-    from node.reachability import self_check
-    from node.transport import StageClients
+    from node.host.reachability import self_check
+    from node.dataplane.transport import StageClients
     from protocol.records import NodeRecord, NodeState
 
     member, stranger = node(swarm, "s1"), node(swarm, "stranger")

@@ -8,8 +8,8 @@ import grpc
 import pytest
 from prometheus_client import generate_latest
 
-from node.metrics import NodeMetrics
-from node.rpc_guard import RpcGuard
+from node.host.metrics import NodeMetrics
+from node.host.rpc_guard import RpcGuard
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 
 

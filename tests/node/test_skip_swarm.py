@@ -13,8 +13,8 @@ from collections import Counter
 
 import pytest
 
-from node.local_swarm import LocalSwarm, free_port
-from node.planning import from_wire
+from node.process.local_swarm import LocalSwarm, free_port
+from node.control.planning import from_wire
 from protocol.records import RoundPlan
 from routing.constraints import check_plan
 from routing.instance_io import problem_from_dict

@@ -12,7 +12,7 @@ from lm.build import build_stage
 from lm.data import load_corpus
 from lm.presets import resolve_model
 from lm.tokenizer import load_tokenizer
-from node.local_swarm import LocalSwarm
+from node.process.local_swarm import LocalSwarm
 from protocol.envelope import HopSpec
 from protocol.record_auth import RefusalCounter, load_identity, record_validators
 from protocol.records import PlannedMicrobatch, RoundPlan, plan_key

@@ -18,13 +18,13 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.local_swarm import LocalSwarm
+from node.process.local_swarm import LocalSwarm
 from protocol.envelope import HopSpec, make_envelope
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.service import StageStub
 from protocol.limits import WireLimits
-from protocol.tensor_codec import encode_frames
+from protocol.tensor_frames import encode_frames
 from tests.helpers import alive, descendants, node, rounds, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,7 @@ def test_forged_records_and_plans_are_ignored(swarm):
     from hivemind.dht import DHT
     from hivemind.utils import get_dht_time
 
-    from node.discovery import read_members
+    from node.control.discovery import read_members
     from protocol.record_auth import RefusalCounter, load_identity, owner_peer_id, record_validators
     from protocol.records import PlannedMicrobatch, RoundPlan, nodes_key, plan_key
 
@@ -270,7 +270,7 @@ def test_sigterm_withdraws_and_leaves_nothing_running(swarm):
     assert len(children) >= 2  # at least the DHT process and its p2pd
     leaving.process.send_signal(signal.SIGTERM)
     assert leaving.process.wait(timeout=20) == 0
-    # Its DHT process and p2pd exit with it (there is no torch_shm_manager: node/children.py).
+    # Its DHT process and p2pd exit with it (there is no torch_shm_manager: node/process/children.py).
     wait_for(lambda: not [p for p in children if alive(p)], 10, "the node's child processes to exit")
     # Withdrawn at once, long before its 30 s record would have expired.
     wait_for(lambda: peer not in status(swarm), 15, "the withdrawn record to disappear")

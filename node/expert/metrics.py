@@ -1,4 +1,4 @@
-"""Prometheus metrics of the expert role, on the node's registry (node/metrics.py)."""
+"""Prometheus metrics of the expert role, on the node's registry (node/host/metrics.py)."""
 
 from __future__ import annotations
 

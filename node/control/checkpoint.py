@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from node.trainer import StageTrainer
+from node.stage.trainer import StageTrainer
 
 log = logging.getLogger(__name__)
 

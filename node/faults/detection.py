@@ -4,9 +4,9 @@ A hop fails in one of two ways, seen by the node just before the failed peer on 
 - its send fails: the connection is refused or stays down (`HopSender` gives up), or the receiver refuses;
 - its gradient does not come back: `HopWatch` pings the next peer of every hop still waiting for its
   backward, and gives up on the hop when the ping fails or when the hop's deadline passes. The deadline
-  comes from the round's expected time (`node.reroute.expected_round_seconds`), not from --round-timeout.
+  comes from the round's expected time (`node.faults.reroute.expected_round_seconds`), not from --round-timeout.
 Either way a `FailureReport` goes to the microbatch's origin (a local call when that is us), which
-re-routes it (`node.origin`).
+re-routes it (`node.stage.origin`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from node.executor import StageExecutor
-from node.metrics import NodeMetrics
-from node.transport import StageClients
+from node.stage.executor import StageExecutor
+from node.host.metrics import NodeMetrics
+from node.dataplane.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import grpc
 
-from node.discovery import SwarmDirectory
+from node.control.discovery import SwarmDirectory
 from node.events import EventLog
-from node.expert_directory import ExpertDirectory
-from node.expert_metrics import ExpertMetrics
-from node.expert_service import WEIGHTS, FetchError, ServedExperts, download_expert
+from node.expert.directory import ExpertDirectory
+from node.expert.metrics import ExpertMetrics
+from node.expert.service import WEIGHTS, FetchError, ServedExperts, download_expert
 from node.roles import stage_in_need
-from node.transport import StageClients
+from node.dataplane.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.limits import WireLimits
 from protocol.records import CatalogueEntry, ExpertRecord, NodeRecord, NodeState
@@ -488,7 +488,7 @@ class ExpertRole:
         cfg = daemon.config
         self.config = cfg
         self.metrics = daemon.expert_metrics
-        from node.rpc_guard import RpcGuard
+        from node.host.rpc_guard import RpcGuard
 
         self.server = grpc.server(ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc"),
                                   interceptors=[RpcGuard(daemon.metrics), *daemon.trust.server_interceptors(daemon.metrics)])
@@ -500,7 +500,7 @@ class ExpertRole:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         from node.errors import UsageError
-        from node.expert_service import ExpertServicer
+        from node.expert.service import ExpertServicer
         from protocol.generated.swarm.v1 import experts_pb2_grpc
 
         d, cfg = self.daemon, self.config
@@ -531,7 +531,7 @@ class ExpertRole:
     def _announce(self) -> None:
         from hivemind.utils import get_dht_time
 
-        from node.servicer import VERSION
+        from node.dataplane.servicer import VERSION
 
         d = self.daemon
         d.directory.announce(timeout=self.config.dht_write_timeout, record=NodeRecord(

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
-from node.codecs import RoundCodecs
-from node.metrics import NodeMetrics
+from node.dataplane.codec_agreement import RoundCodecs
+from node.host.metrics import NodeMetrics
 from protocol.codecs import wire_bytes
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
@@ -21,8 +21,8 @@ from protocol.limits import WireLimits
 from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
 from protocol.service import StageStub
 from protocol.tls import SwarmTls
-from protocol.state_codec import decode_state
-from protocol.tensor_codec import encode_frames
+from protocol.state_frames import decode_state
+from protocol.tensor_frames import encode_frames
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,20 @@ class StageClients:
         request = pb.StateRequest(swarm_id=swarm, stage=stage, include_grads=include_grads, min_round=min_round)
         return decode_state(self.stub(endpoint).FetchState(request, timeout=timeout))
 
+    def answering(self, endpoints: dict[str, str], timeout: float, workers: int) -> set[str]:
+        """The peers (of peer id -> endpoint) that answer a Ping within `timeout` seconds, pinged in parallel."""
+        def answers(endpoint: str) -> bool:
+            try:
+                self.stub(endpoint).Ping(pb.PingRequest(), timeout=timeout)
+                return True
+            except grpc.RpcError:
+                return False
+        if not endpoints:
+            return set()
+        with ThreadPoolExecutor(max_workers=min(workers, len(endpoints)), thread_name_prefix="ping") as pool:
+            alive = list(pool.map(answers, endpoints.values()))
+        return {peer for peer, ok in zip(endpoints, alive) if ok}
+
     def close(self) -> None:
         """Close every channel, which ends the calls in flight on them (how a stopping node stops waiting)."""
         with self._lock:
@@ -113,8 +127,8 @@ class HopSender:
         self.local = local
         self.on_give_up = on_give_up
         self.deadline_s = deadline_s
-        self.emulator = emulator  # node/link_emulation.py (a test tool): delays and throttles the frames
-        self.on_sent = on_sent  # (peer id, bytes, seconds) of each delivered send: node/links.py measures links
+        self.emulator = emulator  # node/dataplane/link_emulation.py (a test tool): delays and throttles the frames
+        self.on_sent = on_sent  # (peer id, bytes, seconds) of each delivered send: node/control/links.py measures links
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="send")
         self._closed = threading.Event()
         self._pending = 0  # sends submitted and not finished (delivered or given up)

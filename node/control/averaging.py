@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from node.transport import StageClients
+from node.dataplane.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
-from protocol.state_codec import decode_state, encode_state
+from protocol.state_frames import decode_state, encode_state
 
 log = logging.getLogger(__name__)
 

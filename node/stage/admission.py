@@ -13,7 +13,7 @@ import time
 
 import grpc
 
-from node.discovery import SwarmDirectory
+from node.control.discovery import SwarmDirectory
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.envelope import HopSpec

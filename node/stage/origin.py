@@ -3,8 +3,8 @@
 Every microbatch starts and ends here (SkipPipe's stage 0 is never skipped). At most `max_inflight`
 microbatches of this node are in the pipeline at once.
 
-When a hop of one of our microbatches fails (`node.failures` reports it here, whichever node saw it),
-the origin re-routes the microbatch around the failed peer (`node.reroute`), tells the round's nodes its
+When a hop of one of our microbatches fails (`node.faults.detection` reports it here, whichever node saw it),
+the origin re-routes the microbatch around the failed peer (`node.faults.reroute`), tells the round's nodes its
 new path, and sends it again from hop 0 with the next attempt number.
 """
 
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lm.data import TokenStream
-from node.executor import OriginHooks, StageExecutor
-from node.failures import DEADLINE, DeadPeers
-from node.metrics import NodeMetrics
-from node.reroute import Rerouter
+from node.stage.executor import OriginHooks, StageExecutor
+from node.faults.detection import DEADLINE, DeadPeers
+from node.host.metrics import NodeMetrics
+from node.faults.reroute import Rerouter
 from protocol.envelope import HopSpec, make_envelope
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.records import NodeRecord, PlannedMicrobatch, RoundPlan

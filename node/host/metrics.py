@@ -57,8 +57,8 @@ class NodeMetrics:
                                       registry=r)
         self.averaging_failures = Counter("swarm_node_averaging_failures",
                                           "Rounds whose gradient averaging did not reach every replica", registry=r)
-        # Faults: detection, re-routing, checkpoints and lost stages (node/failures.py, node/origin.py,
-        # node/checkpoint.py, node/recover.py).
+        # Faults: detection, re-routing, checkpoints and lost stages (node/faults/detection.py, node/stage/origin.py,
+        # node/control/checkpoint.py, node/control/restore.py).
         self.reroutes = Counter("swarm_node_reroutes", "Microbatches this origin re-routed after a failed hop",
                                 registry=r)
         self.failed_hops = Counter("swarm_node_failed_hops",

@@ -18,7 +18,7 @@ import grpc
 from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
-from node.discovery import get_latest
+from node.control.discovery import get_latest
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.record_auth import owner_peer_id
 from protocol.records import LinkEstimate, LinksRecord, RecordError, RoundPlan, links_key

@@ -19,8 +19,8 @@ import grpc
 import torch
 
 from lm.stage import PipelineStage
-from node.activations import ActivationStore, Saved
-from node.metrics import NodeMetrics
+from node.stage.activations import ActivationStore, Saved
+from node.host.metrics import NodeMetrics
 from protocol.envelope import at_hop, is_final_hop
 from protocol.errors import ProtocolError, invalid
 from protocol.generated.swarm.v1 import stage_pb2 as pb

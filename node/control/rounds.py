@@ -17,20 +17,20 @@ from dataclasses import dataclass, replace
 import grpc
 from hivemind.utils import get_dht_time
 
-from node.averaging import Contribution, GradientExchange
-from node.checkpoint import StageCheckpoints
-from node.codecs import agree, hop_bytes
-from node.discovery import SwarmDirectory
+from node.control.averaging import Contribution, GradientExchange
+from node.control.checkpoint import StageCheckpoints
+from node.dataplane.codec_agreement import agree, hop_bytes
+from node.control.discovery import SwarmDirectory
 from node.events import EventLog
-from node.executor import StageExecutor
-from node.failures import DeadPeers, HopWatch, RerouteNotifier
-from node.metrics import NodeMetrics
-from node.origin import Origin
-from node.links import LinkBook
-from node.planning import choose_planner, plan_round
-from node.reroute import expected_round_seconds, missing_stages, plan_around_missing
-from node.trainer import StageTrainer
-from node.transport import StageClients
+from node.stage.executor import StageExecutor
+from node.faults.detection import DeadPeers, HopWatch, RerouteNotifier
+from node.host.metrics import NodeMetrics
+from node.stage.origin import Origin
+from node.control.links import LinkBook
+from node.control.planning import choose_planner, plan_round
+from node.faults.reroute import expected_round_seconds, missing_stages, plan_around_missing
+from node.stage.trainer import StageTrainer
+from node.dataplane.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.records import NodeRecord, RoundPlan
 from routing.instance_io import problem_to_dict

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from node.metrics import NodeMetrics
+from node.host.metrics import NodeMetrics
 from protocol.errors import ProtocolError
 
 log = logging.getLogger(__name__)

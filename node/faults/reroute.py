@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
-from node.planning import membership_digest
+from node.control.planning import membership_digest
 from protocol.envelope import HopSpec
 from protocol.records import NodeRecord, PlannedMicrobatch, RoundPlan
 from routing import LiveNode, Plan, ProblemError, from_live, repair

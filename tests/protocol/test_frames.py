@@ -6,8 +6,8 @@ from protocol.envelope import HopSpec, make_envelope
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.limits import WireLimits
-from protocol.state_codec import decode_state, encode_state
-from protocol.tensor_codec import decode_frames, encode_frames
+from protocol.state_frames import decode_state, encode_state
+from protocol.tensor_frames import decode_frames, encode_frames
 
 PATH = [HopSpec(0, "a", "h:1"), HopSpec(1, "b", "h:2"), HopSpec(0, "a", "h:1")]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 
 from node.errors import UsageError
-from node.metrics import NodeMetrics
+from node.host.metrics import NodeMetrics
 from protocol.record_auth import RefusalCounter, load_identity, record_validators
 from protocol.rpc_auth import ServerAuthInterceptor, SwarmAuth
 from protocol.service import SERVICE

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
-from node.planning import choose_planner, membership_digest
+from node.control.planning import choose_planner, membership_digest
 from protocol.record_auth import owner_peer_id
 from protocol.records import (TOMBSTONE, NodeRecord, RecordError, RoundPlan, is_tombstone,
                               nodes_key, plan_key)

@@ -1,6 +1,6 @@
 """The server side of the data plane: StageService.
 
-Handlers refuse by raising `ProtocolError` or calling `context.abort`; `node.rpc_guard` counts every
+Handlers refuse by raising `ProtocolError` or calling `context.abort`; `node.host.rpc_guard` counts every
 refusal and turns anything unexpected into INTERNAL with a reason.
 """
 
@@ -13,20 +13,20 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from node.admission import HopAdmission
-from node.averaging import GradientExchange
-from node.executor import StageExecutor
-from node.metrics import NodeMetrics
-from node.stream_guard import StreamGuard
-from node.trainer import StageTrainer
+from node.stage.admission import HopAdmission
+from node.control.averaging import GradientExchange
+from node.stage.executor import StageExecutor
+from node.host.metrics import NodeMetrics
+from node.host.stream_guard import StreamGuard
+from node.stage.trainer import StageTrainer
 from protocol.envelope import check_envelope, check_path
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
 from protocol.rpc_auth import AuthRefused, SwarmAuth
-from protocol.state_codec import encode_state
-from protocol.tensor_codec import receive_tensor
+from protocol.state_frames import encode_state
+from protocol.tensor_frames import receive_tensor
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -57,7 +57,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.auth = auth  # private swarms: Forward/Backward tags are checked here, other calls by the interceptor
         self.admission = admission  # hops must be in the round's plan, along verified members
         self.guard = guard  # caps streams per peer and in total; cancels silent ones
-        self.dial_back = dial_back  # node/reachability.py
+        self.dial_back = dial_back  # node/host/reachability.py
 
     def Forward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         return self._receive("Forward", request_iterator, context)
@@ -75,7 +75,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
             env, tensor = received.envelope, received.tensor
         except AuthRefused as e:
             self.metrics.auth_refused.labels(method=method, reason=e.kind).inc()
-            raise  # node.rpc_guard answers and counts it
+            raise  # node.host.rpc_guard answers and counts it
         check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
                        num_stages=self.num_stages, limits=self.limits)
         if self.admission is not None and self.executor.round <= env.round <= self.executor.round + 1:

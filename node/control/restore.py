@@ -20,10 +20,10 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from node.checkpoint import StageCheckpoints
-from node.metrics import NodeMetrics
-from node.trainer import StageTrainer
-from node.transport import StageClients
+from node.control.checkpoint import StageCheckpoints
+from node.host.metrics import NodeMetrics
+from node.stage.trainer import StageTrainer
+from node.dataplane.transport import StageClients
 from protocol.records import NodeRecord
 
 log = logging.getLogger(__name__)

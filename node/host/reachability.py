@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from node.transport import StageClients
+from node.dataplane.transport import StageClients
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.records import NodeRecord

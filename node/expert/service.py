@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 
 from experts.manifest import sha256_open_file
-from node.transport import dial
+from node.dataplane.transport import dial
 from protocol.generated.swarm.v1 import experts_pb2 as pb
 from protocol.generated.swarm.v1 import experts_pb2_grpc as pb_grpc
 from protocol.records import ExpertRecord
