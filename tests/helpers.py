@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from node.process.children import descendants as process_descendants
 
@@ -51,3 +55,49 @@ def node(swarm, name: str):
 def rounds(n) -> dict[int, dict]:
     """A node's round events by round number."""
     return {e["round"]: e for e in n.events("round")}
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on (free when asked: bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- a node's /metrics ----------------------------------------------------------------------------------------
+
+def metrics_text(url: str, timeout: float = 5) -> str:
+    """The Prometheus text that a /metrics URL serves."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample of a /metrics URL, by name with labels as written: `name{label="value"}`."""
+    samples = {}
+    for line in metrics_text(url).splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def sample(n, name: str) -> float | None:
+    """One sample of a LocalSwarm node, by its exact name with labels; None where the node exports none."""
+    return scrape(n.started()["metrics_url"]).get(name)
+
+
+def metric(n, prefix: str, timeout: float = 5) -> float:
+    """The sum of a LocalSwarm node's samples whose line starts with `prefix` (a name, or a name and labels)."""
+    text = metrics_text(n.started()["metrics_url"], timeout=timeout)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix) and not line.startswith("#"))
+
+
+def metric_sums(n) -> dict[str, float]:
+    """A LocalSwarm node's samples, by sample name (as prometheus_client parses it), summed over labels."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text(n.started()["metrics_url"])):
+        for point in family.samples:
+            values[point.name] = values.get(point.name, 0.0) + point.value
+    return values

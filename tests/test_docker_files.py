@@ -8,18 +8,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from node.expert.metrics import ExpertMetrics
 from node.host.metrics import NodeMetrics
-from tests.helpers import REPO, run_cli, wait_for
+from tests.helpers import REPO, free_port, run_cli, wait_for
 
 DOCKER = REPO / "docker"
 
@@ -88,12 +85,6 @@ def test_dashboard_queries_name_exported_metrics():
         assert word in titles
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_the_entrypoint_serves_and_reports_healthy(tmp_path):
     """`swarm-node run` with the image's settings (free ports here), then the image's health check command.
@@ -104,7 +95,7 @@ def test_the_entrypoint_serves_and_reports_healthy(tmp_path):
     assert run_cli("keygen", str(key)).returncode == 0
     env = {**os.environ, **_dockerfile_env(), "SWARM_NODE_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1",
            "SWARM_NODE_SWARM_KEY": str(key), "SWARM_NODE_TLS": "true"}
-    ports = {name: str(_free_port()) for name in ("SWARM_NODE_PORT", "SWARM_NODE_DHT_PORT", "SWARM_NODE_METRICS_PORT")}
+    ports = {name: str(free_port()) for name in ("SWARM_NODE_PORT", "SWARM_NODE_DHT_PORT", "SWARM_NODE_METRICS_PORT")}
     env.update(ports)
     endpoint = f"127.0.0.1:{ports['SWARM_NODE_PORT']}"
     tls = ["--swarm-key", str(key), "--tls"]

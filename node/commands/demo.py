@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     num_stages = max(stages) + 1
     if args.visits and not 2 <= args.visits <= num_stages:
         raise UsageError(f"--visits {args.visits}: give between 2 and {num_stages} (the layout's stages), or 0")
-    from node.dataplane.link_emulation import EmulationError, place_endpoints
+    from node.dataplane.link_emulation import place_endpoints
     from node.process.local_swarm import LocalSwarm, free_port
 
     ports = [free_port() for _ in stages]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from node.commands.options import tls_options
+from node.config import LifecycleConfig
 from node.errors import UsageError
 
 
@@ -103,7 +104,8 @@ def fetch_stages(stages: dict, initial_peers: list[str], swarm: str, swarm_key: 
             sources = sorted(p for p, r in members.items() if r.serving and stage in r.stages)
             if not sources:
                 raise UsageError(f"no serving replica of stage {stage} in swarm '{swarm}'")
-            _, tensors, _ = clients.fetch_state(members[sources[0]].endpoint, swarm, stage)
+            _, tensors, _ = clients.fetch_state(members[sources[0]].endpoint, swarm, stage,
+                                                timeout=LifecycleConfig().state_transfer_timeout)
             params = dict(module.named_parameters())
             with torch.no_grad():
                 for name, tensor in tensors.items():

@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args)
-    setup_logging(config.log_level)
+    setup_logging(config.lifecycle.log_level)
     # SIGTERM and SIGINT (also a terminal's Ctrl-C) both mean: stop taking work, withdraw, exit 0. Installed
     # before anything slow starts, so a signal during start-up stops the node too.
     stop = threading.Event()
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
             _exit_now(0)
         try:
             print(f"swarm-node: peer {daemon.peer_id} hosts stage(s) {','.join(map(str, daemon.stages))} of "
-                  f"swarm '{config.swarm}'", flush=True)
+                  f"swarm '{config.swarm.id}'", flush=True)
             print(f"swarm-node: gRPC {daemon.endpoint}  metrics {daemon.metrics_url}", flush=True)
             for maddr in daemon.maddrs:
                 print(f"swarm-node: join with --initial-peers {maddr}", flush=True)
@@ -48,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if daemon.relaunch:  # a new role (node/roles.py): the same command line, the new role's flags last
-        print(f"swarm-node: restarting with {' '.join(daemon.relaunch)}", file=sys.stderr, flush=True)
-        os.execv(sys.executable, [sys.executable, "-m", "node", *sys.argv[1:], *daemon.relaunch])
+    if daemon.relaunch is not None:  # a new role (node/roles/choice.py): the same command line, its flags last
+        flags = daemon.relaunch.args()
+        print(f"swarm-node: restarting with {' '.join(flags)}", file=sys.stderr, flush=True)
+        os.execv(sys.executable, [sys.executable, "-m", "node", *sys.argv[1:], *flags])
     print("swarm-node: stopped", file=sys.stderr, flush=True)
     _exit_now(0)
 

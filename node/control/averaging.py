@@ -28,6 +28,7 @@ import grpc
 import torch
 
 from node.dataplane.transport import StageClients
+from node.process.waits import wait_until
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.state_frames import decode_state, encode_state
 
@@ -53,11 +54,13 @@ class Averaged:
 class GradientExchange:
     """Posts this node's contributions and pulls its replicas'; one per node, for all hosted stages."""
 
-    def __init__(self, swarm: str, peer_id: str, clients: StageClients, chunk_bytes: int, keep_rounds: int = 2):
+    def __init__(self, swarm: str, peer_id: str, clients: StageClients, chunk_bytes: int, recheck_s: float,
+                 keep_rounds: int = 2):
         self.swarm = swarm
         self.peer_id = peer_id
         self.clients = clients
         self.chunk_bytes = chunk_bytes
+        self.recheck_s = recheck_s  # how often a waiting FetchGradients looks whether its caller is still there
         self.keep_rounds = keep_rounds  # a late replica may still pull an older round's contribution
         self._posted: dict[tuple[int, int], Contribution] = {}  # (stage, round) -> ours
         self._cv = threading.Condition()
@@ -81,14 +84,10 @@ class GradientExchange:
                     cancelled: Callable[[], bool] = lambda: False) -> Contribution | None:
         """The serving side of FetchGradients: ours for (stage, round), once posted; None if it never will be
         (or the caller went away)."""
-        deadline = time.monotonic() + timeout
         with self._cv:
-            while (stage, round_) not in self._posted:
-                left = deadline - time.monotonic()
-                if round_ < self._left_out_before or left <= 0 or cancelled():
-                    return None
-                self._cv.wait(min(left, 0.5))
-            return self._posted[(stage, round_)]
+            posted = wait_until(self._cv, lambda: (stage, round_) in self._posted, timeout, self.recheck_s,
+                                lambda: round_ < self._left_out_before or cancelled())
+            return self._posted[(stage, round_)] if posted else None
 
     def encode(self, contribution: Contribution, round_: int, names: list[str]):
         tensors = {name: g for name, g in zip(names, contribution.grads)}
@@ -109,7 +108,7 @@ class GradientExchange:
             pool.shutdown(wait=False)
             for peer, future in pulls.items():
                 while not future.done():
-                    if stop.wait(0.1):
+                    if stop.wait(self.recheck_s):
                         return Averaged(mine.grads, mine.count, {self.peer_id: (mine.count, mine.digest)})
                 contribution = future.result()
                 if contribution is not None:

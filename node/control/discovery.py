@@ -27,16 +27,21 @@ Dropped = Callable[[str], None]  # called with why a record was dropped: "unsign
 
 log = logging.getLogger(__name__)
 
-STOP_POLL_S = 0.1  # how often a DHT read looks at the stop event
-
-
-def get_latest(dht: DHT, key: str, timeout: float | None, stop: threading.Event | None = None):
+def get_latest(dht: DHT, key: str, timeout: float | None, stop: threading.Event | None = None,
+               recheck_s: float | None = None):
     """The newest entry under `key`, or None. TimeoutError when the DHT does not answer within `timeout`
-    seconds, or when `stop` is set first (a stopping node does not wait for a hung DHT process)."""
+    seconds, or when `stop` is set first (looked at every `recheck_s`: a stopping node does not wait for a
+    hung DHT process)."""
     future = dht.get(key, latest=True, return_future=True)
+    if stop is None:
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        step = STOP_POLL_S if deadline is None else max(0.0, min(STOP_POLL_S, deadline - time.monotonic()))
+        step = recheck_s if deadline is None else max(0.0, min(recheck_s, deadline - time.monotonic()))
         try:
             return future.result(step)
         except TimeoutError:
@@ -48,7 +53,7 @@ def get_latest(dht: DHT, key: str, timeout: float | None, stop: threading.Event 
 class SwarmDirectory:
     def __init__(self, dht: DHT, swarm: str, peer_id: str, ttl: float, owner: bytes,
                  on_dropped: Dropped = lambda reason: None, read_timeout: float | None = None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, recheck_s: float | None = None):
         self.dht = dht
         self.swarm = swarm
         self.peer_id = peer_id
@@ -57,6 +62,7 @@ class SwarmDirectory:
         self.on_dropped = on_dropped
         self.read_timeout = read_timeout  # a read slower than this finds nothing new (a hung DHT process)
         self.stop = stop  # set when the node stops: reads give up at once
+        self.recheck_s = recheck_s  # how often a read looks at `stop`
         self._members_seen: dict[str, NodeRecord] = {}
         self._reported: set[tuple[int, bytes]] = set()  # plans already logged as refused, so polling stays quiet
 
@@ -81,7 +87,8 @@ class SwarmDirectory:
     def members(self) -> dict[str, NodeRecord]:
         """Live, well-formed node records of this swarm, by peer id (those last seen if the DHT is too slow)."""
         try:
-            self._members_seen = read_members(self.dht, self.swarm, self.on_dropped, self.read_timeout, self.stop)
+            self._members_seen = read_members(self.dht, self.swarm, self.on_dropped, self.read_timeout, self.stop,
+                                              self.recheck_s)
         except TimeoutError:
             log.warning("the DHT did not answer within %.1f s; using the members seen before", self.read_timeout)
         return dict(self._members_seen)
@@ -97,7 +104,8 @@ class SwarmDirectory:
         write under it, so a plan under another subkey is never the planner's.
         """
         try:
-            entry = get_latest(self.dht, plan_key(self.swarm, round_), self.read_timeout, self.stop)
+            entry = get_latest(self.dht, plan_key(self.swarm, round_), self.read_timeout, self.stop,
+                               self.recheck_s)
         except TimeoutError:  # the caller polls again
             return None
         if entry is None or not isinstance(entry.value, dict):
@@ -139,10 +147,10 @@ class SwarmDirectory:
 
 
 def read_members(dht: DHT, swarm: str, on_dropped: Dropped = lambda reason: None, timeout: float | None = None,
-                 stop: threading.Event | None = None) -> dict[str, NodeRecord]:
+                 stop: threading.Event | None = None, recheck_s: float | None = None) -> dict[str, NodeRecord]:
     """Verified members: records under an owner subkey (the DHT checked their signatures), by that owner's peer
     id. TimeoutError as for `get_latest`."""
-    entry = get_latest(dht, nodes_key(swarm), timeout, stop)
+    entry = get_latest(dht, nodes_key(swarm), timeout, stop, recheck_s)
     if entry is None or not isinstance(entry.value, dict):
         return {}
     members = {}

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
+from node.config import LinkConfig
 from node.control.discovery import get_latest
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.record_auth import owner_peer_id
@@ -25,43 +25,37 @@ from protocol.records import LinkEstimate, LinksRecord, RecordError, RoundPlan, 
 
 log = logging.getLogger(__name__)
 
-MAX_PINGED = 32  # members pinged beyond the current next hops: bounds the cost in large swarms
-
-
-@dataclass
-class LinkSettings:
-    refresh_rounds: int = 3  # rounds between Ping refreshes and publications
-    smoothing: float = 0.3  # EWMA weight of a new sample
-    min_probe_bytes: int = 4096  # smaller sends say little about bandwidth; they only refresh latency
-
-
-def _ewma(previous: float | None, sample: float, weight: float) -> float:
+def ewma(previous: float | None, sample: float, weight: float) -> float:
+    """An exponentially weighted mean: `weight` is the share of the new sample."""
     return sample if previous is None else (1 - weight) * previous + weight * sample
 
 
 class LinkMeter:
     """This node's measurements, by receiving peer id. Thread-safe: senders report from their threads."""
 
-    def __init__(self, peer_id: str, settings: LinkSettings = LinkSettings()):
+    def __init__(self, peer_id: str, settings: LinkConfig):
         self.peer_id = peer_id
-        self.s = settings
+        self.refresh_rounds = settings.links_refresh_rounds  # rounds between Ping refreshes and publications
+        self.smoothing = settings.link_smoothing  # EWMA weight of a new sample
+        # Smaller sends say little about bandwidth; they refresh latency only.
+        self.min_probe_bytes = settings.min_probe_bytes
         self._rtt: dict[str, float] = {}
         self._sends: dict[str, tuple[float, float]] = {}  # peer -> EWMA of (bytes, seconds) of real sends
         self._lock = threading.Lock()
 
     def observe_rtt(self, peer: str, seconds: float) -> None:
         with self._lock:
-            self._rtt[peer] = _ewma(self._rtt.get(peer), seconds, self.s.smoothing)
+            self._rtt[peer] = ewma(self._rtt.get(peer), seconds, self.smoothing)
 
     def observe_send(self, peer: str, nbytes: int, seconds: float) -> None:
         """A real hop of `nbytes` took `seconds` from first byte out to the receiver's acknowledgement."""
-        if nbytes < self.s.min_probe_bytes or peer == self.peer_id:
+        if nbytes < self.min_probe_bytes or peer == self.peer_id:
             return
         with self._lock:
             previous = self._sends.get(peer)
-            w = self.s.smoothing
+            w = self.smoothing
             self._sends[peer] = (nbytes, seconds) if previous is None else \
-                ((1 - w) * previous[0] + w * nbytes, (1 - w) * previous[1] + w * seconds)
+                (ewma(previous[0], nbytes, w), ewma(previous[1], seconds, w))
 
     def estimates(self) -> dict[str, LinkEstimate]:
         """Peers with an RTT. Bandwidth: bytes over send time less the one-way latency (the current RTT's half);
@@ -91,7 +85,7 @@ class LinkBook:
     """Pings, publishes and reads `<swarm>/links`. `ping(endpoint)` returns once a Ping answered (or raises)."""
 
     def __init__(self, dht: DHT, swarm: str, meter: LinkMeter, ping, ttl: float, owner: bytes,
-                 settings: LinkSettings = LinkSettings(), read_timeout: float | None = None):
+                 max_pinged: int, read_timeout: float | None = None):
         self.dht = dht
         self.read_timeout = read_timeout
         self.owner = owner  # our owner subkey: the record is signed, readers learn the sender from it
@@ -99,7 +93,7 @@ class LinkBook:
         self.meter = meter
         self.ping = ping
         self.ttl = ttl
-        self.s = settings
+        self.max_pinged = max_pinged  # members pinged beyond the current next hops: bounds the cost in large swarms
         self.skipped = 0  # malformed records and entries seen by readers
         self._refresh: threading.Thread | None = None
         self._seen: dict[tuple[str, str], LinkEstimate] = {}
@@ -107,11 +101,11 @@ class LinkBook:
     def after_round(self, plan: RoundPlan, members: dict[str, str] | None = None) -> None:
         """Every few rounds (and after the first), refresh RTTs and publish, off this thread. `members`: other
         peers (id -> endpoint) a future plan may send to."""
-        if plan.round % self.s.refresh_rounds and self.meter.estimates():
+        if plan.round % self.meter.refresh_rounds and self.meter.estimates():
             return
         if self._refresh is not None and self._refresh.is_alive():
             return
-        peers = {**dict(sorted((members or {}).items())[:MAX_PINGED]), **next_hop_endpoints(plan, self.meter.peer_id)}
+        peers = {**dict(sorted((members or {}).items())[:self.max_pinged]), **next_hop_endpoints(plan, self.meter.peer_id)}
         peers.pop(self.meter.peer_id, None)
         self._refresh = threading.Thread(target=self._measure_and_publish, args=(peers,), name="links", daemon=True)
         self._refresh.start()
@@ -169,10 +163,10 @@ def read_links(dht: DHT, swarm: str, timeout: float | None = None) -> tuple[dict
     return found, skipped
 
 
-def ping_with(clients, emulator=None):
+def ping_with(clients, timeout: float, emulator=None):
     """A `ping(endpoint)` that goes through the data plane's channels (and the link emulator, when on)."""
     def ping(endpoint: str) -> None:
         if emulator is not None:
             emulator.ping_delay(endpoint)
-        clients.stub(endpoint).Ping(pb.PingRequest(), timeout=5.0)
+        clients.stub(endpoint).Ping(pb.PingRequest(), timeout=timeout)
     return ping

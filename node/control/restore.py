@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 _LAYER = re.compile(r"^param/layers\.(\d+)\.(.+)$")
 
 
-def recover_stages(trainers: dict[int, StageTrainer], members: dict[str, NodeRecord], me: str, swarm: str,
+def restore_stages(trainers: dict[int, StageTrainer], members: dict[str, NodeRecord], me: str, swarm: str,
                    num_stages: int, clients: StageClients, checkpoints: StageCheckpoints | None,
                    metrics: NodeMetrics, events: Callable[..., None], stop: threading.Event,
                    transfer_timeout: float) -> int:

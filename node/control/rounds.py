@@ -10,20 +10,17 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import grpc
 from hivemind.utils import get_dht_time
 
+from node.config import NodeConfig
 from node.control.averaging import Contribution, GradientExchange
-from node.control.checkpoint import StageCheckpoints
 from node.dataplane.codec_agreement import agree, hop_bytes
 from node.control.discovery import SwarmDirectory
 from node.events import EventLog
 from node.stage.executor import StageExecutor
-from node.faults.detection import DeadPeers, HopWatch, RerouteNotifier
+from node.faults.faults import Faults
 from node.host.metrics import NodeMetrics
 from node.stage.origin import Origin
 from node.control.links import LinkBook
@@ -31,48 +28,20 @@ from node.control.planning import choose_planner, plan_round
 from node.faults.reroute import expected_round_seconds, missing_stages, plan_around_missing
 from node.stage.trainer import StageTrainer
 from node.dataplane.transport import StageClients
-from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.records import NodeRecord, RoundPlan
 from routing.instance_io import problem_to_dict
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RoundSettings:
-    swarm: str
-    num_stages: int
-    visits: int  # stages per microbatch path; num_stages means full pipelines
-    microbatches: int
-    activation_bytes: int
-    round_timeout: float
-    max_rounds: int  # 0: until stopped
-    min_nodes: int = 0  # plan no round until this many nodes serve
-    activation_shape: tuple[int, ...] = ()  # [batch, seq, hidden]: the planner prices hops by their encoded size
-    hop_deadline_slack: float = 4.0  # a hop's deadline: this many times the round's expected compute time...
-    hop_deadline_min: float = 5.0  # ...but never less than this many seconds
-    checkpoint_every: int = 5  # rounds between checkpoints (with a checkpoint directory)
-
-
-@dataclass
-class Faults:
-    """The round loop's failure handling: declared-dead peers, the hop watch, checkpoints."""
-
-    dead: DeadPeers
-    notifier: RerouteNotifier | None = None
-    watch: HopWatch | None = None
-    checkpoints: StageCheckpoints | None = None
-
-
 class RoundLoop:
-    # Called with the number of consecutive rounds this node was left out of; True ends the loop (node/roles.py).
-    on_left_out: Callable[[int], bool] | None = None
-
-    def __init__(self, settings: RoundSettings, peer_id: str, directory: SwarmDirectory, executor: StageExecutor,
-                 trainers: dict[int, StageTrainer], exchange: GradientExchange,
-                 origin: Origin | None, clients: StageClients, metrics: NodeMetrics, events: EventLog,
-                 faults: Faults, links: LinkBook | None = None):
-        self.s = settings
+    def __init__(self, config: NodeConfig, peer_id: str, directory: SwarmDirectory, executor: StageExecutor,
+                 trainers: dict[int, StageTrainer], exchange: GradientExchange, origin: Origin | None,
+                 clients: StageClients, metrics: NodeMetrics, events: EventLog, faults: Faults, links: LinkBook,
+                 activation_shape: tuple[int, int, int], activation_bytes: int, left_out_limit: int | None = None):
+        """`activation_shape` is [batch, seq, hidden] (the planner prices hops by their encoded size);
+        `left_out_limit`: end the loop after this many rounds in a row without this node (node/roles.py)."""
+        self.config = config
         self.peer_id = peer_id
         self.directory = directory
         self.executor = executor
@@ -83,27 +52,35 @@ class RoundLoop:
         self.metrics = metrics
         self.events = events
         self.faults = faults
+        self.links = links  # measured links: planners read them, every node refreshes its own
+        self.activation_shape = activation_shape
+        self.activation_bytes = activation_bytes
+        self.left_out_limit = left_out_limit
+        self.visits = config.rounds.visits or config.model.num_stages  # stages per microbatch path; all of them by default
         self._warned_missing: tuple[int, ...] = ()
         self._stages_seen: set[int] = set()  # stages some plan used: only those can be lost (and skipped)
         self._members: dict[str, NodeRecord] = {}  # the membership last read while waiting for a plan
         self._last_executed = 0.0  # seconds the last round's work took here: a floor for hop deadlines
-        self.links = links  # measured links: planners read them, every node refreshes its own
 
-    def run(self, first_round: int, stop: threading.Event) -> None:
+    def run(self, first_round: int, stop: threading.Event) -> bool:
+        """Take part in rounds until stopped or --rounds is reached; True when it ended because the plans left
+        this node out `left_out_limit` times in a row."""
         round_, left_out = first_round, 0
-        while not stop.is_set() and (not self.s.max_rounds or round_ < self.s.max_rounds):
+        while not stop.is_set() and (not self.config.training.rounds or round_ < self.config.training.rounds):
             plan = self._await_plan(round_, stop)
             if plan is None:
-                return
+                return False
             if self.peer_id in plan.participants() and self._seconds_left(plan) > 0:
                 self._run_round(plan, stop)
                 left_out = 0
             else:  # left out, or too late to take part: copy the state after the round from a replica
                 self._catch_up(plan, stop)
                 left_out += 1
-                if self.on_left_out is not None and self.on_left_out(left_out):
-                    return
+                if self.left_out_limit is not None and left_out >= self.left_out_limit:
+                    log.info("left out of %d plans in a row", left_out)
+                    return True
             round_ += 1
+        return False
 
     @staticmethod
     def _seconds_left(plan: RoundPlan) -> float:
@@ -121,38 +98,38 @@ class RoundLoop:
             members = self.directory.members()
             self._members = members
             if choose_planner(members) == self.peer_id:
-                plan = self._make_plan(self._reachable(members), round_)
+                plan = self._make_plan(self.faults.alive(members), round_)
                 if plan is not None:
-                    self.directory.publish_plan(plan, ttl=max(60.0, 4 * self.s.round_timeout))
+                    self.directory.publish_plan(plan, ttl=self.config.rounds.plan_ttl())
                     continue
-            if time.monotonic() - waited > 30:
+            if time.monotonic() - waited > self.config.rounds.plan_wait_log:
                 log.info("waiting for round %d's plan (a data node and every stage must be up)", round_)
                 waited = time.monotonic()
-            stop.wait(0.2)
+            stop.wait(self.config.rounds.plan_poll)
         return None
 
     def _make_plan(self, members: dict[str, NodeRecord], round_: int) -> RoundPlan | None:
-        deadline = get_dht_time() + self.s.round_timeout
-        missing = missing_stages(members, self.s.num_stages)
+        deadline = get_dht_time() + self.config.rounds.round_timeout
+        missing = missing_stages(members, self.config.model.num_stages)
         if set(missing) - self._stages_seen:
             return None  # a new swarm waits until every stage has joined once
         self._say_missing(missing, round_)
-        links = self.links.known() if self.links else {}
+        links = self.links.known()
         codecs = agree(members)  # one codec per direction for the round; a hop costs the bytes it puts on the wire
-        activation_bytes = hop_bytes(codecs[0], self.s.activation_shape, self.s.activation_bytes)
+        activation_bytes = hop_bytes(codecs[0], self.activation_shape, self.activation_bytes)
 
         def plan_for(nodes: dict[str, NodeRecord], num_stages: int, visits: int):
             return plan_round(nodes, links, round_=round_, num_stages=num_stages, visits=visits,
-                              microbatches_per_origin=self.s.microbatches, activation_bytes=activation_bytes,
+                              microbatches_per_origin=self.config.rounds.microbatches, activation_bytes=activation_bytes,
                               planner=self.peer_id, deadline=deadline)
 
         try:
-            if sum(r.serving for r in members.values()) < self.s.min_nodes:
+            if sum(r.serving for r in members.values()) < self.config.swarm.min_nodes:
                 return None
-            if missing and self.s.visits < self.s.num_stages:  # skip plans go on around lost stages
-                made = plan_around_missing(plan_for, members, self.s.num_stages, self.s.visits, missing)
+            if missing and self.visits < self.config.model.num_stages:  # skip plans go on around lost stages
+                made = plan_around_missing(plan_for, members, self.config.model.num_stages, self.visits, missing)
             else:
-                made = plan_for(members, self.s.num_stages, self.s.visits)
+                made = plan_for(members, self.config.model.num_stages, self.visits)
         except ValueError as e:  # e.g. replica counts that cannot balance yet: wait for the swarm to change
             log.warning("%s", e)
             return None
@@ -162,7 +139,7 @@ class RoundLoop:
         plan = replace(plan, codecs=codecs)
         self.events.emit("planned", round=round_, predicted_s=plan.predicted_s,
                          defaulted_links=live.defaulted_links if live else 0,
-                         skipped_link_values=self.links.skipped if self.links else 0,
+                         skipped_link_values=self.links.skipped,
                          problem=problem_to_dict(live.problem) if live else None)
         return plan
 
@@ -174,30 +151,13 @@ class RoundLoop:
         self.metrics.missing_stages.set(len(missing))
         if not missing:
             log.info("round %d: every stage has a live replica again", round_)
-        elif self.s.visits >= self.s.num_stages:
+        elif self.visits >= self.config.model.num_stages:
             log.warning("round %d: stage %s has no live replica; the swarm waits for a node to host it",
                         round_, ", ".join(map(str, missing)))
         else:
             log.warning("round %d: stage %s has no live replica; training continues on paths that skip it",
                         round_, ", ".join(map(str, missing)))
         self.events.emit("missing_stages", round=round_, stages=missing)
-
-    def _reachable(self, members: dict[str, NodeRecord]) -> dict[str, NodeRecord]:
-        """Members that answer a Ping now: a node that died keeps its DHT record until it expires."""
-        def answers(record: NodeRecord) -> bool:
-            if record.peer_id == self.peer_id:
-                return True
-            try:
-                self.clients.stub(record.endpoint).Ping(pb.PingRequest(), timeout=1.0)
-            except grpc.RpcError:
-                self.faults.dead.declare(record.peer_id, "no answer to the planner's ping")
-                return False
-            self.faults.dead.forgive(record.peer_id)  # back (restarted with the same identity)
-            return True
-        records = list(members.values())
-        with ThreadPoolExecutor(max_workers=min(16, max(1, len(records)))) as pool:
-            alive = list(pool.map(answers, records))
-        return {r.peer_id: r for r, ok in zip(records, alive) if ok}
 
     # ---- one round ---------------------------------------------------------------------------------------------
     def _run_round(self, plan: RoundPlan, stop: threading.Event) -> None:
@@ -209,21 +169,17 @@ class RoundLoop:
         dead = self.faults.dead.snapshot()
         origins = {mb.origin for mb in plan.microbatches} - dead
         self.executor.begin_round(plan.round, {(mb, hop) for mb, hop, _ in work}, origins)
-        if self.faults.watch is not None:  # from the plan's expected time, not the round timeout
-            # (the members last read while planning: a hung DHT must not hold the round here)
-            # The last round's measured time too: a prediction from links not yet measured can be far too low.
-            expected = max(plan.predicted_s, expected_round_seconds(plan, self._members), self._last_executed)
-            self.faults.watch.hop_deadline_s = max(self.s.hop_deadline_min, self.s.hop_deadline_slack * expected)
+        # Hop deadlines come from the plan's expected time, not the round timeout (with the members last read
+        # while planning: a hung DHT must not hold the round here), and from the last round's measured time: a
+        # prediction from links not yet measured can be far too low.
+        expected = max(plan.predicted_s, expected_round_seconds(plan, self._members), self._last_executed)
+        faults = self.config.faults
+        self.faults.watch.set_hop_deadline(max(faults.hop_deadline_min, faults.hop_deadline_slack * expected))
         result = None
         if self.origin is not None:
             mine = [mb for mb in plan.microbatches if mb.origin == self.peer_id]
             result = self.origin.run_round(plan.round, mine, deadline, stop, plan=plan)
-            if self.faults.notifier is not None:
-                peers = {h.peer_id: h.endpoint for mb in plan.microbatches for h in mb.path if h.peer_id not in dead}
-                self.faults.notifier.round_done(peers, pb.RoundDoneNotice(swarm_id=self.s.swarm, round=plan.round,
-                                                                          origin=self.peer_id))
-            else:
-                self.executor.origin_done(plan.round, self.peer_id)
+            self.faults.round_done(plan)  # nobody needs to keep the round open for our microbatches
         complete = self.executor.wait_round(max(0.0, deadline - time.monotonic()), stop)
         executed = time.monotonic() - started  # the plan's work, what the simulator predicts (no averaging)
         self._last_executed = executed
@@ -238,8 +194,9 @@ class RoundLoop:
         # Replicas finish their work at about the same time. A dead one fails its pull at once; a live one
         # that is slower is waited for a grace period (never past the round's deadline plus a little).
         finished = time.monotonic()
-        grace = max(3.0, finished - started)
-        pull_until = min(finished + grace, deadline + min(10.0, self.s.round_timeout / 2))
+        grace = max(self.config.rounds.averaging_grace_min, finished - started)
+        pull_until = min(finished + grace,
+                         deadline + min(self.config.rounds.averaging_overrun_max, self.config.rounds.round_timeout / 2))
         self.metrics.phase.state("averaging")
         for stage, trainer in self.trainers.items():
             grad_norms[stage], averaged_with[stage] = self._reduce_and_step(plan, stage, counts.get(stage, 0),
@@ -251,11 +208,10 @@ class RoundLoop:
         self._checkpoint(plan.round)
         wall = time.monotonic() - started
         self.metrics.round_seconds.observe(wall)
-        if self.links is not None:
-            self.links.after_round(plan, {p: r.endpoint for p, r in self.directory.members().items()})
+        self.links.after_round(plan, {p: r.endpoint for p, r in self.directory.members().items()})
         fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts, averaged_with=averaged_with,
                       executed_s=round(executed, 3), predicted_s=plan.predicted_s,
-                      stage_visits=_stage_visits(plan, self.s.num_stages),
+                      stage_visits=_stage_visits(plan, self.config.model.num_stages),
                       digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms,
                       codecs=list(plan.codecs))
         if self._warned_missing:
@@ -279,7 +235,7 @@ class RoundLoop:
         """
         trainer = self.trainers[stage]
         dead = self.faults.dead.snapshot()
-        members = {h.peer_id: h.endpoint for mb in plan.microbatches for h in mb.path if h.stage == stage}
+        members = plan.endpoints(stage)
         replicas = {p: e for p, e in members.items() if p not in dead or p == self.peer_id}
         mine = Contribution([g.detach().clone() for g in trainer.grads()], count, trainer.digest())
         averaged = self.exchange.average(stage, plan.round, trainer.names, mine, replicas, pull_until,
@@ -323,8 +279,10 @@ class RoundLoop:
             if peer not in members:
                 continue
             try:
-                _, tensors, metadata = self.clients.fetch_state(members[peer].endpoint, self.s.swarm, stage,
-                                                                min_round=round_, timeout=self.s.round_timeout * 2)
+                # the replica may still be finishing the round: it gets the round's time, then the transfer's
+                _, tensors, metadata = self.clients.fetch_state(
+                    members[peer].endpoint, self.config.swarm.id, stage, min_round=round_,
+                    timeout=self.config.rounds.round_timeout + self.config.lifecycle.state_transfer_timeout)
             except Exception as e:  # try the next replica
                 log.warning("fetching stage %d state from %s failed: %r", stage, peer[-8:], e)
                 continue
@@ -333,10 +291,9 @@ class RoundLoop:
             return True
         return False
 
-
     def _checkpoint(self, round_: int) -> None:
         checkpoints = self.faults.checkpoints
-        if checkpoints is None or (round_ + 1) % self.s.checkpoint_every:
+        if checkpoints is None or (round_ + 1) % self.config.training.checkpoint_every:
             return
         for stage, trainer in self.trainers.items():
             started = time.perf_counter()

@@ -1,7 +1,7 @@
 """The server side of the data plane: StageService.
 
-Handlers refuse by raising `ProtocolError` or calling `context.abort`; `node.host.rpc_guard` counts every
-refusal and turns anything unexpected into INTERNAL with a reason.
+Handlers refuse by raising `ProtocolError` or calling `context.abort`; `node.host.rpc_guard` answers a
+ProtocolError with its status, counts every refusal and turns anything unexpected into INTERNAL with a reason.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from node import VERSION
 from node.stage.admission import HopAdmission
 from node.control.averaging import GradientExchange
 from node.stage.executor import StageExecutor
@@ -20,7 +21,7 @@ from node.host.metrics import NodeMetrics
 from node.host.stream_guard import StreamGuard
 from node.stage.trainer import StageTrainer
 from protocol.envelope import check_envelope, check_path
-from protocol.errors import ProtocolError
+from protocol.errors import check_swarm
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
@@ -29,7 +30,6 @@ from protocol.state_frames import encode_state
 from protocol.tensor_frames import receive_tensor
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
 
 
 class StageServicer(pb_grpc.StageServiceServicer):
@@ -103,8 +103,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
                             round=self.executor.round, version=VERSION)
 
     def FetchState(self, request: pb.StateRequest, context: grpc.ServicerContext) -> Iterator[pb.StateChunk]:
-        if request.swarm_id != self.swarm:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        check_swarm(request.swarm_id, self.swarm)
         trainer = self.trainers.get(request.stage)
         if trainer is None:
             saved = self.checkpoint_state(request.stage) if self.checkpoint_state else None
@@ -122,33 +121,26 @@ class StageServicer(pb_grpc.StageServiceServicer):
         yield from encode_state(tensors, metadata, trainer.completed_round, self.limits.chunk_bytes)
 
     def ReportFailure(self, request: pb.FailureReport, context: grpc.ServicerContext) -> pb.FailureAck:
-        if request.swarm_id != self.swarm:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        check_swarm(request.swarm_id, self.swarm)
         if self.on_failure_report is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node is not a data node: it originates nothing")
         self.on_failure_report(request)
         return pb.FailureAck()
 
     def Reroute(self, request: pb.RerouteNotice, context: grpc.ServicerContext) -> pb.FailureAck:
-        if request.swarm_id != self.swarm:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
-        try:
-            if request.path:  # an empty path: the origin gave the microbatch up
-                check_path(request.path, self.num_stages, self.limits)
-        except ProtocolError as e:
-            context.abort(e.code, e.reason)
+        check_swarm(request.swarm_id, self.swarm)
+        if request.path:  # an empty path: the origin gave the microbatch up
+            check_path(request.path, self.num_stages, self.limits)
         self.executor.reroute(request.round, request.microbatch, request.attempt, list(request.path))
         return pb.FailureAck()
 
     def RoundDone(self, request: pb.RoundDoneNotice, context: grpc.ServicerContext) -> pb.FailureAck:
-        if request.swarm_id != self.swarm:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        check_swarm(request.swarm_id, self.swarm)
         self.executor.origin_done(request.round, request.origin)
         return pb.FailureAck()
 
     def FetchGradients(self, request: pb.GradientRequest, context: grpc.ServicerContext) -> Iterator[pb.StateChunk]:
-        if request.swarm_id != self.swarm:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        check_swarm(request.swarm_id, self.swarm)
         trainer = self.trainers.get(request.stage)
         if trainer is None or self.exchange is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not host stage {request.stage}")

@@ -13,6 +13,7 @@ import torch
 
 from node.dataplane.codec_agreement import RoundCodecs
 from node.host.metrics import NodeMetrics
+from node.process.waits import wait_until
 from protocol.codecs import wire_bytes
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
@@ -86,7 +87,7 @@ class StageClients:
         return lambda env, meta, data: self.auth.sign_frames(method, env, meta, data)
 
     def fetch_state(self, endpoint: str, swarm: str, stage: int, min_round: int = -1, include_grads: bool = False,
-                    timeout: float = 120.0) -> tuple[int, dict[str, torch.Tensor], dict[str, str]]:
+                    *, timeout: float) -> tuple[int, dict[str, torch.Tensor], dict[str, str]]:
         request = pb.StateRequest(swarm_id=swarm, stage=stage, include_grads=include_grads, min_round=min_round)
         return decode_state(self.stub(endpoint).FetchState(request, timeout=timeout))
 
@@ -118,15 +119,18 @@ class HopSender:
     """Sends each finished hop to the next peer in its path without blocking the compute thread."""
 
     def __init__(self, peer_id: str, clients: StageClients, metrics: NodeMetrics, local: LocalAccept,
-                 on_give_up: GiveUp, deadline_s: float, unreachable_patience_s: float, workers: int = 4,
-                 emulator=None, on_sent: Callable[[str, int, float], None] | None = None):
+                 on_give_up: GiveUp, deadline_s: float, unreachable_patience_s: float, workers: int, recheck_s: float,
+                 retry_s: tuple[float, float], emulator=None, on_sent: Callable[[str, int, float], None] | None = None):
+        """`retry_s`: the first and the longest wait between tries of a send the receiver refused for now."""
         self.peer_id = peer_id
+        self.retry_s = retry_s
         self.unreachable_patience_s = unreachable_patience_s  # unreachable this long: the peer is gone
         self.clients = clients
         self.metrics = metrics
         self.local = local
         self.on_give_up = on_give_up
         self.deadline_s = deadline_s
+        self.recheck_s = recheck_s
         self.emulator = emulator  # node/dataplane/link_emulation.py (a test tool): delays and throttles the frames
         self.on_sent = on_sent  # (peer id, bytes, seconds) of each delivered send: node/control/links.py measures links
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="send")
@@ -150,14 +154,7 @@ class HopSender:
     def wait_idle(self, timeout: float, stop: threading.Event) -> bool:
         """Wait until every send so far is delivered or given up (a node's last round ends with gradients
         still on their way to the previous hops); False on timeout or stop."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._pending:
-                left = deadline - time.monotonic()
-                if left <= 0 or stop.is_set():
-                    return False
-                self._idle.wait(min(left, 0.25))
-        return True
+        return wait_until(self._idle, lambda: not self._pending, timeout, self.recheck_s, stop.is_set)
 
     def close(self) -> None:
         self._closed.set()
@@ -168,7 +165,7 @@ class HopSender:
         method = "Forward" if kind == "forward" else "Backward"
         started = time.monotonic()
         deadline = started + self.deadline_s
-        backoff = 0.02
+        backoff, longest = self.retry_s
         while not self._closed.is_set():
             try:
                 if target.peer_id == self.peer_id:
@@ -189,7 +186,7 @@ class HopSender:
                     self.on_give_up(env, code, reason)
                     return
                 self._closed.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
+                backoff = min(backoff * 2, longest)
             except Exception as e:  # a bug or a broken tensor: report it rather than lose the thread
                 log.exception("%s to hop %d failed", method, env.hop)
                 self.on_give_up(env, None, repr(e))

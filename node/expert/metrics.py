@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-ROLES = ("data", "stage", "expert")
-
 
 class ExpertMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -19,8 +17,3 @@ class ExpertMetrics:
                                     registry=r)
         self.malformed = Counter("swarm_node_expert_records_malformed",
                                  "Catalogue entries and expert records skipped as malformed", ["kind"], registry=r)
-        self.role = Gauge("swarm_node_role", "1 for the role this node has now", ["role"], registry=r)
-
-    def set_role(self, role: str) -> None:
-        for name in ROLES:
-            self.role.labels(role=name).set(1 if name == role else 0)

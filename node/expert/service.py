@@ -19,7 +19,9 @@ from pathlib import Path
 import grpc
 
 from experts.manifest import sha256_open_file
+from node.config import ExpertConfig
 from node.dataplane.transport import dial
+from protocol.errors import ProtocolError, check_swarm
 from protocol.generated.swarm.v1 import experts_pb2 as pb
 from protocol.generated.swarm.v1 import experts_pb2_grpc as pb_grpc
 from protocol.records import ExpertRecord
@@ -97,8 +99,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.chunk_bytes = chunk_bytes
 
     def FetchExpert(self, request: pb.ExpertRequest, context: grpc.ServicerContext) -> Iterator[pb.ExpertChunk]:
-        if request.swarm_id != self.swarm:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"swarm id {request.swarm_id!r} is not this node's")
+        try:
+            check_swarm(request.swarm_id, self.swarm)
+        except ProtocolError as e:  # this servicer also runs without node.host.rpc_guard (tests, tools)
+            context.abort(e.code, e.reason)
         served = self.served.get(request.expert_id)
         if served is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"this node serves no expert {request.expert_id!r}")
@@ -139,8 +143,8 @@ class FetchError(Exception):
     """A download that failed; the message is one line for the operator."""
 
 
-def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: float = 300.0,
-                    attempts: int = 3, auth=None, tls=None) -> Path:
+def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: float = ExpertConfig.fetch_timeout,
+                    attempts: int = ExpertConfig.fetch_attempts, auth=None, tls=None) -> Path:
     """Fetch `record`'s weights into out_root/<id>/ with config.json and manifest.json.
 
     Bytes stream into model.safetensors.partial (a broken stream resumes from its size); only after the

@@ -18,56 +18,24 @@ import logging
 import math
 import shutil
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
 
-from node.control.discovery import SwarmDirectory
-from node.events import EventLog
+from node.config import ExpertConfig, NodeConfig
 from node.expert.directory import ExpertDirectory
 from node.expert.metrics import ExpertMetrics
 from node.expert.service import WEIGHTS, FetchError, ServedExperts, download_expert
-from node.roles import stage_in_need
-from node.dataplane.transport import StageClients
-from protocol.generated.swarm.v1 import stage_pb2 as pb
-from protocol.limits import WireLimits
-from protocol.records import CatalogueEntry, ExpertRecord, NodeRecord, NodeState
+from node.host.host import HostServices
+from node.model import ModelSetup
+from node.roles.choice import stage_in_need
+from protocol.records import CatalogueEntry, ExpertRecord, NodeRecord
 
 log = logging.getLogger(__name__)
 
 JOB = "job.json"
-CLAIM_SETTLE_S = 2.0  # how long a fresh claim waits for other nodes' claims to reach the DHT
-
-
-@dataclass
-class ExpertOptions:
-    """The node settings the expert role reads (see node/config.py for each flag)."""
-
-    swarm: str
-    peer_id: str
-    endpoint: str
-    home: Path  # this node's jobs: --expert-dir/<swarm>/<peer id>
-    domains: list[str]  # --domain NAME=PATH
-    max_bytes: int
-    policy: str
-    medium_steps: int
-    save_every: int
-    batch_size: int
-    seq_len: int
-    lr: float
-    device: str
-    dtype: str
-    seed: int
-    num_stages: int
-    min_replicas: int
-    watch_pipeline: bool  # --role auto: stop at a checkpoint when a stage runs short
-    creator: bool  # started the swarm: publishes the catalogue
-    record_ttl: float
-    refresh_s: float
-    seed_dir: str = ""  # --expert-seed: an expert checkpoint this node serves as the catalogue's seed
+DEFAULT_ROOT = Path.home() / ".cache" / "swarm-node" / "experts"  # without --expert-dir
 
 
 @dataclass
@@ -85,10 +53,14 @@ class Job:
 class CatalogueKeeper:
     """Loads this node's domains and keeps the swarm's catalogue alive (publishing it if this node is the creator)."""
 
-    def __init__(self, directory: ExpertDirectory, opts: ExpertOptions, tokenizer):
+    def __init__(self, directory: ExpertDirectory, settings: ExpertConfig, tokenizer, creator: bool,
+                 record_ttl: float):
+        """`creator`: this node started the swarm and fills an empty catalogue with its own domains."""
         self.directory = directory
-        self.opts = opts
+        self.settings = settings
         self.tokenizer = tokenizer
+        self.creator = creator
+        self.record_ttl = record_ttl
         self._domains: dict[str, object] = {}
         self.seed_id = ""  # set once this node serves the catalogue's seed (--expert-seed)
 
@@ -98,14 +70,14 @@ class CatalogueKeeper:
 
         if entry.name not in self._domains:
             domain = None
-            mine = {parse_spec(s)[0]: s for s in self.opts.domains}
+            mine = {parse_spec(s)[0]: s for s in self.settings.domains}
             if entry.name in mine:
-                domain = domains_from_specs([mine[entry.name]], [], self.tokenizer, self.opts.max_bytes).get(entry.name)
+                domain = domains_from_specs([mine[entry.name]], [], self.tokenizer, self.settings.max_bytes).get(entry.name)
             elif Path(entry.source).is_file():
                 domain = domains_from_specs([f"{entry.name}={entry.source}"], [], self.tokenizer,
-                                            self.opts.max_bytes).get(entry.name)
+                                            self.settings.max_bytes).get(entry.name)
             else:
-                for name, source, _, text in default_sources(self.opts.max_bytes):
+                for name, source, _, text in default_sources(self.settings.max_bytes):
                     if name == entry.name and source == entry.source and text.strip():
                         domain = make_domain(name, source, text, self.tokenizer)
             self._domains[entry.name] = domain
@@ -123,10 +95,10 @@ class CatalogueKeeper:
         """The catalogue this node would start: its --domain files, or the offline corpus's training domains."""
         from experts.domains import default_domains, domains_from_specs
 
-        if self.opts.domains:
-            domains = domains_from_specs(self.opts.domains, [], self.tokenizer, self.opts.max_bytes).trained
+        if self.settings.domains:
+            domains = domains_from_specs(self.settings.domains, [], self.tokenizer, self.settings.max_bytes).trained
         else:
-            registry, missing = default_domains(self.tokenizer, self.opts.max_bytes)
+            registry, missing = default_domains(self.tokenizer, self.settings.max_bytes)
             if missing:
                 log.info("experts: this host lacks %s; not in the catalogue", ", ".join(missing))
             domains = registry.trained
@@ -137,109 +109,118 @@ class CatalogueKeeper:
     def refresh(self) -> dict[str, CatalogueEntry]:
         """Read the catalogue and store it again with a fresh TTL; the creator fills it when it is empty."""
         catalogue = self.directory.catalogue()
-        if not catalogue and self.opts.creator:
+        if not catalogue and self.creator:
             catalogue = {e.name: e for e in self.own_entries()}
             log.info("experts: catalogue of %d domains: %s", len(catalogue), ", ".join(catalogue))
         if self.seed_id:  # every domain branches from the seed this node serves, unless one is named already
             catalogue = {n: e if e.seed else CatalogueEntry(**{**vars(e), "seed": self.seed_id})
                          for n, e in catalogue.items()}
         if catalogue:
-            self.directory.publish_catalogue(catalogue.values(), ttl=10 * self.opts.record_ttl)
+            self.directory.publish_catalogue(catalogue.values(), ttl=self.settings.catalogue_ttl_factor * self.record_ttl)
         return catalogue
 
 
 class ExpertWorker:
     """Runs jobs one after another on its own thread until stopped (or until the pipeline needs this node)."""
 
-    def __init__(self, opts: ExpertOptions, directory: ExpertDirectory, members: SwarmDirectory,
-                 tokenizer, model_config, metrics: ExpertMetrics, events: EventLog, stop: threading.Event,
-                 auth=None, tls=None):
-        self.opts = opts
+    def __init__(self, config: NodeConfig, services: HostServices, model: ModelSetup, metrics: ExpertMetrics,
+                 directory: ExpertDirectory, watch_pipeline: bool):
+        """`watch_pipeline` (--role auto): stop at a checkpoint when a stage runs short of live replicas."""
+        self.config = config
+        self.settings = config.experts
+        self.services = services
+        self.swarm, self.peer_id, self.endpoint = config.swarm.id, services.peer_id, services.endpoint
+        root = Path(self.settings.dir).expanduser() if self.settings.dir else DEFAULT_ROOT
+        self.home = root / self.swarm / self.peer_id  # this node's jobs
+        self.record_ttl = config.swarm.record_ttl
+        self.refresh_s = config.swarm.heartbeat_interval  # expert records are refreshed as often as the node's
+        self.device = str(model.device)
+        self.tokenizer = model.tokenizer
+        self.model_config = model.spec.config
         self.directory = directory
-        self.members = members
-        self.tokenizer = tokenizer
-        self.model_config = model_config
+        self.members = services.directory
+        self.clients = services.clients
         self.metrics = metrics
-        self.events = events
-        self.stop = stop
+        self.events = services.events
+        self.stop = services.stop
+        self.watch_pipeline = watch_pipeline
         self.served = ServedExperts()
-        self.catalogue = CatalogueKeeper(directory, opts, tokenizer)
-        self.stage_needed: int | None = None  # set by the pipeline watch (auto role)
-        self.auth = auth  # private swarms: RPCs carry a tag made with the swarm key
-        self.tls = tls  # the swarm's certificate when it serves TLS
-        self.clients = StageClients(WireLimits(), auth, tls)
+        self.catalogue = CatalogueKeeper(directory, self.settings, model.tokenizer, creator=config.swarm.new_swarm,
+                                         record_ttl=self.record_ttl)
+        self.needed = threading.Event()  # set with `stage_needed` by the pipeline watch (auto role)
+        self.stage_needed: int | None = None
+        self._jobs: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
 
     # ---- threads -------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.opts.home.mkdir(parents=True, exist_ok=True)
-        targets = [("experts", self._run), ("expert-records", self._refresh_loop)]
-        if self.opts.watch_pipeline:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._jobs = threading.Thread(target=self._run, name="experts", daemon=True)
+        targets = [("expert-records", self._refresh_loop)]
+        if self.watch_pipeline:
             targets.append(("pipeline-watch", self._watch_pipeline))
-        for name, target in targets:
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def join(self, timeout: float) -> None:
+        self._threads = [self._jobs, *(threading.Thread(target=t, name=n, daemon=True) for n, t in targets)]
         for thread in self._threads:
-            thread.join(timeout)
-        self.clients.close()
+            thread.start()
+
+    def finish_job(self) -> None:
+        """Wait (at most --stop-timeout) for the job loop, which stops at its next step with a checkpoint."""
+        if self._jobs is not None:
+            self._jobs.join(self.settings.stop_timeout)
+
+    def join(self) -> None:
+        self.finish_job()
+        for thread in self._threads:
+            thread.join(self.config.lifecycle.thread_join_timeout)
 
     def withdraw_all(self) -> None:
         for record in self.served.records():
             try:
-                self.directory.withdraw(record, ttl=self.opts.record_ttl)
+                self.directory.withdraw(record, ttl=self.record_ttl)
             except Exception as e:
                 log.debug("could not withdraw expert %s: %r", record.id, e)
 
     def _refresh_loop(self) -> None:
-        while not self.stop.wait(self.opts.refresh_s):
+        while not self.stop.wait(self.refresh_s):
             try:
                 for record in self.served.records():
-                    self.directory.publish(record, ttl=self.opts.record_ttl)
+                    self.directory.publish(record, ttl=self.record_ttl)
                 self.catalogue.refresh()
             except Exception as e:  # the DHT may be shutting down; the next refresh retries
                 log.debug("expert record refresh failed: %r", e)
 
     def _watch_pipeline(self) -> None:
         """Auto role: the pipeline comes first. Count live replicas (records that answer a Ping) per stage."""
-        while not self.stop.wait(self.opts.refresh_s):
+        min_replicas = self.config.roles.min_replicas
+        while not self.stop.wait(self.refresh_s):
             try:
-                need = stage_in_need(self._live_members(), self.opts.num_stages, self.opts.min_replicas)
+                need = stage_in_need(self._live_members(), self.config.model.num_stages, min_replicas)
             except Exception as e:
                 log.debug("pipeline watch failed: %r", e)
                 continue
             if need is not None:
                 log.info("stage %d has fewer than %d live replicas: stopping expert training to take it",
-                         need, self.opts.min_replicas)
+                         need, min_replicas)
                 self.stage_needed = need
+                self.needed.set()
                 return
 
     def _live_members(self) -> dict[str, NodeRecord]:
-        records = [r for r in self.members.members().values() if r.stages]
-
-        def answers(record: NodeRecord) -> bool:
-            try:
-                self.clients.stub(record.endpoint).Ping(pb.PingRequest(), timeout=2.0)
-                return True
-            except grpc.RpcError:
-                return False
-        if not records:
-            return {}
-        with ThreadPoolExecutor(max_workers=min(8, len(records))) as pool:
-            alive = list(pool.map(answers, records))
-        return {r.peer_id: r for r, ok in zip(records, alive) if ok}
+        records = {p: r for p, r in self.members.members().items() if r.stages}
+        faults = self.config.faults
+        alive = self.clients.answering({p: r.endpoint for p, r in records.items()}, faults.probe_timeout,
+                                       faults.ping_workers)
+        return {p: r for p, r in records.items() if p in alive}
 
     def _halted(self) -> bool:
-        return self.stop.is_set() or self.stage_needed is not None
+        return self.stop.is_set() or self.needed.is_set()
 
     # ---- the job loop --------------------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             self._serve_finished()
-            if self.opts.seed_dir:
-                self._serve_seed(Path(self.opts.seed_dir))
+            if self.settings.seed_dir:
+                self._serve_seed(Path(self.settings.seed_dir))
         except Exception as e:  # e.g. a seed whose bytes do not match its manifest: say so, train without it
             log.error("experts: %s", e)
             self.events.emit("expert_failed", reason=repr(e))
@@ -253,13 +234,13 @@ class ExpertWorker:
             except Exception as e:  # an expert failure must not take the node down: say why, retry, keep serving
                 log.exception("expert training failed: %r", e)
                 self.events.emit("expert_failed", reason=repr(e))
-            self.stop.wait(max(self.opts.refresh_s, 5.0))
+            self.stop.wait(max(self.refresh_s, self.settings.retry_interval))
 
     def _serve_finished(self) -> None:
         """After a restart: serve and publish the finished experts this node trained before."""
         from experts.checkpoint import read_manifest, verify
 
-        for job_file in sorted(self.opts.home.glob(f"*/{JOB}")):
+        for job_file in sorted(self.home.glob(f"*/{JOB}")):
             job = Job(**json.loads(job_file.read_text()))
             try:
                 manifest = read_manifest(job_file.parent)
@@ -279,12 +260,12 @@ class ExpertWorker:
         manifest = read_manifest(path)
         verify(path, manifest)
         manifest.domain = "*"
-        record = ExpertRecord(id=f"seed-{manifest.weights_sha256[:12]}", peer_id=self.opts.peer_id,
-                              endpoint=self.opts.endpoint, bytes=(path / WEIGHTS).stat().st_size,
+        record = ExpertRecord(id=f"seed-{manifest.weights_sha256[:12]}", peer_id=self.peer_id,
+                              endpoint=self.endpoint, bytes=(path / WEIGHTS).stat().st_size,
                               dev_loss=math.log(manifest.val_ppl) if manifest.val_ppl else None,
                               manifest=manifest.to_dict())
         self.served.serve(record, path, snapshot=False)
-        self.directory.publish(record, ttl=self.opts.record_ttl)
+        self.directory.publish(record, ttl=self.record_ttl)
         self.catalogue.seed_id = record.id
         log.info("experts: serving %s as the catalogue's seed", record.id)
 
@@ -292,7 +273,7 @@ class ExpertWorker:
         """A job of this node that stopped before its last step (a restart, or a stop to take a stage)."""
         from experts.checkpoint import MANIFEST, read_manifest
 
-        for job_file in sorted(self.opts.home.glob(f"*/{JOB}")):
+        for job_file in sorted(self.home.glob(f"*/{JOB}")):
             job = Job(**json.loads(job_file.read_text()))
             if not (job_file.parent / MANIFEST).is_file():  # stopped before its claim was saved: start over
                 shutil.rmtree(job_file.parent)
@@ -329,31 +310,31 @@ class ExpertWorker:
         """Choose, claim (a step-0 record), let simultaneous claims settle, and re-choose if a lower peer id won."""
         from experts.sizing import POLICIES, make_plan
 
-        for _ in range(3):
+        for _ in range(self.settings.claim_tries):
             domain = self._choose(catalogue)
             if domain is None:
                 return None
             seed_model, seed_manifest = self._seed(catalogue[domain])
-            method = POLICIES[self.opts.policy]
+            method = POLICIES[self.settings.policy]
             plan = make_plan(method, {n: e.difficulty for n, e in catalogue.items()}, seed_model.config,
-                             self.opts.medium_steps, self.opts.batch_size * self.opts.seq_len, self.opts.seq_len)
+                             self.settings.medium_steps(), self.config.data.batch_size * self.config.data.seq_len, self.config.data.seq_len)
             ep = next(e for e in plan.experts if e.domain == domain)
-            n = len(list(self.opts.home.glob(f"{domain}-*")))
-            expert_id = f"{domain}-{self.opts.peer_id[-8:]}-{n}"
+            n = len(list(self.home.glob(f"{domain}-*")))
+            expert_id = f"{domain}-{self.peer_id[-8:]}-{n}"
             job = Job(expert_id, domain, method, ep.intermediate_size, ep.steps, ep.flops,
                       int(hashlib.sha256(expert_id.encode()).hexdigest()[:8], 16), seed_manifest.to_dict())
-            out = self.opts.home / job.id
+            out = self.home / job.id
             out.mkdir(parents=True, exist_ok=True)
             (out / JOB).write_text(json.dumps(asdict(job), indent=1) + "\n")
             self._train(job, catalogue, seed=(seed_model, seed_manifest), claim_only=True)
-            if self.stop.wait(CLAIM_SETTLE_S):
+            if self.stop.wait(self.settings.claim_settle):
                 return job
-            if self._choose(catalogue, ignore_fresh_above=self.opts.peer_id, claim=job.id) == domain:
+            if self._choose(catalogue, ignore_fresh_above=self.peer_id, claim=job.id) == domain:
                 return job
             log.info("experts: another node claimed %s first; choosing again", domain)
             record = self.served.remove(job.id)
             if record is not None:
-                self.directory.withdraw(record, ttl=self.opts.record_ttl)
+                self.directory.withdraw(record, ttl=self.record_ttl)
             for f in sorted(out.iterdir()):
                 f.unlink()
             out.rmdir()
@@ -371,10 +352,10 @@ class ExpertWorker:
             seed = (_model_of(seed_manifest.config), seed_manifest)
         from experts.checkpoint import read_manifest
 
-        out = self.opts.home / job.id
+        out = self.home / job.id
         resumed = can_resume(out) and read_manifest(out).steps > 0
-        settings = ExpertSettings(batch_size=self.opts.batch_size, seq_len=self.opts.seq_len, lr=self.opts.lr,
-                                  save_every=self.opts.save_every, device=self.opts.device, dtype=self.opts.dtype)
+        settings = ExpertSettings(batch_size=self.config.data.batch_size, seq_len=self.config.data.seq_len, lr=self.config.training.lr,
+                                  save_every=self.settings.save_every, device=self.device, dtype=self.config.model.dtype)
         plan = ExpertPlan(job.domain, catalogue[job.domain].difficulty, job.intermediate_size, job.steps,
                           job.planned_flops)
 
@@ -398,13 +379,13 @@ class ExpertWorker:
                              start_step=result.start_step, val_ppl=m.val_ppl, sha256=m.weights_sha256)
 
     def _publish(self, job: Job, manifest) -> None:
-        out = self.opts.home / job.id
-        record = ExpertRecord(id=job.id, peer_id=self.opts.peer_id, endpoint=self.opts.endpoint,
+        out = self.home / job.id
+        record = ExpertRecord(id=job.id, peer_id=self.peer_id, endpoint=self.endpoint,
                               bytes=(out / WEIGHTS).stat().st_size,
                               dev_loss=math.log(manifest.val_ppl) if manifest.val_ppl else None,
                               manifest=manifest.to_dict())
         self.served.serve(record, out)
-        self.directory.publish(record, ttl=self.opts.record_ttl)
+        self.directory.publish(record, ttl=self.record_ttl)
         self.metrics.published.inc()
         self.events.emit("expert_published", id=job.id, domain=job.domain, steps=manifest.steps,
                          target_steps=manifest.target_steps, sha256=manifest.weights_sha256)
@@ -419,10 +400,12 @@ class ExpertWorker:
             found = [r for r in self.directory.experts(["*"]) if r.id == entry.seed]
             for record in found:
                 try:
-                    path = self.opts.home / "seeds" / record.id
+                    path = self.home / "seeds" / record.id
                     if not (path / "manifest.json").is_file():
-                        path = download_expert(record, self.opts.swarm, self.opts.home / "seeds", auth=self.auth,
-                                               tls=self.tls)
+                        path = download_expert(record, self.swarm, self.home / "seeds",
+                                               timeout=self.settings.fetch_timeout,
+                                               attempts=self.settings.fetch_attempts, auth=self.services.trust.auth,
+                                               tls=self.services.trust.tls)
                     model, manifest = load_expert(path)  # verifies the sha256 again
                     manifest.extra = {**manifest.extra, "source": f"catalogue seed {record.id}"}
                     return model, manifest
@@ -434,8 +417,8 @@ class ExpertWorker:
             model, round_ = gathered
             return model, describe_seed(model, f"pipeline-round-{round_}", self.tokenizer.name,
                                         f"pipeline weights after round {round_}")
-        model = new_model(self.model_config, self.opts.seed)
-        return model, describe_seed(model, "init", self.tokenizer.name, f"seeded init (seed {self.opts.seed})")
+        model = new_model(self.model_config, self.config.model.seed)
+        return model, describe_seed(model, "init", self.tokenizer.name, f"seeded init (seed {self.config.model.seed})")
 
     def _gather_pipeline(self):
         """Every stage's parameters from a serving replica, as one LlamaForCausalLM; None without a full pipeline."""
@@ -443,12 +426,12 @@ class ExpertWorker:
 
         members = self.members.members()
         state, rounds = {}, []
-        for stage in range(self.opts.num_stages):
+        for stage in range(self.config.model.num_stages):
             sources = sorted(p for p, r in members.items() if r.serving and stage in r.stages and r.round > 0)
             for peer in sources:
                 try:
-                    completed, tensors, _ = self.clients.fetch_state(members[peer].endpoint, self.opts.swarm, stage,
-                                                                     timeout=30)
+                    completed, tensors, _ = self.clients.fetch_state(members[peer].endpoint, self.swarm, stage,
+                                                                     timeout=self.config.lifecycle.state_transfer_timeout)
                 except grpc.RpcError as e:
                     log.info("could not fetch stage %d from %s: %s", stage, peer[-8:], e.details())
                     continue
@@ -476,123 +459,3 @@ def _model_of(config):
     if isinstance(config, dict):
         config = LlamaConfig.from_dict(config)
     return LlamaForCausalLM(config)
-
-
-class ExpertRole:
-    """The whole node in the expert role: gRPC (ExpertService, Ping, health), /metrics, heartbeat and the worker."""
-
-    def __init__(self, daemon):
-        from grpc_health.v1 import health
-
-        self.daemon = daemon
-        cfg = daemon.config
-        self.config = cfg
-        self.metrics = daemon.expert_metrics
-        from node.host.rpc_guard import RpcGuard
-
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc"),
-                                  interceptors=[RpcGuard(daemon.metrics), *daemon.trust.server_interceptors(daemon.metrics)])
-        self.health = health.HealthServicer()
-        self.worker: ExpertWorker | None = None
-        self.metrics_server = None
-
-    def start(self) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        from node.errors import UsageError
-        from node.expert.service import ExpertServicer
-        from protocol.generated.swarm.v1 import experts_pb2_grpc
-
-        d, cfg = self.daemon, self.config
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        port = d.trust.add_port(self.server, cfg.host, cfg.port)
-        self.endpoint = f"{cfg.announce_host or cfg.host}:{port}"
-        opts = expert_options(cfg, d.peer_id, self.endpoint, str(d.device), creator=cfg.new_swarm,
-                              watch_pipeline=cfg.role == "auto")
-        directory = ExpertDirectory(d.dht, cfg.swarm, lambda kind: self.metrics.malformed.labels(kind=kind).inc(),
-                                    owner=d.trust.owner)
-        self.worker = ExpertWorker(opts, directory, d.directory, d.tokenizer, d.spec.config, self.metrics, d.events,
-                                   d.stop, auth=d.trust.auth, tls=d.trust.tls)
-        servicer = ExpertServicer(cfg.swarm, self.worker.served,
-                                  on_data_loss=lambda r: directory.withdraw(r, ttl=cfg.record_ttl),
-                                  on_bytes=self.metrics.bytes_served.inc)
-        experts_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, self.server)
-        self.server.start()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        try:
-            self.metrics_server, _, mport = d.metrics.serve(cfg.host, cfg.metrics_port)
-        except OSError as e:
-            raise UsageError(f"cannot serve metrics on port {cfg.metrics_port}: {e.strerror}") from None
-        self.metrics_url = f"http://{cfg.announce_host or cfg.host}:{mport}/metrics"
-        self.metrics.set_role("expert")
-        self._announce()
-        self.worker.start()
-
-    def _announce(self) -> None:
-        from hivemind.utils import get_dht_time
-
-        from node.dataplane.servicer import VERSION
-
-        d = self.daemon
-        d.directory.announce(timeout=self.config.dht_write_timeout, record=NodeRecord(
-            peer_id=d.peer_id, endpoint=self.endpoint, stages=(), compute_s={}, memory_slots=self.config.memory_slots,
-            role="expert", version=VERSION, swarm=self.config.swarm, round=0, state=NodeState.SERVING,
-            metrics_url=self.metrics_url, maddrs=tuple(d.maddrs), heartbeat_time=get_dht_time()))
-
-    def run(self, stop: threading.Event) -> int | None:
-        """Heartbeats until stopped; returns the stage to take when the pipeline needs this node (auto role)."""
-        while not stop.wait(self.config.heartbeat_interval):
-            if self.worker.stage_needed is not None:
-                for thread in self.worker._threads[:1]:  # the job loop stops at its next step, at a checkpoint
-                    thread.join(60)
-                return self.worker.stage_needed
-            try:
-                self._announce()
-                self.daemon.metrics.visible_peers.set(len(self.daemon.directory.members()))
-            except Exception as e:  # the DHT may be shutting down; the next beat retries
-                log.debug("heartbeat failed: %r", e)
-        return None
-
-    def shutdown(self) -> None:
-        from grpc_health.v1 import health_pb2
-
-        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.worker is not None:
-            self.worker.join(timeout=10)  # the job loop stops at its next step, with a checkpoint
-            self.worker.withdraw_all()
-        if not self.daemon.directory.withdraw(timeout=self.config.dht_write_timeout):
-            log.warning("could not store the tombstone in the DHT; the record expires in %.0f s",
-                        self.config.record_ttl)
-        self.server.stop(grace=self.config.drain_grace).wait()
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-
-
-def expert_options(cfg, peer_id: str, endpoint: str, device: str, creator: bool, watch_pipeline: bool) -> ExpertOptions:
-    root = Path(cfg.expert_dir).expanduser() if cfg.expert_dir else Path.home() / ".cache" / "swarm-node" / "experts"
-    return ExpertOptions(
-        swarm=cfg.swarm, peer_id=peer_id, endpoint=endpoint, home=root / cfg.swarm / peer_id, domains=cfg.domain,
-        max_bytes=cfg.expert_max_bytes, policy=cfg.expert_policy, medium_steps=cfg.expert_steps or 300,
-        save_every=cfg.expert_save_every, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, device=device,
-        dtype=cfg.dtype, seed=cfg.seed, num_stages=cfg.num_stages, min_replicas=cfg.min_replicas,
-        watch_pipeline=watch_pipeline, creator=creator, record_ttl=max(cfg.record_ttl, 4 * cfg.heartbeat_interval),
-        refresh_s=cfg.heartbeat_interval, seed_dir=cfg.expert_seed)
-
-
-def keep_catalogue(daemon) -> threading.Thread:
-    """The node that started the swarm (in a stage role) publishes the catalogue and keeps it alive."""
-    cfg = daemon.config
-    opts = expert_options(cfg, daemon.peer_id, "", "cpu", creator=True, watch_pipeline=False)
-    keeper = CatalogueKeeper(ExpertDirectory(daemon.dht, cfg.swarm, owner=daemon.trust.owner), opts, daemon.tokenizer)
-
-    def loop() -> None:
-        while True:
-            try:
-                keeper.refresh()
-            except Exception as e:
-                log.debug("catalogue refresh failed: %r", e)
-            if daemon.stop.wait(max(opts.refresh_s, opts.record_ttl)):
-                return
-    thread = threading.Thread(target=loop, name="catalogue", daemon=True)
-    thread.start()
-    return thread

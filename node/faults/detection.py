@@ -6,7 +6,7 @@ A hop fails in one of two ways, seen by the node just before the failed peer on 
   backward, and gives up on the hop when the ping fails or when the hop's deadline passes. The deadline
   comes from the round's expected time (`node.faults.reroute.expected_round_seconds`), not from --round-timeout.
 Either way a `FailureReport` goes to the microbatch's origin (a local call when that is us), which
-re-routes it (`node.stage.origin`).
+re-routes it (`node.faults.faults`).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ class DeadPeers:
     """Peers this node has declared dead. Planning and re-routing avoid them; one that answers again is
     forgiven (a node restarted with the same identity)."""
 
-    def __init__(self, metrics: NodeMetrics):
+    def __init__(self, metrics: NodeMetrics, on_declared: Callable[[str], None] = lambda peer: None):
         self.metrics = metrics
+        self.on_declared = on_declared  # called with each newly declared peer
         self._dead: dict[str, float] = {}
         self._lock = threading.Lock()
-        self.listeners: list[Callable[[str], None]] = []  # called with each newly declared peer
 
     def declare(self, peer: str, why: str) -> bool:
         """True when this is news."""
@@ -49,8 +49,7 @@ class DeadPeers:
             self._dead[peer] = time.monotonic()
         self.metrics.peers_declared_dead.inc()
         log.warning("peer %s declared dead: %s", peer[-8:], why)
-        for listener in self.listeners:
-            listener(peer)
+        self.on_declared(peer)
         return True
 
     def forgive(self, peer: str) -> None:
@@ -70,17 +69,17 @@ class FailureReporter:
     """Sends a failed hop's report to its microbatch's origin, once per (round, microbatch, attempt, kind)."""
 
     def __init__(self, swarm: str, peer_id: str, clients: StageClients, metrics: NodeMetrics, dead: DeadPeers,
-                 local: Callable[[pb.FailureReport], None], timeout_s: float):
+                 local: Callable[[pb.FailureReport], None], timeout_s: float, workers: int):
         self.swarm = swarm
         self.dead = dead
         self.peer_id = peer_id
         self.clients = clients
         self.metrics = metrics
-        self.local = local
+        self.local = local  # reports about our own microbatches
         self.timeout_s = timeout_s
         self._sent: set[tuple[int, int, int, str]] = set()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="report")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="report")
 
     def report(self, env: pb.Envelope, failed_peer: str, kind: str, detail: str) -> None:
         key = (env.round, env.microbatch, env.attempt, kind)  # a slow hop may still die: that is news
@@ -124,12 +123,14 @@ class FailureReporter:
 class RerouteNotifier:
     """Tells the round's nodes a microbatch's new path (ourselves directly), all at once, briefly."""
 
-    def __init__(self, peer_id: str, clients: StageClients, executor: StageExecutor, timeout_s: float):
+    def __init__(self, peer_id: str, clients: StageClients, executor: StageExecutor, timeout_s: float, workers: int,
+                 tries: int):
         self.peer_id = peer_id
         self.clients = clients
         self.executor = executor
         self.timeout_s = timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="notify")
+        self.tries = tries  # a lost notice costs the receiver its round deadline: try a few times
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="notify")
 
     def __call__(self, peers: dict[str, str], notice: pb.RerouteNotice) -> None:
         self.executor.reroute(notice.round, notice.microbatch, notice.attempt, list(notice.path))
@@ -145,8 +146,8 @@ class RerouteNotifier:
             if p != self.peer_id:
                 self._pool.submit(self._send, endpoint, notice, "RoundDone")
 
-    def _send(self, endpoint: str, notice, method: str = "Reroute", tries: int = 3) -> None:
-        for _ in range(tries):  # a lost notice costs the receiver its round deadline: try a few times
+    def _send(self, endpoint: str, notice, method: str = "Reroute") -> None:
+        for _ in range(self.tries):
             try:
                 getattr(self.clients.stub(endpoint), method)(notice, timeout=self.timeout_s)
                 return
@@ -163,7 +164,8 @@ class HopWatch:
     """Watches the hops this node forwarded and still waits on: is the next peer alive, is time up?"""
 
     def __init__(self, peer_id: str, executor: StageExecutor, clients: StageClients, reporter: FailureReporter,
-                 dead: DeadPeers, interval_s: float, probe_timeout_s: float, hung_after_misses: int):
+                 dead: DeadPeers, interval_s: float, probe_timeout_s: float, hung_after_misses: int,
+                 join_timeout_s: float):
         self.peer_id = peer_id
         self.executor = executor
         self.clients = clients
@@ -172,7 +174,8 @@ class HopWatch:
         self.interval_s = interval_s
         self.probe_timeout_s = probe_timeout_s
         self.hung_after_misses = hung_after_misses
-        self.hop_deadline_s = float("inf")  # set each round from its expected time
+        self.join_timeout_s = join_timeout_s
+        self._hop_deadline_s = float("inf")  # set each round from its expected time
         self._misses: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hop-watch", daemon=True)
@@ -180,9 +183,13 @@ class HopWatch:
     def start(self) -> None:
         self._thread.start()
 
+    def set_hop_deadline(self, seconds: float) -> None:
+        """How long a hop may wait for its gradient this round (from the round's expected time)."""
+        self._hop_deadline_s = seconds
+
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=self.probe_timeout_s + 1)
+        self._thread.join(timeout=self.probe_timeout_s + self.join_timeout_s)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -203,7 +210,7 @@ class HopWatch:
             if verdict is not None:
                 self.dead.declare(nxt.peer_id, verdict)
                 self.reporter.report(env, nxt.peer_id, verdict, f"hop {env.hop + 1} ({nxt.peer_id[-8:]}) {verdict}")
-            elif now - saved.since > self.hop_deadline_s:  # alive but not serving us in time: avoid it this round
+            elif now - saved.since > self._hop_deadline_s:  # alive but not serving us in time: avoid it this round
                 self.reporter.report(env, nxt.peer_id, DEADLINE,
                                      f"no gradient for hop {env.hop} after {now - saved.since:.1f}s")
 

@@ -1,6 +1,6 @@
 """Re-routing a round's microbatches around dead peers, and the round's expected time.
 
-The origin of a microbatch whose hop failed asks `Rerouter.path_for` for a new path. While every stage
+The origin of a microbatch whose hop failed asks `PathRepair.path_for` for a new path. While every stage
 the round uses keeps a live replica, the answer comes from `routing.repair`: the round's plan is
 repaired for the live nodes (the dead peer removed), which moves every broken path to other replicas
 and keeps the round's stage visits balanced; one repair per (round, set of dead peers) serves every
@@ -41,7 +41,7 @@ def expected_round_seconds(plan: RoundPlan, members: dict[str, NodeRecord]) -> f
     return max(busy.values(), default=0.0)
 
 
-class Rerouter:
+class PathRepair:
     def __init__(self, activation_bytes: int):
         self.activation_bytes = activation_bytes
         self._repaired: dict[tuple[int, frozenset[str]], dict[int, tuple[HopSpec, ...]] | None] = {}

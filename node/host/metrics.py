@@ -14,6 +14,7 @@ from protocol.records import NodeState
 # was left out of); planning: waiting for the round's plan; compute: the round's forward and backward hops;
 # averaging: the replicas' barrier and all-reduce, then the step; stopping: shutting down.
 PHASES = ("starting", "catch_up", "planning", "compute", "averaging", "stopping")
+ROLES = ("data", "stage", "expert")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -47,6 +48,7 @@ class NodeMetrics:
                                       "Microbatches whose activations this node holds", registry=r)
         self.state = Enum("swarm_node_state", "Where this node is in its life (also in its DHT record)",
                           states=[s.value for s in NodeState], registry=r)
+        self.role = Gauge("swarm_node_role", "1 for the role this node has now", ["role"], registry=r)
         self.phase = Enum("swarm_node_phase", "What the node's main loop is doing now", states=list(PHASES),
                           registry=r)
         self.rounds_completed = Counter("swarm_node_rounds_completed",
@@ -94,6 +96,10 @@ class NodeMetrics:
                 family.add_metric([], read())
                 yield family
         self.registry.register(_Collector())
+
+    def set_role(self, role: str) -> None:
+        for name in ROLES:
+            self.role.labels(role=name).set(1 if name == role else 0)
 
     def set_loss(self, loss: float | None) -> None:
         """The last round's loss; None withdraws the series (a round that trained on no tokens has none)."""

@@ -20,12 +20,13 @@ from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.records import NodeRecord
 
 log = logging.getLogger(__name__)
-DIAL_TIMEOUT_S = 3.0
 
 
 # ---- the member's side ---------------------------------------------------------------------------------------------
-def dial_back(request: pb.ReachabilityRequest, caller: str, clients: StageClients) -> pb.ReachabilityReply:
-    """Dial the caller's announced endpoints; `caller` is gRPC's peer string ('ipv4:1.2.3.4:5678')."""
+def dial_back(request: pb.ReachabilityRequest, caller: str, clients: StageClients,
+              probe_timeout: float) -> pb.ReachabilityReply:
+    """Dial the caller's announced endpoints, each given `probe_timeout` seconds to answer; `caller` is gRPC's
+    peer string ('ipv4:1.2.3.4:5678')."""
     caller_host = _host_of_peer(caller)
     host, _, port = request.endpoint.rpartition(":")
     if host.strip("[]") != caller_host or not port.isdigit():
@@ -33,7 +34,7 @@ def dial_back(request: pb.ReachabilityRequest, caller: str, clients: StageClient
                             f"a node only dials back its caller: {request.endpoint!r} is not at {caller_host}")
     problems = []
     try:
-        clients.stub(request.endpoint).Ping(pb.PingRequest(), timeout=DIAL_TIMEOUT_S)
+        clients.stub(request.endpoint).Ping(pb.PingRequest(), timeout=probe_timeout)
         grpc_ok = True
     except grpc.RpcError as e:
         grpc_ok = e.code() != grpc.StatusCode.UNAVAILABLE and e.code() != grpc.StatusCode.DEADLINE_EXCEEDED
@@ -45,7 +46,7 @@ def dial_back(request: pb.ReachabilityRequest, caller: str, clients: StageClient
         if target is None or target[0] != caller_host:
             continue
         try:
-            socket.create_connection(target, timeout=DIAL_TIMEOUT_S).close()
+            socket.create_connection(target, timeout=probe_timeout).close()
         except OSError as e:
             dht_ok = False
             problems.append(f"DHT {maddr}: {e.strerror or e}")
@@ -60,7 +61,9 @@ class Reachability:
 
 
 def self_check(members: dict[str, NodeRecord], me: str, endpoint: str, maddrs: list[str],
-               clients: StageClients, grpc_port_flag: str = "--port", dht_port_flag: str = "--dht-port") -> Reachability:
+               clients: StageClients, timeout: float, grpc_port_flag: str = "--port",
+               dht_port_flag: str = "--dht-port") -> Reachability:
+    """Ask a serving member to dial this node back, waiting `timeout` seconds for its answer."""
     others = {p: r for p, r in members.items() if p != me}
     if not others:  # we joined through --initial-peers, yet see nobody: the wrong swarm id or key
         return Reachability(False, "no member of the swarm is visible through --initial-peers, so nobody can dial "
@@ -71,7 +74,7 @@ def self_check(members: dict[str, NodeRecord], me: str, endpoint: str, maddrs: l
     peer = peers[0]
     try:
         reply = clients.stub(peer.endpoint).CheckReachability(
-            pb.ReachabilityRequest(endpoint=endpoint, maddrs=maddrs), timeout=3 * DIAL_TIMEOUT_S)
+            pb.ReachabilityRequest(endpoint=endpoint, maddrs=maddrs), timeout=timeout)
     except grpc.RpcError as e:
         hint = " (is --swarm-key the swarm's key?)" if e.code() == grpc.StatusCode.UNAUTHENTICATED else ""
         return Reachability(False, f"could not run the reachability check with {peer.endpoint}: "

@@ -16,19 +16,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import grpc
 
+from node.config import DataPlaneConfig
 from protocol.errors import ProtocolError
-
-
-@dataclass(frozen=True)
-class StreamLimits:
-    workers: int = 64  # gRPC worker threads
-    reserve: int = 4  # workers never given to streams: unary calls and health always get one
-    per_peer: int = 16  # streams open at once from one address
-    idle_s: float = 10.0  # a stream silent this long is cancelled
 
 
 class _Watch:
@@ -47,8 +39,14 @@ class _Watch:
 
 
 class StreamGuard:
-    def __init__(self, limits: StreamLimits, on_refused: Callable[[str], None] = lambda reason: None):
-        self.limits = limits
+    def __init__(self, settings: DataPlaneConfig, recheck_s: float,
+                 on_refused: Callable[[str], None] = lambda reason: None):
+        """The server has `grpc_workers` threads, of which `stream_reserve` never go to streams (so unary calls
+        and health always get one); one address may hold `streams_per_peer` streams; a stream silent for
+        `stream_idle_timeout` seconds is cancelled, within `recheck_s`."""
+        self.recheck_s = recheck_s
+        self.workers, self.reserve = settings.grpc_workers, settings.stream_reserve
+        self.per_peer, self.idle_s = settings.streams_per_peer, settings.stream_idle_timeout
         self.on_refused = on_refused
         self._open: set[_Watch] = set()
         self._per_address: Counter[str] = Counter()
@@ -61,14 +59,14 @@ class StreamGuard:
     def stream(self, context: grpc.ServicerContext):
         address = _address(context.peer())
         with self._lock:
-            if len(self._open) >= self.limits.workers - self.limits.reserve:
+            if len(self._open) >= self.workers - self.reserve:
                 self.on_refused("busy")
                 raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"{len(self._open)} streams open; retry shortly")
-            if self._per_address[address] >= self.limits.per_peer:
+            if self._per_address[address] >= self.per_peer:
                 self.on_refused("per_peer")
                 raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"{address} has {self.limits.per_peer} streams open, the most one peer may")
+                                    f"{address} has {self.per_peer} streams open, the most one peer may")
             watch = _Watch(context, address)
             self._open.add(watch)
             self._per_address[address] += 1
@@ -88,10 +86,10 @@ class StreamGuard:
         self._stop.set()
 
     def _cancel_idle(self) -> None:
-        while not self._stop.wait(min(1.0, self.limits.idle_s / 4)):
+        while not self._stop.wait(min(self.recheck_s, self.idle_s)):
             now = time.monotonic()
             with self._lock:
-                idle = [w for w in self._open if now - w.last > self.limits.idle_s and not w.cancelled]
+                idle = [w for w in self._open if now - w.last > self.idle_s and not w.cancelled]
             for watch in idle:
                 watch.cancelled = True
                 self.on_refused("idle")

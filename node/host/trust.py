@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -21,6 +22,9 @@ from protocol.rpc_auth import ServerAuthInterceptor, SwarmAuth
 from protocol.service import SERVICE
 from protocol.swarm_key import load_key_file
 from protocol.tls import SwarmTls
+
+if TYPE_CHECKING:
+    from hivemind.dht import DHT
 
 # Methods that carry their tag inside the message (Envelope.auth), checked while the tensor streams in.
 SELF_AUTHENTICATED = {f"/{SERVICE}/Forward", f"/{SERVICE}/Backward"}

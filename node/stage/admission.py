@@ -1,32 +1,39 @@
-"""Which incoming hops may take an activation slot: those the round's signed plan has, along verified members.
+"""What may enter this node's compute: hops the round's signed plan has, along verified members, carrying
+tensors of the swarm's dtype and shapes.
 
-Checked by the servicer after the envelope's structure and before the executor reserves memory, so a
-client that invents microbatches, or paths through addresses of its choosing, costs a dictionary lookup.
-A path that differs from the plan's (a re-route) is accepted only if every hop is a verified member
-at the endpoint it announced.
+`HopAdmission` is checked by the servicer after the envelope's structure and before the executor reserves
+memory, so a client that invents microbatches, or paths through addresses of its choosing, costs a
+dictionary lookup. A path that differs from the plan's (a re-route) is accepted only if every hop is a
+verified member at the endpoint it announced. The tensor checks run in the executor, before a hop is queued.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import grpc
+import torch
 
-from node.control.discovery import SwarmDirectory
-from protocol.errors import ProtocolError
+from node.config import DataPlaneConfig
+from protocol.errors import ProtocolError, invalid
+from protocol.envelope import path_of
 from protocol.generated.swarm.v1 import stage_pb2 as pb
-from protocol.envelope import HopSpec
 from protocol.records import RoundPlan
 
-PLAN_RETRY_S = 0.5  # a round whose plan we lack is looked up in the DHT at most this often
-MEMBERS_REFRESH_S = 2.0
-PLANS_KEPT = 4
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+    from node.control.discovery import SwarmDirectory
 
 
 class HopAdmission:
-    def __init__(self, directory: SwarmDirectory):
+    def __init__(self, directory: SwarmDirectory, settings: DataPlaneConfig):
         self.directory = directory
+        self.plan_lookup_retry = settings.plan_lookup_retry  # a round whose plan we lack is looked up at most this often
+        self.members_refresh = settings.members_refresh  # seconds a read of the verified members is reused
+        self.plans_kept = settings.plans_kept
         self._plans: dict[int, RoundPlan] = {}
         self._looked_up: dict[int, float] = {}
         self._members: dict[str, str] = {}  # verified peer id -> endpoint
@@ -43,7 +50,7 @@ class HopAdmission:
             raise ProtocolError(grpc.StatusCode.NOT_FOUND,
                                 f"microbatch {env.microbatch} from {env.path[0].peer_id[-8:]} is not in round "
                                 f"{env.round}'s plan")
-        path = tuple(HopSpec(h.stage, h.peer_id, h.endpoint) for h in env.path)
+        path = path_of(env)
         if path == planned.path:
             return
         members = self._verified_members()
@@ -56,24 +63,58 @@ class HopAdmission:
     def _plan(self, round_: int) -> RoundPlan | None:
         with self._lock:
             plan = self._plans.get(round_)
-            if plan is not None or time.monotonic() - self._looked_up.get(round_, float("-inf")) < PLAN_RETRY_S:
+            looked_up = self._looked_up.get(round_, float("-inf"))
+            if plan is not None or time.monotonic() - looked_up < self.plan_lookup_retry:
                 return plan
             self._looked_up[round_] = time.monotonic()
         plan = self.directory.fetch_plan(round_)
         with self._lock:
             if plan is not None:
                 self._plans[round_] = plan
-                for old in sorted(self._plans)[:-PLANS_KEPT]:
+                for old in sorted(self._plans)[:-self.plans_kept]:
                     del self._plans[old]
-            for old in [r for r in self._looked_up if r < round_ - PLANS_KEPT]:
+            for old in [r for r in self._looked_up if r < round_ - self.plans_kept]:
                 del self._looked_up[old]
         return plan
 
     def _verified_members(self) -> dict[str, str]:
         with self._lock:
-            if time.monotonic() - self._members_at < MEMBERS_REFRESH_S:
+            if time.monotonic() - self._members_at < self.members_refresh:
                 return self._members
         members = {p: r.endpoint for p, r in self.directory.members().items()}
         with self._lock:
             self._members, self._members_at = members, time.monotonic()
         return members
+
+
+# ---- tensors (raise ProtocolError to refuse) --------------------------------------------------------------------
+def check_hidden(tensor: torch.Tensor, dtype: torch.dtype, config: LlamaConfig) -> None:
+    """Activations between stages: [batch, seq, hidden] in the swarm's dtype, no longer than the model allows."""
+    if tensor.dtype != dtype:
+        raise invalid(f"activations are {dtype_name(tensor.dtype)}; this swarm computes in {dtype_name(dtype)}")
+    if tensor.dim() != 3 or tensor.shape[2] != config.hidden_size:
+        raise invalid(f"activations of shape {list(tensor.shape)}; expected [batch, seq, {config.hidden_size}]")
+    if tensor.shape[1] > config.max_position_embeddings:
+        raise invalid(f"sequence of {tensor.shape[1]} tokens exceeds the model's "
+                      f"{config.max_position_embeddings}")
+
+
+def check_final(env: pb.Envelope, hidden: torch.Tensor, labels: torch.Tensor | None) -> None:
+    """The last hop returns to its origin, which must hold `labels` of the matching [batch, seq]."""
+    if labels is None:
+        raise ProtocolError(grpc.StatusCode.NOT_FOUND,
+                            f"round {env.round} microbatch {env.microbatch} did not start at this origin")
+    if tuple(hidden.shape[:2]) != tuple(labels.shape):
+        raise invalid(f"activations of shape {list(hidden.shape)} do not match this microbatch's labels "
+                      f"{list(labels.shape)}")
+
+
+def check_gradient(grad: torch.Tensor, outputs: torch.Tensor) -> None:
+    """A gradient must match the kept output it is for, in shape and dtype."""
+    if grad.shape != outputs.shape or grad.dtype != outputs.dtype:
+        raise invalid(f"gradient of shape {list(grad.shape)} {dtype_name(grad.dtype)} does not match the output "
+                      f"{list(outputs.shape)} {dtype_name(outputs.dtype)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -3,32 +3,28 @@
 Every microbatch starts and ends here (SkipPipe's stage 0 is never skipped). At most `max_inflight`
 microbatches of this node are in the pipeline at once.
 
-When a hop of one of our microbatches fails (`node.faults.detection` reports it here, whichever node saw it),
-the origin re-routes the microbatch around the failed peer (`node.faults.reroute`), tells the round's nodes its
-new path, and sends it again from hop 0 with the next attempt number.
+Two parts, so that the executor, the origin and the fault component can be built in order, each given
+the ones before it:
+- `OriginBook` is what the origin knows of the round: its open microbatches, their labels and attempts,
+  the peers to avoid, and the result. The executor reports losses and completions into it (`OriginHooks`),
+  and the fault component reads and updates it when it re-routes a microbatch (`node/faults/faults.py`).
+- `Origin` drives a round: it fills the book, starts microbatches, and waits for them.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from lm.data import TokenStream
-from node.stage.executor import OriginHooks, StageExecutor
-from node.faults.detection import DEADLINE, DeadPeers
-from node.host.metrics import NodeMetrics
-from node.faults.reroute import Rerouter
-from protocol.envelope import HopSpec, make_envelope
+from node.stage.compute import OriginHooks
+from node.stage.executor import StageExecutor
+from protocol.envelope import make_envelope
 from protocol.generated.swarm.v1 import stage_pb2 as pb
-from protocol.records import NodeRecord, PlannedMicrobatch, RoundPlan
-
-log = logging.getLogger(__name__)
+from protocol.records import PlannedMicrobatch, RoundPlan
 
 
 @dataclass
@@ -44,171 +40,51 @@ class RoundResult:
         return sum(self.losses.values()) / len(self.losses) if self.losses else None
 
 
-@dataclass
-class Recovery:
-    """What an origin needs to re-route a failed microbatch."""
+@dataclass(frozen=True)
+class Failed:
+    """A current attempt of an open microbatch whose hop failed: what re-routing it needs."""
 
-    dead: DeadPeers
-    rerouter: Rerouter
-    members: Callable[[], dict[str, NodeRecord]]  # the swarm's records, for compute times
-    notify: Callable[[dict[str, str], pb.RerouteNotice], None]  # peer id -> endpoint
-    metrics: NodeMetrics
-    max_attempts: int  # re-routes per microbatch before it is given up
+    plan: RoundPlan
+    attempt: int  # the attempt that failed
+    input_ids: torch.Tensor
+    avoid: frozenset[str]  # peers that failed a hop of ours this round
 
 
-class Origin(OriginHooks):
-    def __init__(self, swarm: str, executor: StageExecutor, data: TokenStream, batch_size: int, seq_len: int,
-                 max_inflight: int, seed: int, keep_logits: bool = False):
-        self.swarm = swarm
-        self.executor = executor
-        self.data = data
-        self.batch_size = batch_size
-        self.seq_len = seq_len
-        self.max_inflight = max_inflight
-        self.seed = seed
-        self.keep_logits = keep_logits
-        self._cv = threading.Condition()
+class OriginBook(OriginHooks):
+    """The origin's microbatches of the current round. Thread-safe: the executor's worker, the fault
+    component and the round loop all use it."""
+
+    def __init__(self, tokens_per_microbatch: int):
+        self.tokens_per_microbatch = tokens_per_microbatch
+        self.cv = threading.Condition()
+        self.deadline = 0.0
+        self.stop = threading.Event()
+        self._keep_logits = False
         self._labels: dict[tuple[int, int], torch.Tensor] = {}
         self._open: set[tuple[int, int]] = set()
-        self._result = RoundResult()
-        self.recovery: Recovery | None = None
-        self._plan: RoundPlan | None = None
-        self._deadline = 0.0
-        self._stop = threading.Event()
         self._attempts: dict[int, int] = {}  # microbatch -> its current attempt
-        self._avoid: set[str] = set()  # peers that failed a hop of ours this round
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reroute")
-        executor.origin = self
+        self._avoid: set[str] = set()
+        self._plan: RoundPlan | None = None
+        self._result = RoundResult()
 
-    # ---- hooks the executor calls ----------------------------------------------------------------------------
-    def labels(self, round_: int, microbatch: int) -> torch.Tensor | None:
-        with self._cv:
-            return self._labels.get((round_, microbatch))
+    # ---- the round's lifetime (the origin) -----------------------------------------------------------------
+    def open_round(self, plan: RoundPlan | None, deadline: float, stop: threading.Event, keep_logits: bool) -> None:
+        with self.cv:
+            self._result, self._attempts, self._avoid = RoundResult(), {}, set()
+            self._plan, self.deadline, self.stop, self._keep_logits = plan, deadline, stop, keep_logits
 
-    def on_loss(self, round_: int, microbatch: int, loss: float, logits: torch.Tensor) -> None:
-        with self._cv:
-            if (round_, microbatch) in self._open:
-                self._result.losses[microbatch] = loss
-                if self.keep_logits:
-                    self._result.logits[microbatch] = logits.detach()
+    def add(self, round_: int, microbatch: int, input_ids: torch.Tensor) -> None:
+        with self.cv:
+            self._labels[(round_, microbatch)] = input_ids
+            self._open.add((round_, microbatch))
 
-    def on_done(self, round_: int, microbatch: int) -> None:
-        self._close(round_, microbatch, None)
+    def in_flight(self) -> int:
+        with self.cv:
+            return len(self._open)
 
-    def on_failed(self, round_: int, microbatch: int, reason: str) -> None:
-        self._close(round_, microbatch, reason)
-
-    def on_failure_report(self, report: pb.FailureReport) -> None:
-        """A hop of one of our microbatches failed (seen here or elsewhere): re-route it, off this thread."""
-        with self._cv:
-            if (report.round, report.microbatch) not in self._open:
-                return
-            if report.attempt != self._attempts.get(report.microbatch, 0):
-                return  # about an attempt we already replaced
-        if self.recovery is None:
-            self.on_failed(report.round, report.microbatch, report.reason)
-            return
-        self._pool.submit(self._reroute, report)
-
-    def _reroute(self, report: pb.FailureReport) -> None:
-        rec, mb = self.recovery, report.microbatch
-        with self._cv:
-            if report.failed_peer:  # dead, hung or refusing: not for this round
-                self._avoid.add(report.failed_peer)
-            avoid = rec.dead.snapshot() | self._avoid
-            plan, key = self._plan, (report.round, mb)
-            if key not in self._open or plan is None or report.attempt != self._attempts.get(mb, 0):
-                return
-            attempt = report.attempt + 1
-            ids = self._labels.get(key)
-        if attempt > rec.max_attempts:
-            self._abandon(plan, report.round, mb, attempt, avoid,
-                          f"gave up after {report.attempt + 1} attempts: {report.reason}")
-            return
-        path = rec.rerouter.path_for(plan, mb, frozenset(avoid), rec.members())
-        if path is None and report.reason.startswith(DEADLINE) and report.failed_peer not in rec.dead:
-            # Slow, not gone, and nothing else can take the hop: waiting for it beats losing the microbatch.
-            # Should the peer die after all, the hop watch reports that too, and the round's deadline stands.
-            log.info("round %d microbatch %d: no other path than through the slow %s; waiting for it", report.round,
-                     mb, report.failed_peer[-8:])
-            return
-        if path is None:
-            log.warning("round %d microbatch %d: no live path avoids %s; it is lost (%s)", report.round, mb,
-                        ", ".join(sorted(p[-8:] for p in avoid)), report.reason)
-            self._abandon(plan, report.round, mb, attempt, avoid, f"no live path: {report.reason}")
-            return
-        with self._cv:
-            if key not in self._open:
-                return
-            self._attempts[mb] = attempt
-            self._result.reroutes += 1
-        notice = pb.RerouteNotice(swarm_id=self.swarm, round=report.round, microbatch=mb, attempt=attempt,
-                                  path=[h.to_pb() for h in path])
-        peers = {h.peer_id: h.endpoint for m in plan.microbatches for h in m.path}
-        peers.update({h.peer_id: h.endpoint for h in path})
-        rec.notify({p: e for p, e in peers.items() if p not in avoid}, notice)
-        rec.metrics.reroutes.inc()
-        log.info("round %d microbatch %d: re-routed as attempt %d via %s (%s)", report.round, mb, attempt,
-                 _describe(path), report.reason)
-        self._start(make_envelope(self.swarm, report.round, mb, path, hop=0, attempt=attempt), ids)
-
-    def _abandon(self, plan: RoundPlan, round_: int, mb: int, attempt: int, avoid, reason: str) -> None:
-        """Give a microbatch up: a notice with an empty path tells the round's nodes (us included) to stop
-        waiting for its hops and free what they kept, so the round does not wait out its deadline."""
-        notice = pb.RerouteNotice(swarm_id=self.swarm, round=round_, microbatch=mb, attempt=attempt)
-        peers = {h.peer_id: h.endpoint for m in plan.microbatches for h in m.path}
-        self.recovery.notify({p: e for p, e in peers.items() if p not in avoid}, notice)
-        self.on_failed(round_, mb, reason)
-
-    def _start(self, env: pb.Envelope, ids: torch.Tensor) -> None:
-        while not self.executor.start_microbatch(env, ids):  # our own activation memory is full
-            if self._stop.is_set() or time.monotonic() > self._deadline:
-                return
-            time.sleep(0.05)
-
-    def interrupt(self) -> None:
-        """Wake `run_round`'s waits (the node is stopping; they re-check their stop event)."""
-        with self._cv:
-            self._cv.notify_all()
-
-    def _close(self, round_: int, microbatch: int, failure: str | None) -> None:
-        with self._cv:
-            if (round_, microbatch) not in self._open:
-                return
-            self._open.discard((round_, microbatch))
-            self._labels.pop((round_, microbatch), None)
-            if failure is None:
-                self._result.tokens += self.batch_size * self.seq_len
-            else:
-                self._result.failed[microbatch] = failure
-                self._result.losses.pop(microbatch, None)
-            self._cv.notify_all()
-
-    # ---- driving a round -------------------------------------------------------------------------------------
-    def sample(self, round_: int, microbatch: int) -> torch.Tensor:
-        """Deterministic in (seed, round, microbatch): a re-sent microbatch carries the same tokens."""
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + round_) * 1_000_003 + microbatch)
-        return self.data.sample(gen, self.batch_size, self.seq_len)
-
-    def run_round(self, round_: int, microbatches: list[PlannedMicrobatch], deadline: float,
-                  stop: threading.Event, inputs: dict[int, torch.Tensor] | None = None,
-                  plan: RoundPlan | None = None) -> RoundResult:
-        """Feed this node's microbatches of the round and wait for them; `inputs` overrides sampling.
-        With the round's `plan`, failed microbatches are re-routed."""
-        with self._cv:
-            self._result = RoundResult()
-            self._plan, self._deadline, self._stop, self._attempts, self._avoid = plan, deadline, stop, {}, set()
-        for mb in microbatches:
-            ids = inputs[mb.id] if inputs is not None else self.sample(round_, mb.id)
-            with self._cv:
-                if not self._cv.wait_for(lambda: len(self._open) < self.max_inflight or stop.is_set(),
-                                         max(0.0, deadline - time.monotonic())) or stop.is_set():
-                    break
-                self._labels[(round_, mb.id)] = ids
-                self._open.add((round_, mb.id))
-            self._start(make_envelope(self.swarm, round_, mb.id, mb.path, hop=0), ids)
-        with self._cv:
-            self._cv.wait_for(lambda: not self._open or stop.is_set(), max(0.0, deadline - time.monotonic()))
+    def close_round(self) -> RoundResult:
+        """Whatever is still open timed out; the result is final."""
+        with self.cv:
             for key in list(self._open):
                 self._result.failed[key[1]] = "timed out"
                 self._result.losses.pop(key[1], None)  # a loss counts only with its tokens
@@ -217,9 +93,108 @@ class Origin(OriginHooks):
             self._plan = None
             return self._result
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    # ---- hooks the executor calls --------------------------------------------------------------------------
+    def labels(self, round_: int, microbatch: int) -> torch.Tensor | None:
+        with self.cv:
+            return self._labels.get((round_, microbatch))
+
+    def on_loss(self, round_: int, microbatch: int, loss: float, logits: torch.Tensor) -> None:
+        with self.cv:
+            if (round_, microbatch) in self._open:
+                self._result.losses[microbatch] = loss
+                if self._keep_logits:
+                    self._result.logits[microbatch] = logits.detach()
+
+    def on_done(self, round_: int, microbatch: int) -> None:
+        self.close(round_, microbatch, None)
+
+    def on_failed(self, round_: int, microbatch: int, reason: str) -> None:
+        self.close(round_, microbatch, reason)
+
+    def close(self, round_: int, microbatch: int, failure: str | None) -> None:
+        with self.cv:
+            if (round_, microbatch) not in self._open:
+                return
+            self._open.discard((round_, microbatch))
+            self._labels.pop((round_, microbatch), None)
+            if failure is None:
+                self._result.tokens += self.tokens_per_microbatch
+            else:
+                self._result.failed[microbatch] = failure
+                self._result.losses.pop(microbatch, None)
+            self.cv.notify_all()
+
+    # ---- what re-routing reads and changes (node/faults/faults.py) -----------------------------------------
+    def is_current(self, report: pb.FailureReport) -> bool:
+        """The report is about an open microbatch's current attempt (not one already replaced)."""
+        with self.cv:
+            return ((report.round, report.microbatch) in self._open
+                    and report.attempt == self._attempts.get(report.microbatch, 0))
+
+    def failed(self, report: pb.FailureReport) -> Failed | None:
+        """Note the failed peer as one to avoid this round; the microbatch's state, if it is still current."""
+        with self.cv:
+            if report.failed_peer:  # dead, hung or refusing: not for this round
+                self._avoid.add(report.failed_peer)
+            key = (report.round, report.microbatch)
+            if key not in self._open or self._plan is None or report.attempt != self._attempts.get(key[1], 0):
+                return None
+            return Failed(self._plan, report.attempt, self._labels[key], frozenset(self._avoid))
+
+    def adopt(self, round_: int, microbatch: int, attempt: int) -> bool:
+        """`attempt` is now the microbatch's current one; False when it closed meanwhile."""
+        with self.cv:
+            if (round_, microbatch) not in self._open:
+                return False
+            self._attempts[microbatch] = attempt
+            self._result.reroutes += 1
+            return True
 
 
-def _describe(path: tuple[HopSpec, ...]) -> str:
-    return " -> ".join(f"{h.stage}@{h.peer_id[-6:]}" for h in path)
+class Origin:
+    def __init__(self, swarm: str, executor: StageExecutor, book: OriginBook, data: TokenStream, batch_size: int,
+                 seq_len: int, max_inflight: int, seed: int, memory_retry_s: float):
+        self.swarm = swarm
+        self.executor = executor
+        self.book = book
+        self.data = data
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.max_inflight = max_inflight
+        self.seed = seed
+        self.memory_retry_s = memory_retry_s  # how often a full activation memory is tried again
+
+    def sample(self, round_: int, microbatch: int) -> torch.Tensor:
+        """Deterministic in (seed, round, microbatch): a re-sent microbatch carries the same tokens."""
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + round_) * 1_000_003 + microbatch)
+        return self.data.sample(gen, self.batch_size, self.seq_len)
+
+    def start(self, env: pb.Envelope, input_ids: torch.Tensor) -> None:
+        """Hop 0 of a microbatch (or of its new attempt), once our own activation memory has room."""
+        while not self.executor.start_microbatch(env, input_ids):
+            if time.monotonic() > self.book.deadline or self.book.stop.wait(self.memory_retry_s):
+                return
+
+    def run_round(self, round_: int, microbatches: list[PlannedMicrobatch], deadline: float,
+                  stop: threading.Event, inputs: dict[int, torch.Tensor] | None = None,
+                  plan: RoundPlan | None = None, keep_logits: bool = False) -> RoundResult:
+        """Feed this node's microbatches of the round and wait for them; `inputs` overrides sampling.
+        With the round's `plan`, failed microbatches can be re-routed; `keep_logits` keeps them in the result."""
+        book = self.book
+        book.open_round(plan, deadline, stop, keep_logits)
+        for mb in microbatches:
+            ids = inputs[mb.id] if inputs is not None else self.sample(round_, mb.id)
+            with book.cv:
+                if not book.cv.wait_for(lambda: book.in_flight() < self.max_inflight or stop.is_set(),
+                                        max(0.0, deadline - time.monotonic())) or stop.is_set():
+                    break
+                book.add(round_, mb.id, ids)
+            self.start(make_envelope(self.swarm, round_, mb.id, mb.path, hop=0), ids)
+        with book.cv:
+            book.cv.wait_for(lambda: not book.in_flight() or stop.is_set(), max(0.0, deadline - time.monotonic()))
+        return book.close_round()
+
+    def interrupt(self) -> None:
+        """Wake `run_round`'s waits (the node is stopping; they re-check their stop event)."""
+        with self.book.cv:
+            self.book.cv.notify_all()

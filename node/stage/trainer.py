@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections.abc import Callable
 
 import torch
 
 from lm.stage import PipelineStage
-
-_RECHECK_S = 0.25  # how often a waiting FetchState looks whether its caller is still there
+from node.config import TrainingConfig
+from node.process.waits import wait_until
 
 
 class StageTrainer:
-    def __init__(self, module: PipelineStage, lr: float, weight_decay: float, grad_clip: float,
-                 warmup_rounds: float):
+    def __init__(self, module: PipelineStage, settings: TrainingConfig, recheck_s: float):
         self.module = module
+        self.recheck_s = recheck_s  # how often a waiting FetchState looks whether its caller is still there
         self.stage = module.stage
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
-        self.grad_clip = grad_clip
-        self.base_lr = lr
-        self.warmup_rounds = warmup_rounds
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.grad_clip = settings.grad_clip
+        self.base_lr = settings.lr
+        self.warmup_rounds = settings.warmup_rounds
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.completed_round = -1  # the last round whose step this stage has taken
         self.last_grad_norm = 0.0  # CheckFree weighs a neighbour's layers by it
         # Held while parameters change, so a joining replica never copies a half-applied step.
@@ -74,14 +73,8 @@ class StageTrainer:
 
         Gives up (False) after `timeout` seconds, once `cancelled()` is true, or when the trainer is closed.
         """
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            while self.completed_round < round_:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed or cancelled():
-                    return False
-                self.lock.wait(min(left, _RECHECK_S))
-            return True
+        return wait_until(self.lock, lambda: self.completed_round >= round_, timeout, self.recheck_s,
+                          lambda: self._closed or cancelled())
 
     def close(self) -> None:
         """The node is stopping: wake and fail every `wait_completed`."""

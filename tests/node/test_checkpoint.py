@@ -7,6 +7,7 @@ import torch
 from lm.build import build_stage
 from lm.presets import resolve_model
 from lm.tokenizer import load_tokenizer
+from node.config import TrainingConfig
 from node.control.checkpoint import StageCheckpoints
 from node.control.restore import checkfree
 from node.stage.trainer import StageTrainer
@@ -17,7 +18,8 @@ NUM_STAGES = 3
 def trainer(stage: int, seed: int = 0) -> StageTrainer:
     spec = resolve_model("tiny", load_tokenizer(None).vocab_size)
     module = build_stage(spec, stage, NUM_STAGES, seed, torch.device("cpu"), torch.float32)
-    return StageTrainer(module, lr=1e-2, weight_decay=0.0, grad_clip=1.0, warmup_rounds=0)
+    return StageTrainer(module, TrainingConfig(lr=1e-2, weight_decay=0.0, grad_clip=1.0, warmup_rounds=0),
+                        recheck_s=0.25)
 
 
 def step(t: StageTrainer, round_: int) -> None:

@@ -77,6 +77,6 @@ def test_codec_options():
     add_node_arguments(parser)
     config = load_config(parser.parse_args(["--new-swarm", "--activation-codec", "int8"]),
                          {"SWARM_NODE_GRADIENT_CODEC": "bf16"})
-    assert (config.activation_codec, config.gradient_codec) == ("int8", "bf16")
+    assert (config.dataplane.activation_codec, config.dataplane.gradient_codec) == ("int8", "bf16")
     with pytest.raises(UsageError, match="--activation-codec = 'zstd': must be one of raw, bf16, int8, int4, lowrank"):
         load_config(parser.parse_args(["--new-swarm", "--activation-codec", "zstd"]), {})

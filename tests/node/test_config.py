@@ -16,8 +16,9 @@ def test_flags_override_env_which_overrides_the_file(tmp_path):
     path = tmp_path / "node.toml"
     path.write_text('new-swarm = true\nport = 7000\nmetrics_port = 7001\nstages = [2, 3]\nlr = 0.1\n')
     config = parse(["--config", str(path), "--port", "7100"], {"SWARM_NODE_METRICS_PORT": "7201"})
-    assert (config.port, config.metrics_port, config.stages, config.lr) == (7100, 7201, "2,3", 0.1)
-    assert config.hosted_stages() == [2, 3] and config.new_swarm
+    assert (config.network.port, config.network.metrics_port, config.roles.stages, config.training.lr) == \
+        (7100, 7201, "2,3", 0.1)
+    assert config.roles.hosted_stages() == [2, 3] and config.swarm.new_swarm
 
 
 @pytest.mark.parametrize("argv, environ, message", [

@@ -14,13 +14,12 @@ import json
 import math
 import os
 import signal
-import urllib.request
 
 import pytest
 
 from node.cli import main
 from node.process.local_swarm import LocalSwarm
-from tests.helpers import rounds, run_cli, wait_for
+from tests.helpers import metric, rounds, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -93,12 +92,6 @@ def listed(swarm) -> list[dict]:
     result = run_cli("experts", "list", "--swarm", SWARM, "--json", "--initial-peers", *swarm.initial_peers())
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def metric(n, name: str) -> float:
-    with urllib.request.urlopen(n.started()["metrics_url"], timeout=5) as response:
-        text = response.read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 def test_experts_train_while_the_pipeline_trains(swarm):

@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import urllib.request
 
 import pytest
 
 from node.process.local_swarm import LocalSwarm
-from tests.helpers import rounds, run_cli, wait_for
+from tests.helpers import metric, rounds, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +32,6 @@ COMMON = ["--num-stages", "3", "--visits", "2", "--microbatches", "4", "--max-in
 
 def log(n) -> str:
     return n.log_path.read_text()
-
-
-def metric(n, name: str) -> float:
-    text = urllib.request.urlopen(n.started()["metrics_url"], timeout=10).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 def test_kill_restart_and_lose_a_stage(tmp_path):
@@ -61,8 +55,8 @@ def test_kill_restart_and_lose_a_stage(tmp_path):
         victim = wait_for(lambda: next((n for n in (s1a, s1b) if n.events()[-1]["event"] == "round"), None), 60,
                           "a stage-1 replica in the plans")
         survivor = s1b if victim is s1a else s1a
-        wait_for(lambda: metric(victim, "swarm_node_activation_microbatches") > 0, 60, "activations held",
-                 interval=0.02)
+        wait_for(lambda: metric(victim, "swarm_node_activation_microbatches", timeout=10) > 0, 60,
+                 "activations held", interval=0.02)
         victim_peer = victim.started()["peer_id"]
         os.killpg(victim.process.pid, signal.SIGKILL)
         victim.process.wait()
@@ -74,11 +68,11 @@ def test_kill_restart_and_lose_a_stage(tmp_path):
             assert e["failed"] == 0 and e["loss"] is not None, (r, e)
         assert history[killed_round]["wall_s"] < 30, history[killed_round]  # far below the 60 s round timeout
         alive = [data, survivor, s2]
-        assert sum(metric(n, "swarm_node_peers_declared_dead_total") for n in alive) >= 1
-        assert sum(metric(n, "swarm_node_failed_hops_total") for n in alive) >= 1
-        assert metric(data, "swarm_node_reroutes_total") >= 1
+        assert sum(metric(n, "swarm_node_peers_declared_dead_total", timeout=10) for n in alive) >= 1
+        assert sum(metric(n, "swarm_node_failed_hops_total", timeout=10) for n in alive) >= 1
+        assert metric(data, "swarm_node_reroutes_total", timeout=10) >= 1
         assert sum(e.get("reroutes", 0) for e in history.values()) >= 1
-        assert metric(data, "swarm_node_rounds_aborted_total") == 0
+        assert metric(data, "swarm_node_rounds_aborted_total", timeout=10) == 0
 
         # 2. Restart it with the same identity and checkpoint directory, and meanwhile (3.) kill the only
         # node of stage 2, then start a new node for stage 2.

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -35,7 +34,7 @@ from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.limits import WireLimits
 from protocol.service import SERVICE, StageStub
 from protocol.tensor_frames import encode_frames
-from tests.helpers import REPO, alive, descendants, node, wait_for
+from tests.helpers import REPO, alive, descendants, node, sample, scrape, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -94,22 +93,6 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def scrape(metrics_url: str) -> dict[str, float]:
-    """Every sample of a node's /metrics, by name with labels."""
-    with urllib.request.urlopen(metrics_url, timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
-def metric(n, name: str) -> float | None:
-    return scrape(n.started()["metrics_url"]).get(name)
-
-
 def phase_of(metrics_url: str) -> str | None:
     for name, value in scrape(metrics_url).items():
         found = re.fullmatch(r'swarm_node_phase\{swarm_node_phase="(\w+)"\}', name)
@@ -135,11 +118,11 @@ def stop_in_phase(process: subprocess.Popen, metrics_url: str, phase: str, send)
 # ---- while the swarm trains -----------------------------------------------------------------------------------
 def test_metrics_count_rounds_and_loss_only_where_computed(swarm):
     d0, s1 = node(swarm, "d0"), node(swarm, "s1")
-    first = wait_for(lambda: metric(d0, "swarm_node_rounds_completed_total"), 120, "a completed round on d0")
-    wait_for(lambda: metric(d0, "swarm_node_rounds_completed_total") > first, 120, "another completed round")
-    assert metric(d0, "swarm_node_rounds_aborted_total") == 0
-    assert 0 < metric(d0, "swarm_node_loss") < 10
-    wait_for(lambda: metric(s1, "swarm_node_rounds_completed_total"), 120, "a completed round on s1")
+    first = wait_for(lambda: sample(d0, "swarm_node_rounds_completed_total"), 120, "a completed round on d0")
+    wait_for(lambda: sample(d0, "swarm_node_rounds_completed_total") > first, 120, "another completed round")
+    assert sample(d0, "swarm_node_rounds_aborted_total") == 0
+    assert 0 < sample(d0, "swarm_node_loss") < 10
+    wait_for(lambda: sample(s1, "swarm_node_rounds_completed_total"), 120, "a completed round on s1")
     samples = scrape(s1.started()["metrics_url"])
     assert "swarm_node_loss" not in samples  # stage 1 computes no loss: no series at all, not a 0
     assert samples['swarm_node_state{swarm_node_state="serving"}'] == 1.0
@@ -216,8 +199,8 @@ def test_fuzzed_frames_get_a_status_with_a_reason_and_the_node_keeps_serving(swa
     assert errors >= errors_before + refused
     # The swarm still trains through it.
     d0 = node(swarm, "d0")
-    done = metric(d0, "swarm_node_rounds_completed_total")
-    wait_for(lambda: metric(d0, "swarm_node_rounds_completed_total") > done, 120, "a round after the fuzzing")
+    done = sample(d0, "swarm_node_rounds_completed_total")
+    wait_for(lambda: sample(d0, "swarm_node_rounds_completed_total") > done, 120, "a round after the fuzzing")
 
 
 def test_heartbeat_age_grows_while_the_dht_process_is_frozen(swarm):
@@ -225,10 +208,10 @@ def test_heartbeat_age_grows_while_the_dht_process_is_frozen(swarm):
     dht = _dht_process(s1.process.pid)
     os.kill(dht, signal.SIGSTOP)
     try:
-        wait_for(lambda: metric(s1, "swarm_node_dht_heartbeat_age_seconds") > 4, 30, "a growing heartbeat age")
+        wait_for(lambda: sample(s1, "swarm_node_dht_heartbeat_age_seconds") > 4, 30, "a growing heartbeat age")
     finally:
         os.kill(dht, signal.SIGCONT)
-    wait_for(lambda: metric(s1, "swarm_node_dht_heartbeat_age_seconds") < 3, 30, "a fresh heartbeat again")
+    wait_for(lambda: sample(s1, "swarm_node_dht_heartbeat_age_seconds") < 3, 30, "a fresh heartbeat again")
 
 
 def _python_children(pid: int) -> list[int]:
@@ -263,7 +246,7 @@ def test_ctrl_c_from_a_terminal_stops_a_node_in_compute_and_kill_9_leaves_no_orp
     node_pid = next(p for p in descendants(shell.pid) if _ppid(p) == shell.pid)
     assert not _sigint_ignored(node_pid)
     q = swarm.lonely.nodes[0]
-    wait_for(lambda: metric(q, "swarm_node_rounds_completed_total"), 120, "a round in the lonely swarm")
+    wait_for(lambda: sample(q, "swarm_node_rounds_completed_total"), 120, "a round in the lonely swarm")
     wait_for(lambda: phase_of(url) == "compute", 60, "PL in compute")
     os.kill(q.process.pid, signal.SIGSTOP)  # the round's remaining hops wait at q: PL stays in compute
     # Ctrl-C: SIGINT to the terminal's foreground process group, the shell and the node.

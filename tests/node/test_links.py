@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from node.config import LinkConfig
 from node.dataplane.link_emulation import EmulationError, LinkEmulator
 from node.control.links import LinkMeter
 from node.control.planning import DEFAULT_LINK, from_wire, live_problem, plan_round
@@ -35,7 +36,7 @@ def test_links_record_skips_and_counts_malformed_entries():
 
 
 def test_meter_smooths_and_removes_latency():
-    meter = LinkMeter("me")
+    meter = LinkMeter("me", LinkConfig())
     meter.observe_rtt("x", 0.2)
     assert meter.estimates()["x"].bandwidth_Bps == 0.0  # no large hop yet: planners use their default
     meter.observe_send("x", 1_000_000, 0.1 + 1.0)  # one-way latency 0.1 s, then 1 MB at 1 MB/s

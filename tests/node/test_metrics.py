@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -12,15 +11,9 @@ import urllib.request
 import pytest
 
 from node.process.local_swarm import LocalSwarm
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _query(port: int, expr: str) -> list[dict]:
@@ -45,7 +38,7 @@ def test_prometheus_scrapes_a_training_node(tmp_path):
         config = tmp_path / "prometheus.yml"
         config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: swarm-node\n"
                           f"    static_configs:\n      - targets: ['{target}']\n")
-        port = _free_port()
+        port = free_port()
         server = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                    f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)

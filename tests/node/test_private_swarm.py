@@ -8,7 +8,6 @@ import json
 import os
 import stat
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -22,7 +21,7 @@ from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
 from protocol.service import StageStub
 from protocol.swarm_key import load_key_file
 from protocol.tensor_frames import encode_frames
-from tests.helpers import node, rounds, run_cli, wait_for
+from tests.helpers import free_port, metric, node, rounds, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -57,12 +56,6 @@ def status(swarm, key) -> dict[str, dict]:
     result = run_cli("status", "--swarm", SWARM, "--json", "--initial-peers", *swarm.initial_peers(), *extra)
     assert result.returncode == 0, result.stderr
     return {row["peer"]: row for row in json.loads(result.stdout)["nodes"]}
-
-
-def metric(n, name: str) -> float:
-    text = urllib.request.urlopen(n.started()["metrics_url"], timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
 
 
 def test_keygen_writes_a_private_256_bit_key(swarm):
@@ -280,19 +273,11 @@ def test_reachability_self_check(swarm):
                         memory_slots=8, role="stage", version="x", swarm=SWARM, round=0, state=NodeState.SERVING)
     clients = StageClients(WireLimits(), auth)
     try:
-        closed = f"127.0.0.1:{_closed_port()}"
-        result = self_check({record.peer_id: record}, "me", closed, [], clients)
+        closed = f"127.0.0.1:{free_port()}"
+        result = self_check({record.peer_id: record}, "me", closed, [], clients, timeout=10)
         assert not result.ok and f"open TCP port {closed.split(':')[1]}" in result.message, result.message
         code, details = _code(clients.stub(started["endpoint"]).CheckReachability,
                               pb.ReachabilityRequest(endpoint="10.255.255.1:9"))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "only dials back its caller" in details
     finally:
         clients.close()
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from node.control.planning import plan_round
-from node.faults.reroute import Rerouter, expected_round_seconds, plan_around_missing
+from node.faults.reroute import PathRepair, expected_round_seconds, plan_around_missing
 from protocol.records import NodeRecord, NodeState
 
 
@@ -35,7 +35,7 @@ def skip_plan(m, round_, num_stages, visits, per_origin, planner, activation_byt
 def test_full_pipeline_moves_the_dead_replica_to_its_twin_and_keeps_balance():
     m = members(("d0", (0,)), ("a1", (1,)), ("b1", (1,)), ("c2", (2,)))
     plan = full_pipeline_plan(m, 3, 3, 4, "d0")
-    rerouter = Rerouter(activation_bytes=1 << 16)
+    rerouter = PathRepair(activation_bytes=1 << 16)
     broken = [mb.id for mb in plan.microbatches if any(h.peer_id == "a1" for h in mb.path)]
     assert broken
     paths = {mb: rerouter.path_for(plan, mb, frozenset({"a1"}), m) for mb in broken}
@@ -49,7 +49,7 @@ def test_full_pipeline_moves_the_dead_replica_to_its_twin_and_keeps_balance():
 def test_skip_plan_replaces_a_lost_stage_with_the_least_visited_one():
     m = members(("d0", (0,)), ("s1", (1,)), ("s2", (2,)), ("s3", (3,)))
     plan = skip_plan(m, 5, 4, 3, 3, "d0", 1 << 16)
-    rerouter = Rerouter(activation_bytes=1 << 16)
+    rerouter = PathRepair(activation_bytes=1 << 16)
     visits = Counter()
     for mb in plan.microbatches:
         path = rerouter.path_for(plan, mb.id, frozenset({"s2"}), m)
@@ -69,7 +69,7 @@ def test_expected_round_time_is_the_busiest_nodes_compute():
 def test_repair_keeps_full_pipelines_in_stage_order():
     m = members(("d0", (0,)), ("a1", (1,)), ("b1", (1,)), ("c2", (2,)), ("e2", (2,)))
     plan = full_pipeline_plan(m, 1, 3, 6, "d0")
-    rerouter = Rerouter(activation_bytes=1 << 16)
+    rerouter = PathRepair(activation_bytes=1 << 16)
     for mb in plan.microbatches:
         path = rerouter.path_for(plan, mb.id, frozenset({"a1"}), m)
         assert [h.stage for h in path] == [0, 1, 2, 0] and path[1].peer_id == "b1"

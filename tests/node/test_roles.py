@@ -1,5 +1,5 @@
 from experts.sizing import choose_domain
-from node.roles import Role, choose_stages, stage_in_need
+from node.roles.choice import Role, choose_stages, stage_in_need
 from protocol.records import NodeRecord, NodeState
 
 

@@ -11,12 +11,10 @@ import json
 import os
 import signal
 import time
-import urllib.request
 
 import grpc
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from node.process.local_swarm import LocalSwarm
 from protocol.envelope import HopSpec, make_envelope
@@ -25,7 +23,7 @@ from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.service import StageStub
 from protocol.limits import WireLimits
 from protocol.tensor_frames import encode_frames
-from tests.helpers import alive, descendants, node, rounds, run_cli, wait_for
+from tests.helpers import alive, descendants, metric_sums, metrics_text, node, rounds, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -56,17 +54,6 @@ def status(swarm) -> dict[str, dict]:
     return {row["peer"]: row for row in json.loads(result.stdout)["nodes"]}
 
 
-def scrape(n) -> dict[str, float]:
-    """A node's Prometheus samples, summed over labels."""
-    with urllib.request.urlopen(n.started()["metrics_url"], timeout=5) as response:
-        text = response.read().decode()
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return values
-
-
 def test_trains_and_replicas_agree(swarm):
     data = node(swarm, "data0")
     wait_for(lambda: len(rounds(data)) >= 5, 180, "5 rounds on the data node")
@@ -87,7 +74,7 @@ def test_trains_and_replicas_agree(swarm):
     assert (shown["codecs"]["activation"], shown["codecs"]["gradient"]) == ("int8", "bf16")
     assert sorted(row["codecs"] for row in shown["nodes"]) == ["int8/bf16"] * 3 + ["raw/bf16"]
     # And the bytes on the wire are the codecs' sizes: stage 2 sends int8 activations and bf16 gradients.
-    values = scrape(node(swarm, "s2a"))
+    values = metric_sums(node(swarm, "s2a"))
     sent, fwd, bwd = (values[k] for k in ("swarm_node_sent_bytes_total", "swarm_node_microbatches_forwarded_total",
                                            "swarm_node_microbatches_backwarded_total"))
     elements = 4 * 64 * HIDDEN  # --batch-size 4, --seq-len 64 (the defaults)
@@ -133,8 +120,7 @@ def test_forged_records_and_plans_are_ignored(swarm):
     listed = status(swarm)
     assert listed[victim]["endpoint"] == members[victim].endpoint and len(listed) == len(members)
     assert all(rounds(data)[r]["failed"] == 0 for r in range(now + 1, now + 4))
-    text = "".join(urllib.request.urlopen(n.started()["metrics_url"], timeout=5).read().decode()
-                   for n in swarm.nodes if n.alive())
+    text = "".join(metrics_text(n.started()["metrics_url"]) for n in swarm.nodes if n.alive())
     dropped = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
                if line.startswith(("swarm_node_records_dropped_total", "swarm_node_dht_records_refused_total"))}
     assert sum(v for k, v in dropped.items() if "not_planner" in k) > 0, dropped

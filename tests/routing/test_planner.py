@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from routing.baselines import full_pipeline, random_skip
 from routing.constraints import check_plan

@@ -3,11 +3,12 @@
 `--role stage` hosts `--stages`; `--role expert` trains experts and needs no pipeline; `--role auto` (with
 `--stages auto`) takes a stage while one has fewer than `--min-replicas` live replicas or no data node
 serves, and trains experts otherwise. The pipeline comes first: an auto node training experts that sees a
-stage run short stops at a checkpoint and restarts itself as that stage's replica (`relaunch_args`).
+stage run short stops at a checkpoint and restarts itself as that stage's replica (`Relaunch`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 from protocol.records import NodeRecord
@@ -56,6 +57,17 @@ def choose_stages(role: str, explicit: list[int] | None, members: dict[str, Node
     return [] if need is None else [need]
 
 
-def relaunch_args(role: Role, stages: str) -> list[str]:
-    """Flags appended to this node's own command line when it restarts in another role (the last flag wins)."""
-    return ["--role", role.value, "--stages", stages]
+@dataclass(frozen=True)
+class Relaunch:
+    """A role change: the node restarts its own process with these flags appended (node/commands/run.py).
+
+    A new process rather than a swap in place, because a started gRPC server cannot drop the old role's
+    handlers, and the old role's model, optimizer and activations return their memory only with the process.
+    """
+
+    role: Role
+    stage: int | None = None  # None: --stages auto
+
+    def args(self) -> list[str]:
+        """Appended to the node's command line: the last flag wins."""
+        return ["--role", self.role.value, "--stages", "auto" if self.stage is None else str(self.stage)]

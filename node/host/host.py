@@ -1,0 +1,305 @@
+"""The host: what every node has, whatever its role (hivemind's and Petals' `Server`).
+
+`NodeHost.create` starts the identity and trust, the DHT (a forked process, so before any thread), the
+member directory, /metrics, the outgoing channels and the gRPC server's port. `serve(role)` then starts the
+server (with its options, stream guard, auth and health) over the handlers the role hands it, and the
+heartbeat that announces what the role advertises. A role receives `HostServices` and never sees the host.
+
+Stopping is two steps because a role's parts must outlive the server's in-flight calls but not the DHT:
+`stop_serving` (health NOT_SERVING, the draining record and the tombstone, then the server drains),
+the role stops, then `close` (metrics, channels, DHT, trust).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
+
+from node import VERSION
+from node.config import NodeConfig
+from node.control.discovery import SwarmDirectory
+from node.dataplane.transport import StageClients
+from node.errors import UsageError
+from node.events import EventLog
+from node.host.metrics import NodeMetrics
+from node.host.rpc_guard import RpcGuard
+from node.host.stream_guard import StreamGuard
+from node.host.trust import NodeTrust
+from node.process.children import die_with_parent
+from protocol.grpc_options import server_options
+from protocol.limits import WireLimits
+from protocol.records import NodeRecord, NodeState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Advertised:
+    """What a role says of itself in the node's record; the host adds identity, address, state and time."""
+
+    role: str  # "data", "stage" or "expert"
+    stages: tuple[int, ...] = ()
+    compute_s: dict[int, float] | None = None
+    memory_slots: int = 0
+    round: int = 0
+    num_stages: int = 0
+    codecs: tuple[str, str] = ("raw", "raw")
+    speaks: tuple[str, ...] = ("raw",)
+
+
+class Presence:
+    """This node's record in the DHT: its state, the heartbeat that refreshes it, and the tombstone."""
+
+    def __init__(self, directory: SwarmDirectory, metrics: NodeMetrics, base: NodeRecord, write_timeout: float,
+                 record_ttl: float):
+        self.directory = directory
+        self.metrics = metrics
+        self.base = base  # identity and addresses; state, time and the role's part change
+        self.write_timeout = write_timeout
+        self.record_ttl = record_ttl
+        self.state = NodeState.JOINING
+        self._advertised: Callable[[], Advertised] = lambda: Advertised(role="")
+
+    def advertise(self, advertised: Callable[[], Advertised]) -> None:
+        self._advertised = advertised
+
+    def record(self) -> NodeRecord:
+        a = self._advertised()
+        return replace(self.base, role=a.role, stages=a.stages, compute_s=dict(a.compute_s or {}),
+                       memory_slots=a.memory_slots, round=a.round, num_stages=a.num_stages, codecs=a.codecs,
+                       speaks=a.speaks, state=self.state, heartbeat_time=get_dht_time())
+
+    def set_state(self, state: NodeState) -> None:
+        self.state = state
+        self.metrics.state.state(state.value)
+        if state is not NodeState.LEFT:
+            self.announce()
+
+    def announce(self) -> None:
+        if not self.directory.announce(self.record(), timeout=self.write_timeout):
+            log.debug("heartbeat not confirmed by the DHT")
+
+    def leave(self) -> None:
+        """Draining first (planners drop us), then the tombstone (`left`) replaces the record."""
+        self.set_state(NodeState.DRAINING)
+        if not self.directory.withdraw(timeout=self.write_timeout):
+            log.warning("could not store the tombstone in the DHT; the record expires in %.0f s", self.record_ttl)
+        self.set_state(NodeState.LEFT)
+
+
+class Served(Protocol):
+    """What a role hands its host to serve."""
+
+    health_names: tuple[str, ...]  # gRPC services the health server reports on, besides the server's ""
+
+    def register(self, server: grpc.Server) -> None:
+        """Add the role's gRPC services to the host's server (before it starts)."""
+
+    def advertised(self) -> Advertised: ...
+
+    def on_beat(self) -> None:
+        """Called before each heartbeat."""
+
+    def started(self) -> None:
+        """The server serves the role's services now."""
+
+    def interrupt(self) -> None:
+        """The node is stopping: end the role's waits that do not watch the stop event."""
+
+
+@dataclass(frozen=True)
+class HostServices:
+    """What a role may use of its host. Everything here is started by the host and stopped by it."""
+
+    peer_id: str
+    maddrs: tuple[str, ...]
+    endpoint: str  # host:port peers dial this node's gRPC server at
+    metrics_url: str
+    dht: DHT
+    directory: SwarmDirectory  # the swarm's member records and round plans
+    trust: NodeTrust  # identity, the swarm key's RPC auth and TLS
+    clients: StageClients  # outgoing channels, closed (ending calls in flight) once the node stops
+    metrics: NodeMetrics  # the node's one registry, served at /metrics
+    events: EventLog
+    presence: Presence  # the node's record: the role says when it serves
+    guard: StreamGuard  # admission of Forward/Backward streams to the server's workers
+    stop: threading.Event
+
+
+class NodeHost:
+    def __init__(self, config: NodeConfig, stop: threading.Event, limits: WireLimits, events: EventLog):
+        self.config = config
+        self.stop = stop
+        self.limits = limits
+        self.events = events
+        self.metrics = NodeMetrics()
+        self._open = ExitStack()  # undone by close()
+        self._serving = ExitStack()  # undone by stop_serving()
+        self.endpoint = ""
+        self.metrics_url = ""
+
+    @classmethod
+    def create(cls, config: NodeConfig, stop: threading.Event, limits: WireLimits, events: EventLog) -> "NodeHost":
+        """Identity, DHT, directory and channels; on failure (or a stop meanwhile) undo what was done and raise."""
+        host = cls(config, stop, limits, events)
+        try:
+            host._open_all()
+        except BaseException:
+            host.close()
+            raise
+        return host
+
+    def _open_all(self) -> None:
+        cfg, net, undo = self.config, self.config.network, self._open
+        # Before the DHT starts, so that a taken port fails at once.
+        check_port_free(net.host, net.port, "gRPC", "--port")
+        check_port_free(net.host, net.metrics_port, "metrics", "--metrics-port")
+        self.trust = NodeTrust.create(net.identity_path, cfg.swarm.swarm_key, net.tls, net.tls_cert, net.tls_key)
+        undo.callback(self.trust.close)
+        die_with_parent()  # the DHT's forked process dies with us (node/process/children.py)
+        self.dht = self._start_dht()
+        undo.callback(self.dht.shutdown)
+        self.peer_id = self.dht.peer_id.to_base58()
+        self.maddrs = tuple(str(m) for m in self.dht.get_visible_maddrs())
+        self.metrics.watch_dht_refusals(lambda: self.trust.refused_records.value)
+        self.directory = SwarmDirectory(self.dht, cfg.swarm.id, self.peer_id, ttl=cfg.swarm.record_ttl,
+                                        owner=self.trust.owner,
+                                        on_dropped=lambda reason: self.metrics.records_dropped.labels(reason).inc(),
+                                        read_timeout=cfg.swarm.dht_read_timeout, stop=self.stop,
+                                        recheck_s=cfg.lifecycle.recheck_interval)
+        self.clients = StageClients(self.limits, self.trust.auth, self.trust.tls)
+        undo.callback(self.clients.close)
+        self.guard = StreamGuard(cfg.dataplane, cfg.lifecycle.recheck_interval,
+                                 on_refused=lambda reason: self.metrics.streams_refused.labels(reason).inc())
+        undo.callback(self.guard.close)
+        workers = ThreadPoolExecutor(max_workers=cfg.dataplane.grpc_workers, thread_name_prefix="grpc")
+        self.server = grpc.server(workers,
+                                  options=server_options(self.limits),
+                                  # the guard outermost, so that it also counts the auth interceptor's refusals
+                                  interceptors=[RpcGuard(self.metrics), *self.trust.server_interceptors(self.metrics)])
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        port = self.trust.add_port(self.server, net.host, net.port)
+        self.endpoint = f"{net.announce_host or net.host}:{net.announce_port or port}"
+        try:
+            metrics_server, _, metrics_port = self.metrics.serve(net.host, net.metrics_port)
+        except OSError as e:
+            raise UsageError(f"cannot serve metrics on port {net.metrics_port}: {e.strerror}") from None
+        undo.callback(metrics_server.shutdown)
+        self.metrics_url = f"http://{net.announce_host or net.host}:{metrics_port}/metrics"
+        self.presence = Presence(self.directory, self.metrics, NodeRecord(
+            peer_id=self.peer_id, endpoint=self.endpoint, stages=(), compute_s={}, memory_slots=0, role="",
+            version=VERSION, swarm=cfg.swarm.id, round=0, state=NodeState.JOINING, maddrs=self.maddrs,
+            metrics_url=self.metrics_url),
+            write_timeout=cfg.swarm.dht_write_timeout, record_ttl=cfg.swarm.record_ttl)
+        self.services = HostServices(peer_id=self.peer_id, maddrs=self.maddrs, endpoint=self.endpoint,
+                                     metrics_url=self.metrics_url, dht=self.dht, directory=self.directory,
+                                     trust=self.trust, clients=self.clients, metrics=self.metrics, events=self.events,
+                                     presence=self.presence, guard=self.guard, stop=self.stop)
+
+    def _start_dht(self) -> DHT:
+        cfg, net = self.config, self.config.network
+        kwargs = dict(host_maddrs=[f"/ip4/{net.host}/tcp/{net.dht_port}"], start=True,
+                      initial_peers=cfg.swarm.initial_peers or [], shutdown_timeout=cfg.lifecycle.child_exit_timeout,
+                      **self.trust.dht_kwargs())
+        if net.announce_host:
+            kwargs["announce_maddrs"] = [f"/ip4/{net.announce_host}/tcp/{net.dht_port}"]
+        try:
+            return DHT(**kwargs)
+        except Exception as e:  # hivemind raises plain exceptions for bad multiaddrs and unreachable peers
+            raise UsageError(f"could not start or join the DHT ({e}); check --initial-peers and --dht-port") from None
+
+    # ---- serving ---------------------------------------------------------------------------------------------
+    def serve(self, role: "Served") -> None:
+        """Start the gRPC server over the role's handlers, and the heartbeat that announces what it advertises
+        every --heartbeat-interval."""
+        cfg, undo = self.config, self._serving
+        role.register(self.server)
+        self.server.start()
+        undo.callback(lambda: self.server.stop(grace=cfg.lifecycle.drain_grace).wait())
+        self.presence.advertise(role.advertised)
+        self._health_names = ("", *role.health_names)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._start_thread("heartbeat", lambda: self._heartbeat(role.on_beat))
+        self._start_thread("interrupter", lambda: self._interrupt_on_stop(role.interrupt))
+        undo.callback(self._leave)
+        self.presence.announce()
+        role.started()
+
+    def _leave(self) -> None:
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.presence.leave()
+
+    def _set_health(self, status) -> None:
+        for name in self._health_names:
+            self.health.set(name, status)
+
+    def _start_thread(self, name: str, target: Callable[[], None]) -> None:
+        """A helper thread that returns once `stop` is set; stop_serving waits briefly for it."""
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._serving.callback(thread.join, self.config.swarm.dht_write_timeout)
+
+    def _heartbeat(self, on_beat: Callable[[], None]) -> None:
+        """Refresh our record; the heartbeat age metric is read from our record as the DHT returns it."""
+        stored = get_dht_time()
+        self.metrics.track_heartbeat_age(lambda: max(0.0, get_dht_time() - stored))
+        while not self.stop.wait(self.config.swarm.heartbeat_interval):
+            try:
+                on_beat()
+                self.presence.announce()
+                members = self.directory.members()
+            except Exception as e:  # the DHT may be shutting down; the next beat retries
+                log.debug("heartbeat failed: %r", e)
+                continue
+            self.metrics.visible_peers.set(len(members))
+            if self.peer_id in members:
+                stored = members[self.peer_id].heartbeat_time
+
+    def _interrupt_on_stop(self, interrupt_role: Callable[[], None]) -> None:
+        """Once stop is set, end the outgoing calls in flight (sends, pings, state transfers) and the role's
+        waits that do not watch the stop event themselves."""
+        self.stop.wait()
+        self.clients.close()
+        interrupt_role()
+
+    # ---- stopping --------------------------------------------------------------------------------------------
+    def stop_serving(self) -> None:
+        """Withdraw (draining record, tombstone), stop the heartbeat, drain the server."""
+        self.stop.set()
+        self._serving.close()
+
+    def close(self) -> None:
+        """Close /metrics, the channels, the stream guard, the DHT and the trust material (after stop_serving)."""
+        self.stop.set()
+        self._serving.close()
+        self._open.close()
+
+
+def check_port_free(host: str, port: int, what: str, flag: str) -> None:
+    """Refuse a taken fixed port (0 picks a free one later). The probe sets SO_REUSEADDR as gRPC does, so
+    only a port someone listens on is refused."""
+    if not port:
+        return
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise UsageError(f"cannot serve {what} on {host}:{port}: {e.strerror}") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UsageError(f"cannot serve {what} on {host}:{port}: {e.strerror}; pick another {flag}") from None

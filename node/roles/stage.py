@@ -1,0 +1,265 @@
+"""The stage role: host pipeline stages and take part in rounds; on stage 0, also feed the data.
+
+Built from the host's services in dependency order, each part handed the ones before it:
+trainers → origin book → executor → origin → faults → sender → links → round loop → servicer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import threading
+import time
+from contextlib import ExitStack
+
+import grpc
+import torch
+
+from lm.build import build_stage
+from lm.data import load_corpus
+from lm.stage import PipelineStage
+from lm.whole import save_stage_shard
+from node.config import NodeConfig
+from node.control.averaging import GradientExchange
+from node.control.checkpoint import StageCheckpoints
+from node.control.links import LinkBook, LinkMeter, ping_with
+from node.control.restore import restore_stages
+from node.control.rounds import RoundLoop
+from node.dataplane.link_emulation import LinkEmulator
+from node.dataplane.servicer import StageServicer
+from node.dataplane.transport import HopSender
+from node.expert.directory import ExpertDirectory
+from node.expert.worker import CatalogueKeeper
+from node.faults.faults import Faults
+from node.host.host import Advertised, HostServices
+from node.host.reachability import dial_back, self_check
+from node.model import ModelSetup, usage
+from node.roles.choice import Relaunch, Role
+from node.stage.admission import HopAdmission
+from node.stage.compute import OriginHooks
+from node.stage.executor import StageExecutor
+from node.stage.origin import Origin, OriginBook
+from node.stage.trainer import StageTrainer
+from protocol.codec_names import CODEC_NAMES
+from protocol.limits import WireLimits
+from protocol.records import NodeState
+from protocol.service import SERVICE, stage_service_handler
+
+log = logging.getLogger(__name__)
+
+
+class StageRole:
+    health_names = (SERVICE,)
+
+    def __init__(self, config: NodeConfig, services: HostServices, model: ModelSetup, stages: list[int],
+                 limits: WireLimits):
+        self.config = config
+        self.services = services
+        self.model = model
+        self.stages = stages
+        self.limits = limits
+        self._first_round: int | None = None  # known once the node has joined
+        self._teardown = ExitStack()
+
+    @classmethod
+    def create(cls, config: NodeConfig, services: HostServices, model: ModelSetup, stages: list[int],
+               limits: WireLimits) -> "StageRole":
+        role = cls(config, services, model, stages, limits)
+        try:
+            role._build()
+        except BaseException:
+            role.close()
+            raise
+        return role
+
+    def _build(self) -> None:
+        cfg, host, model, undo = self.config, self.services, self.model, self._teardown
+        peer_id, metrics, swarm = host.peer_id, host.metrics, cfg.swarm.id
+        lifecycle, rounds, data = cfg.lifecycle, cfg.rounds, cfg.data
+        metrics.set_role("data" if 0 in self.stages else "stage")
+        modules = {s: usage(build_stage, model.spec, s, cfg.model.num_stages, cfg.model.seed, model.device,
+                            model.dtype)
+                   for s in self.stages}
+        self.trainers = {s: StageTrainer(m, cfg.training, recheck_s=lifecycle.recheck_interval)
+                         for s, m in modules.items()}
+        for trainer in self.trainers.values():
+            undo.callback(trainer.close)
+        self.checkpoints = StageCheckpoints(cfg.training.checkpoint_dir) if cfg.training.checkpoint_dir else None
+        self._measured_s = self._measure_compute(modules)
+        activation_bytes = model.activation_bytes(data)
+        book = OriginBook(data.batch_size * data.seq_len) if 0 in self.stages else None
+        self.executor = StageExecutor(peer_id, modules, model.device, model.dtype, rounds.memory_slots, metrics,
+                                      send=self._send, hooks=book or OriginHooks(),
+                                      recheck_s=lifecycle.recheck_interval, compute_smoothing=rounds.compute_smoothing,
+                                      join_timeout=lifecycle.thread_join_timeout)
+        self.executor.start()
+        undo.callback(self.executor.stop)
+        self.origin = None
+        if book is not None:
+            corpus = usage(load_corpus, data.paths, data.dataset or None, model.tokenizer)
+            self.origin = Origin(swarm, self.executor, book, corpus, data.batch_size, data.seq_len,
+                                 rounds.max_inflight, cfg.model.seed, memory_retry_s=rounds.memory_retry)
+        self.faults = Faults(cfg.faults, swarm, peer_id, host.clients, metrics, self.executor, activation_bytes,
+                             host.directory.members, self.checkpoints, lifecycle.thread_join_timeout, book=book,
+                             restart=self.origin.start if self.origin else None)
+        undo.callback(self.faults.close)
+        self.faults.start()
+        self.exchange = GradientExchange(swarm, peer_id, host.clients, self.limits.chunk_bytes,
+                                         recheck_s=lifecycle.recheck_interval)
+        emulator = LinkEmulator.load(cfg.links.emulate_links) if cfg.links.emulate_links else None  # a test tool
+        if emulator is not None:
+            emulator.bind(host.endpoint)
+        meter = LinkMeter(peer_id, cfg.links)
+        self.sender = HopSender(peer_id, host.clients, metrics, local=self._accept_local,
+                                on_give_up=self.faults.send_failed, deadline_s=rounds.round_timeout,
+                                unreachable_patience_s=cfg.faults.unreachable_patience,
+                                workers=cfg.dataplane.send_workers, recheck_s=lifecycle.recheck_interval,
+                                retry_s=(cfg.dataplane.send_retry_first, cfg.dataplane.send_retry_max),
+                                emulator=emulator, on_sent=meter.observe_send)
+        undo.callback(self.sender.close)
+        links = LinkBook(host.dht, swarm, meter, ping_with(host.clients, cfg.faults.probe_timeout, emulator),
+                         ttl=rounds.plan_ttl(), owner=host.trust.owner, max_pinged=cfg.links.max_pinged,
+                         read_timeout=cfg.swarm.dht_read_timeout)
+        roles = cfg.roles
+        left_out_limit = roles.idle_rounds if roles.role == Role.AUTO and roles.hosted_stages() is None else None
+        self.rounds = RoundLoop(cfg, peer_id, host.directory, self.executor, self.trainers, self.exchange, self.origin,
+                                host.clients, metrics, host.events, self.faults, links,
+                                activation_shape=model.activation_shape(data), activation_bytes=activation_bytes,
+                                left_out_limit=left_out_limit)
+        # A tensor never exceeds twice this swarm's activation size: larger ones are refused from their header.
+        limits = dataclasses.replace(self.limits, max_tensor_bytes=min(self.limits.max_tensor_bytes,
+                                                                       2 * activation_bytes))
+        self.servicer = StageServicer(
+            swarm=swarm, peer_id=peer_id, num_stages=cfg.model.num_stages, executor=self.executor,
+            trainers=self.trainers, limits=limits, metrics=metrics, state_wait_s=lifecycle.state_transfer_timeout,
+            exchange=self.exchange, on_failure_report=self.faults.on_failure_report if self.origin else None,
+            checkpoint_state=self.faults.checkpoint_state, auth=host.trust.auth,
+            admission=HopAdmission(host.directory, cfg.dataplane), guard=host.guard,
+            dial_back=lambda request, caller: dial_back(request, caller, host.clients, cfg.faults.probe_timeout))
+        self.catalogue = None
+        if cfg.swarm.new_swarm:  # whoever starts the swarm sets the experts' domain catalogue
+            self.catalogue = CatalogueKeeper(ExpertDirectory(host.dht, swarm, owner=host.trust.owner), cfg.experts,
+                                             model.tokenizer, creator=True, record_ttl=cfg.swarm.record_ttl)
+
+    # ---- what the host serves and announces --------------------------------------------------------------------
+    def register(self, server: grpc.Server) -> None:
+        server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
+
+    def advertised(self) -> Advertised:
+        cfg = self.config
+        # An origin keeps at most max_inflight microbatches of its own: planners may route no more through it.
+        slots = min(cfg.rounds.memory_slots, cfg.rounds.max_inflight) if 0 in self.stages else cfg.rounds.memory_slots
+        return Advertised(role="data" if 0 in self.stages else "stage", stages=tuple(self.stages),
+                          compute_s=self.executor.compute_seconds() or self._measured_s, memory_slots=slots,
+                          round=max(self.executor.round, 0), num_stages=cfg.model.num_stages,
+                          codecs=(cfg.dataplane.activation_codec, cfg.dataplane.gradient_codec), speaks=CODEC_NAMES)
+
+    def on_beat(self) -> None:
+        self._serve_when_ready()
+
+    def interrupt(self) -> None:
+        """The node is stopping: end the waits that do not watch the stop event themselves."""
+        for trainer in self.trainers.values():
+            trainer.close()  # ends FetchState handlers waiting for a round
+        if self.origin is not None:
+            self.origin.interrupt()
+
+    def started(self) -> None:
+        """The host serves us now: say whether the swarm can reach us (joining nodes only), and keep the experts'
+        catalogue (the node that started the swarm)."""
+        if self.config.swarm.initial_peers:
+            self._start_thread("reachability", self._check_reachable)
+        if self.catalogue is not None:
+            self._start_thread("catalogue", self._keep_catalogue)
+
+    def _start_thread(self, name: str, target) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._teardown.callback(thread.join, self.config.lifecycle.thread_join_timeout)
+
+    def _keep_catalogue(self) -> None:
+        """Refresh the catalogue once per --record-ttl; it lives --catalogue-ttl-factor times longer."""
+        while True:
+            try:
+                self.catalogue.refresh()
+            except Exception as e:  # the DHT may be shutting down; the next refresh retries
+                log.debug("catalogue refresh failed: %r", e)
+            if self.services.stop.wait(self.config.swarm.record_ttl):
+                return
+
+    # ---- running -----------------------------------------------------------------------------------------------
+    def join(self) -> int | None:
+        """Restore each stage (checkpoint, replica or rebuild), then serve; returns the first round to take part
+        in (None if stopped meanwhile)."""
+        cfg, host = self.config, self.services
+        host.metrics.phase.state("catch_up")
+        first_round = restore_stages(self.trainers, host.directory.members() if cfg.swarm.initial_peers else {},
+                                     host.peer_id, cfg.swarm.id, cfg.model.num_stages, host.clients,
+                                     self.checkpoints, host.metrics, host.events.emit, host.stop,
+                                     cfg.lifecycle.state_transfer_timeout)
+        if host.stop.is_set():
+            return None
+        self.executor.resume_at(first_round)
+        self._first_round = first_round
+        self._serve_when_ready()  # now, or from the heartbeat once the loop has begun `first_round`
+        return first_round
+
+    def run(self) -> Relaunch | None:
+        """Join, then take part in rounds until stopped or --rounds is reached; a role change when an auto node
+        was left out of --idle-rounds plans in a row."""
+        cfg, stop = self.config, self.services.stop
+        first_round = self.join()
+        if first_round is None:
+            return None
+        if self.rounds.run(first_round, stop):
+            log.info("switching to experts")
+            return Relaunch(Role.AUTO)
+        self.sender.wait_idle(cfg.rounds.round_timeout, stop)  # the last round's gradients reach their hops
+        if cfg.training.save_model and not stop.is_set():  # every stage's replicas hold the same weights now
+            for module in self.executor.stages.values():
+                save_stage_shard(module, self.model.spec.config, cfg.model.num_stages, cfg.training.save_model)
+        return None
+
+    def close(self) -> None:
+        self._teardown.close()
+
+    # ---- inside ------------------------------------------------------------------------------------------------
+    def _serve_when_ready(self) -> None:
+        """Become `serving` (plannable) once this node has begun its first round, or when nobody has planned
+        that round yet: a plan that includes us is then at most one round ahead, which the executor parks."""
+        presence, directory = self.services.presence, self.services.directory
+        if presence.state is not NodeState.JOINING or self._first_round is None:
+            return
+        if self.executor.round >= self._first_round or directory.fetch_plan(self._first_round) is None:
+            presence.set_state(NodeState.SERVING)
+            self.services.events.emit("serving", peer_id=self.services.peer_id, first_round=self._first_round)
+
+    def _measure_compute(self, modules: dict[int, PipelineStage]) -> dict[int, float]:
+        """Seconds per microbatch forward on this host, per stage: what planners weigh replicas by."""
+        hidden = torch.zeros(*self.model.activation_shape(self.config.data), device=self.model.device,
+                             dtype=self.model.dtype)
+        out = {}
+        with torch.no_grad():
+            for s, m in modules.items():
+                m(hidden)  # the first call warms up kernels and allocators
+                started = time.perf_counter()
+                m(hidden)
+                out[s] = time.perf_counter() - started
+        return out
+
+    def _check_reachable(self) -> None:
+        """Ask a member to dial us back; say plainly which port to open or flag to set if it cannot."""
+        host = self.services
+        result = self_check(host.directory.members(), host.peer_id, host.endpoint, list(host.maddrs), host.clients,
+                            timeout=self.config.network.reachability_timeout)
+        (log.info if result.ok else log.warning)("%s", result.message)
+        if not result.ok:
+            print(f"swarm-node: {result.message}", file=sys.stderr, flush=True)
+        host.events.emit("reachability", ok=result.ok, message=result.message)
+
+    def _send(self, kind: str, env, tensor) -> None:
+        self.sender(kind, env, tensor)  # built after the executor, which it delivers into
+
+    def _accept_local(self, kind: str, env, tensor) -> None:
+        (self.executor.accept_forward if kind == "forward" else self.executor.accept_backward)(env, tensor)
