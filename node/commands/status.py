@@ -105,29 +105,17 @@ def _cell(m: dict) -> str:
 
 
 def _reachable(members: dict, auth) -> set[str]:
-    """Members whose gRPC server answers a Ping now (a killed node's record outlives it)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import grpc
-
+    """Members whose gRPC server answers a Ping now (a killed node's record outlives it), asked as a node asks."""
+    from node.config import FaultConfig
     from node.dataplane.transport import StageClients
-    from protocol.generated.swarm.v1 import stage_pb2 as pb
     from protocol.limits import WireLimits
 
     clients = StageClients(WireLimits(), auth)
-
-    def answers(record) -> bool:
-        try:
-            clients.stub(record.endpoint).Ping(pb.PingRequest(), timeout=2.0)
-            return True
-        except grpc.RpcError:
-            return False
     try:
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            ok = list(pool.map(answers, members.values()))
+        return clients.answering({p: r.endpoint for p, r in members.items()}, FaultConfig.probe_timeout,
+                                 FaultConfig.ping_workers)
     finally:
         clients.close()
-    return {peer for peer, up in zip(members, ok) if up}
 
 
 def _missing_stages(members: dict, reachable: set[str]) -> list[int]:

@@ -63,6 +63,12 @@ class StageCheckpoints:
     def stages(self) -> list[int]:
         return sorted(int(p.name.split("-")[1]) for p in self.root.glob("stage-*") if p.name.split("-")[1].isdigit())
 
+    def state(self, stage: int) -> tuple[int, dict[str, torch.Tensor], dict[str, str]] | None:
+        """(round, tensors, metadata) of the newest intact checkpoint of `stage`, or None: what FetchState serves
+        of a stage this node no longer hosts."""
+        saved = self.latest(stage)
+        return None if saved is None else saved[:3]
+
     def latest(self, stage: int) -> tuple[int, dict[str, torch.Tensor], dict[str, str], Path] | None:
         """The newest intact checkpoint of `stage`: (round, tensors, metadata, directory)."""
         for directory in sorted((self.root / f"stage-{stage}").glob("round-*"), reverse=True):

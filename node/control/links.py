@@ -19,15 +19,12 @@ from hivemind.utils import get_dht_time
 
 from node.config import LinkConfig
 from node.control.discovery import get_latest
+from node.smoothing import ewma
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.record_auth import owner_peer_id
 from protocol.records import LinkEstimate, LinksRecord, RecordError, RoundPlan, links_key
 
 log = logging.getLogger(__name__)
-
-def ewma(previous: float | None, sample: float, weight: float) -> float:
-    """An exponentially weighted mean: `weight` is the share of the new sample."""
-    return sample if previous is None else (1 - weight) * previous + weight * sample
 
 
 class LinkMeter:
@@ -168,5 +165,5 @@ def ping_with(clients, timeout: float, emulator=None):
     def ping(endpoint: str) -> None:
         if emulator is not None:
             emulator.ping_delay(endpoint)
-        clients.stub(endpoint).Ping(pb.PingRequest(), timeout=timeout)
+        clients.ping(endpoint, timeout)
     return ping

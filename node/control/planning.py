@@ -9,7 +9,8 @@ routing's Plan and the RoundPlan the DHT carries.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from protocol.envelope import HopSpec
 from protocol.records import LinkEstimate, NodeRecord, PlannedMicrobatch, RoundPlan
@@ -161,3 +162,31 @@ def from_wire(problem: Problem, wire: RoundPlan) -> Plan:
     stage_of_node = tuple(int(str(i).rsplit("/", 1)[1]) for i in problem.node_ids)
     return Plan(stage_of_node=stage_of_node, paths=paths, mb_ids=tuple(mb.id for mb in wire.microbatches),
                 predicted_iteration_s=wire.predicted_s)
+
+
+def missing_stages(members: dict[str, NodeRecord], num_stages: int) -> list[int]:
+    """Stages no serving member hosts."""
+    hosted = {s for r in members.values() if r.serving for s in r.stages}
+    return [s for s in range(num_stages) if s not in hosted]
+
+
+def plan_around_missing(plan_for: Callable[[dict[str, NodeRecord], int, int], tuple[RoundPlan, object] | None],
+                        members: dict[str, NodeRecord], num_stages: int, visits: int,
+                        missing: list[int]) -> tuple[RoundPlan, object] | None:
+    """A skip plan over the stages that are left: `plan_for(members, num_stages, visits)` plans with the stages
+    relabelled 0..k-1, and the paths are relabelled back, so microbatches skip the missing ones. None when
+    fewer than two stages are left."""
+    present = [s for s in range(num_stages) if s not in missing]
+    if 0 in missing or len(present) < 2:
+        return None
+    label = {s: i for i, s in enumerate(present)}
+    relabelled = {p: replace(r, stages=tuple(label[s] for s in r.stages if s in label),
+                             compute_s={label[s]: c for s, c in r.compute_s.items() if s in label})
+                  for p, r in members.items() if any(s in label for s in r.stages)}
+    made = plan_for(relabelled, len(present), min(visits, len(present)))
+    if made is None:
+        return None
+    plan, live = made
+    back = tuple(PlannedMicrobatch(mb.id, tuple(replace(h, stage=present[h.stage]) for h in mb.path))
+                 for mb in plan.microbatches)
+    return replace(plan, microbatches=back, membership_digest=membership_digest(members)), live

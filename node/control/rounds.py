@@ -16,6 +16,7 @@ from hivemind.utils import get_dht_time
 
 from node.config import NodeConfig
 from node.control.averaging import Contribution, GradientExchange
+from node.control.checkpoint import StageCheckpoints
 from node.dataplane.codec_agreement import agree, hop_bytes
 from node.control.discovery import SwarmDirectory
 from node.events import EventLog
@@ -24,8 +25,8 @@ from node.faults.faults import Faults
 from node.host.metrics import NodeMetrics
 from node.stage.origin import Origin
 from node.control.links import LinkBook
-from node.control.planning import choose_planner, plan_round
-from node.faults.reroute import expected_round_seconds, missing_stages, plan_around_missing
+from node.control.planning import choose_planner, missing_stages, plan_around_missing, plan_round
+from node.faults.reroute import expected_round_seconds
 from node.stage.trainer import StageTrainer
 from node.dataplane.transport import StageClients
 from protocol.records import NodeRecord, RoundPlan
@@ -38,9 +39,10 @@ class RoundLoop:
     def __init__(self, config: NodeConfig, peer_id: str, directory: SwarmDirectory, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], exchange: GradientExchange, origin: Origin | None,
                  clients: StageClients, metrics: NodeMetrics, events: EventLog, faults: Faults, links: LinkBook,
+                 checkpoints: StageCheckpoints | None,
                  activation_shape: tuple[int, int, int], activation_bytes: int, left_out_limit: int | None = None):
         """`activation_shape` is [batch, seq, hidden] (the planner prices hops by their encoded size);
-        `left_out_limit`: end the loop after this many rounds in a row without this node (node/roles.py)."""
+        `left_out_limit`: end the loop after this many rounds in a row without this node (node/roles/choice.py)."""
         self.config = config
         self.peer_id = peer_id
         self.directory = directory
@@ -53,6 +55,7 @@ class RoundLoop:
         self.events = events
         self.faults = faults
         self.links = links  # measured links: planners read them, every node refreshes its own
+        self.checkpoints = checkpoints  # --checkpoint-dir, saved every --checkpoint-every rounds
         self.activation_shape = activation_shape
         self.activation_bytes = activation_bytes
         self.left_out_limit = left_out_limit
@@ -292,7 +295,7 @@ class RoundLoop:
         return False
 
     def _checkpoint(self, round_: int) -> None:
-        checkpoints = self.faults.checkpoints
+        checkpoints = self.checkpoints
         if checkpoints is None or (round_ + 1) % self.config.training.checkpoint_every:
             return
         for stage, trainer in self.trainers.items():

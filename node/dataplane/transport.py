@@ -91,11 +91,15 @@ class StageClients:
         request = pb.StateRequest(swarm_id=swarm, stage=stage, include_grads=include_grads, min_round=min_round)
         return decode_state(self.stub(endpoint).FetchState(request, timeout=timeout))
 
+    def ping(self, endpoint: str, timeout: float) -> None:
+        """Returns once the node at `endpoint` answered a Ping; grpc.RpcError when it did not within `timeout`."""
+        self.stub(endpoint).Ping(pb.PingRequest(), timeout=timeout)
+
     def answering(self, endpoints: dict[str, str], timeout: float, workers: int) -> set[str]:
         """The peers (of peer id -> endpoint) that answer a Ping within `timeout` seconds, pinged in parallel."""
         def answers(endpoint: str) -> bool:
             try:
-                self.stub(endpoint).Ping(pb.PingRequest(), timeout=timeout)
+                self.ping(endpoint, timeout)
                 return True
             except grpc.RpcError:
                 return False

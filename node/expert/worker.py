@@ -21,12 +21,11 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
-
 from node.config import ExpertConfig, NodeConfig
 from node.expert.directory import ExpertDirectory
 from node.expert.metrics import ExpertMetrics
-from node.expert.service import WEIGHTS, FetchError, ServedExperts, download_expert
+from node.expert.seeds import SeedSource, model_of
+from node.expert.service import WEIGHTS, ServedExperts
 from node.host.host import HostServices
 from node.model import ModelSetup
 from node.roles.choice import stage_in_need
@@ -135,8 +134,6 @@ class ExpertWorker:
         self.record_ttl = config.swarm.record_ttl
         self.refresh_s = config.swarm.heartbeat_interval  # expert records are refreshed as often as the node's
         self.device = str(model.device)
-        self.tokenizer = model.tokenizer
-        self.model_config = model.spec.config
         self.directory = directory
         self.members = services.directory
         self.clients = services.clients
@@ -147,6 +144,7 @@ class ExpertWorker:
         self.served = ServedExperts()
         self.catalogue = CatalogueKeeper(directory, self.settings, model.tokenizer, creator=config.swarm.new_swarm,
                                          record_ttl=self.record_ttl)
+        self.seeds = SeedSource(config, services, model, directory, self.home / "seeds")
         self.needed = threading.Event()  # set with `stage_needed` by the pipeline watch (auto role)
         self.stage_needed: int | None = None
         self._jobs: threading.Thread | None = None
@@ -314,7 +312,7 @@ class ExpertWorker:
             domain = self._choose(catalogue)
             if domain is None:
                 return None
-            seed_model, seed_manifest = self._seed(catalogue[domain])
+            seed_model, seed_manifest = self.seeds.seed(catalogue[domain])
             method = POLICIES[self.settings.policy]
             plan = make_plan(method, {n: e.difficulty for n, e in catalogue.items()}, seed_model.config,
                              self.settings.medium_steps(), self.config.data.batch_size * self.config.data.seq_len, self.config.data.seq_len)
@@ -349,7 +347,7 @@ class ExpertWorker:
         domain = self.catalogue.local_domain(catalogue[job.domain])
         seed_manifest = Manifest.from_dict(job.seed_manifest)
         if seed is None:  # resuming: the checkpoint holds the weights; the seed only gives the shapes
-            seed = (_model_of(seed_manifest.config), seed_manifest)
+            seed = (model_of(seed_manifest.config), seed_manifest)
         from experts.checkpoint import read_manifest
 
         out = self.home / job.id
@@ -389,73 +387,3 @@ class ExpertWorker:
         self.metrics.published.inc()
         self.events.emit("expert_published", id=job.id, domain=job.domain, steps=manifest.steps,
                          target_steps=manifest.target_steps, sha256=manifest.weights_sha256)
-
-    # ---- seeds ---------------------------------------------------------------------------------------------------
-    def _seed(self, entry: CatalogueEntry):
-        """The model an expert branches from: the catalogue's seed, the pipeline's weights, or the preset's init."""
-        from experts.checkpoint import load_expert, new_model
-        from experts.run import describe_seed
-
-        if entry.seed:
-            found = [r for r in self.directory.experts(["*"]) if r.id == entry.seed]
-            for record in found:
-                try:
-                    path = self.home / "seeds" / record.id
-                    if not (path / "manifest.json").is_file():
-                        path = download_expert(record, self.swarm, self.home / "seeds",
-                                               timeout=self.settings.fetch_timeout,
-                                               attempts=self.settings.fetch_attempts, auth=self.services.trust.auth,
-                                               tls=self.services.trust.tls)
-                    model, manifest = load_expert(path)  # verifies the sha256 again
-                    manifest.extra = {**manifest.extra, "source": f"catalogue seed {record.id}"}
-                    return model, manifest
-                except (FetchError, ValueError) as e:
-                    log.warning("could not fetch the catalogue's seed %s: %s", entry.seed, e)
-            log.warning("the catalogue's seed %s is not available; falling back", entry.seed)
-        gathered = self._gather_pipeline()
-        if gathered is not None:
-            model, round_ = gathered
-            return model, describe_seed(model, f"pipeline-round-{round_}", self.tokenizer.name,
-                                        f"pipeline weights after round {round_}")
-        model = new_model(self.model_config, self.config.model.seed)
-        return model, describe_seed(model, "init", self.tokenizer.name, f"seeded init (seed {self.config.model.seed})")
-
-    def _gather_pipeline(self):
-        """Every stage's parameters from a serving replica, as one LlamaForCausalLM; None without a full pipeline."""
-        import torch
-
-        members = self.members.members()
-        state, rounds = {}, []
-        for stage in range(self.config.model.num_stages):
-            sources = sorted(p for p, r in members.items() if r.serving and stage in r.stages and r.round > 0)
-            for peer in sources:
-                try:
-                    completed, tensors, _ = self.clients.fetch_state(members[peer].endpoint, self.swarm, stage,
-                                                                     timeout=self.config.lifecycle.state_transfer_timeout)
-                except grpc.RpcError as e:
-                    log.info("could not fetch stage %d from %s: %s", stage, peer[-8:], e.details())
-                    continue
-                for key, tensor in tensors.items():
-                    if key.startswith("param/"):
-                        name = key[len("param/"):]
-                        state[name if name.startswith("lm_head.") else f"model.{name}"] = tensor
-                rounds.append(completed)
-                break
-            else:
-                return None
-        model = _model_of(self.model_config)
-        try:
-            with torch.no_grad():
-                model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            log.warning("pipeline weights do not fit one model (%s); using the seeded init", str(e).splitlines()[0])
-            return None
-        return model, min(rounds)
-
-
-def _model_of(config):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if isinstance(config, dict):
-        config = LlamaConfig.from_dict(config)
-    return LlamaForCausalLM(config)

@@ -20,7 +20,6 @@ import grpc
 import torch
 
 from node.config import FaultConfig
-from node.control.checkpoint import StageCheckpoints
 from node.dataplane.transport import StageClients
 from node.faults.detection import DEADLINE, DeadPeers, FailureReporter, HopWatch, RerouteNotifier
 from node.faults.reroute import PathRepair
@@ -39,7 +38,7 @@ Restart = Callable[[pb.Envelope, torch.Tensor], None]  # start a microbatch's ne
 class Faults:
     def __init__(self, settings: FaultConfig, swarm: str, peer_id: str, clients: StageClients, metrics: NodeMetrics,
                  executor: StageExecutor, activation_bytes: int, members: Callable[[], dict[str, NodeRecord]],
-                 checkpoints: StageCheckpoints | None, join_timeout: float, book: OriginBook | None = None,
+                 join_timeout: float, book: OriginBook | None = None,
                  restart: Restart | None = None):
         """`book` and `restart` are a data node's: its open microbatches, and how to send one again."""
         s = settings
@@ -61,7 +60,6 @@ class Faults:
                               probe_timeout_s=s.probe_timeout, hung_after_misses=s.hung_after_misses,
                               join_timeout_s=join_timeout)
         self.paths = PathRepair(activation_bytes)
-        self.checkpoints = checkpoints
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reroute")  # one re-route at a time
 
     def start(self) -> None:
@@ -93,13 +91,6 @@ class Faults:
     def _declared(self, peer: str) -> None:
         """A dead origin will re-route nothing more: the round need not stay open for it."""
         self.executor.origin_done(self.executor.round, peer)
-
-    def checkpoint_state(self, stage: int) -> tuple[int, dict, dict] | None:
-        """(round, tensors, metadata) of our newest checkpoint of `stage`, or None."""
-        if self.checkpoints is None:
-            return None
-        saved = self.checkpoints.latest(stage)
-        return None if saved is None else saved[:3]
 
     # ---- the end of our own round ----------------------------------------------------------------------------
     def round_done(self, plan: RoundPlan) -> None:

@@ -14,18 +14,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import replace
 
-from node.control.planning import membership_digest
 from protocol.envelope import HopSpec
 from protocol.records import NodeRecord, PlannedMicrobatch, RoundPlan
-from routing import LiveNode, Plan, ProblemError, from_live, repair
+from routing import LiveNode, Plan, Problem, ProblemError, from_live, repair
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COMPUTE_S = 0.01  # a node whose record is gone: any positive number; it only matters for the dead
-BACKWARD_FACTOR = 1.5  # backward costs about 1.5 forwards (routing's default), for the expected round time
 UNMEASURED_LINK_S = 0.005
 
 
@@ -37,7 +33,7 @@ def expected_round_seconds(plan: RoundPlan, members: dict[str, NodeRecord]) -> f
         for hop in mb.path[:-1]:
             record = members.get(hop.peer_id)
             compute = record.compute_s.get(hop.stage, DEFAULT_COMPUTE_S) if record else DEFAULT_COMPUTE_S
-            busy[hop.peer_id] += compute * (1 + BACKWARD_FACTOR)
+            busy[hop.peer_id] += compute * (1 + Problem.backward_factor)  # routing's backward cost
     return max(busy.values(), default=0.0)
 
 
@@ -138,31 +134,3 @@ class PathRepair:
             path.append(chosen)
         path.append(mb.path[-1])
         return tuple(path)
-
-
-def missing_stages(members: dict[str, NodeRecord], num_stages: int) -> list[int]:
-    """Stages no serving member hosts."""
-    hosted = {s for r in members.values() if r.serving for s in r.stages}
-    return [s for s in range(num_stages) if s not in hosted]
-
-
-def plan_around_missing(plan_for: Callable[[dict[str, NodeRecord], int, int], tuple[RoundPlan, object] | None],
-                        members: dict[str, NodeRecord], num_stages: int, visits: int,
-                        missing: list[int]) -> tuple[RoundPlan, object] | None:
-    """A skip plan over the stages that are left: `plan_for(members, num_stages, visits)` plans with the stages
-    relabelled 0..k-1, and the paths are relabelled back, so microbatches skip the missing ones. None when
-    fewer than two stages are left."""
-    present = [s for s in range(num_stages) if s not in missing]
-    if 0 in missing or len(present) < 2:
-        return None
-    label = {s: i for i, s in enumerate(present)}
-    relabelled = {p: replace(r, stages=tuple(label[s] for s in r.stages if s in label),
-                             compute_s={label[s]: c for s, c in r.compute_s.items() if s in label})
-                  for p, r in members.items() if any(s in label for s in r.stages)}
-    made = plan_for(relabelled, len(present), min(visits, len(present)))
-    if made is None:
-        return None
-    plan, live = made
-    back = tuple(PlannedMicrobatch(mb.id, tuple(replace(h, stage=present[h.stage]) for h in mb.path))
-                 for mb in plan.microbatches)
-    return replace(plan, microbatches=back, membership_digest=membership_digest(members)), live

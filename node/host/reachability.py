@@ -34,7 +34,7 @@ def dial_back(request: pb.ReachabilityRequest, caller: str, clients: StageClient
                             f"a node only dials back its caller: {request.endpoint!r} is not at {caller_host}")
     problems = []
     try:
-        clients.stub(request.endpoint).Ping(pb.PingRequest(), timeout=probe_timeout)
+        clients.ping(request.endpoint, probe_timeout)
         grpc_ok = True
     except grpc.RpcError as e:
         grpc_ok = e.code() != grpc.StatusCode.UNAVAILABLE and e.code() != grpc.StatusCode.DEADLINE_EXCEEDED

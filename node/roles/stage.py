@@ -101,7 +101,7 @@ class StageRole:
             self.origin = Origin(swarm, self.executor, book, corpus, data.batch_size, data.seq_len,
                                  rounds.max_inflight, cfg.model.seed, memory_retry_s=rounds.memory_retry)
         self.faults = Faults(cfg.faults, swarm, peer_id, host.clients, metrics, self.executor, activation_bytes,
-                             host.directory.members, self.checkpoints, lifecycle.thread_join_timeout, book=book,
+                             host.directory.members, lifecycle.thread_join_timeout, book=book,
                              restart=self.origin.start if self.origin else None)
         undo.callback(self.faults.close)
         self.faults.start()
@@ -124,7 +124,7 @@ class StageRole:
         roles = cfg.roles
         left_out_limit = roles.idle_rounds if roles.role == Role.AUTO and roles.hosted_stages() is None else None
         self.rounds = RoundLoop(cfg, peer_id, host.directory, self.executor, self.trainers, self.exchange, self.origin,
-                                host.clients, metrics, host.events, self.faults, links,
+                                host.clients, metrics, host.events, self.faults, links, self.checkpoints,
                                 activation_shape=model.activation_shape(data), activation_bytes=activation_bytes,
                                 left_out_limit=left_out_limit)
         # A tensor never exceeds twice this swarm's activation size: larger ones are refused from their header.
@@ -134,7 +134,7 @@ class StageRole:
             swarm=swarm, peer_id=peer_id, num_stages=cfg.model.num_stages, executor=self.executor,
             trainers=self.trainers, limits=limits, metrics=metrics, state_wait_s=lifecycle.state_transfer_timeout,
             exchange=self.exchange, on_failure_report=self.faults.on_failure_report if self.origin else None,
-            checkpoint_state=self.faults.checkpoint_state, auth=host.trust.auth,
+            checkpoint_state=self.checkpoints.state if self.checkpoints else None, auth=host.trust.auth,
             admission=HopAdmission(host.directory, cfg.dataplane), guard=host.guard,
             dial_back=lambda request, caller: dial_back(request, caller, host.clients, cfg.faults.probe_timeout))
         self.catalogue = None

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lm.stage import PipelineStage
-from node.control.links import ewma
+from node.smoothing import ewma
 from node.host.metrics import NodeMetrics
 from node.stage.activations import ActivationStore, Saved
 from node.stage.ledger import RoundLedger, hop_key

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from node.control.planning import plan_round
-from node.faults.reroute import PathRepair, expected_round_seconds, plan_around_missing
+from node.control.planning import plan_around_missing, plan_round
+from node.faults.reroute import PathRepair, expected_round_seconds
 from protocol.records import NodeRecord, NodeState
 
 
