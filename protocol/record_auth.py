@@ -130,7 +130,8 @@ def record_validators(private_key: RSAPrivateKey, swarm_key: bytes | None,
 
 
 @functools.lru_cache(maxsize=4096)
-def _peer_id_of(public_key: bytes) -> str | None:
+def peer_id_of_key(public_key: bytes) -> str | None:
+    """The peer id of an RSA public key (OpenSSH encoding, as hivemind writes it), or None if it is none."""
     try:
         public = RSAPublicKey.from_bytes(public_key)._public_key
     except Exception:  # not a key at all
@@ -147,4 +148,4 @@ def owner_peer_id(subkey) -> str | None:
     found = _OWNER_RE.findall(raw)
     if len(found) != 1:
         return None
-    return _peer_id_of(found[0])
+    return peer_id_of_key(found[0])

@@ -25,6 +25,7 @@ from protocol.errors import check_swarm
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
+from protocol.notice_auth import verified_sender
 from protocol.rpc_auth import AuthRefused, SwarmAuth
 from protocol.state_frames import encode_state
 from protocol.tensor_frames import receive_tensor
@@ -37,11 +38,10 @@ class StageServicer(pb_grpc.StageServiceServicer):
 
     def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics, state_wait_s: float,
-                 exchange: GradientExchange | None = None,
-                 on_failure_report: Callable[[pb.FailureReport], None] | None = None,
+                 admission: HopAdmission, exchange: GradientExchange | None = None,
+                 on_failure_report: Callable[[pb.FailureReport, str], None] | None = None,
                  checkpoint_state: Callable[[int], tuple[int, dict, dict] | None] | None = None,
-                 auth: SwarmAuth | None = None, admission: HopAdmission | None = None,
-                 guard: StreamGuard | None = None,
+                 auth: SwarmAuth | None = None, guard: StreamGuard | None = None,
                  dial_back: Callable[[pb.ReachabilityRequest, str], pb.ReachabilityReply] | None = None):
         self.swarm = swarm
         self.peer_id = peer_id
@@ -55,7 +55,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.checkpoint_state = checkpoint_state  # stage -> (round, tensors, metadata) of a stage we do not host
         self.state_wait_s = state_wait_s  # the longest a FetchState without a deadline waits for its round
         self.auth = auth  # private swarms: Forward/Backward tags are checked here, other calls by the interceptor
-        self.admission = admission  # hops must be in the round's plan, along verified members
+        self.admission = admission  # hops and control messages must fit the round's signed plan
         self.guard = guard  # caps streams per peer and in total; cancels silent ones
         self.dial_back = dial_back  # node/host/reachability.py
 
@@ -78,7 +78,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
             raise  # node.host.rpc_guard answers and counts it
         check_envelope(env, swarm_id=self.swarm, peer_id=self.peer_id, stages=list(self.trainers),
                        num_stages=self.num_stages, limits=self.limits)
-        if self.admission is not None and self.executor.round <= env.round <= self.executor.round + 1:
+        if self.executor.round <= env.round <= self.executor.round + 1:
             self.admission.check(env)  # other rounds: the executor refuses them without a DHT lookup
         accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
         queued = accept(env, tensor)
@@ -120,22 +120,25 @@ class StageServicer(pb_grpc.StageServiceServicer):
         tensors, metadata = trainer.export(include_grads=request.include_grads)
         yield from encode_state(tensors, metadata, trainer.completed_round, self.limits.chunk_bytes)
 
+    # Control messages act only when signed by the peer the round's plan allows (protocol/notice_auth.py).
     def ReportFailure(self, request: pb.FailureReport, context: grpc.ServicerContext) -> pb.FailureAck:
         check_swarm(request.swarm_id, self.swarm)
         if self.on_failure_report is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node is not a data node: it originates nothing")
-        self.on_failure_report(request)
+        self.on_failure_report(request, verified_sender("ReportFailure", request, self.peer_id))
         return pb.FailureAck()
 
     def Reroute(self, request: pb.RerouteNotice, context: grpc.ServicerContext) -> pb.FailureAck:
         check_swarm(request.swarm_id, self.swarm)
         if request.path:  # an empty path: the origin gave the microbatch up
             check_path(request.path, self.num_stages, self.limits)
+        self.admission.check_reroute(request, verified_sender("Reroute", request, self.peer_id))
         self.executor.reroute(request.round, request.microbatch, request.attempt, list(request.path))
         return pb.FailureAck()
 
     def RoundDone(self, request: pb.RoundDoneNotice, context: grpc.ServicerContext) -> pb.FailureAck:
         check_swarm(request.swarm_id, self.swarm)
+        self.admission.check_round_done(request, verified_sender("RoundDone", request, self.peer_id))
         self.executor.origin_done(request.round, request.origin)
         return pb.FailureAck()
 

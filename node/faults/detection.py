@@ -23,6 +23,7 @@ from node.stage.executor import StageExecutor
 from node.host.metrics import NodeMetrics
 from node.dataplane.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
+from protocol.notice_auth import NoticeSigner
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,16 @@ class DeadPeers:
 class FailureReporter:
     """Sends a failed hop's report to its microbatch's origin, once per (round, microbatch, attempt, kind)."""
 
-    def __init__(self, swarm: str, peer_id: str, clients: StageClients, metrics: NodeMetrics, dead: DeadPeers,
-                 local: Callable[[pb.FailureReport], None], timeout_s: float, workers: int):
+    def __init__(self, swarm: str, peer_id: str, clients: StageClients, signer: NoticeSigner, metrics: NodeMetrics,
+                 dead: DeadPeers, local: Callable[[pb.FailureReport, str], None], timeout_s: float, workers: int):
+        """`local(report, sender)` takes reports about our own microbatches; others go to their origin, signed."""
         self.swarm = swarm
+        self.signer = signer
+        self.local = local
         self.dead = dead
         self.peer_id = peer_id
         self.clients = clients
         self.metrics = metrics
-        self.local = local  # reports about our own microbatches
         self.timeout_s = timeout_s
         self._sent: set[tuple[int, int, int, str]] = set()
         self._lock = threading.Lock()
@@ -94,9 +97,9 @@ class FailureReporter:
                                   attempt=env.attempt, failed_peer=failed_peer, reason=f"{kind}: {detail}")
         origin = env.path[0]
         if origin.peer_id == self.peer_id:
-            self._pool.submit(self.local, report)
+            self._pool.submit(self.local, report, self.peer_id)
         else:
-            self._pool.submit(self._send, origin.endpoint, report)
+            self._pool.submit(self._send, origin.peer_id, origin.endpoint, report)
 
     def send_failed(self, env: pb.Envelope, code: grpc.StatusCode | None, detail: str) -> None:
         """`HopSender` gave up on delivering `env` (addressed to the hop that failed)."""
@@ -109,9 +112,10 @@ class FailureReporter:
         else:  # refused (or a local error): the peer is alive but will not take the hop; route around it
             self.report(env, target, REFUSED, f"{code.name if code else 'error'}: {detail}")
 
-    def _send(self, endpoint: str, report: pb.FailureReport) -> None:
+    def _send(self, origin: str, endpoint: str, report: pb.FailureReport) -> None:
         try:
-            self.clients.stub(endpoint).ReportFailure(report, timeout=self.timeout_s)
+            self.clients.stub(endpoint).ReportFailure(self.signer.sign("ReportFailure", report, origin),
+                                                      timeout=self.timeout_s)
         except grpc.RpcError as e:  # the origin itself is gone: its microbatches die with it
             log.info("could not report round %d microbatch %d's failure to its origin: %s", report.round,
                      report.microbatch, e.code().name)
@@ -123,10 +127,11 @@ class FailureReporter:
 class RerouteNotifier:
     """Tells the round's nodes a microbatch's new path (ourselves directly), all at once, briefly."""
 
-    def __init__(self, peer_id: str, clients: StageClients, executor: StageExecutor, timeout_s: float, workers: int,
-                 tries: int):
+    def __init__(self, peer_id: str, clients: StageClients, signer: NoticeSigner, executor: StageExecutor,
+                 timeout_s: float, workers: int, tries: int):
         self.peer_id = peer_id
         self.clients = clients
+        self.signer = signer  # each notice is signed for its receiver
         self.executor = executor
         self.timeout_s = timeout_s
         self.tries = tries  # a lost notice costs the receiver its round deadline: try a few times
@@ -134,7 +139,7 @@ class RerouteNotifier:
 
     def __call__(self, peers: dict[str, str], notice: pb.RerouteNotice) -> None:
         self.executor.reroute(notice.round, notice.microbatch, notice.attempt, list(notice.path))
-        futures = [self._pool.submit(self._send, endpoint, notice) for p, endpoint in peers.items()
+        futures = [self._pool.submit(self._send, p, endpoint, notice, "Reroute") for p, endpoint in peers.items()
                    if p != self.peer_id]
         for future in futures:
             future.result()
@@ -144,12 +149,13 @@ class RerouteNotifier:
         self.executor.origin_done(notice.round, notice.origin)
         for p, endpoint in peers.items():
             if p != self.peer_id:
-                self._pool.submit(self._send, endpoint, notice, "RoundDone")
+                self._pool.submit(self._send, p, endpoint, notice, "RoundDone")
 
-    def _send(self, endpoint: str, notice, method: str = "Reroute") -> None:
+    def _send(self, peer: str, endpoint: str, notice, method: str) -> None:
+        signed = self.signer.sign(method, notice, peer)
         for _ in range(self.tries):
             try:
-                getattr(self.clients.stub(endpoint), method)(notice, timeout=self.timeout_s)
+                getattr(self.clients.stub(endpoint), method)(signed, timeout=self.timeout_s)
                 return
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # gone, or refused: retrying will not help

@@ -27,7 +27,9 @@ from node.host.metrics import NodeMetrics
 from node.stage.executor import StageExecutor
 from node.stage.origin import OriginBook
 from protocol.envelope import HopSpec, make_envelope
+from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
+from protocol.notice_auth import NoticeSigner
 from protocol.records import NodeRecord, RoundPlan
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ Restart = Callable[[pb.Envelope, torch.Tensor], None]  # start a microbatch's ne
 
 
 class Faults:
-    def __init__(self, settings: FaultConfig, swarm: str, peer_id: str, clients: StageClients, metrics: NodeMetrics,
+    def __init__(self, settings: FaultConfig, swarm: str, peer_id: str, clients: StageClients, signer: NoticeSigner,
+                 metrics: NodeMetrics,
                  executor: StageExecutor, activation_bytes: int, members: Callable[[], dict[str, NodeRecord]],
                  join_timeout: float, book: OriginBook | None = None,
                  restart: Restart | None = None):
@@ -52,10 +55,11 @@ class Faults:
         self.book = book
         self.restart = restart
         self.dead = DeadPeers(metrics, on_declared=self._declared)
-        self.reporter = FailureReporter(swarm, peer_id, clients, metrics, self.dead, local=self.on_failure_report,
-                                        timeout_s=s.notice_timeout, workers=s.report_workers)
-        self.notifier = RerouteNotifier(peer_id, clients, executor, s.notice_timeout, workers=s.notice_workers,
-                                        tries=s.notice_tries)
+        self.reporter = FailureReporter(swarm, peer_id, clients, signer, metrics, self.dead,
+                                        local=self.on_failure_report, timeout_s=s.notice_timeout,
+                                        workers=s.report_workers)
+        self.notifier = RerouteNotifier(peer_id, clients, signer, executor, s.notice_timeout,
+                                        workers=s.notice_workers, tries=s.notice_tries)
         self.watch = HopWatch(peer_id, executor, clients, self.reporter, self.dead, interval_s=s.hop_watch_interval,
                               probe_timeout_s=s.probe_timeout, hung_after_misses=s.hung_after_misses,
                               join_timeout_s=join_timeout)
@@ -100,11 +104,21 @@ class Faults:
         self.notifier.round_done({p: e for p, e in plan.endpoints().items() if p not in dead}, notice)
 
     # ---- re-routing our own microbatches (data nodes) --------------------------------------------------------
-    def on_failure_report(self, report: pb.FailureReport) -> None:
-        """A hop of one of our microbatches failed (seen here or elsewhere): re-route it, off this thread."""
-        if self.book is None or not self.book.is_current(report):
+    def on_failure_report(self, report: pb.FailureReport, sender: str) -> None:
+        """A hop of one of our microbatches failed, says `sender` (we, or a peer that signed the report): re-route
+        it, off this thread. PERMISSION_DENIED, changing nothing, when the sender is on none of its paths."""
+        if self.book is None:
             return
-        self._pool.submit(self._reroute, report)
+        if sender != self.peer_id:
+            on_path = self.book.on_path(report.round, report.microbatch, sender)
+            if on_path is None:  # not a microbatch of ours we still track: nothing to re-route
+                return
+            if not on_path:
+                raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"{sender[-8:]} is on no path of round {report.round} microbatch "
+                                    f"{report.microbatch}: only its nodes report its failures")
+        if self.book.is_current(report):
+            self._pool.submit(self._reroute, report)
 
     def _reroute(self, report: pb.FailureReport) -> None:
         failed = self.book.failed(report)
@@ -128,7 +142,7 @@ class Faults:
                         ", ".join(sorted(p[-8:] for p in avoid)), report.reason)
             self._abandon(failed.plan, round_, mb, attempt, avoid, f"no live path: {report.reason}")
             return
-        if not self.book.adopt(round_, mb, attempt):
+        if not self.book.adopt(round_, mb, attempt, path):
             return
         notice = pb.RerouteNotice(swarm_id=self.swarm, round=round_, microbatch=mb, attempt=attempt,
                                   path=[h.to_pb() for h in path])

@@ -17,6 +17,7 @@ import grpc
 
 from node.errors import UsageError
 from node.host.metrics import NodeMetrics
+from protocol.notice_auth import NoticeSigner
 from protocol.record_auth import RefusalCounter, load_identity, record_validators
 from protocol.rpc_auth import ServerAuthInterceptor, SwarmAuth
 from protocol.service import SERVICE
@@ -37,6 +38,7 @@ class NodeTrust:
     validators: list
     refused_records: RefusalCounter  # shared with the DHT process, which refuses forged records
     auth: SwarmAuth | None  # None in a public swarm
+    signer: NoticeSigner  # signs this node's control messages with its identity (every swarm)
     tls: SwarmTls | None = None  # None: plaintext gRPC
 
     @classmethod
@@ -55,7 +57,7 @@ class NodeTrust:
             raise UsageError(f"--identity-path {identity_path}: {e}") from None
         refused = RefusalCounter()
         return cls(path, temporary, record_validators(private_key, swarm_key, refused), refused,
-                   SwarmAuth(swarm_key) if swarm_key is not None else None, swarm_tls)
+                   SwarmAuth(swarm_key) if swarm_key is not None else None, NoticeSigner(private_key), swarm_tls)
 
     @property
     def owner(self) -> bytes:

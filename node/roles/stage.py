@@ -100,8 +100,8 @@ class StageRole:
             corpus = usage(load_corpus, data.paths, data.dataset or None, model.tokenizer)
             self.origin = Origin(swarm, self.executor, book, corpus, data.batch_size, data.seq_len,
                                  rounds.max_inflight, cfg.model.seed, memory_retry_s=rounds.memory_retry)
-        self.faults = Faults(cfg.faults, swarm, peer_id, host.clients, metrics, self.executor, activation_bytes,
-                             host.directory.members, lifecycle.thread_join_timeout, book=book,
+        self.faults = Faults(cfg.faults, swarm, peer_id, host.clients, host.trust.signer, metrics, self.executor,
+                             activation_bytes, host.directory.members, lifecycle.thread_join_timeout, book=book,
                              restart=self.origin.start if self.origin else None)
         undo.callback(self.faults.close)
         self.faults.start()

@@ -60,6 +60,37 @@ class HopAdmission:
                                     f"path goes through {hop.endpoint} ({hop.peer_id[-8:]}), which is not a "
                                     f"verified member of the swarm at that address")
 
+    def check_reroute(self, notice: pb.RerouteNotice, sender: str) -> None:
+        """A re-route (or a give-up) comes only from its microbatch's origin in the round's signed plan."""
+        planned = self._planned(notice.round, notice.microbatch, "Reroute")
+        if sender != planned.origin:
+            raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED,
+                                f"Reroute of round {notice.round} microbatch {notice.microbatch} from {sender[-8:]}: "
+                                f"only its origin {planned.origin[-8:]} re-routes it")
+
+    def check_round_done(self, notice: pb.RoundDoneNotice, sender: str) -> None:
+        """An origin says only for itself, and only as an origin of the round's signed plan, that it is done."""
+        plan = self._known_plan(notice.round, "RoundDone")
+        if sender != notice.origin or notice.origin not in {mb.origin for mb in plan.microbatches}:
+            raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED,
+                                f"RoundDone for {notice.origin[-8:]} in round {notice.round} from {sender[-8:]}: "
+                                f"only an origin of the round's plan says it is done, for itself")
+
+    def _planned(self, round_: int, microbatch: int, method: str):
+        plan = self._known_plan(round_, method)
+        planned = next((mb for mb in plan.microbatches if mb.id == microbatch), None)
+        if planned is None:
+            raise ProtocolError(grpc.StatusCode.NOT_FOUND,
+                                f"{method}: microbatch {microbatch} is not in round {round_}'s plan")
+        return planned
+
+    def _known_plan(self, round_: int, method: str) -> RoundPlan:
+        plan = self._plan(round_)
+        if plan is None:
+            raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{method}: this node has no signed plan for round {round_}")
+        return plan
+
     def _plan(self, round_: int) -> RoundPlan | None:
         with self._lock:
             plan = self._plans.get(round_)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from lm.data import TokenStream
 from node.stage.compute import OriginHooks
 from node.stage.executor import StageExecutor
-from protocol.envelope import make_envelope
+from protocol.envelope import HopSpec, make_envelope
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.records import PlannedMicrobatch, RoundPlan
 
@@ -63,6 +64,8 @@ class OriginBook(OriginHooks):
         self._labels: dict[tuple[int, int], torch.Tensor] = {}
         self._open: set[tuple[int, int]] = set()
         self._attempts: dict[int, int] = {}  # microbatch -> its current attempt
+        # (round, microbatch) -> the peers of every path its attempts took, this round and the last: who may report
+        self._paths: dict[tuple[int, int], set[str]] = {}
         self._avoid: set[str] = set()
         self._plan: RoundPlan | None = None
         self._result = RoundResult()
@@ -73,9 +76,12 @@ class OriginBook(OriginHooks):
             self._result, self._attempts, self._avoid = RoundResult(), {}, set()
             self._plan, self.deadline, self.stop, self._keep_logits = plan, deadline, stop, keep_logits
 
-    def add(self, round_: int, microbatch: int, input_ids: torch.Tensor) -> None:
+    def add(self, round_: int, microbatch: int, input_ids: torch.Tensor, path: Sequence[HopSpec]) -> None:
         with self.cv:
             self._labels[(round_, microbatch)] = input_ids
+            for old in [k for k in self._paths if k[0] < round_ - 1]:
+                del self._paths[old]
+            self._paths[(round_, microbatch)] = {h.peer_id for h in path}
             self._open.add((round_, microbatch))
 
     def in_flight(self) -> int:
@@ -141,12 +147,20 @@ class OriginBook(OriginHooks):
                 return None
             return Failed(self._plan, report.attempt, self._labels[key], frozenset(self._avoid))
 
-    def adopt(self, round_: int, microbatch: int, attempt: int) -> bool:
-        """`attempt` is now the microbatch's current one; False when it closed meanwhile."""
+    def on_path(self, round_: int, microbatch: int, peer: str) -> bool | None:
+        """Whether `peer` is on a path one of our microbatch's attempts took; None for a microbatch we do not know
+        (another origin's, or from a round before the last)."""
+        with self.cv:
+            peers = self._paths.get((round_, microbatch))
+            return None if peers is None else peer in peers
+
+    def adopt(self, round_: int, microbatch: int, attempt: int, path: Sequence[HopSpec]) -> bool:
+        """`attempt`, along `path`, is now the microbatch's current one; False when it closed meanwhile."""
         with self.cv:
             if (round_, microbatch) not in self._open:
                 return False
             self._attempts[microbatch] = attempt
+            self._paths.setdefault((round_, microbatch), set()).update(h.peer_id for h in path)
             self._result.reroutes += 1
             return True
 
@@ -188,7 +202,7 @@ class Origin:
                 if not book.cv.wait_for(lambda: book.in_flight() < self.max_inflight or stop.is_set(),
                                         max(0.0, deadline - time.monotonic())) or stop.is_set():
                     break
-                book.add(round_, mb.id, ids)
+                book.add(round_, mb.id, ids, mb.path)
             self.start(make_envelope(self.swarm, round_, mb.id, mb.path, hop=0), ids)
         with book.cv:
             book.cv.wait_for(lambda: not book.in_flight() or stop.is_set(), max(0.0, deadline - time.monotonic()))

@@ -15,6 +15,7 @@ from node.stage.admission import HopAdmission, check_final, check_gradient, chec
 from node.stage.executor import StageExecutor
 from protocol.envelope import HopSpec, make_envelope
 from protocol.errors import ProtocolError
+from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.records import PlannedMicrobatch, RoundPlan
 
 CONFIG = SimpleNamespace(hidden_size=8, max_position_embeddings=16)
@@ -155,3 +156,23 @@ def test_only_the_newest_plans_are_kept():
     assert directory.plan_lookups == []  # the two newest are still held
     admission.check(hop((ORIGIN, A, B, ORIGIN), round_=0))
     assert directory.plan_lookups == [0]  # an older one was let go and is looked up again
+
+
+def test_only_the_origin_reroutes_and_only_an_origin_says_it_is_done():
+    admission = HopAdmission(FakeDirectory({4: PLAN}, members={}), DataPlaneConfig())
+    notice = pb.RerouteNotice(swarm_id="s", round=4, microbatch=0, attempt=5)
+    admission.check_reroute(notice, ORIGIN.peer_id)
+    assert refused(lambda: admission.check_reroute(notice, A.peer_id)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "Reroute of round 4 microbatch 0 from 00000001: only its origin eer-0001 re-routes it")
+    assert refused(lambda: admission.check_reroute(pb.RerouteNotice(round=4, microbatch=9), ORIGIN.peer_id)) == (
+        grpc.StatusCode.NOT_FOUND, "Reroute: microbatch 9 is not in round 4's plan")
+    done = pb.RoundDoneNotice(swarm_id="s", round=4, origin=ORIGIN.peer_id)
+    admission.check_round_done(done, ORIGIN.peer_id)
+    for notice, sender in ((done, A.peer_id),  # for another origin
+                           (pb.RoundDoneNotice(round=4, origin=A.peer_id), A.peer_id)):  # not an origin
+        code, reason = refused(lambda: admission.check_round_done(notice, sender))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "only an origin of the round's plan" in reason
+    assert refused(lambda: admission.check_round_done(pb.RoundDoneNotice(round=7, origin=ORIGIN.peer_id),
+                                                      ORIGIN.peer_id)) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "RoundDone: this node has no signed plan for round 7")

@@ -21,7 +21,7 @@ from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
 from protocol.service import StageStub
 from protocol.swarm_key import load_key_file
 from protocol.tensor_frames import encode_frames
-from tests.helpers import free_port, metric, node, rounds, run_cli, wait_for
+from tests.helpers import free_port, metric, node, rounds, run_cli, scrape, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -253,6 +253,60 @@ def test_hostile_input_is_refused_while_rounds_go_on(swarm):
     during = [rounds(data)[r]["wall_s"] for r in range(first, max(rounds(data)) + 1)]
     assert all(rounds(data)[r]["failed"] == 0 for r in range(first, max(rounds(data)) + 1))
     assert sorted(during)[len(during) // 2] < 2 * sorted(before)[len(before) // 2] + 2, (before, during)
+
+
+# ---- control messages: only from the sender the round's signed plan allows ---------------------------------------
+def _denied(n, method: str) -> float:
+    return scrape(n.started()["metrics_url"]).get(
+        f'swarm_node_rpc_errors_total{{code="PERMISSION_DENIED",method="{method}"}}', 0.0)
+
+
+def test_forged_control_messages_are_denied_and_the_round_loses_nothing(swarm):
+    """A member (it holds the swarm key, so every call passes the key's check) that is not the microbatch's
+    origin, nor on its path, tries to drop a node's held activations (Reroute with a higher attempt), to end a
+    node's round early (RoundDone for the origin) and to make the origin avoid a healthy peer (ReportFailure)."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from protocol.notice_auth import NoticeSigner
+
+    data, target = node(swarm, "data0"), node(swarm, "s1")
+    data_id, target_id = data.started()["peer_id"], target.started()["peer_id"]
+    auth = SwarmAuth(load_key_file(swarm.key))
+    member = NoticeSigner(RSAPrivateKey())  # its own identity: not the origin's
+    to_target, to_data = StageStub(_channel(target, auth)), StageStub(_channel(data, auth))
+    wait_for(lambda: len(rounds(data)) >= 2, 180, "two rounds")
+    before = {"Reroute": _denied(target, "Reroute"), "RoundDone": _denied(target, "RoundDone"),
+              "ReportFailure": _denied(data, "ReportFailure")}
+
+    def live_round() -> int:
+        return to_data.Info(pb.InfoRequest(), timeout=5).round
+
+    forged = [
+        (to_target.Reroute, "Reroute", lambda r: pb.RerouteNotice(swarm_id=SWARM, round=r, microbatch=0, attempt=7),
+         target_id, "only its origin"),
+        (to_target.RoundDone, "RoundDone", lambda r: pb.RoundDoneNotice(swarm_id=SWARM, round=r, origin=data_id),
+         target_id, "only an origin of the round's plan says it is done, for itself"),
+        (to_data.ReportFailure, "ReportFailure",
+         # the round before the live one: the origin has fed all of its microbatches, and still knows their paths
+         lambda r: pb.FailureReport(swarm_id=SWARM, round=r - 1, microbatch=0, attempt=0, failed_peer=target_id,
+                                    reason="forged"), data_id, "only its nodes report its failures"),
+    ]
+    first = live_round()
+    for call, method, message, receiver, reason in forged:
+        code, details = _code(call, message(live_round()))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "carries no sender proof" in details, details
+        code, details = _code(call, member.sign(method, message(live_round()), "someone-else"))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "does not verify" in details, details
+        code, details = _code(call, member.sign(method, message(live_round()), receiver))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and reason in details, (method, details)
+    counted = {"Reroute": _denied(target, "Reroute"), "RoundDone": _denied(target, "RoundDone"),
+               "ReportFailure": _denied(data, "ReportFailure")}
+    assert all(counted[m] >= before[m] + 3 for m in counted), (before, counted)
+    # Nothing changed: the rounds the forgeries aimed at, and the next ones, finish every microbatch
+    # on their planned paths.
+    wait_for(lambda: max(rounds(data)) >= first + 2, 120, "two more rounds")
+    aimed = [rounds(data)[r] for r in range(first, max(rounds(data)) + 1) if r in rounds(data)]
+    assert aimed and all(e["failed"] == 0 and e["reroutes"] == 0 for e in aimed), aimed
 
 
 # ---- reachability: a joining node asks a member to dial it back --------------------------------------------------

@@ -185,26 +185,28 @@ def _send(stub, env, tensor, method="Forward", limits=WireLimits()):
 def test_malformed_rpcs_get_a_reason_and_the_node_keeps_serving(swarm):
     target = node(swarm, "s1a")
     stub = _stub(target)
-    now = max(rounds(target)) + 1  # the round it works on (or is about to)
     good = torch.zeros(2, 8, HIDDEN)
-    far_future = now + 1000
+
+    def now() -> int:
+        """The round the node works on, read just before each call: rounds here take a fraction of a second."""
+        return stub.Info(pb.InfoRequest(), timeout=5).round
 
     cases = [
-        (_envelope(swarm, target, now, swarm_id="intruders"), good, "Forward", grpc.StatusCode.PERMISSION_DENIED,
-         "swarm id"),
-        (_envelope(swarm, target, now, hop=0), good, "Forward", grpc.StatusCode.INVALID_ARGUMENT, "hop 0"),
-        (_envelope(swarm, target, far_future), good, "Forward", grpc.StatusCode.FAILED_PRECONDITION,
+        (lambda: _envelope(swarm, target, now(), swarm_id="intruders"), good, "Forward",
+         grpc.StatusCode.PERMISSION_DENIED, "swarm id"),
+        (lambda: _envelope(swarm, target, now(), hop=0), good, "Forward", grpc.StatusCode.INVALID_ARGUMENT, "hop 0"),
+        (lambda: _envelope(swarm, target, now() + 1000), good, "Forward", grpc.StatusCode.FAILED_PRECONDITION,
          "unknown round"),
-        (_envelope(swarm, target, 0), good, "Forward", grpc.StatusCode.FAILED_PRECONDITION, "is over"),
-        (_envelope(swarm, target, now, microbatch=999), good, "Backward", grpc.StatusCode.NOT_FOUND,
+        (lambda: _envelope(swarm, target, 0), good, "Forward", grpc.StatusCode.FAILED_PRECONDITION, "is over"),
+        (lambda: _envelope(swarm, target, now(), microbatch=999), good, "Backward", grpc.StatusCode.NOT_FOUND,
          "not in round"),
-        (_envelope(swarm, target, now), torch.zeros(2, 8, HIDDEN + 1), "Forward", grpc.StatusCode.INVALID_ARGUMENT,
-         "expected [batch, seq, 64]"),
-        (_envelope(swarm, target, now), good.to(torch.float16), "Forward", grpc.StatusCode.INVALID_ARGUMENT,
-         "computes in float32"),
+        (lambda: _envelope(swarm, target, now()), torch.zeros(2, 8, HIDDEN + 1), "Forward",
+         grpc.StatusCode.INVALID_ARGUMENT, "expected [batch, seq, 64]"),
+        (lambda: _envelope(swarm, target, now()), good.to(torch.float16), "Forward",
+         grpc.StatusCode.INVALID_ARGUMENT, "computes in float32"),
     ]
-    for env, tensor, method, code, reason in cases:
-        got, details = _send(stub, env, tensor, method)
+    for envelope, tensor, method, code, reason in cases:
+        got, details = _send(stub, envelope(), tensor, method)
         assert got == code and reason in details, (got, details)
 
     # A codec the node does not speak, and a header that lies about a codec's size: refused with a reason.
@@ -216,7 +218,7 @@ def test_malformed_rpcs_get_a_reason_and_the_node_keeps_serving(swarm):
          "does not match"),
     ]:
         with pytest.raises(grpc.RpcError) as e:
-            generated.Forward(iter([pb.TensorChunk(envelope=_envelope(swarm, target, now), meta=meta)]), timeout=10)
+            generated.Forward(iter([pb.TensorChunk(envelope=_envelope(swarm, target, now()), meta=meta)]), timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in e.value.details()
 
     # No envelope at all (from a client generated from the .proto), then bytes that are not protobuf.
@@ -229,13 +231,13 @@ def test_malformed_rpcs_get_a_reason_and_the_node_keeps_serving(swarm):
     # One message over the node's message limit: refused by its own check, with the limit named; and one over
     # gRPC's cap (twice that): refused by gRPC itself.
     big = torch.zeros(1 << 20)  # 4 MiB in one chunk
-    code, details = _send(stub, _envelope(swarm, target, now), big, limits=WireLimits(chunk_bytes=16 << 20))
+    code, details = _send(stub, _envelope(swarm, target, now()), big, limits=WireLimits(chunk_bytes=16 << 20))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message limit" in details, details
     huge = torch.zeros(3 << 20)  # 12 MiB in one chunk
-    code, _ = _send(stub, _envelope(swarm, target, now), huge, limits=WireLimits(chunk_bytes=16 << 20))
+    code, _ = _send(stub, _envelope(swarm, target, now()), huge, limits=WireLimits(chunk_bytes=16 << 20))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     # A tensor announced larger than the node accepts: refused before its bytes are read.
-    env = _envelope(swarm, target, now)
+    env = _envelope(swarm, target, now())
     meta = pb.TensorMeta(dtype="float32", shape=[1 << 16, 1 << 14], codec="raw", nbytes=4 << 30)
     with pytest.raises(grpc.RpcError) as e:
         generated.Forward(iter([pb.TensorChunk(envelope=env, meta=meta)]), timeout=10)

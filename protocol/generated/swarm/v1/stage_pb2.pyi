@@ -117,48 +117,62 @@ class StateChunk(_message.Message):
     def __init__(self, round: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class FailureReport(_message.Message):
-    __slots__ = ("swarm_id", "round", "microbatch", "attempt", "failed_peer", "reason")
+    __slots__ = ("swarm_id", "round", "microbatch", "attempt", "failed_peer", "reason", "sender")
     SWARM_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MICROBATCH_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     FAILED_PEER_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
     swarm_id: str
     round: int
     microbatch: int
     attempt: int
     failed_peer: str
     reason: str
-    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., microbatch: _Optional[int] = ..., attempt: _Optional[int] = ..., failed_peer: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    sender: SenderProof
+    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., microbatch: _Optional[int] = ..., attempt: _Optional[int] = ..., failed_peer: _Optional[str] = ..., reason: _Optional[str] = ..., sender: _Optional[_Union[SenderProof, _Mapping]] = ...) -> None: ...
+
+class SenderProof(_message.Message):
+    __slots__ = ("public_key", "signature")
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    public_key: bytes
+    signature: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class FailureAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class RerouteNotice(_message.Message):
-    __slots__ = ("swarm_id", "round", "microbatch", "attempt", "path")
+    __slots__ = ("swarm_id", "round", "microbatch", "attempt", "path", "sender")
     SWARM_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MICROBATCH_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
     swarm_id: str
     round: int
     microbatch: int
     attempt: int
     path: _containers.RepeatedCompositeFieldContainer[Hop]
-    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., microbatch: _Optional[int] = ..., attempt: _Optional[int] = ..., path: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+    sender: SenderProof
+    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., microbatch: _Optional[int] = ..., attempt: _Optional[int] = ..., path: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sender: _Optional[_Union[SenderProof, _Mapping]] = ...) -> None: ...
 
 class RoundDoneNotice(_message.Message):
-    __slots__ = ("swarm_id", "round", "origin")
+    __slots__ = ("swarm_id", "round", "origin", "sender")
     SWARM_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
     swarm_id: str
     round: int
     origin: str
-    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., origin: _Optional[str] = ...) -> None: ...
+    sender: SenderProof
+    def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., origin: _Optional[str] = ..., sender: _Optional[_Union[SenderProof, _Mapping]] = ...) -> None: ...
 
 class GradientRequest(_message.Message):
     __slots__ = ("swarm_id", "stage", "round")
