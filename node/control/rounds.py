@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 
 from hivemind.utils import get_dht_time
@@ -40,8 +41,10 @@ class RoundLoop:
                  trainers: dict[int, StageTrainer], exchange: GradientExchange, origin: Origin | None,
                  clients: StageClients, metrics: NodeMetrics, events: EventLog, faults: Faults, links: LinkBook,
                  checkpoints: StageCheckpoints | None,
-                 activation_shape: tuple[int, int, int], activation_bytes: int, left_out_limit: int | None = None):
+                 activation_shape: tuple[int, int, int], activation_bytes: int, on_plan: Callable[[RoundPlan], None],
+                 left_out_limit: int | None = None):
         """`activation_shape` is [batch, seq, hidden] (the planner prices hops by their encoded size);
+        `on_plan` is told each round's plan once fetched (admission checks hops and re-routes against it);
         `left_out_limit`: end the loop after this many rounds in a row without this node (node/roles/choice.py)."""
         self.config = config
         self.peer_id = peer_id
@@ -59,6 +62,7 @@ class RoundLoop:
         self.activation_shape = activation_shape
         self.activation_bytes = activation_bytes
         self.left_out_limit = left_out_limit
+        self.on_plan = on_plan
         self.visits = config.rounds.visits or config.model.num_stages  # stages per microbatch path; all of them by default
         self._warned_missing: tuple[int, ...] = ()
         self._stages_seen: set[int] = set()  # stages some plan used: only those can be lost (and skipped)
@@ -97,6 +101,7 @@ class RoundLoop:
             plan = self.directory.fetch_plan(round_)
             if plan is not None:
                 self._stages_seen.update(h.stage for mb in plan.microbatches for h in mb.path)
+                self.on_plan(plan)
                 return plan
             members = self.directory.members()
             self._members = members

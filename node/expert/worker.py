@@ -28,8 +28,7 @@ from node.expert.seeds import SeedSource, model_of
 from node.expert.service import WEIGHTS, ServedExperts
 from node.host.host import HostServices
 from node.model import ModelSetup
-from node.roles.choice import stage_in_need
-from protocol.records import CatalogueEntry, ExpertRecord, NodeRecord
+from protocol.records import CatalogueEntry, ExpertRecord
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +122,7 @@ class ExpertWorker:
     """Runs jobs one after another on its own thread until stopped (or until the pipeline needs this node)."""
 
     def __init__(self, config: NodeConfig, services: HostServices, model: ModelSetup, metrics: ExpertMetrics,
-                 directory: ExpertDirectory, watch_pipeline: bool):
-        """`watch_pipeline` (--role auto): stop at a checkpoint when a stage runs short of live replicas."""
+                 directory: ExpertDirectory):
         self.config = config
         self.settings = config.experts
         self.services = services
@@ -135,18 +133,14 @@ class ExpertWorker:
         self.refresh_s = config.swarm.heartbeat_interval  # expert records are refreshed as often as the node's
         self.device = str(model.device)
         self.directory = directory
-        self.members = services.directory
-        self.clients = services.clients
         self.metrics = metrics
         self.events = services.events
         self.stop = services.stop
-        self.watch_pipeline = watch_pipeline
         self.served = ServedExperts()
         self.catalogue = CatalogueKeeper(directory, self.settings, model.tokenizer, creator=config.swarm.new_swarm,
                                          record_ttl=self.record_ttl)
         self.seeds = SeedSource(config, services, model, directory, self.home / "seeds")
-        self.needed = threading.Event()  # set with `stage_needed` by the pipeline watch (auto role)
-        self.stage_needed: int | None = None
+        self._halt = threading.Event()
         self._jobs: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
 
@@ -154,10 +148,8 @@ class ExpertWorker:
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         self._jobs = threading.Thread(target=self._run, name="experts", daemon=True)
-        targets = [("expert-records", self._refresh_loop)]
-        if self.watch_pipeline:
-            targets.append(("pipeline-watch", self._watch_pipeline))
-        self._threads = [self._jobs, *(threading.Thread(target=t, name=n, daemon=True) for n, t in targets)]
+        records = threading.Thread(target=self._refresh_loop, name="expert-records", daemon=True)
+        self._threads = [self._jobs, records]
         for thread in self._threads:
             thread.start()
 
@@ -187,31 +179,12 @@ class ExpertWorker:
             except Exception as e:  # the DHT may be shutting down; the next refresh retries
                 log.debug("expert record refresh failed: %r", e)
 
-    def _watch_pipeline(self) -> None:
-        """Auto role: the pipeline comes first. Count live replicas (records that answer a Ping) per stage."""
-        min_replicas = self.config.roles.min_replicas
-        while not self.stop.wait(self.refresh_s):
-            try:
-                need = stage_in_need(self._live_members(), self.config.model.num_stages, min_replicas)
-            except Exception as e:
-                log.debug("pipeline watch failed: %r", e)
-                continue
-            if need is not None:
-                log.info("stage %d has fewer than %d live replicas: stopping expert training to take it",
-                         need, min_replicas)
-                self.stage_needed = need
-                self.needed.set()
-                return
-
-    def _live_members(self) -> dict[str, NodeRecord]:
-        records = {p: r for p, r in self.members.members().items() if r.stages}
-        faults = self.config.faults
-        alive = self.clients.answering({p: r.endpoint for p, r in records.items()}, faults.probe_timeout,
-                                       faults.ping_workers)
-        return {p: r for p, r in records.items() if p in alive}
+    def halt(self) -> None:
+        """Stop training at the next step, with a checkpoint (the node is about to take a stage)."""
+        self._halt.set()
 
     def _halted(self) -> bool:
-        return self.stop.is_set() or self.needed.is_set()
+        return self.stop.is_set() or self._halt.is_set()
 
     # ---- the job loop --------------------------------------------------------------------------------------------
     def _run(self) -> None:

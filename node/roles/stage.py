@@ -123,10 +123,11 @@ class StageRole:
                          read_timeout=cfg.swarm.dht_read_timeout)
         roles = cfg.roles
         left_out_limit = roles.idle_rounds if roles.role == Role.AUTO and roles.hosted_stages() is None else None
+        admission = HopAdmission(host.directory, cfg.dataplane)
         self.rounds = RoundLoop(cfg, peer_id, host.directory, self.executor, self.trainers, self.exchange, self.origin,
                                 host.clients, metrics, host.events, self.faults, links, self.checkpoints,
                                 activation_shape=model.activation_shape(data), activation_bytes=activation_bytes,
-                                left_out_limit=left_out_limit)
+                                on_plan=admission.know, left_out_limit=left_out_limit)
         # A tensor never exceeds twice this swarm's activation size: larger ones are refused from their header.
         limits = dataclasses.replace(self.limits, max_tensor_bytes=min(self.limits.max_tensor_bytes,
                                                                        2 * activation_bytes))
@@ -135,7 +136,7 @@ class StageRole:
             trainers=self.trainers, limits=limits, metrics=metrics, state_wait_s=lifecycle.state_transfer_timeout,
             exchange=self.exchange, on_failure_report=self.faults.on_failure_report if self.origin else None,
             checkpoint_state=self.checkpoints.state if self.checkpoints else None, auth=host.trust.auth,
-            admission=HopAdmission(host.directory, cfg.dataplane), guard=host.guard,
+            admission=admission, guard=host.guard,
             dial_back=lambda request, caller: dial_back(request, caller, host.clients, cfg.faults.probe_timeout))
         self.catalogue = None
         if cfg.swarm.new_swarm:  # whoever starts the swarm sets the experts' domain catalogue

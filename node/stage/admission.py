@@ -68,13 +68,22 @@ class HopAdmission:
                                 f"Reroute of round {notice.round} microbatch {notice.microbatch} from {sender[-8:]}: "
                                 f"only its origin {planned.origin[-8:]} re-routes it")
 
-    def check_round_done(self, notice: pb.RoundDoneNotice, sender: str) -> None:
-        """An origin says only for itself, and only as an origin of the round's signed plan, that it is done."""
-        plan = self._known_plan(notice.round, "RoundDone")
-        if sender != notice.origin or notice.origin not in {mb.origin for mb in plan.microbatches}:
+    @staticmethod
+    def check_round_done(notice: pb.RoundDoneNotice, sender: str) -> None:
+        """An origin says only for itself that it is done. (The round ledger waits only for the origins of the
+        round's plan, so a peer that is none changes nothing by saying it; no plan is needed here, which matters
+        for a node that gets the notice before it has fetched that round's plan.)"""
+        if sender != notice.origin:
             raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED,
                                 f"RoundDone for {notice.origin[-8:]} in round {notice.round} from {sender[-8:]}: "
-                                f"only an origin of the round's plan says it is done, for itself")
+                                f"an origin says only for itself that it is done")
+
+    def know(self, plan: RoundPlan) -> None:
+        """A plan the round loop fetched and verified: hops and re-routes of its round need no DHT lookup."""
+        with self._lock:
+            self._plans[plan.round] = plan
+            for old in sorted(self._plans)[:-self.plans_kept]:
+                del self._plans[old]
 
     def _planned(self, round_: int, microbatch: int, method: str):
         plan = self._known_plan(round_, method)
@@ -99,11 +108,9 @@ class HopAdmission:
                 return plan
             self._looked_up[round_] = time.monotonic()
         plan = self.directory.fetch_plan(round_)
+        if plan is not None:
+            self.know(plan)
         with self._lock:
-            if plan is not None:
-                self._plans[round_] = plan
-                for old in sorted(self._plans)[:-self.plans_kept]:
-                    del self._plans[old]
             for old in [r for r in self._looked_up if r < round_ - self.plans_kept]:
                 del self._looked_up[old]
         return plan

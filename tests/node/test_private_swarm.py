@@ -285,7 +285,7 @@ def test_forged_control_messages_are_denied_and_the_round_loses_nothing(swarm):
         (to_target.Reroute, "Reroute", lambda r: pb.RerouteNotice(swarm_id=SWARM, round=r, microbatch=0, attempt=7),
          target_id, "only its origin"),
         (to_target.RoundDone, "RoundDone", lambda r: pb.RoundDoneNotice(swarm_id=SWARM, round=r, origin=data_id),
-         target_id, "only an origin of the round's plan says it is done, for itself"),
+         target_id, "an origin says only for itself that it is done"),
         (to_data.ReportFailure, "ReportFailure",
          # the round before the live one: the origin has fed all of its microbatches, and still knows their paths
          lambda r: pb.FailureReport(swarm_id=SWARM, round=r - 1, microbatch=0, attempt=0, failed_peer=target_id,
