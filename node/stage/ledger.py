@@ -91,7 +91,7 @@ class RoundLedger:
             if round_ == self._round and self._expected is not None:
                 self._origins_open.discard(origin)
                 self.lock.notify_all()
-            elif round_ > self._round:
+            elif round_ == self._round + 1:  # the next round, as for parked hops; later ones cannot be ours yet
                 self._done_early.add((round_, origin))
 
     def end_round(self, round_: int) -> dict[int, int]:
