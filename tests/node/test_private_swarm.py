@@ -261,6 +261,11 @@ def _denied(n, method: str) -> float:
         f'swarm_node_rpc_errors_total{{code="PERMISSION_DENIED",method="{method}"}}', 0.0)
 
 
+def _judged(answer: tuple) -> tuple | None:
+    code, details = answer
+    return None if code == grpc.StatusCode.FAILED_PRECONDITION and "no signed plan" in details else answer
+
+
 def test_forged_control_messages_are_denied_and_the_round_loses_nothing(swarm):
     """A member (it holds the swarm key, so every call passes the key's check) that is not the microbatch's
     origin, nor on its path, tries to drop a node's held activations (Reroute with a higher attempt), to end a
@@ -297,7 +302,10 @@ def test_forged_control_messages_are_denied_and_the_round_loses_nothing(swarm):
         assert code == grpc.StatusCode.PERMISSION_DENIED and "carries no sender proof" in details, details
         code, details = _code(call, member.sign(method, message(live_round()), "someone-else"))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "does not verify" in details, details
-        code, details = _code(call, member.sign(method, message(live_round()), receiver))
+        # The receiver may not have fetched the live round's plan yet (it answers FAILED_PRECONDITION, no plan):
+        # ask again until it judges the sender against the plan.
+        code, details = wait_for(lambda: _judged(_code(call, member.sign(method, message(live_round()), receiver))),
+                                 30, f"{method} judged against a signed plan")
         assert code == grpc.StatusCode.PERMISSION_DENIED and reason in details, (method, details)
     counted = {"Reroute": _denied(target, "Reroute"), "RoundDone": _denied(target, "RoundDone"),
                "ReportFailure": _denied(data, "ReportFailure")}
