@@ -20,7 +20,6 @@ from hivemind.utils import get_dht_time
 from node.config import LinkConfig
 from node.control.discovery import get_latest
 from node.smoothing import ewma
-from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.record_auth import owner_peer_id
 from protocol.records import LinkEstimate, LinksRecord, RecordError, RoundPlan, links_key
 

@@ -82,7 +82,6 @@ class StageServicer(pb_grpc.StageServiceServicer):
             self.admission.check(env)  # other rounds: the executor refuses them without a DHT lookup
         accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
         queued = accept(env, tensor)
-        self.metrics.received_bytes.inc(received.wire_bytes)
         self.metrics.rpc_seconds.labels(method=method, side="server").observe(time.perf_counter() - started)
         return pb.Ack(queued=queued)
 

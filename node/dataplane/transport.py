@@ -14,13 +14,12 @@ import torch
 from node.dataplane.codec_agreement import RoundCodecs
 from node.host.metrics import NodeMetrics
 from node.process.waits import wait_until
-from protocol.codecs import wire_bytes
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.grpc_options import channel_options
 from protocol.limits import WireLimits
 from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
-from protocol.service import StageStub
+from protocol.service import FrameMeter, StageStub, no_meter
 from protocol.tls import SwarmTls
 from protocol.state_frames import decode_state
 from protocol.tensor_frames import encode_frames
@@ -60,8 +59,10 @@ def dial(endpoint: str, options: list, auth: SwarmAuth | None, tls: SwarmTls | N
 class StageClients:
     """One channel per peer endpoint, reused for every call; `codecs` says how each round's tensors are encoded."""
 
-    def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None, tls: SwarmTls | None = None):
+    def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None, tls: SwarmTls | None = None,
+                 meter: FrameMeter = no_meter):
         self.limits = limits
+        self.meter = meter  # counts every message the stubs send and receive (the node's byte counters)
         self.codecs = RoundCodecs()
         self.auth = auth  # private swarms: every call carries a tag made with the swarm key
         self.tls = tls  # the swarm's certificate, when the data plane runs over TLS
@@ -77,7 +78,7 @@ class StageClients:
             if endpoint not in self._stubs:
                 raw, channel = dial(endpoint, channel_options(self.limits), self.auth, self.tls)
                 self._channels.append(raw)
-                self._stubs[endpoint] = StageStub(channel)
+                self._stubs[endpoint] = StageStub(channel, self.meter)
             return self._stubs[endpoint]
 
     def frame_signer(self, method: str):
@@ -211,4 +212,3 @@ class HopSender:
         self.metrics.rpc_seconds.labels(method=method, side="client").observe(elapsed)
         if self.on_sent is not None:
             self.on_sent(target.peer_id, sum(sizes), elapsed)
-        self.metrics.sent_bytes.inc(wire_bytes(codec, tuple(tensor.shape), tensor.element_size()))

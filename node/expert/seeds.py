@@ -45,7 +45,8 @@ class SeedSource:
                         path = download_expert(record, self.swarm, self.root,
                                                timeout=self.settings.fetch_timeout,
                                                attempts=self.settings.fetch_attempts, auth=self.services.trust.auth,
-                                               tls=self.services.trust.tls)
+                                               tls=self.services.trust.tls,
+                                               meter=self.services.metrics.count_frame)
                     model, manifest = load_expert(path)  # verifies the sha256 again
                     manifest.extra = {**manifest.extra, "source": f"catalogue seed {record.id}"}
                     return model, manifest

@@ -25,6 +25,7 @@ from protocol.errors import ProtocolError, check_swarm
 from protocol.generated.swarm.v1 import experts_pb2 as pb
 from protocol.generated.swarm.v1 import experts_pb2_grpc as pb_grpc
 from protocol.records import ExpertRecord
+from protocol.service import ExpertStub, FrameMeter, no_meter
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ class FetchError(Exception):
 
 
 def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: float = ExpertConfig.fetch_timeout,
-                    attempts: int = ExpertConfig.fetch_attempts, auth=None, tls=None) -> Path:
+                    attempts: int = ExpertConfig.fetch_attempts, auth=None, tls=None,
+                   meter: FrameMeter = no_meter) -> Path:
     """Fetch `record`'s weights into out_root/<id>/ with config.json and manifest.json.
 
     Bytes stream into model.safetensors.partial (a broken stream resumes from its size); only after the
@@ -157,7 +159,7 @@ def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: f
         partial.unlink()
     raw, channel = dial(record.endpoint, [], auth, tls)
     with raw:
-        stub = pb_grpc.ExpertServiceStub(channel)
+        stub = ExpertStub(channel, meter)
         for attempt in range(attempts):
             offset = partial.stat().st_size if partial.exists() else 0
             try:

@@ -178,7 +178,7 @@ class NodeHost:
                                         on_dropped=lambda reason: self.metrics.records_dropped.labels(reason).inc(),
                                         read_timeout=cfg.swarm.dht_read_timeout, stop=self.stop,
                                         recheck_s=cfg.lifecycle.recheck_interval)
-        self.clients = StageClients(self.limits, self.trust.auth, self.trust.tls)
+        self.clients = StageClients(self.limits, self.trust.auth, self.trust.tls, self.metrics.count_frame)
         undo.callback(self.clients.close)
         self.guard = StreamGuard(cfg.dataplane, cfg.lifecycle.recheck_interval,
                                  on_refused=lambda reason: self.metrics.streams_refused.labels(reason).inc())

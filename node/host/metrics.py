@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protocol.records import NodeState
+from protocol.service import KINDS, kind_of
 
 # starting: building components; catch_up: copying a stage's state from a replica (joining, or a round it
 # was left out of); planning: waiting for the round's plan; compute: the round's forward and backward hops;
@@ -25,9 +26,14 @@ class NodeMetrics:
         self.forwarded = Counter("swarm_node_microbatches_forwarded", "Forward passes computed", ["stage"], registry=r)
         self.backwarded = Counter("swarm_node_microbatches_backwarded", "Backward passes computed", ["stage"],
                                   registry=r)
-        self.sent_bytes = Counter("swarm_node_sent_bytes", "Tensor bytes sent over the data plane", registry=r)
-        self.received_bytes = Counter("swarm_node_received_bytes", "Tensor bytes received over the data plane",
-                                      registry=r)
+        # Counted from the gRPC messages this node's clients and server actually sent and received (protocol.service).
+        self.sent_bytes = Counter("swarm_node_sent_bytes", "Bytes of gRPC messages sent, by kind of traffic",
+                                  ["kind"], registry=r)
+        self.received_bytes = Counter("swarm_node_received_bytes", "Bytes of gRPC messages received, by kind of traffic",
+                                      ["kind"], registry=r)
+        for kind in KINDS:  # every kind shows from the start, at 0
+            self.sent_bytes.labels(kind=kind)
+            self.received_bytes.labels(kind=kind)
         self.rpc_seconds = Histogram("swarm_node_rpc_duration_seconds", "Data-plane RPC latency",
                                      ["method", "side"], buckets=_LATENCY_BUCKETS, registry=r)
         self.rpc_errors = Counter("swarm_node_rpc_errors",
@@ -96,6 +102,11 @@ class NodeMetrics:
                 family.add_metric([], read())
                 yield family
         self.registry.register(_Collector())
+
+    def count_frame(self, direction: str, method: str, nbytes: int) -> None:
+        """The `protocol.service.FrameMeter` of this node's stubs and handlers."""
+        counter = self.sent_bytes if direction == "sent" else self.received_bytes
+        counter.labels(kind=kind_of(method)).inc(nbytes)
 
     def set_role(self, role: str) -> None:
         for name in ROLES:

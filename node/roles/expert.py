@@ -16,8 +16,8 @@ from node.expert.worker import ExpertWorker
 from node.host.host import Advertised, HostServices
 from node.model import ModelSetup
 from node.roles.choice import Relaunch, Role, stage_in_need
-from protocol.generated.swarm.v1 import experts_pb2_grpc
 from protocol.records import NodeState
+from protocol.service import expert_service_handler
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ExpertRole:
 
     # ---- what the host serves and announces --------------------------------------------------------------------
     def register(self, server: grpc.Server) -> None:
-        experts_pb2_grpc.add_ExpertServiceServicer_to_server(self.servicer, server)
+        server.add_generic_rpc_handlers((expert_service_handler(self.servicer, self.services.metrics.count_frame),))
 
     def advertised(self) -> Advertised:
         return Advertised(role="expert", memory_slots=self.config.rounds.memory_slots)

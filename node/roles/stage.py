@@ -145,7 +145,7 @@ class StageRole:
 
     # ---- what the host serves and announces --------------------------------------------------------------------
     def register(self, server: grpc.Server) -> None:
-        server.add_generic_rpc_handlers((stage_service_handler(self.servicer),))
+        server.add_generic_rpc_handlers((stage_service_handler(self.servicer, self.services.metrics.count_frame),))
 
     def advertised(self) -> Advertised:
         cfg = self.config
