@@ -4,16 +4,22 @@
 
 Swarm: one data node and two replicas each of stages 1 and 2 (full pipelines), every node with its own
 identity and --checkpoint-dir. Churn phase: every 5-10 rounds (counted once the previous victim is back)
-a random non-origin node is killed with SIGKILL (its whole process group, as when a host dies) and
-restarted with the same identity and checkpoint directory; the churn phase lasts --rounds rounds with
-every node up (the rounds that pass while a victim restarts come on top). Soak phase: as many rounds without churn.
+a random non-origin node is killed with SIGKILL (its whole process group, as when a host dies) while it
+holds activations of the round in flight (its `swarm_node_activation_microbatches` gauge is above 0; a node
+the plans leave idle is passed over for another), and restarted with the same identity and checkpoint
+directory; the churn phase lasts --rounds rounds with every node up (the rounds that pass while a victim
+restarts come on top). Soak phase: as many rounds without churn.
 
 Reports, measured in this one run:
-- rounds lost (a round number missing from the data node's history, or a round with failed microbatches);
-- the delay each kill added: the wall time of the round it hit minus the soak's median round;
+- rounds lost: a round number missing from the data node's history, a round with failed microbatches (those
+  the origin never started included), or one that trained fewer tokens than planned;
+- the delay each kill added: the wall time of the round it hit (the data node's round when the kill landed)
+  minus the soak's median round;
 - RSS and open file descriptors of the long-lived data node over time (after warm-up, ratio end/start);
 - the soak's slowest round relative to its median;
-- processes left after the swarm stopped (everything any node ever started, killed nodes included).
+- processes left after the swarm stopped: every process on the machine whose environment carries this run's
+  tag (so orphans count, whatever their parent), and every pid seen in a node's tree whose start time still
+  matches.
 Writes bench/results/churn.md, churn.json and churn.png (loss and RSS against rounds, kills marked).
 """
 
@@ -34,13 +40,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from node.process.local_swarm import LocalSwarm, NodeProcess  # noqa: E402
-from tests.helpers import alive, descendants  # noqa: E402
+from tests.helpers import alive, descendants, metric  # noqa: E402
 
 LAYOUT = [("data", "0"), ("s1a", "1"), ("s1b", "1"), ("s2a", "2"), ("s2b", "2")]
 # Microbatches of 8 x 128 tokens: a round takes about a second, as in the 6-node swarm issue 8 measured
 # (1.7 s); with a quarter-second round one scheduling hiccup on shared cores doubles a round.
-COMMON = ["--num-stages", "3", "--microbatches", "4", "--max-inflight", "4", "--torch-threads", "1",
-          "--batch-size", "8", "--seq-len", "128",
+MICROBATCHES, BATCH, SEQ = 4, 8, 128
+PLANNED_TOKENS = MICROBATCHES * BATCH * SEQ  # what a whole round trains on
+RUN_TAG = "SWARM_NODE_BENCH_RUN"  # an environment variable every process of the run inherits
+HOLD_WAIT_S = 30  # how long a chosen victim may stay without activations before another node is chosen
+COMMON = ["--num-stages", "3", "--microbatches", str(MICROBATCHES), "--max-inflight", "4", "--torch-threads", "1",
+          "--batch-size", str(BATCH), "--seq-len", str(SEQ),
           "--device", "cpu", "--round-timeout", "60", "--heartbeat-interval", "1", "--record-ttl", "20",
           "--checkpoint-every", "5"]
 
@@ -62,6 +72,27 @@ def rss_mb(pid: int) -> float:
 
 def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def tagged(tag: str) -> list[int]:
+    """Every live process whose environment holds RUN_TAG=tag: the whole tree a run started, orphans included."""
+    marker = f"{RUN_TAG}={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if marker in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    found.append(int(entry))
+            except OSError:  # gone, or not ours to read
+                pass
+    return sorted(found)
+
+
+def holds_activations(node: NodeProcess) -> bool:
+    try:
+        return metric(node, "swarm_node_activation_microbatches", timeout=2) > 0
+    except OSError:
+        return False
 
 
 class Churn:
@@ -109,13 +140,27 @@ class Churn:
             self.note_processes()
             time.sleep(1.0)
 
+    def live_round(self) -> int:
+        return int(metric(self.data(), "swarm_node_round ", timeout=5))  # the gauge alone, not its siblings
+
+    def choose_victim(self) -> str:
+        """A random non-origin node, caught while it holds activations; another one if the plans leave it idle."""
+        candidates = [n for n, _ in LAYOUT if n != "data"]
+        while True:
+            name = self.rng.choice(candidates)
+            deadline = time.monotonic() + HOLD_WAIT_S
+            while time.monotonic() < deadline:
+                if holds_activations(self.by_name[name]):
+                    return name
+                time.sleep(0.02)
+            print(f"  {name} held no activations for {HOLD_WAIT_S}s; choosing again", flush=True)
+
     def kill_and_restart(self) -> None:
-        name = self.rng.choice([n for n, _ in LAYOUT if n != "data"])
+        self.note_processes()
+        name = self.choose_victim()
         stage = dict(LAYOUT)[name]
         victim = self.by_name[name]
-        self.note_processes()
-        rounds = self.rounds()
-        at = max(rounds, default=-1) + 1
+        at = self.live_round()  # the round the kill hits: the one the data node is working on
         os.killpg(victim.process.pid, signal.SIGKILL)
         victim.process.wait()
         killed = time.time()
@@ -143,6 +188,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-churn-"))
+    os.environ[RUN_TAG] = workdir.name  # inherited by every node and every process a node starts
     bench = Churn(workdir, args.seed)
     started = time.time()
     try:
@@ -167,12 +213,13 @@ def main() -> int:
     finally:
         bench.swarm.stop()
     time.sleep(5)  # children exit within seconds of their parent
-    left = sorted(p for p, started_at in bench.pids_seen.items() if alive(p) and start_time(p) == started_at)
+    seen_left = {p for p, started_at in bench.pids_seen.items() if alive(p) and start_time(p) == started_at}
+    left = sorted(seen_left | set(tagged(workdir.name)))
 
     rounds = bench.rounds()
     first_round, last_round = min(rounds), max(rounds)
     missing = [r for r in range(first_round, last_round + 1) if r not in rounds]
-    failed = [r for r, e in rounds.items() if e.get("failed")]
+    failed = [r for r, e in rounds.items() if e.get("failed") or e.get("tokens", 0) < PLANNED_TOKENS]
     soak = [rounds[r]["wall_s"] for r in rounds if r > churn_end]
     churn = [rounds[r]["wall_s"] for r in rounds if warm < r <= churn_end]
     soak_median = statistics.median(soak)
@@ -183,7 +230,10 @@ def main() -> int:
     rows = [
         ("rounds (churn + soak)", f"{len(churn)} + {len(soak)}"),
         ("kills", str(len(bench.kills))),
-        ("rounds lost (missing or with failed microbatches)", str(len(missing) + len(failed))),
+        ("rounds lost (missing, with failed or unstarted microbatches, or short of tokens)",
+         str(len(missing) + len(failed))),
+        ("kills whose round re-routed a microbatch (the kill hit work)",
+         f"{sum(1 for k in bench.kills if rounds.get(k['round'], {}).get('reroutes'))} of {len(bench.kills)}"),
         ("delay added per kill, median / worst", f"{statistics.median(delays):.2f} s / {max(delays):.2f} s"
          if delays else "n/a"),
         ("median round, churn vs soak", f"{statistics.median(churn):.2f} s vs {soak_median:.2f} s "

@@ -88,9 +88,12 @@ class OriginBook(OriginHooks):
         with self.cv:
             return len(self._open)
 
-    def close_round(self) -> RoundResult:
-        """Whatever is still open timed out; the result is final."""
+    def close_round(self, never_started: Sequence[int] = ()) -> RoundResult:
+        """Whatever is still open timed out, and the microbatches the round never fed failed too (a short round
+        is a lost one, not a smaller one); the result is final."""
         with self.cv:
+            for microbatch in never_started:
+                self._result.failed[microbatch] = "never started (round deadline or stop)"
             for key in list(self._open):
                 self._result.failed[key[1]] = "timed out"
                 self._result.losses.pop(key[1], None)  # a loss counts only with its tokens
@@ -196,6 +199,7 @@ class Origin:
         With the round's `plan`, failed microbatches can be re-routed; `keep_logits` keeps them in the result."""
         book = self.book
         book.open_round(plan, deadline, stop, keep_logits)
+        started = 0
         for mb in microbatches:
             ids = inputs[mb.id] if inputs is not None else self.sample(round_, mb.id)
             with book.cv:
@@ -204,9 +208,10 @@ class Origin:
                     break
                 book.add(round_, mb.id, ids, mb.path)
             self.start(make_envelope(self.swarm, round_, mb.id, mb.path, hop=0), ids)
+            started += 1
         with book.cv:
             book.cv.wait_for(lambda: not book.in_flight() or stop.is_set(), max(0.0, deadline - time.monotonic()))
-        return book.close_round()
+        return book.close_round(never_started=[mb.id for mb in microbatches[started:]])
 
     def interrupt(self) -> None:
         """Wake `run_round`'s waits (the node is stopping; they re-check their stop event)."""
