@@ -159,10 +159,8 @@ def read_links(dht: DHT, swarm: str, timeout: float | None = None) -> tuple[dict
     return found, skipped
 
 
-def ping_with(clients, timeout: float, emulator=None):
+def ping_with(clients, timeout: float):
     """A `ping(endpoint)` that goes through the data plane's channels (and the link emulator, when on)."""
     def ping(endpoint: str) -> None:
-        if emulator is not None:
-            emulator.ping_delay(endpoint)
         clients.ping(endpoint, timeout)
     return ping

@@ -1,10 +1,12 @@
-"""Link emulation, a test and benchmark tool (off by default): delay and throttle each data-plane send as if
+"""Link emulation, a test and benchmark tool (off by default): delay and throttle every data-plane call as if
 the two nodes sat in the regions a file gives them.
 
-`tc netem` is not available on the machines this project runs on, so the sender does it: each frame of a
-Forward or Backward occupies the (sender region, receiver region) link for bytes / bandwidth, frames of
-concurrent sends to one receiver queue behind each other, and the first frame also waits the latency.
-A Ping waits twice the latency. The bytes are the real frames each send carries (after any codec).
+`tc netem` is not available on the machines this project runs on, so the caller does it, for both
+directions of every call it makes (`EmulatedStub`): each message of a request occupies the link to the
+peer for bytes / bandwidth, and each message of the answer the link back; concurrent calls queue behind each
+other on a link, and the first message each way also waits the latency. So a Ping waits twice the latency, and
+Forward, Backward, FetchState, FetchGradients and the control calls all pay for their bytes: the real
+messages each call carries (after any codec).
 
 File format (JSON), the benchmark instance format with an endpoint per node:
 
@@ -20,9 +22,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 GIB = 1024**3
 
@@ -54,7 +58,7 @@ class LinkEmulator:
         self.links = links  # {region a, region b} -> link
         self.same = same
         self.own_region: str | None = None
-        self._free_at: dict[str, float] = {}  # receiver endpoint -> when our link to it is free again
+        self._free_at: dict[tuple[str, str], float] = {}  # (to/from, peer endpoint) -> when that link is free again
         self._lock = threading.Lock()
 
     @classmethod
@@ -106,24 +110,50 @@ class LinkEmulator:
             return None
         return self._between(self.own_region, other)
 
-    def frames(self, endpoint: str, frames: Iterable[bytes]) -> Iterator[bytes]:
-        """`frames` as they would leave over the emulated link to `endpoint`."""
+    def frames(self, endpoint: str, frames: Iterable, direction: str = "to") -> Iterator:
+        """`frames` (bytes or protobuf messages) as they would cross the emulated link: to `endpoint`, or from it."""
         link = self.link_to(endpoint)
         first = True
         for frame in frames:
             if link is not None:
                 with self._lock:
-                    start = max(time.monotonic(), self._free_at.get(endpoint, 0.0))
-                    done = start + len(frame) / link.bandwidth_Bps
-                    self._free_at[endpoint] = done
+                    start = max(time.monotonic(), self._free_at.get((direction, endpoint), 0.0))
+                    done = start + _size(frame) / link.bandwidth_Bps
+                    self._free_at[(direction, endpoint)] = done
                 _sleep_until(done + (link.latency_s if first else 0.0))
             first = False
             yield frame
 
-    def ping_delay(self, endpoint: str) -> None:
-        link = self.link_to(endpoint)
-        if link is not None:
-            time.sleep(2 * link.latency_s)
+    def message(self, endpoint: str, message, direction: str) -> None:
+        """One message of a unary call crossing the link, with the latency."""
+        for _ in self.frames(endpoint, (message,), direction):
+            pass
+
+
+def _size(frame) -> int:
+    return len(frame) if isinstance(frame, bytes) else frame.ByteSize()
+
+
+class EmulatedStub:
+    """A service stub whose every call pays the emulated link to `endpoint` both ways (module docstring)."""
+
+    def __init__(self, stub: object, service: ServiceDescriptor, emulator: LinkEmulator, endpoint: str):
+        for method in service.methods:
+            setattr(self, method.name, _emulated(getattr(stub, method.name), method, emulator, endpoint))
+
+
+def _emulated(call: Callable, method: MethodDescriptor, emulator: LinkEmulator, endpoint: str) -> Callable:
+    def invoke(request, *args, **kwargs):
+        if method.client_streaming:
+            request = emulator.frames(endpoint, request, "to")
+        else:
+            emulator.message(endpoint, request, "to")
+        answer = call(request, *args, **kwargs)
+        if method.server_streaming:
+            return emulator.frames(endpoint, answer, "from")
+        emulator.message(endpoint, answer, "from")
+        return answer
+    return invoke
 
 
 def _sleep_until(when: float) -> None:

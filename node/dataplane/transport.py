@@ -12,6 +12,7 @@ import grpc
 import torch
 
 from node.dataplane.codec_agreement import RoundCodecs
+from node.dataplane.link_emulation import EmulatedStub, LinkEmulator
 from node.host.metrics import NodeMetrics
 from node.process.waits import wait_until
 from protocol.errors import ProtocolError
@@ -19,7 +20,7 @@ from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.grpc_options import channel_options
 from protocol.limits import WireLimits
 from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
-from protocol.service import FrameMeter, StageStub, no_meter
+from protocol.service import STAGE_SERVICE, FrameMeter, StageStub, no_meter
 from protocol.tls import SwarmTls
 from protocol.state_frames import decode_state
 from protocol.tensor_frames import encode_frames
@@ -60,25 +61,28 @@ class StageClients:
     """One channel per peer endpoint, reused for every call; `codecs` says how each round's tensors are encoded."""
 
     def __init__(self, limits: WireLimits, auth: SwarmAuth | None = None, tls: SwarmTls | None = None,
-                 meter: FrameMeter = no_meter):
+                 meter: FrameMeter = no_meter, emulator: LinkEmulator | None = None):
         self.limits = limits
         self.meter = meter  # counts every message the stubs send and receive (the node's byte counters)
+        self.emulator = emulator  # a test tool: every call pays the emulated link both ways (link_emulation.py)
         self.codecs = RoundCodecs()
         self.auth = auth  # private swarms: every call carries a tag made with the swarm key
         self.tls = tls  # the swarm's certificate, when the data plane runs over TLS
-        self._stubs: dict[str, StageStub] = {}
+        self._stubs: dict[str, StageStub | EmulatedStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
         self.closed = False
 
-    def stub(self, endpoint: str) -> StageStub:
+    def stub(self, endpoint: str) -> StageStub | EmulatedStub:
         with self._lock:
             if self.closed:
                 raise ClientsClosed()
             if endpoint not in self._stubs:
                 raw, channel = dial(endpoint, channel_options(self.limits), self.auth, self.tls)
                 self._channels.append(raw)
-                self._stubs[endpoint] = StageStub(channel, self.meter)
+                stub = StageStub(channel, self.meter)
+                self._stubs[endpoint] = stub if self.emulator is None else EmulatedStub(stub, STAGE_SERVICE,
+                                                                                        self.emulator, endpoint)
             return self._stubs[endpoint]
 
     def frame_signer(self, method: str):
@@ -125,7 +129,7 @@ class HopSender:
 
     def __init__(self, peer_id: str, clients: StageClients, metrics: NodeMetrics, local: LocalAccept,
                  on_give_up: GiveUp, deadline_s: float, unreachable_patience_s: float, workers: int, recheck_s: float,
-                 retry_s: tuple[float, float], emulator=None, on_sent: Callable[[str, int, float], None] | None = None):
+                 retry_s: tuple[float, float], on_sent: Callable[[str, int, float], None] | None = None):
         """`retry_s`: the first and the longest wait between tries of a send the receiver refused for now."""
         self.peer_id = peer_id
         self.retry_s = retry_s
@@ -136,7 +140,6 @@ class HopSender:
         self.on_give_up = on_give_up
         self.deadline_s = deadline_s
         self.recheck_s = recheck_s
-        self.emulator = emulator  # node/dataplane/link_emulation.py (a test tool): delays and throttles the frames
         self.on_sent = on_sent  # (peer id, bytes, seconds) of each delivered send: node/control/links.py measures links
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="send")
         self._closed = threading.Event()
@@ -204,8 +207,6 @@ class HopSender:
         sizes: list[int] = []
         frames = (sizes.append(len(f)) or f for f in encode_frames(env, tensor, self.clients.limits,
                                                                    self.clients.frame_signer(method), codec=codec))
-        if self.emulator is not None:
-            frames = self.emulator.frames(target.endpoint, frames)
         started = time.perf_counter()
         call(frames, timeout=self.deadline_s)
         elapsed = time.perf_counter() - started

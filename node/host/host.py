@@ -29,6 +29,7 @@ from hivemind.utils import get_dht_time
 from node import VERSION
 from node.config import NodeConfig
 from node.control.discovery import SwarmDirectory
+from node.dataplane.link_emulation import LinkEmulator
 from node.dataplane.transport import StageClients
 from node.errors import UsageError
 from node.events import EventLog
@@ -178,8 +179,6 @@ class NodeHost:
                                         on_dropped=lambda reason: self.metrics.records_dropped.labels(reason).inc(),
                                         read_timeout=cfg.swarm.dht_read_timeout, stop=self.stop,
                                         recheck_s=cfg.lifecycle.recheck_interval)
-        self.clients = StageClients(self.limits, self.trust.auth, self.trust.tls, self.metrics.count_frame)
-        undo.callback(self.clients.close)
         self.guard = StreamGuard(cfg.dataplane, cfg.lifecycle.recheck_interval,
                                  on_refused=lambda reason: self.metrics.streams_refused.labels(reason).inc())
         undo.callback(self.guard.close)
@@ -192,6 +191,12 @@ class NodeHost:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         port = self.trust.add_port(self.server, net.host, net.port)
         self.endpoint = f"{net.announce_host or net.host}:{net.announce_port or port}"
+        emulator = None
+        if cfg.links.emulate_links:  # a test tool: every call this node makes pays the emulated links
+            emulator = LinkEmulator.load(cfg.links.emulate_links)
+            emulator.bind(self.endpoint)
+        self.clients = StageClients(self.limits, self.trust.auth, self.trust.tls, self.metrics.count_frame, emulator)
+        undo.callback(self.clients.close)
         try:
             metrics_server, _, metrics_port = self.metrics.serve(net.host, net.metrics_port)
         except OSError as e:

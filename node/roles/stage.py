@@ -26,7 +26,6 @@ from node.control.checkpoint import StageCheckpoints
 from node.control.links import LinkBook, LinkMeter, ping_with
 from node.control.restore import restore_stages
 from node.control.rounds import RoundLoop
-from node.dataplane.link_emulation import LinkEmulator
 from node.dataplane.servicer import StageServicer
 from node.dataplane.transport import HopSender
 from node.expert.directory import ExpertDirectory
@@ -107,18 +106,15 @@ class StageRole:
         self.faults.start()
         self.exchange = GradientExchange(swarm, peer_id, host.clients, self.limits.chunk_bytes,
                                          recheck_s=lifecycle.recheck_interval)
-        emulator = LinkEmulator.load(cfg.links.emulate_links) if cfg.links.emulate_links else None  # a test tool
-        if emulator is not None:
-            emulator.bind(host.endpoint)
         meter = LinkMeter(peer_id, cfg.links)
         self.sender = HopSender(peer_id, host.clients, metrics, local=self._accept_local,
                                 on_give_up=self.faults.send_failed, deadline_s=rounds.round_timeout,
                                 unreachable_patience_s=cfg.faults.unreachable_patience,
                                 workers=cfg.dataplane.send_workers, recheck_s=lifecycle.recheck_interval,
                                 retry_s=(cfg.dataplane.send_retry_first, cfg.dataplane.send_retry_max),
-                                emulator=emulator, on_sent=meter.observe_send)
+                                on_sent=meter.observe_send)
         undo.callback(self.sender.close)
-        links = LinkBook(host.dht, swarm, meter, ping_with(host.clients, cfg.faults.probe_timeout, emulator),
+        links = LinkBook(host.dht, swarm, meter, ping_with(host.clients, cfg.faults.probe_timeout),
                          ttl=rounds.plan_ttl(), owner=host.trust.owner, max_pinged=cfg.links.max_pinged,
                          read_timeout=cfg.swarm.dht_read_timeout)
         roles = cfg.roles

@@ -1,17 +1,24 @@
-"""Measured links, their DHT record, link emulation, and planning from them (no processes)."""
+"""Measured links, their DHT record, link emulation (on a gRPC server in this process), and planning from them."""
 
 from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
 from node.config import LinkConfig
 from node.dataplane.link_emulation import EmulationError, LinkEmulator
+from node.dataplane.transport import StageClients
 from node.control.links import LinkMeter
 from node.control.planning import DEFAULT_LINK, from_wire, live_problem, plan_round
+from protocol.generated.swarm.v1 import stage_pb2 as pb
+from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
+from protocol.limits import WireLimits
 from protocol.records import LinkEstimate, LinksRecord, NodeRecord, NodeState, RecordError
+from protocol.service import stage_service_handler
 from routing.constraints import check_plan
 from tests.helpers import run_cli
 
@@ -82,6 +89,51 @@ def test_emulator_delays_by_latency_and_bytes(tmp_path):
     started = time.monotonic()
     list(emulator.frames("unknown:9", [b"z" * 100_000]))
     assert time.monotonic() - started < 0.05
+
+
+class _StateServer(pb_grpc.StageServiceServicer):
+    """Streams STATE_BYTES of stage state in 64 KiB chunks, and answers Ping."""
+
+    def Ping(self, request, context):
+        return pb.PingReply(peer_id="peer")
+
+    def FetchState(self, request, context):
+        for offset in range(0, STATE_BYTES, 64 * 1024):
+            yield pb.StateChunk(data=bytes(min(64 * 1024, STATE_BYTES - offset)))
+
+
+STATE_BYTES = 300_000
+
+
+def test_every_call_pays_the_emulated_link_both_ways():
+    """Requests wait on the link to the peer, answers on the link back: a state transfer takes the link's
+    time for its bytes, a Ping two latencies. Without emulation the same calls take a fraction of that."""
+    server = grpc.server(ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((stage_service_handler(_StateServer()),))
+    endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    spec = {"nodes": [{"endpoint": "me:1", "location": "A"}, {"endpoint": endpoint, "location": "B"}],
+            "links": [{"a": "A", "b": "B", "latency_ms": 100, "bandwidth_GiBps": 1 / 1024}],  # 1 MiB/s
+            "same_location_link": {"latency_ms": 0, "bandwidth_GiBps": 10}}
+    emulator = LinkEmulator.from_dict(spec)
+    emulator.bind("me:1")
+    timed = {}
+    for name, clients in (("emulated", StageClients(WireLimits(), emulator=emulator)),
+                          ("direct", StageClients(WireLimits()))):
+        try:
+            started = time.monotonic()
+            chunks = list(clients.stub(endpoint).FetchState(pb.StateRequest(), timeout=10))
+            timed[name, "state"] = time.monotonic() - started
+            assert sum(len(c.data) for c in chunks) == STATE_BYTES
+            started = time.monotonic()
+            clients.ping(endpoint, timeout=10)
+            timed[name, "ping"] = time.monotonic() - started
+        finally:
+            clients.close()
+    server.stop(0)
+    assert timed["emulated", "state"] >= 0.1 + STATE_BYTES / 2**20, timed
+    assert timed["emulated", "ping"] >= 2 * 0.1, timed
+    assert timed["direct", "state"] < 0.5 * timed["emulated", "state"], timed
 
 
 @pytest.mark.parametrize("spec, message", [
