@@ -21,6 +21,7 @@ from typing import Any
 
 from node.errors import UsageError
 from protocol.codec_names import CODEC_NAMES
+from protocol.sync_names import EVERY_ROUND, SYNC_NAMES
 
 ENV_PREFIX = "SWARM_NODE_"
 
@@ -206,6 +207,12 @@ class TrainingConfig:
     weight_decay: float = setting(0.01, "AdamW weight decay", _non_negative_float)
     grad_clip: float = setting(1.0, "gradient norm clip", _positive_float)
     warmup_rounds: float = setting(2.0, "rounds of linear learning-rate warm-up", _non_negative_float)
+    # This node's preference; the planner picks the strategy most members prefer and every replica of the round
+    # follows the plan (node/sync/agreement.py).
+    sync: str = setting(EVERY_ROUND, "how a stage's replicas average gradients each round: every-round "
+                                     "(reduce-scatter, then all-gather: each replica moves about 2G(n-1)/n bytes) "
+                                     "or all-to-all (each pulls every other's whole gradient: (n-1)G)",
+                        _choice(*SYNC_NAMES))
     rounds: int = setting(0, "stop after this many rounds (0: train until stopped)", _int)
     checkpoint_dir: str = setting("", "save hosted stages here (and resume from here); empty: no checkpoints")
     checkpoint_every: int = setting(5, "rounds between checkpoints", _positive_int)

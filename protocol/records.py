@@ -17,6 +17,7 @@ from typing import Any
 
 from protocol.codec_names import CODEC_NAMES
 from protocol.envelope import HopSpec
+from protocol.sync_names import EVERY_ROUND, SYNC_NAMES
 
 RECORD_VERSION = 1
 
@@ -78,6 +79,7 @@ class NodeRecord:
     num_stages: int = 0  # the swarm's pipeline depth as this node runs it (0: not said), for `status`
     codecs: tuple[str, str] = ("raw", "raw")  # preferred (activation, gradient) codecs; the plan decides
     speaks: tuple[str, ...] = ("raw",)  # every codec this node can decode (older nodes: raw only)
+    sync: str = EVERY_ROUND  # the sync strategy this node prefers (protocol/sync_names.py); the plan decides
 
     @property
     def serving(self) -> bool:
@@ -126,7 +128,17 @@ class NodeRecord:
             and not isinstance(value.get("num_stages"), bool) and value["num_stages"] > 0 else 0,
             codecs=_codec_pair(value.get("codecs", ["raw", "raw"]), known_only=False),
             speaks=_codec_names(value.get("speaks", ["raw"])),
+            sync=_sync_name(value.get("sync", EVERY_ROUND), known_only=False),
         )
+
+
+def _sync_name(value: Any, known_only: bool) -> str:
+    """A sync strategy's name; a plan may only name one this version speaks."""
+    if not isinstance(value, str) or len(value) > 32:
+        raise RecordError("sync must be a strategy's name")
+    if known_only and value not in SYNC_NAMES:
+        raise RecordError(f"sync {value!r} is not one this node speaks ({', '.join(SYNC_NAMES)})")
+    return value
 
 
 def _codec_pair(value: Any, known_only: bool) -> tuple[str, str]:
@@ -179,6 +191,7 @@ class RoundPlan:
     deadline: float = 0.0  # DHT time by which every node ends the round, so nobody falls a round behind
     predicted_s: float = 0.0  # the simulator's iteration time for this plan with the links the planner knew
     codecs: tuple[str, str] = ("raw", "raw")  # the (activation, gradient) codecs every sender of the round uses
+    sync: str = EVERY_ROUND  # how the round's replicas average their gradients (protocol/sync_names.py)
 
     def participants(self) -> set[str]:
         return {hop.peer_id for mb in self.microbatches for hop in mb.path}
@@ -200,6 +213,7 @@ class RoundPlan:
         return {
             "v": RECORD_VERSION, "round": self.round, "planner": self.planner, "digest": self.membership_digest,
             "deadline": self.deadline, "predicted_s": self.predicted_s, "codecs": list(self.codecs),
+            "sync": self.sync,
             "microbatches": [{"id": mb.id, "path": [[h.stage, h.peer_id, h.endpoint] for h in mb.path]}
                              for mb in self.microbatches],
         }
@@ -231,7 +245,8 @@ class RoundPlan:
         return cls(round=_require(value, "round", int), planner=_require(value, "planner", str),
                    membership_digest=_require(value, "digest", str), microbatches=tuple(mbs),
                    deadline=float(deadline), predicted_s=float(predicted),
-                   codecs=_codec_pair(value.get("codecs", ["raw", "raw"]), known_only=True))
+                   codecs=_codec_pair(value.get("codecs", ["raw", "raw"]), known_only=True),
+                   sync=_sync_name(value.get("sync", EVERY_ROUND), known_only=True))
 
 
 # ---- measured links (skippipe) ------------------------------------------------------------------------------

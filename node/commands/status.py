@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         plan = SwarmDirectory(dht, args.swarm, "", ttl=0, owner=b"").fetch_plan(latest, members) if members else None
         reachable = _reachable(members, trust.auth)
     codecs = dict(round=plan.round, activation=plan.codecs[0], gradient=plan.codecs[1]) if plan else None
+    sync = dict(round=plan.round, strategy=plan.sync) if plan else None
     missing = _missing_stages(members, reachable)
     rows = []
     for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages, default=-1), kv[0])):
@@ -41,12 +42,12 @@ def run(args: argparse.Namespace) -> int:
                          round=r.round, state=r.state.value, serving=r.serving,
                          compute_ms=round(1000 * sum(r.compute_s.values()), 1),
                          heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url,
-                         codecs="/".join(r.codecs), reachable=peer in reachable))
+                         codecs="/".join(r.codecs), sync=r.sync, reachable=peer in reachable))
     matrix = _link_matrix(sorted(members), links)
     if args.json:
         import json
 
-        print(json.dumps({"swarm": args.swarm, "time": time.time(), "codecs": codecs, "nodes": rows, "links": matrix,
+        print(json.dumps({"swarm": args.swarm, "time": time.time(), "codecs": codecs, "sync": sync, "nodes": rows, "links": matrix,
                           "skipped_link_values": skipped, "missing_stages": missing}, indent=2))
         return 0
     print(f"swarm '{args.swarm}': {len(rows)} node(s)")
@@ -54,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"missing stages (no reachable serving replica): {', '.join(map(str, missing))}")
     if codecs:
         print(f"codecs (plan of round {codecs['round']}): activations {codecs['activation']}, "
-              f"gradients {codecs['gradient']}")
-    # `codecs` per node: the activation/gradient codecs it prefers (--activation-codec/--gradient-codec).
-    header = ("peer", "stages", "role", "endpoint", "round", "state", "compute_ms", "heartbeat_age_s", "codecs")
+              f"gradients {codecs['gradient']}; sync {sync['strategy']}")
+    # `codecs` and `sync` per node: what it prefers (--activation-codec/--gradient-codec, --sync).
+    header = ("peer", "stages", "role", "endpoint", "round", "state", "compute_ms", "heartbeat_age_s", "codecs",
+              "sync")
     table = [header] + [tuple(str(row[h]) if h != "peer" else row[h][-12:] for h in header) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:

@@ -16,7 +16,8 @@ from dataclasses import replace
 from hivemind.utils import get_dht_time
 
 from node.config import NodeConfig
-from node.control.averaging import Contribution, GradientExchange
+from node.sync.agreement import agree_sync
+from node.sync.averaging import Contribution, GradientExchange
 from node.control.checkpoint import StageCheckpoints
 from node.dataplane.codec_agreement import agree, hop_bytes
 from node.control.discovery import SwarmDirectory
@@ -144,7 +145,7 @@ class RoundLoop:
         if made is None:
             return None
         plan, live = made
-        plan = replace(plan, codecs=codecs)
+        plan = replace(plan, codecs=codecs, sync=agree_sync(members))
         self.events.emit("planned", round=round_, predicted_s=plan.predicted_s,
                          defaulted_links=live.defaulted_links if live else 0,
                          skipped_link_values=self.links.skipped,
@@ -221,7 +222,7 @@ class RoundLoop:
                       executed_s=round(executed, 3), predicted_s=plan.predicted_s,
                       stage_visits=_stage_visits(plan, self.config.model.num_stages),
                       digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms,
-                      codecs=list(plan.codecs))
+                      codecs=list(plan.codecs), sync=plan.sync)
         if self._warned_missing:
             fields.update(missing_stages=list(self._warned_missing))
         if result is not None:
@@ -247,7 +248,7 @@ class RoundLoop:
         replicas = {p: e for p, e in members.items() if p not in dead or p == self.peer_id}
         mine = Contribution([g.detach().clone() for g in trainer.grads()], count, trainer.digest())
         averaged = self.exchange.average(stage, plan.round, trainer.names, mine, replicas, pull_until,
-                                         stop)
+                                         stop, strategy=plan.sync)
         if len(averaged.peers) < len(members):
             self.metrics.averaging_failures.inc()
             log.warning("stage %d round %d: averaged with %d of the plan's %d replicas", stage, plan.round,

@@ -10,12 +10,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import grpc
 
 from node import VERSION
 from node.stage.admission import HopAdmission
-from node.control.averaging import GradientExchange
 from node.stage.executor import StageExecutor
 from node.host.metrics import NodeMetrics
 from node.host.stream_guard import StreamGuard
@@ -33,12 +33,19 @@ from protocol.tensor_frames import receive_tensor
 log = logging.getLogger(__name__)
 
 
+
+class GradientSource(Protocol):
+    """What answers FetchGradients: the replicas' gradient exchange (node/sync/averaging.py)."""
+
+    def serve(self, request: pb.GradientRequest, names: list[str], timeout: float,
+              cancelled: Callable[[], bool]) -> Iterator[pb.StateChunk]: ...
+
 class StageServicer(pb_grpc.StageServiceServicer):
     """Registered with `protocol.service.stage_service_handler`: Forward/Backward receive raw frames."""
 
     def __init__(self, *, swarm: str, peer_id: str, num_stages: int, executor: StageExecutor,
                  trainers: dict[int, StageTrainer], limits: WireLimits, metrics: NodeMetrics, state_wait_s: float,
-                 admission: HopAdmission, exchange: GradientExchange | None = None,
+                 admission: HopAdmission, exchange: GradientSource | None = None,
                  on_failure_report: Callable[[pb.FailureReport, str], None] | None = None,
                  checkpoint_state: Callable[[int], tuple[int, dict, dict] | None] | None = None,
                  auth: SwarmAuth | None = None, guard: StreamGuard | None = None,
@@ -146,9 +153,5 @@ class StageServicer(pb_grpc.StageServiceServicer):
         trainer = self.trainers.get(request.stage)
         if trainer is None or self.exchange is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not host stage {request.stage}")
-        mine = self.exchange.wait_posted(request.stage, request.round, context.time_remaining() or self.state_wait_s,
-                                         lambda: not context.is_active())
-        if mine is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"no gradients for stage {request.stage} round {request.round}: this node did not take part")
-        yield from self.exchange.encode(mine, request.round, trainer.names)
+        yield from self.exchange.serve(request, trainer.names, context.time_remaining() or self.state_wait_s,
+                                       lambda: not context.is_active())

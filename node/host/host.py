@@ -41,6 +41,7 @@ from node.process.children import die_with_parent
 from protocol.grpc_options import server_options
 from protocol.limits import WireLimits
 from protocol.records import NodeRecord, NodeState
+from protocol.sync_names import EVERY_ROUND
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Advertised:
     num_stages: int = 0
     codecs: tuple[str, str] = ("raw", "raw")
     speaks: tuple[str, ...] = ("raw",)
+    sync: str = EVERY_ROUND
 
 
 class Presence:
@@ -79,7 +81,7 @@ class Presence:
         a = self._advertised()
         return replace(self.base, role=a.role, stages=a.stages, compute_s=dict(a.compute_s or {}),
                        memory_slots=a.memory_slots, round=a.round, num_stages=a.num_stages, codecs=a.codecs,
-                       speaks=a.speaks, state=self.state, heartbeat_time=get_dht_time())
+                       speaks=a.speaks, sync=a.sync, state=self.state, heartbeat_time=get_dht_time())
 
     def set_state(self, state: NodeState) -> None:
         self.state = state

@@ -21,7 +21,7 @@ from lm.data import load_corpus
 from lm.stage import PipelineStage
 from lm.whole import save_stage_shard
 from node.config import NodeConfig
-from node.control.averaging import GradientExchange
+from node.sync.averaging import GradientExchange
 from node.control.checkpoint import StageCheckpoints
 from node.control.links import LinkBook, LinkMeter, ping_with
 from node.control.restore import restore_stages
@@ -150,7 +150,8 @@ class StageRole:
         return Advertised(role="data" if 0 in self.stages else "stage", stages=tuple(self.stages),
                           compute_s=self.executor.compute_seconds() or self._measured_s, memory_slots=slots,
                           round=max(self.executor.round, 0), num_stages=cfg.model.num_stages,
-                          codecs=(cfg.dataplane.activation_codec, cfg.dataplane.gradient_codec), speaks=CODEC_NAMES)
+                          codecs=(cfg.dataplane.activation_codec, cfg.dataplane.gradient_codec), speaks=CODEC_NAMES,
+                          sync=cfg.training.sync)
 
     def on_beat(self) -> None:
         self._serve_when_ready()

@@ -175,14 +175,20 @@ class RoundDoneNotice(_message.Message):
     def __init__(self, swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., origin: _Optional[str] = ..., sender: _Optional[_Union[SenderProof, _Mapping]] = ...) -> None: ...
 
 class GradientRequest(_message.Message):
-    __slots__ = ("swarm_id", "stage", "round")
+    __slots__ = ("swarm_id", "stage", "round", "shard", "shards", "averaged")
     SWARM_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    AVERAGED_FIELD_NUMBER: _ClassVar[int]
     swarm_id: str
     stage: int
     round: int
-    def __init__(self, swarm_id: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+    shard: int
+    shards: int
+    averaged: bool
+    def __init__(self, swarm_id: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., averaged: _Optional[bool] = ...) -> None: ...
 
 class ReachabilityRequest(_message.Message):
     __slots__ = ("endpoint", "maddrs")
