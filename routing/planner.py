@@ -16,6 +16,7 @@ from routing.construct import construct
 from routing.plan import Plan
 from routing.problem import Problem
 from routing.search import improve
+from routing.semantics import RUNTIME, Semantics
 from routing.simulator import simulate
 
 SIM_BUDGET = 30_000  # microbatch-simulations the search may spend: about 1000 evaluations at 30 microbatches
@@ -25,12 +26,14 @@ def default_evals(problem: Problem) -> int:
     return max(10, min(1000, SIM_BUDGET // problem.microbatches))
 
 
-def plan(problem: Problem, *, seed: int = 0, evals: int | None = None) -> Plan:
-    """A plan for one round. `evals` caps the simulations the local search runs (default: by size)."""
+def plan(problem: Problem, *, seed: int = 0, evals: int | None = None, semantics: Semantics = RUNTIME) -> Plan:
+    """A plan for one round, judged under `semantics` (the runtime's by default: that is what the swarm executes).
+    `evals` caps the simulations the local search runs (default: by size)."""
     t0 = time.perf_counter()
     stage = assign_stages(problem)
     paths, ids = construct(problem, stage)
-    paths, sim = improve(problem, stage, paths, default_evals(problem) if evals is None else evals, seed)
+    paths, sim = improve(problem, stage, paths, default_evals(problem) if evals is None else evals, seed,
+                         semantics=semantics)
     return Plan(
         stage_of_node=stage,
         paths=tuple(paths),

@@ -16,6 +16,7 @@ import numpy as np
 from routing.constraints import order_violation
 from routing.construct import PathChooser, Pressure, all_orders
 from routing.problem import Problem
+from routing.semantics import RUNTIME, Semantics
 from routing.simulator import SimResult, simulate
 
 Paths = list[tuple[int, ...]]
@@ -124,14 +125,16 @@ class Mover:
 
 
 def improve(
-    problem: Problem, stage_of_node: tuple[int, ...], paths: Paths, evals: int, seed: int, mover: Mover | None = None
+    problem: Problem, stage_of_node: tuple[int, ...], paths: Paths, evals: int, seed: int, mover: Mover | None = None,
+    semantics: Semantics = RUNTIME,
 ) -> tuple[Paths, SimResult]:
+    """`evals` moves from `paths`, each judged by simulating the round under `semantics`."""
     rng = random.Random(seed)
     mover = mover or Mover(problem, stage_of_node, rng)
     paths = list(paths)
     mover.pressure = Pressure(problem, stage_of_node)
     mover.track([], paths)
-    sim = simulate(problem, paths)
+    sim = simulate(problem, paths, semantics)
     best = score(sim)
     L = problem.visits
     for _ in range(evals):
@@ -152,7 +155,7 @@ def improve(
         old = {k: paths[k] for k in change}
         for k, pth in change.items():
             paths[k] = pth
-        trial = simulate(problem, paths)
+        trial = simulate(problem, paths, semantics)
         if score(trial) < best:
             sim, best = trial, score(trial)
             mover.track(list(old.values()), list(change.values()))

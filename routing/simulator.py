@@ -6,8 +6,12 @@ Each microbatch with path [o, n1, .., n_{L-1}, o] runs 2L + 1 steps:
   steps L+1..2L     backward on n_{L-1}, .., n1, o          (1.5 w), retracing the forward path
 Between consecutive steps on different nodes the message pays link_s. A node runs one step at a time; a
 forward step needs a free memory slot on its node, held until that node's backward step of the same
-microbatch ends. Which ready step runs next is `routing.order`'s policy, the one node/stage/executor.py uses. Links are not contended. A plan whose memory waits form a cycle deadlocks: the result
-says so and its makespan is infinite.
+microbatch ends; while it waits for one, other steps may run. Links are not contended. A plan whose memory
+waits form a cycle deadlocks: the result says so and its makespan is infinite.
+
+How the round executes is a `routing.semantics.Semantics`: by default the runtime's (`routing.order`'s
+policy, the one node/stage/compute.py runs; origins start microbatches in list order as memory allows),
+or SkipPipe's simulator's (first come first served, staggered agents, an idle gap after each step).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from routing.order import needs_slot, queue_key, step_kind
+from routing.order import needs_slot, step_kind
 from routing.problem import Problem
+from routing.semantics import RUNTIME, Semantics
 
 EPS = 1e-9
 
@@ -62,7 +67,25 @@ def _step_plan(problem: Problem, path: tuple[int, ...]) -> tuple[list[int], list
     return cache[path]
 
 
-def simulate(problem: Problem, paths: tuple[tuple[int, ...], ...] | list) -> SimResult:
+def release(problem: Problem, paths: tuple[tuple[int, ...], ...] | list) -> tuple[list[float], list[int]]:
+    """Staggered admission (`routing.semantics`): per microbatch, its release time and the microbatch of the
+    same agent that must finish first (-1 for none). An origin's k-th listed microbatch is agent k mod A's."""
+    fwd = problem.py_costs[0]
+    mem = problem.memory.tolist()
+    rel, prev = [0.0] * len(paths), [-1] * len(paths)
+    listed: dict[int, list[int]] = {}
+    for m, path in enumerate(paths):
+        o = path[0]
+        mine = listed.setdefault(o, [])
+        k, agents = len(mine), mem[o]
+        rel[m] = (k % agents) * fwd[o]
+        prev[m] = mine[k - agents] if k >= agents else -1
+        mine.append(m)
+    return rel, prev
+
+
+def simulate(problem: Problem, paths: tuple[tuple[int, ...], ...] | list, semantics: Semantics = RUNTIME) -> SimResult:
+    """One round of these paths (listed in admission order) under `semantics` (the runtime's by default)."""
     n_mb = len(paths)
     L = len(paths[0]) - 1 if n_mb else 0
     last = 2 * L
@@ -78,41 +101,61 @@ def simulate(problem: Problem, paths: tuple[tuple[int, ...], ...] | list) -> Sim
     busy, wait = [0.0] * n, [0.0] * n
     running = [False] * n
     used = [0] * n
-    queued: list[list] = [[] for _ in range(n)]  # per node: (queue_key, mb, step, kind), smallest runs next
+    # Per node, ready steps as (queue key, mb, step), smallest runs next: forwards (they need a memory slot)
+    # apart from the rest, so that a forward without a slot holds up nothing behind it.
+    fwd_q: list[list] = [[] for _ in range(n)]
+    rest_q: list[list] = [[] for _ in range(n)]
     kinds = [step_kind(s, L) for s in range(last + 1)]
-    events = [(0.0, 0, m, 0) for m in range(n_mb)]  # (time, kind, mb, step); kind 0 = arrive, 1 = done
+    slot = [needs_slot(k) for k in kinds]
+    key, gap = semantics.key, semantics.idle_gap_s
+    if semantics.staggered:
+        rel, prev = release(problem, paths)
+    else:
+        rel, prev = [0.0] * n_mb, [-1] * n_mb
+    after = {p: m for m, p in enumerate(prev) if p >= 0}  # the agent's next microbatch, once this one is done
+    # (time, kind, mb, step); kind 0 = a step's input arrives, 1 = a step ends, 2 = node mb rests no more
+    events = [(rel[m], 0, m, 0) for m in range(n_mb) if prev[m] < 0]
     heapq.heapify(events)
     push, pop = heapq.heappush, heapq.heappop
     collisions, done = 0, 0
     touched: list[int] = []
     while events:
         t, kind, m, s = pop(events)
-        v = nodes[m][s]
-        if kind == 0:
-            ready[m][s] = t
-            push(queued[v], (queue_key(kinds[s], t, m), m, s, kinds[s]))
+        if kind == 2:
+            running[m] = False
+            touched.append(m)
         else:
-            running[v] = False
-            if s > L:
-                used[v] -= 1
-            if s < last:
-                push(events, (t + delays[m][s + 1], 0, m, s + 1))
+            v = nodes[m][s]
+            if kind == 0:
+                ready[m][s] = t
+                push(fwd_q[v] if slot[s] else rest_q[v], (key(kinds[s], t, m), m, s))
             else:
-                done += 1
-        touched.append(v)
+                if gap > 0:
+                    push(events, (t + gap, 2, v, -1))
+                else:
+                    running[v] = False
+                if s > L:
+                    used[v] -= 1
+                if s < last:
+                    push(events, (t + delays[m][s + 1], 0, m, s + 1))
+                else:
+                    done += 1
+                    if m in after:
+                        nxt = after[m]
+                        push(events, (max(t, rel[nxt]), 0, nxt, 0))
+            touched.append(v)
         if events and events[0][0] <= t + EPS:
             continue  # decide only once everything that happens at time t is known
         for u in sorted(set(touched)) if len(touched) > 1 else touched:
             if running[u]:
                 continue
-            if not queued[u]:
-                continue
-            key, k, st, kind = queued[u][0]
-            if needs_slot(kind):
-                if used[u] >= mem[u]:
-                    continue
+            q = rest_q[u]
+            if fwd_q[u] and used[u] < mem[u] and (not q or fwd_q[u][0] < q[0]):
+                q = fwd_q[u]
                 used[u] += 1
-            pop(queued[u])
+            if not q:
+                continue
+            _, k, st = pop(q)
             r = ready[k][st]
             running[u] = True
             start[k][st] = t
