@@ -1,0 +1,119 @@
+"""The replicas' gradient exchange, three replicas on three gRPC servers in this process: every-round
+(reduce-scatter, then all-gather) and all-to-all give the float64 mean, and move the bytes they should."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+
+from node.dataplane.transport import StageClients
+from node.host.metrics import NodeMetrics
+from node.host.rpc_guard import RpcGuard
+from node.sync.averaging import Contribution, GradientExchange
+from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
+from protocol.limits import WireLimits
+from protocol.service import stage_service_handler
+from protocol.sync_names import ALL_TO_ALL, EVERY_ROUND
+
+NAMES = ["w", "b"]
+SHAPES = [(300, 100), (700,)]
+G = 4 * sum(torch.Size(s).numel() for s in SHAPES)  # bytes of one replica's gradients
+
+
+class _Servicer(pb_grpc.StageServiceServicer):
+    def __init__(self, exchange: GradientExchange):
+        self.exchange = exchange
+
+    def FetchGradients(self, request, context):
+        yield from self.exchange.serve(request, NAMES, context.time_remaining() or 10, lambda: not context.is_active())
+
+
+class _Replica:
+    def __init__(self, peer_id: str):
+        self.peer_id = peer_id
+        self.received: Counter = Counter()  # method -> bytes this replica's client received
+        self.server = grpc.server(ThreadPoolExecutor(8), interceptors=[RpcGuard(NodeMetrics())])  # as a node's
+        self.endpoint = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.clients = StageClients(WireLimits(), meter=self._count)
+        self.exchange = GradientExchange("s", peer_id, self.clients, chunk_bytes=64 * 1024, recheck_s=0.05)
+        self.server.add_generic_rpc_handlers((stage_service_handler(_Servicer(self.exchange)),))
+        self.server.start()
+
+    def _count(self, direction: str, method: str, nbytes: int) -> None:
+        if direction == "received":
+            self.received[method] += nbytes
+
+    def close(self):
+        self.clients.close()
+        self.server.stop(0)
+
+
+@pytest.fixture
+def replicas():
+    group = [_Replica(f"peer-{k}") for k in range(3)]
+    yield group
+    for r in group:
+        r.close()
+
+
+def _contribution(seed: int, count: int) -> Contribution:
+    gen = torch.Generator().manual_seed(seed)
+    return Contribution([torch.randn(s, generator=gen) for s in SHAPES], count, f"digest-{seed}")
+
+
+def _average_all(group, strategy: str, round_: int, mine: dict, skip: set = frozenset()) -> dict:
+    endpoints = {r.peer_id: r.endpoint for r in group}
+    out = {}
+
+    def run(r):
+        out[r.peer_id] = r.exchange.average(1, round_, NAMES, mine[r.peer_id], endpoints, time.monotonic() + 10,
+                                            threading.Event(), strategy=strategy)
+    threads = [threading.Thread(target=run, args=(r,)) for r in group if r.peer_id not in skip]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+@pytest.mark.parametrize("strategy, expected_bytes", [(EVERY_ROUND, 2 * G * 2 / 3), (ALL_TO_ALL, 2 * G)],
+                         ids=[EVERY_ROUND, ALL_TO_ALL])
+def test_both_strategies_give_the_float64_mean_and_move_their_bytes(replicas, strategy, expected_bytes):
+    mine = {r.peer_id: _contribution(k, count=k + 1) for k, r in enumerate(replicas)}
+    averaged = _average_all(replicas, strategy, 5, mine)
+    total = sum(c.count for c in mine.values())
+    for i in range(len(SHAPES)):
+        exact = sum(mine[p].grads[i].double() for p in sorted(mine)) / total
+        for result in averaged.values():
+            assert torch.equal(result.grads[i], exact.float())  # bit-identical on every replica
+    assert all(a.total == total and set(a.peers) == set(mine) for a in averaged.values())
+    for r in replicas:  # from the frames each replica's client received
+        assert abs(r.received["FetchGradients"] - expected_bytes) <= 0.1 * expected_bytes, (r.received, expected_bytes)
+
+
+def test_a_replica_that_never_posts_is_left_out_and_the_others_agree(replicas):
+    mine = {r.peer_id: _contribution(k, count=2) for k, r in enumerate(replicas)}
+    gone = replicas[1].peer_id  # owns the middle shard, and never averages it
+    replicas[1].close()
+    averaged = _average_all(replicas, EVERY_ROUND, 6, mine, skip={gone})
+    exact = [(mine["peer-0"].grads[i].double() + mine["peer-2"].grads[i].double()) / 4 for i in range(len(SHAPES))]
+    for result in averaged.values():
+        assert set(result.peers) == {"peer-0", "peer-2"} and result.total == 4
+        assert all(torch.equal(g, e.float()) for g, e in zip(result.grads, exact))
+
+
+def test_malformed_shard_requests_are_refused_with_a_reason(replicas):
+    from protocol.generated.swarm.v1 import stage_pb2 as pb
+    stub = replicas[0].clients.stub(replicas[1].endpoint)
+    for request, word in [(pb.GradientRequest(stage=1, round=1, shard=3, shards=3), "shard 3 of 3"),
+                          (pb.GradientRequest(stage=1, round=1, shards=5000), "1..1024"),
+                          (pb.GradientRequest(stage=1, round=1, averaged=True), "averaged")]:
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.FetchGradients(request, timeout=5))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and word in e.value.details(), e.value.details()
