@@ -173,12 +173,15 @@ def eval_cmd(args: argparse.Namespace) -> int:
 def _swarm_experts(args: argparse.Namespace):
     """(records, malformed count, RPC auth) of the swarm's experts, read through a client-mode DHT."""
     from node.expert.directory import ExpertDirectory
+    from node.expert.owner import CatalogueOwner, introducer_of
     from node.host.trust import reading_swarm
 
-    malformed = []
+    skipped = []  # malformed or forged records
+    owner = CatalogueOwner(named=args.catalogue_owner, introducer=introducer_of(args.initial_peers))
     with reading_swarm(args.initial_peers, args.swarm_key) as (dht, trust):
-        records = ExpertDirectory(dht, args.swarm, on_malformed=malformed.append).all_experts()
-    return records, len(malformed), trust.auth
+        records = ExpertDirectory(dht, args.swarm, owner, on_malformed=skipped.append,
+                                  on_refused=skipped.append).all_experts()
+    return records, len(skipped), trust.auth
 
 
 def list_cmd(args: argparse.Namespace) -> int:
@@ -188,7 +191,7 @@ def list_cmd(args: argparse.Namespace) -> int:
 
         print(json.dumps([{**r.summary(), "manifest": r.manifest} for r in records], indent=2))
         return 0
-    print(f"swarm '{args.swarm}': {len(records)} expert(s)" + (f", {malformed} malformed record(s) skipped"
+    print(f"swarm '{args.swarm}': {len(records)} expert(s)" + (f", {malformed} malformed or forged record(s) skipped"
                                                                  if malformed else ""))
     header = ("id", "domain", "steps", "dev_loss", "bytes", "sha256", "peer", "endpoint")
     rows = [header] + [(r.id, r.domain, f"{r.steps}/{r.target_steps}",
@@ -316,6 +319,8 @@ def _swarm_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--initial-peers", nargs="+", required=required, metavar="MADDR", help="any peer of the swarm")
     p.add_argument("--swarm", default="swarm-node", help="swarm id (default: swarm-node)")
     p.add_argument("--swarm-key", metavar="PATH", default="", help="the swarm key of a private swarm")
+    p.add_argument("--catalogue-owner", metavar="PEER_ID", default="",
+                   help="peer id of the swarm's creator (default: the first initial peer, or the owner it names)")
 
 
 def add_parser(subparsers) -> None:

@@ -17,3 +17,7 @@ class ExpertMetrics:
                                     registry=r)
         self.malformed = Counter("swarm_node_expert_records_malformed",
                                  "Catalogue entries and expert records skipped as malformed", ["kind"], registry=r)
+        self.refused = Counter("swarm_node_expert_records_refused",
+                               "Catalogue entries, expert records and claims refused or clamped as forged, per read "
+                               "(not_owner, unowned, unsigned, id, seed, not_member, second_claim, claim_clamped)",
+                               ["reason"], registry=r)
