@@ -28,6 +28,22 @@ log = logging.getLogger(__name__)
 Report = Callable[[str], None]
 
 
+class _Repeats:
+    """Which refusals the previous read of a key found too: those are logged at debug level, not again as
+    warnings every heartbeat. Remembers one read's worth per key, so forged records cannot fill memory."""
+
+    def __init__(self) -> None:
+        self._before: dict[str, set] = {}
+        self._now: dict[str, set] = {}
+
+    def start(self, key: str) -> None:
+        self._before[key], self._now[key] = self._now.get(key, set()), set()
+
+    def seen(self, key: str, item) -> bool:
+        self._now[key].add(item)
+        return item in self._before[key]
+
+
 class ExpertDirectory:
     def __init__(self, dht: DHT, swarm: str, catalogue_owner: CatalogueOwner,
                  on_malformed: Report = lambda kind: None, on_refused: Report = lambda reason: None,
@@ -39,6 +55,7 @@ class ExpertDirectory:
         self.on_refused = on_refused
         self.owner = owner  # our owner subkey suffix (empty for a reader that never publishes)
         self.trusted_owner = ""  # the catalogue owner found by the last read
+        self._repeats = _Repeats()
 
     def _entries(self, key: str) -> dict:
         entry = self.dht.get(key, latest=True)
@@ -49,18 +66,20 @@ class ExpertDirectory:
     def _subkey(self, name: str) -> bytes:
         return name.encode() + self.owner
 
-    def _refuse(self, reason: str, message: str, *args) -> None:
-        log.warning(message, *args)
+    def _refuse(self, key: str, subkey, reason: str, message: str, *args) -> None:
+        log.log(logging.DEBUG if self._repeats.seen(key, (subkey, reason)) else logging.WARNING, message, *args)
         self.on_refused(reason)
 
     # ---- catalogue ---------------------------------------------------------------------------------------------
     def catalogue(self) -> dict[str, CatalogueEntry]:
         """The owner's entries; every other one is refused. Also sets `trusted_owner`."""
+        key = catalogue_key(self.swarm)
+        self._repeats.start(key)
         vouches, signed = {}, []
-        for subkey, value in self._entries(catalogue_key(self.swarm)).items():
+        for subkey, value in self._entries(key).items():
             name, signer = split_owned(subkey)
             if signer is None:
-                self._refuse("unowned", "refusing catalogue entry %r: not signed by anyone", name)
+                self._refuse(key, subkey, "unowned", "refusing catalogue entry %r: not signed by anyone", name)
             elif name == VOUCH:
                 try:
                     vouches[signer] = vouched_owner(value)
@@ -68,13 +87,14 @@ class ExpertDirectory:
                     log.warning("skipping a malformed catalogue owner note of %s: %s", signer, e)
                     self.on_malformed("catalogue")
             else:
-                signed.append((name, signer, value))
+                signed.append((subkey, name, signer, value))
         owner = self.trusted_owner = self.catalogue_owner.resolve(vouches)
         out = {}
-        for name, signer, value in signed:
+        for subkey, name, signer, value in signed:
             if signer != owner:
-                self._refuse("not_owner", "refusing catalogue entry %r signed by %s: the catalogue belongs to %s",
-                             name, signer, owner or "nobody known yet")
+                self._refuse(key, subkey, "not_owner",
+                             "refusing catalogue entry %r signed by %s: the catalogue belongs to %s", name, signer,
+                             owner or "nobody known yet")
                 continue
             try:
                 out[name] = CatalogueEntry.from_value(name, value)
@@ -98,7 +118,9 @@ class ExpertDirectory:
     def experts(self, domains: Iterable[str]) -> list[ExpertRecord]:
         out = []
         for domain in domains:
-            for subkey, value in self._entries(experts_key(self.swarm, domain)).items():
+            key = experts_key(self.swarm, domain)
+            self._repeats.start(key)
+            for subkey, value in self._entries(key).items():
                 if is_tombstone(value):
                     continue
                 expert_id, signer = split_owned(subkey)
@@ -109,7 +131,8 @@ class ExpertDirectory:
                     self.on_malformed("expert")
                     continue
                 if signer != record.peer_id:
-                    self._refuse("unsigned", "refusing expert %s: not signed by the peer it names", expert_id)
+                    self._refuse(key, subkey, "unsigned", "refusing expert %s: not signed by the peer it names",
+                                 expert_id)
                     continue
                 if record.domain != domain:
                     log.warning("skipping expert %s: published under %s but trained on %s", expert_id, domain,
@@ -118,7 +141,7 @@ class ExpertDirectory:
                     continue
                 wrong = record.binding_error()
                 if wrong is not None:
-                    self._refuse("id", "refusing expert %s of %s: %s", expert_id, signer, wrong)
+                    self._refuse(key, subkey, "id", "refusing expert %s of %s: %s", expert_id, signer, wrong)
                     continue
                 out.append(record)
         return sorted(out, key=lambda r: (r.domain, r.id))

@@ -62,6 +62,16 @@ def test_only_the_owners_entries_are_the_catalogue(keys):
     assert d.trusted_owner == owner_peer_id(creator)
 
 
+def test_a_forgery_is_counted_at_every_read_and_logged_as_a_warning_once(keys, caplog):
+    records = {catalogue_key("s"): {b"evil" + keys["attacker"]: entry("evil")}}
+    d, refused, _ = directory(records, CatalogueOwner(named=owner_peer_id(keys["creator"])))
+    with caplog.at_level("DEBUG", logger="node.expert.directory"):
+        for _ in range(3):
+            assert d.catalogue() == {}
+    assert refused == ["not_owner"] * 3
+    assert [r.levelname for r in caplog.records] == ["WARNING", "DEBUG", "DEBUG"]
+
+
 def test_a_joiner_takes_the_owner_its_introducer_names(keys):
     creator, member, attacker = (owner_peer_id(keys[k]) for k in ("creator", "member", "attacker"))
     records = {catalogue_key("s"): {b"code" + keys["creator"]: entry("code"),

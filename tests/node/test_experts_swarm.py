@@ -85,29 +85,30 @@ def _forge(dht: DHT, owner: bytes, swarm) -> str:
     from lm.tokenizer import ByteTokenizer
 
     me = owner_peer_id(owner)
-    later = get_dht_time() + 3600
+    hour = get_dht_time() + 3600
+    later = iter(hour + i for i in range(10))  # distinct: hivemind orders equal expiries by subkey
     text = {kind: make_domain(kind, "test", domain_text(kind), ByteTokenizer()) for kind in ("code", "prose")}
     hardest = max(text, key=lambda k: (text[k].difficulty, k))
     entry = {"source": "/nowhere", "sha256": "ee" * 32, "tokens": 1000, "difficulty": 15.0, "v": 1}
     catalogue = catalogue_key(SWARM)
-    assert dht.store(catalogue, entry, later, subkey="code")  # unsigned: moves code's sha, so code never trains
-    assert dht.store(catalogue, entry, later, subkey=b"code" + owner)  # signed by a member that is not the owner
-    assert dht.store(catalogue, entry, later, subkey=b"evil" + owner)  # a fake domain
+    assert dht.store(catalogue, entry, next(later), subkey=b"code")  # unsigned, with another sha256: code never trains
+    assert dht.store(catalogue, entry, next(later), subkey=b"code" + owner)  # signed by a member, not the owner
+    assert dht.store(catalogue, entry, next(later), subkey=b"evil" + owner)  # a fake domain
     assert dht.store(catalogue, {**entry, "sha256": text["prose"].sha256, "seed": seed_id("dd" * 32),
-                                 "seed_sha256": "dd" * 32}, later, subkey=b"prose" + owner)  # its own seed
-    assert dht.store(catalogue, vouch_value(me), later, subkey=b"_owner" + owner)  # "I own the catalogue"
+                                 "seed_sha256": "dd" * 32}, next(later), subkey=b"prose" + owner)  # its own seed
+    assert dht.store(catalogue, vouch_value(me), next(later), subkey=b"_owner" + owner)  # "I own it"
     manifest = {"name": "x", "domain": "*", "config": {"hidden_size": 8}, "tokenizer": "bytes-v1", "seed_hash": "",
                 "parent": None, "lineage": [], "steps": 2, "target_steps": 2, "tokens": 10, "flops": 1.0,
                 "val_ppl": 3.0, "weights_sha256": "dd" * 32, "extra": {}, "format": "swarm-node/expert-v1"}
     real_seed = seed_id(swarm.seed_sha256)  # the real seed's id over other weights: a re-pointed seed
     assert dht.store(experts_key(SWARM, "*"), {**manifest, "id": real_seed, "peer_id": me, "endpoint": "127.0.0.1:9",
                                                "bytes": 100, "dev_loss": 1.0, "v": 1},
-                     later, subkey=real_seed.encode() + owner)
+                     next(later), subkey=real_seed.encode() + owner)
     claim_id = f"{hardest}-{me[-8:]}-0"  # a claim of the whole swarm's budget and more
     assert dht.store(experts_key(SWARM, hardest),
                      {**manifest, "domain": hardest, "steps": 0, "target_steps": 24, "flops": 0.0,
                       "extra": {"planned_flops": 1e30}, "id": claim_id, "peer_id": me, "endpoint": "127.0.0.1:9",
-                      "bytes": 100, "dev_loss": None, "v": 1}, later, subkey=claim_id.encode() + owner)
+                      "bytes": 100, "dev_loss": None, "v": 1}, next(later), subkey=claim_id.encode() + owner)
     return hardest
 
 
