@@ -61,22 +61,27 @@ def swarm(tmp_path_factory):
     swarm.domains = domains
     seed = _seed_checkpoint(work / "seed")  # the creator names it in the catalogue; e1 serves it
     swarm.seed_sha256 = json.loads((seed / "manifest.json").read_text())["weights_sha256"]
-    first = swarm.start_node("data0", "0", extra=domains + ["--expert-seed", str(seed)])
-    swarm.wait_started([first], timeout=120)
-    peers = swarm.initial_peers()
-    pipeline = [swarm.start_node(n, s, initial_peers=peers) for n, s in [("data0b", "0"), ("s1a", "1"), ("s1b", "1")]]
-    swarm.wait_started(pipeline, timeout=180)  # started: their records are in the DHT, so `auto` counts 2 replicas
-    signer = RSASignatureValidator(RSAPrivateKey())  # the attacker's own key: it signs only its own subkeys
-    attacker = DHT(initial_peers=peers, start=True, record_validators=[signer])
-    swarm.hardest = _forge(attacker, signer.local_public_key, swarm)
-    experts = [swarm.start_node("e1", "auto", initial_peers=peers,
-                                extra=_expert_args(swarm, "e1", "expert") + ["--expert-seed", str(seed)]),
-               swarm.start_node("a1", "auto", initial_peers=peers,
-                                extra=_expert_args(swarm, "a1", "auto") + ["--min-replicas", "2"])]
-    swarm.wait_started(experts, timeout=120)
-    yield swarm
-    swarm.stop()
-    attacker.shutdown()
+    attacker = None
+    try:  # a failed start-up must not leave nodes running
+        first = swarm.start_node("data0", "0", extra=domains + ["--expert-seed", str(seed)])
+        swarm.wait_started([first], timeout=120)
+        peers = swarm.initial_peers()
+        pipeline = [swarm.start_node(n, s, initial_peers=peers)
+                    for n, s in [("data0b", "0"), ("s1a", "1"), ("s1b", "1")]]
+        swarm.wait_started(pipeline, timeout=180)  # started: their records are in the DHT, so `auto` counts 2 replicas
+        signer = RSASignatureValidator(RSAPrivateKey())  # the attacker's own key: it signs only its own subkeys
+        attacker = DHT(initial_peers=peers, start=True, record_validators=[signer])
+        swarm.hardest = _forge(attacker, signer.local_public_key, swarm)
+        experts = [swarm.start_node("e1", "auto", initial_peers=peers,
+                                    extra=_expert_args(swarm, "e1", "expert") + ["--expert-seed", str(seed)]),
+                   swarm.start_node("a1", "auto", initial_peers=peers,
+                                    extra=_expert_args(swarm, "a1", "auto") + ["--min-replicas", "2"])]
+        swarm.wait_started(experts, timeout=120)
+        yield swarm
+    finally:
+        swarm.stop()
+        if attacker is not None:
+            attacker.shutdown()
 
 
 def _forge(dht: DHT, owner: bytes, swarm) -> str:
