@@ -180,7 +180,7 @@ def _swarm_experts(args: argparse.Namespace):
     owner = CatalogueOwner(named=args.catalogue_owner, introducer=introducer_of(args.initial_peers))
     with reading_swarm(args.initial_peers, args.swarm_key) as (dht, trust):
         records = ExpertDirectory(dht, args.swarm, owner, on_malformed=skipped.append,
-                                  on_refused=skipped.append).all_experts()
+                                  on_refused=skipped.append, warn=False).all_experts()
     return records, len(skipped), trust.auth
 
 

@@ -47,12 +47,15 @@ class _Repeats:
 class ExpertDirectory:
     def __init__(self, dht: DHT, swarm: str, catalogue_owner: CatalogueOwner,
                  on_malformed: Report = lambda kind: None, on_refused: Report = lambda reason: None,
-                 owner: bytes = b""):
+                 owner: bytes = b"", warn: bool = True):
+        """`warn`: log each skipped record as a warning (a node) or only at debug level (a command, which prints
+        a count and keeps its error output to one line)."""
         self.dht = dht
         self.swarm = swarm
         self.catalogue_owner = catalogue_owner
         self.on_malformed = on_malformed
         self.on_refused = on_refused
+        self.warn = warn
         self.owner = owner  # our owner subkey suffix (empty for a reader that never publishes)
         self.trusted_owner = ""  # the catalogue owner found by the last read
         self._repeats = _Repeats()
@@ -66,9 +69,11 @@ class ExpertDirectory:
     def _subkey(self, name: str) -> bytes:
         return name.encode() + self.owner
 
-    def _refuse(self, key: str, subkey, reason: str, message: str, *args) -> None:
-        log.log(logging.DEBUG if self._repeats.seen(key, (subkey, reason)) else logging.WARNING, message, *args)
-        self.on_refused(reason)
+    def _skip(self, key: str, subkey, count: Report, what: str, message: str, *args) -> None:
+        """Count a malformed or refused record (`what`: its kind or the reason) and say why."""
+        quiet = self._repeats.seen(key, (subkey, what)) or not self.warn
+        log.log(logging.DEBUG if quiet else logging.WARNING, message, *args)
+        count(what)
 
     # ---- catalogue ---------------------------------------------------------------------------------------------
     def catalogue(self) -> dict[str, CatalogueEntry]:
@@ -79,28 +84,29 @@ class ExpertDirectory:
         for subkey, value in self._entries(key).items():
             name, signer = split_owned(subkey)
             if signer is None:
-                self._refuse(key, subkey, "unowned", "refusing catalogue entry %r: not signed by anyone", name)
+                self._skip(key, subkey, self.on_refused, "unowned", "refusing catalogue entry %r: not signed by anyone",
+                           name)
             elif name == VOUCH:
                 try:
                     vouches[signer] = vouched_owner(value)
                 except RecordError as e:
-                    log.warning("skipping a malformed catalogue owner note of %s: %s", signer, e)
-                    self.on_malformed("catalogue")
+                    self._skip(key, subkey, self.on_malformed, "catalogue",
+                               "skipping a malformed catalogue owner note of %s: %s", signer, e)
             else:
                 signed.append((subkey, name, signer, value))
         owner = self.trusted_owner = self.catalogue_owner.resolve(vouches)
         out = {}
         for subkey, name, signer, value in signed:
             if signer != owner:
-                self._refuse(key, subkey, "not_owner",
-                             "refusing catalogue entry %r signed by %s: the catalogue belongs to %s", name, signer,
-                             owner or "nobody known yet")
+                self._skip(key, subkey, self.on_refused, "not_owner",
+                           "refusing catalogue entry %r signed by %s: the catalogue belongs to %s", name, signer,
+                           owner or "nobody known yet")
                 continue
             try:
                 out[name] = CatalogueEntry.from_value(name, value)
             except RecordError as e:
-                log.warning("skipping a malformed catalogue entry %r: %s", name, e)
-                self.on_malformed("catalogue")
+                self._skip(key, subkey, self.on_malformed, "catalogue", "skipping a malformed catalogue entry %r: %s",
+                           name, e)
         return out
 
     def publish_catalogue(self, entries: Iterable[CatalogueEntry], ttl: float) -> None:
@@ -127,21 +133,22 @@ class ExpertDirectory:
                 try:
                     record = ExpertRecord.from_value(expert_id, value)
                 except RecordError as e:
-                    log.warning("skipping a malformed expert record %s/%s: %s", domain, expert_id, e)
-                    self.on_malformed("expert")
+                    self._skip(key, subkey, self.on_malformed, "expert", "skipping a malformed expert record %s/%s: %s",
+                               domain, expert_id, e)
                     continue
                 if signer != record.peer_id:
-                    self._refuse(key, subkey, "unsigned", "refusing expert %s: not signed by the peer it names",
-                                 expert_id)
+                    self._skip(key, subkey, self.on_refused, "unsigned",
+                               "refusing expert %s: not signed by the peer it names", expert_id)
                     continue
                 if record.domain != domain:
-                    log.warning("skipping expert %s: published under %s but trained on %s", expert_id, domain,
-                                record.domain)
-                    self.on_malformed("expert")
+                    self._skip(key, subkey, self.on_malformed, "expert",
+                               "skipping expert %s: published under %s but trained on %s", expert_id, domain,
+                               record.domain)
                     continue
                 wrong = record.binding_error()
                 if wrong is not None:
-                    self._refuse(key, subkey, "id", "refusing expert %s of %s: %s", expert_id, signer, wrong)
+                    self._skip(key, subkey, self.on_refused, "id", "refusing expert %s of %s: %s", expert_id, signer,
+                               wrong)
                     continue
                 out.append(record)
         return sorted(out, key=lambda r: (r.domain, r.id))

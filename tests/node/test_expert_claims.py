@@ -71,6 +71,12 @@ def test_a_forgery_is_counted_at_every_read_and_logged_as_a_warning_once(keys, c
             assert d.catalogue() == {}
     assert refused == ["not_owner"] * 3
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    caplog.clear()  # a command (experts list|fetch) prints a count instead, and keeps stderr to its one error line
+    quiet = ExpertDirectory(StoredDHT(records), "s", CatalogueOwner(named=owner_peer_id(keys["creator"])),
+                            on_refused=refused.append, warn=False)
+    with caplog.at_level("DEBUG", logger="node.expert.directory"):
+        assert quiet.catalogue() == {}
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG] and refused[-1] == "not_owner"
 
 
 def test_a_joiner_takes_the_owner_its_introducer_names(keys):
