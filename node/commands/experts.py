@@ -204,7 +204,7 @@ def list_cmd(args: argparse.Namespace) -> int:
 
 
 def _fetch_into(args: argparse.Namespace, out: Path) -> list[Path]:
-    from node.expert.service import FetchError, download_expert
+    from node.expert.service import FetchError, download_any
     from node.host.trust import client_tls
 
     records, _, auth = _swarm_experts(args)
@@ -222,17 +222,23 @@ def _fetch_into(args: argparse.Namespace, out: Path) -> list[Path]:
         chosen = [r for r in records if r.domain != "*" and (r.complete or not args.finished)]
         if not chosen:
             raise UsageError(f"swarm '{args.swarm}' has no {'finished ' if args.finished else ''}experts yet")
-    paths = []
+    copies: dict[tuple[str, str], list] = {}  # several peers may serve one expert (a seed): try each in turn
     for record in chosen:
+        copies.setdefault((record.id, record.sha256), []).append(record)
+    paths = []
+    for group in copies.values():
         try:
-            paths.append(download_expert(record, args.swarm, out, auth=auth, tls=tls))
+            path, record = download_any(group, args.swarm, out, auth=auth, tls=tls,
+                                        on_wrong_bytes=lambda why: print(f"refused a copy: {why}", flush=True))
         except FetchError as e:
-            if not args.expert and not record.complete and "FAILED_PRECONDITION" in str(e):
-                print(f"skipped {record.id}: it published a newer checkpoint during the download", flush=True)
+            first = group[0]
+            if not args.expert and not first.complete and "FAILED_PRECONDITION" in str(e):
+                print(f"skipped {first.id}: it published a newer checkpoint during the download", flush=True)
                 continue
             raise UsageError(str(e)) from None
+        paths.append(path)
         print(f"fetched {record.id} ({record.domain}, {record.steps}/{record.target_steps} steps, "
-              f"{record.bytes} bytes, sha256 {record.sha256[:16]} verified) into {paths[-1]}", flush=True)
+              f"{record.bytes} bytes, sha256 {record.sha256[:16]} verified) into {path}", flush=True)
     return paths
 
 

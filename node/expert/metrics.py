@@ -18,6 +18,6 @@ class ExpertMetrics:
         self.malformed = Counter("swarm_node_expert_records_malformed",
                                  "Catalogue entries and expert records skipped as malformed", ["kind"], registry=r)
         self.refused = Counter("swarm_node_expert_records_refused",
-                               "Catalogue entries, expert records and claims refused or clamped as forged, per read "
-                               "(not_owner, unowned, unsigned, id, seed, not_member, second_claim, claim_clamped)",
-                               ["reason"], registry=r)
+                               "Catalogue entries, expert records, claims and downloaded copies refused or clamped "
+                               "as forged, per read (not_owner, unowned, unsigned, id, seed, weights, not_member, "
+                               "second_claim, claim_clamped)", ["reason"], registry=r)

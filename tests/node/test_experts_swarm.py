@@ -8,18 +8,22 @@ the experts; a corrupted file is refused; a stage replica dies and the auto node
 
 Before the expert nodes start, a peer that joined the swarm's DHT from this process forges what an attacker
 could: catalogue entries (unsigned, and signed by itself), a note naming itself the catalogue's owner, a seed
-record under the real seed's id with other weights, and an inflated claim on the hardest domain. None of it
-may change what the expert nodes train or branch from; they count each forgery as refused.
+record under the real seed's id with other weights, a copy of the real seed's record served with other bytes
+(from a gRPC server here), and an inflated claim on the hardest domain. None of it may change what the expert
+nodes train or branch from; they count each forgery as refused.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
@@ -28,6 +32,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from node.cli import main
 from node.process.local_swarm import LocalSwarm
+from protocol.generated.swarm.v1 import experts_pb2 as pb
+from protocol.generated.swarm.v1 import experts_pb2_grpc as pb_grpc
 from protocol.record_auth import owner_peer_id
 from protocol.records import catalogue_key, experts_key, seed_id, vouch_value
 from tests.helpers import metric, rounds, run_cli, wait_for
@@ -61,7 +67,7 @@ def swarm(tmp_path_factory):
     swarm.domains = domains
     seed = _seed_checkpoint(work / "seed")  # the creator names it in the catalogue; e1 serves it
     swarm.seed_sha256 = json.loads((seed / "manifest.json").read_text())["weights_sha256"]
-    attacker = None
+    attackers, liar = [], grpc.server(ThreadPoolExecutor(max_workers=2))
     try:  # a failed start-up must not leave nodes running
         first = swarm.start_node("data0", "0", extra=domains + ["--expert-seed", str(seed)])
         swarm.wait_started([first], timeout=120)
@@ -70,8 +76,11 @@ def swarm(tmp_path_factory):
                     for n, s in [("data0b", "0"), ("s1a", "1"), ("s1b", "1")]]
         swarm.wait_started(pipeline, timeout=180)  # started: their records are in the DHT, so `auto` counts 2 replicas
         signer = RSASignatureValidator(RSAPrivateKey())  # the attacker's own key: it signs only its own subkeys
-        attacker = DHT(initial_peers=peers, start=True, record_validators=[signer])
-        swarm.hardest = _forge(attacker, signer.local_public_key, swarm)
+        attackers.append(DHT(initial_peers=peers, start=True, record_validators=[signer]))
+        swarm.hardest = _forge(attackers[0], signer.local_public_key, swarm)
+        signer = RSASignatureValidator(RSAPrivateKey())  # a second key: the first one wrote the seed id's subkey
+        attackers.append(DHT(initial_peers=peers, start=True, record_validators=[signer]))
+        _substitute_seed(attackers[1], signer.local_public_key, liar, seed)
         experts = [swarm.start_node("e1", "auto", initial_peers=peers,
                                     extra=_expert_args(swarm, "e1", "expert") + ["--expert-seed", str(seed)]),
                    swarm.start_node("a1", "auto", initial_peers=peers,
@@ -80,8 +89,27 @@ def swarm(tmp_path_factory):
         yield swarm
     finally:
         swarm.stop()
-        if attacker is not None:
+        liar.stop(0)
+        for attacker in attackers:
             attacker.shutdown()
+
+
+def _substitute_seed(dht: DHT, owner: bytes, liar: grpc.Server, seed) -> None:
+    """Publish the real seed's record (id, sha256, size) as served by `liar`, which streams other bytes."""
+    size = (seed / "model.safetensors").stat().st_size
+    manifest = json.loads((seed / "manifest.json").read_text())
+
+    class Substituting(pb_grpc.ExpertServiceServicer):
+        def FetchExpert(self, request, context):
+            yield pb.ExpertChunk(offset=0, total=size, sha256=manifest["weights_sha256"], data=b"\0" * size)
+    pb_grpc.add_ExpertServiceServicer_to_server(Substituting(), liar)
+    port = liar.add_insecure_port("127.0.0.1:0")
+    liar.start()
+    expert_id = seed_id(manifest["weights_sha256"])
+    assert dht.store(experts_key(SWARM, "*"), {**manifest, "domain": "*", "id": expert_id,
+                                               "peer_id": owner_peer_id(owner), "endpoint": f"127.0.0.1:{port}",
+                                               "bytes": size, "dev_loss": None, "v": 1},
+                     get_dht_time() + 3600, subkey=expert_id.encode() + owner)
 
 
 def _forge(dht: DHT, owner: bytes, swarm) -> str:
@@ -163,7 +191,7 @@ def test_experts_train_while_the_pipeline_trains(swarm):
     assert metric(e1, 'swarm_node_role{role="expert"}') == 1
 
 
-def test_forged_catalogue_seed_and_claim_change_nothing(swarm):
+def test_forged_catalogue_seed_and_claim_change_nothing(swarm, tmp_path):
     e1, a1 = node(swarm, "e1"), node(swarm, "a1")
     started = wait_for(lambda: e1.events("expert_started") and a1.events("expert_started")
                        and e1.events("expert_started") + a1.events("expert_started"), 120, "both experts to start")
@@ -182,6 +210,13 @@ def test_forged_catalogue_seed_and_claim_change_nothing(swarm):
             metric(a1, f'swarm_node_expert_records_refused_total{{reason="{reason}"}}') > 0, reason
     log = e1.log_path.read_text()
     assert "refusing catalogue entry 'evil'" in log and "is no live member" in log
+    # Two peers serve the seed's id and sha256, one with other bytes: a fetch ends with the real ones.
+    seed = seed_id(swarm.seed_sha256)
+    assert len([r for r in listed(swarm) if r["id"] == seed]) == 2  # the re-pointed record was refused
+    result = run_cli("experts", "fetch", "--swarm", SWARM, "--initial-peers", *swarm.initial_peers(),
+                     "--out", str(tmp_path), "--expert", seed)
+    assert result.returncode == 0 and result.stdout.count("verified") == 1, result.stdout + result.stderr
+    assert hashlib.sha256((tmp_path / seed / "model.safetensors").read_bytes()).hexdigest() == swarm.seed_sha256
 
 
 def test_killed_expert_node_resumes_from_its_checkpoint(swarm):
