@@ -59,6 +59,17 @@ _non_negative_float = _within(_float, lambda x: x >= 0, "must be zero or positiv
 _fraction = _within(_float, lambda x: 0 < x <= 1, "must be a number in (0, 1]")
 
 
+def _peer_id(value: Any) -> str:
+    """A libp2p peer id in base58 ("" for none)."""
+    text = str(value)
+    if text and not (30 <= len(text) <= 64 and set(text) <= set(_BASE58)):
+        raise ValueError(f"{text!r} is not a peer id (base58, as in the /p2p/ part of a multiaddr)")
+    return text
+
+
+_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
 def _str_list(value: Any) -> list[str]:
     if isinstance(value, str):
         return [v for v in value.replace(",", " ").split() if v]
@@ -355,8 +366,16 @@ class ExpertConfig:
                              flag="expert_max_bytes")
     seed_dir: str = setting("", "expert checkpoint directory this (expert) node serves as the catalogue's seed",
                             flag="expert_seed")
-    catalogue_ttl_factor: float = setting(10.0, "the experts' catalogue lives this many --record-ttl",
-                                          _positive_float)
+    catalogue_owner: str = setting("", "peer id of the swarm's creator, whose signed catalogue this node trusts "
+                                       "(default: the peer of the first --initial-peers address, or the owner "
+                                       "that peer names)", _peer_id)
+    # The owner signs the expiry too, so nobody else can extend it: this is how long the catalogue outlives its
+    # owner. Long, so a swarm keeps training experts for a day without its creator.
+    catalogue_ttl: float = setting(86400.0, "seconds the catalogue lives after its owner last signed it",
+                                   _positive_float)
+    claim_flops_limit: float = setting(1.0, "an expert counts, when nodes choose a domain, for at most this many "
+                                            "times the FLOPs this node would plan for its domain; a larger claim "
+                                            "is clamped and counted", _positive_float)
     claim_settle: float = setting(2.0, "seconds an expert claim waits for simultaneous claims to reach the DHT",
                                   _positive_float)
     retry_interval: float = setting(5.0, "least seconds between tries of an expert job that failed or found "
@@ -556,6 +575,8 @@ def _check_consistency(config: NodeConfig) -> None:
             raise UsageError(f"--domain {spec!r}: expected NAME=PATH with a NAME without '/', '_' or '*' first")
         if not path.startswith("hf:") and not Path(path).is_file():
             raise UsageError(f"--domain {spec!r}: {path} does not exist")
+    if swarm.new_swarm and experts.catalogue_owner:
+        raise UsageError("--new-swarm makes this node the catalogue's owner: drop --catalogue-owner")
     if experts.seed_dir and not (Path(experts.seed_dir) / "manifest.json").is_file():
         raise UsageError(f"--expert-seed {experts.seed_dir}: not an expert checkpoint (no manifest.json)")
     if roles.role == "expert" and roles.stages != "auto":

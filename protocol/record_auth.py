@@ -142,6 +142,12 @@ def peer_id_of_key(public_key: bytes) -> str | None:
     return PeerID(multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))).to_base58()
 
 
+def split_owned(subkey) -> tuple[str, str | None]:
+    """(the name before the owner marker, the peer id the marker proves, or None) of an owned subkey."""
+    raw = subkey if isinstance(subkey, bytes) else str(subkey).encode()
+    return raw.split(b"[owner:", 1)[0].decode(errors="replace"), owner_peer_id(raw)
+
+
 def owner_peer_id(subkey) -> str | None:
     """The peer id proven by an owner subkey (`[owner:<public key>]`), or None if the subkey names no owner."""
     raw = subkey if isinstance(subkey, bytes) else str(subkey).encode()

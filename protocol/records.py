@@ -6,7 +6,10 @@
 | <swarm>/plan/<round>       | planner peer id | RoundPlan                               |
 | <swarm>/links              | measuring peer  | LinksRecord: RTT and bandwidth per peer  |
 | <swarm>/experts            | domain name     | CatalogueEntry (the swarm's domains)     |
+| <swarm>/experts            | `_owner`        | the catalogue owner a member vouches for |
 | <swarm>/experts/<domain>   | expert id       | ExpertRecord (manifest + where to fetch) |
+
+Subkeys of the catalogue and of expert records end in their writer's owner marker (protocol/record_auth.py).
 """
 
 from __future__ import annotations
@@ -315,6 +318,17 @@ def _domain_name(name: str) -> str:
     return name
 
 
+# zlib costs at most about 8.1 bits per byte (incompressible input plus framing); more is no measurement.
+MAX_DIFFICULTY = 16.0
+SEED_DOMAIN = "*"  # the domain of seed experts, which every expert may branch from
+VOUCH = "_owner"  # the catalogue subkey under which a member names the catalogue owner it trusts
+
+
+def seed_id(weights_sha256: str) -> str:
+    """A seed expert's id names its weights, so the id cannot be moved to other bytes."""
+    return f"seed-{weights_sha256[:12]}"
+
+
 @dataclass(frozen=True)
 class CatalogueEntry:
     """One domain of the swarm's catalogue: what to train on, and how to tell that a node holds the same text."""
@@ -324,7 +338,8 @@ class CatalogueEntry:
     sha256: str  # of the domain's tokens: equal hashes mean equal bytes
     tokens: int
     difficulty: float  # model-free zlib bits per byte; sizing and the FLOPs shares weigh domains by it
-    seed: str = ""  # id of an expert record to branch from ("": the pipeline's weights or the preset's init)
+    seed: str = ""  # id of the seed expert to branch from ("": the pipeline's weights or the preset's init)
+    seed_sha256: str = ""  # the seed's weights: a record or a file with other bytes is refused
 
     def to_value(self) -> dict:
         value = asdict(self)
@@ -338,13 +353,31 @@ class CatalogueEntry:
             raise RecordError("catalogue entry is not a map")
         difficulty = _number(value, "difficulty")
         tokens = _require(value, "tokens", int)
-        if difficulty <= 0 or tokens <= 0:
-            raise RecordError("difficulty and tokens must be positive")
-        seed = value.get("seed", "")
-        if not isinstance(seed, str):
-            raise RecordError("seed must be an expert id")
+        if not 0 < difficulty <= MAX_DIFFICULTY or tokens <= 0:
+            raise RecordError(f"difficulty must be in (0, {MAX_DIFFICULTY}] and tokens positive")
+        seed, seed_sha256 = value.get("seed", ""), value.get("seed_sha256", "")
+        if not isinstance(seed, str) or not isinstance(seed_sha256, str):
+            raise RecordError("seed and seed_sha256 must be strings")
+        if seed and seed != seed_id(_sha256(value, "seed_sha256")):
+            raise RecordError(f"seed {seed!r} is not the id of weights {seed_sha256[:12]}...")
+        if seed_sha256 and not seed:
+            raise RecordError("seed_sha256 without a seed")
         return cls(name=_domain_name(name), source=_require(value, "source", str), sha256=_sha256(value, "sha256"),
-                   tokens=tokens, difficulty=difficulty, seed=seed)
+                   tokens=tokens, difficulty=difficulty, seed=seed, seed_sha256=seed_sha256)
+
+
+def vouch_value(owner: str) -> dict:
+    """A member's word on whose catalogue it trusts; joiners that came in through it take that word."""
+    return {"owner": owner, "v": RECORD_VERSION}
+
+
+def vouched_owner(value: Any) -> str:
+    if not isinstance(value, dict):
+        raise RecordError("catalogue owner note is not a map")
+    owner = _require(value, "owner", str)
+    if not owner:
+        raise RecordError("catalogue owner note names no peer")
+    return owner
 
 
 # The node's fields of an expert record; the rest of the value is the expert's manifest (experts/manifest.py).
@@ -385,6 +418,23 @@ class ExpertRecord:
     @property
     def complete(self) -> bool:
         return self.steps >= self.target_steps
+
+    @property
+    def planned_flops(self) -> float:
+        """What its trainer says the whole expert will cost (0 when it says nothing)."""
+        extra = self.manifest.get("extra")
+        planned = extra.get("planned_flops", 0.0) if isinstance(extra, dict) else 0.0
+        return float(planned) if isinstance(planned, (int, float)) and not isinstance(planned, bool) else 0.0
+
+    def binding_error(self) -> str | None:
+        """Why the id does not belong to this record, or None: a seed's id names its weights, any other expert's
+        id its publisher (`<domain>-<last 8 characters of the peer id>-<n>`)."""
+        if self.domain == SEED_DOMAIN:
+            return None if self.id == seed_id(self.sha256) else \
+                f"seed id {self.id!r} does not name its weights {self.sha256[:12]}..."
+        if not self.id.startswith(f"{self.domain}-{self.peer_id[-8:]}-"):
+            return f"expert id {self.id!r} does not name its publisher ...{self.peer_id[-8:]}"
+        return None
 
     def to_value(self) -> dict:
         return {**self.manifest, "id": self.id, "peer_id": self.peer_id, "endpoint": self.endpoint,

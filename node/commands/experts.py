@@ -173,12 +173,15 @@ def eval_cmd(args: argparse.Namespace) -> int:
 def _swarm_experts(args: argparse.Namespace):
     """(records, malformed count, RPC auth) of the swarm's experts, read through a client-mode DHT."""
     from node.expert.directory import ExpertDirectory
+    from node.expert.owner import CatalogueOwner, introducer_of
     from node.host.trust import reading_swarm
 
-    malformed = []
+    skipped = []  # malformed or forged records
+    owner = CatalogueOwner(named=args.catalogue_owner, introducer=introducer_of(args.initial_peers))
     with reading_swarm(args.initial_peers, args.swarm_key) as (dht, trust):
-        records = ExpertDirectory(dht, args.swarm, on_malformed=malformed.append).all_experts()
-    return records, len(malformed), trust.auth
+        records = ExpertDirectory(dht, args.swarm, owner, on_malformed=skipped.append,
+                                  on_refused=skipped.append, warn=False).all_experts()
+    return records, len(skipped), trust.auth
 
 
 def list_cmd(args: argparse.Namespace) -> int:
@@ -188,7 +191,7 @@ def list_cmd(args: argparse.Namespace) -> int:
 
         print(json.dumps([{**r.summary(), "manifest": r.manifest} for r in records], indent=2))
         return 0
-    print(f"swarm '{args.swarm}': {len(records)} expert(s)" + (f", {malformed} malformed record(s) skipped"
+    print(f"swarm '{args.swarm}': {len(records)} expert(s)" + (f", {malformed} malformed or forged record(s) skipped"
                                                                  if malformed else ""))
     header = ("id", "domain", "steps", "dev_loss", "bytes", "sha256", "peer", "endpoint")
     rows = [header] + [(r.id, r.domain, f"{r.steps}/{r.target_steps}",
@@ -201,7 +204,7 @@ def list_cmd(args: argparse.Namespace) -> int:
 
 
 def _fetch_into(args: argparse.Namespace, out: Path) -> list[Path]:
-    from node.expert.service import FetchError, download_expert
+    from node.expert.service import FetchError, download_any
     from node.host.trust import client_tls
 
     records, _, auth = _swarm_experts(args)
@@ -219,17 +222,23 @@ def _fetch_into(args: argparse.Namespace, out: Path) -> list[Path]:
         chosen = [r for r in records if r.domain != "*" and (r.complete or not args.finished)]
         if not chosen:
             raise UsageError(f"swarm '{args.swarm}' has no {'finished ' if args.finished else ''}experts yet")
-    paths = []
+    copies: dict[tuple[str, str], list] = {}  # several peers may serve one expert (a seed): try each in turn
     for record in chosen:
+        copies.setdefault((record.id, record.sha256), []).append(record)
+    paths = []
+    for group in copies.values():
         try:
-            paths.append(download_expert(record, args.swarm, out, auth=auth, tls=tls))
+            path, record = download_any(group, args.swarm, out, auth=auth, tls=tls,
+                                        on_wrong_bytes=lambda why: print(f"refused a copy: {why}", flush=True))
         except FetchError as e:
-            if not args.expert and not record.complete and "FAILED_PRECONDITION" in str(e):
-                print(f"skipped {record.id}: it published a newer checkpoint during the download", flush=True)
+            first = group[0]
+            if not args.expert and not first.complete and "FAILED_PRECONDITION" in str(e):
+                print(f"skipped {first.id}: it published a newer checkpoint during the download", flush=True)
                 continue
             raise UsageError(str(e)) from None
+        paths.append(path)
         print(f"fetched {record.id} ({record.domain}, {record.steps}/{record.target_steps} steps, "
-              f"{record.bytes} bytes, sha256 {record.sha256[:16]} verified) into {paths[-1]}", flush=True)
+              f"{record.bytes} bytes, sha256 {record.sha256[:16]} verified) into {path}", flush=True)
     return paths
 
 
@@ -316,6 +325,8 @@ def _swarm_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--initial-peers", nargs="+", required=required, metavar="MADDR", help="any peer of the swarm")
     p.add_argument("--swarm", default="swarm-node", help="swarm id (default: swarm-node)")
     p.add_argument("--swarm-key", metavar="PATH", default="", help="the swarm key of a private swarm")
+    p.add_argument("--catalogue-owner", metavar="PEER_ID", default="",
+                   help="peer id of the swarm's creator (default: the first initial peer, or the owner it names)")
 
 
 def add_parser(subparsers) -> None:

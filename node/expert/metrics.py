@@ -17,3 +17,7 @@ class ExpertMetrics:
                                     registry=r)
         self.malformed = Counter("swarm_node_expert_records_malformed",
                                  "Catalogue entries and expert records skipped as malformed", ["kind"], registry=r)
+        self.refused = Counter("swarm_node_expert_records_refused",
+                               "Catalogue entries, expert records, claims and downloaded copies refused or clamped "
+                               "as forged, per read (not_owner, unowned, unsigned, id, seed, weights, not_member, "
+                               "second_claim, claim_clamped)", ["reason"], registry=r)

@@ -10,10 +10,10 @@ import grpc
 
 from node.config import NodeConfig
 from node.expert.directory import ExpertDirectory
-from node.expert.service import FetchError, download_expert
+from node.expert.service import FetchError, download_any
 from node.host.host import HostServices
 from node.model import ModelSetup
-from protocol.records import CatalogueEntry
+from protocol.records import SEED_DOMAIN, CatalogueEntry, ExpertRecord
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +33,24 @@ class SeedSource:
 
     def seed(self, entry: CatalogueEntry):
         """The model an expert branches from: the catalogue's seed, the pipeline's weights, or the preset's init."""
-        from experts.checkpoint import load_expert, new_model
+        from experts.checkpoint import new_model
         from experts.run import describe_seed
 
         if entry.seed:
-            found = [r for r in self.directory.experts(["*"]) if r.id == entry.seed]
-            for record in found:
-                try:
-                    path = self.root / record.id
-                    if not (path / "manifest.json").is_file():
-                        path = download_expert(record, self.swarm, self.root,
-                                               timeout=self.settings.fetch_timeout,
-                                               attempts=self.settings.fetch_attempts, auth=self.services.trust.auth,
-                                               tls=self.services.trust.tls,
-                                               meter=self.services.metrics.count_frame)
-                    model, manifest = load_expert(path)  # verifies the sha256 again
-                    manifest.extra = {**manifest.extra, "source": f"catalogue seed {record.id}"}
-                    return model, manifest
-                except (FetchError, ValueError) as e:
-                    log.warning("could not fetch the catalogue's seed %s: %s", entry.seed, e)
-            log.warning("the catalogue's seed %s is not available; falling back", entry.seed)
+            copies = []
+            for record in self.directory.experts([SEED_DOMAIN]):
+                if record.id != entry.seed:
+                    continue
+                if record.sha256 != entry.seed_sha256:  # the id's 12 hex digits matched, the weights do not
+                    log.warning("refusing seed %s of %s: weights %s..., the catalogue's are %s...", record.id,
+                                record.peer_id[-8:], record.sha256[:12], entry.seed_sha256[:12])
+                    self.directory.on_refused("seed")
+                    continue
+                copies.append(record)
+            try:
+                return self._fetched(entry, copies)
+            except (FetchError, ValueError) as e:
+                log.warning("the catalogue's seed %s is not available (%s); falling back", entry.seed, e)
         gathered = self._gather_pipeline()
         if gathered is not None:
             model, round_ = gathered
@@ -60,6 +58,28 @@ class SeedSource:
                                         f"pipeline weights after round {round_}")
         model = new_model(self.model_config, self.config.model.seed)
         return model, describe_seed(model, "init", self.tokenizer.name, f"seeded init (seed {self.config.model.seed})")
+
+    def _fetched(self, entry: CatalogueEntry, copies: list[ExpertRecord]):
+        """The catalogue's seed, downloaded once from the first copy whose bytes hash to the catalogue's sha256
+        and verified again on every load."""
+        from experts.checkpoint import load_expert
+
+        path = self.root / entry.seed
+        if not (path / "manifest.json").is_file():
+            path, _ = download_any(copies, self.swarm, self.root, on_wrong_bytes=self._refuse_bytes,
+                                   timeout=self.settings.fetch_timeout, attempts=self.settings.fetch_attempts,
+                                   auth=self.services.trust.auth, tls=self.services.trust.tls,
+                                   meter=self.services.metrics.count_frame)
+        model, manifest = load_expert(path)  # verifies the sha256 of the file against its manifest
+        if manifest.weights_sha256 != entry.seed_sha256:
+            raise ValueError(f"the copy in {path} has weights {manifest.weights_sha256[:12]}..., "
+                             f"not {entry.seed_sha256[:12]}...")
+        manifest.extra = {**manifest.extra, "source": f"catalogue seed {entry.seed}"}
+        return model, manifest
+
+    def _refuse_bytes(self, reason: str) -> None:
+        log.warning("refusing a copy of the catalogue's seed: %s", reason)
+        self.directory.on_refused("weights")
 
     def _gather_pipeline(self):
         """Every stage's parameters from a serving replica, as one LlamaForCausalLM; None without a full pipeline."""

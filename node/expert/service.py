@@ -144,6 +144,10 @@ class FetchError(Exception):
     """A download that failed; the message is one line for the operator."""
 
 
+class WrongBytes(FetchError):
+    """The server sent other bytes than the signed record names: a substituted or corrupted file."""
+
+
 def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: float = ExpertConfig.fetch_timeout,
                     attempts: int = ExpertConfig.fetch_attempts, auth=None, tls=None,
                    meter: FrameMeter = no_meter) -> Path:
@@ -186,9 +190,30 @@ def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: f
         actual = sha256_open_file(f)
     if actual != record.sha256:
         partial.unlink()
-        raise FetchError(f"expert {record.id}: downloaded bytes have sha256 {actual[:16]}..., the manifest says "
+        raise WrongBytes(f"expert {record.id}: downloaded bytes have sha256 {actual[:16]}..., the manifest says "
                          f"{record.sha256[:16]}...; deleted")
     os.replace(partial, final)
     (out / CONFIG).write_text(json.dumps(record.manifest["config"], indent=2, sort_keys=True) + "\n")
     (out / MANIFEST).write_text(json.dumps(record.manifest, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def download_any(copies: list[ExpertRecord], swarm: str, out_root: Path, on_wrong_bytes: Callable[[str], None],
+                 **fetch) -> tuple[Path, ExpertRecord]:
+    """The first of several peers' copies of one expert (same id and sha256) that downloads and verifies.
+
+    A copy whose bytes do not match is deleted and reported (`on_wrong_bytes`, with the reason), and the next
+    one tried; the last error is raised when none succeeds. `fetch`: download_expert's keyword arguments.
+    """
+    if not copies:
+        raise FetchError("no copy to fetch")
+    error: FetchError | None = None
+    for record in copies:
+        try:
+            return download_expert(record, swarm, out_root, **fetch), record
+        except WrongBytes as e:
+            on_wrong_bytes(f"{e} (served by {record.peer_id})")
+            error = e
+        except FetchError as e:
+            error = e
+    raise error

@@ -1,8 +1,9 @@
 """The expert role: train HDEE domain experts from the swarm's catalogue, publish them, serve their weights.
 
-- The catalogue (`<swarm>/experts`) names the domains: source, sha256 of the tokens, size, difficulty. The
-  node that starts the swarm publishes it from `--domain NAME=PATH` (or the offline corpus); every expert
-  node keeps it alive. A node trains only domains whose bytes it holds (equal sha256).
+- The catalogue (`<swarm>/experts`) names the domains: source, sha256 of the tokens, size, difficulty, and the
+  seed to branch from. The node that starts the swarm owns it: it signs it from `--domain NAME=PATH` (or the
+  offline corpus) and `--expert-seed`; the others read it and never store it. A node trains only domains whose
+  bytes it holds (equal sha256).
 - A job is one expert: the domain furthest behind its share of the swarm's expert FLOPs, sized by
   `--expert-policy`, branched from a seed (the catalogue's seed expert, else the pipeline's current weights,
   else the preset's seeded init), trained with checkpoints under `--expert-dir/<swarm>/<peer id>/<id>/`.
@@ -22,13 +23,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from node.config import ExpertConfig, NodeConfig
+from node.expert.claims import committed_flops
 from node.expert.directory import ExpertDirectory
 from node.expert.metrics import ExpertMetrics
 from node.expert.seeds import SeedSource, model_of
 from node.expert.service import WEIGHTS, ServedExperts
 from node.host.host import HostServices
 from node.model import ModelSetup
-from protocol.records import CatalogueEntry, ExpertRecord
+from protocol.records import SEED_DOMAIN, CatalogueEntry, ExpertRecord, seed_id
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +51,16 @@ class Job:
 
 
 class CatalogueKeeper:
-    """Loads this node's domains and keeps the swarm's catalogue alive (publishing it if this node is the creator)."""
+    """Loads this node's domains and reads the swarm's catalogue; the creator owns it and signs it again."""
 
-    def __init__(self, directory: ExpertDirectory, settings: ExpertConfig, tokenizer, creator: bool,
-                 record_ttl: float):
-        """`creator`: this node started the swarm and fills an empty catalogue with its own domains."""
+    def __init__(self, directory: ExpertDirectory, settings: ExpertConfig, tokenizer, creator: bool):
+        """`creator`: this node started the swarm; the catalogue is its own domains."""
         self.directory = directory
         self.settings = settings
         self.tokenizer = tokenizer
         self.creator = creator
-        self.record_ttl = record_ttl
         self._domains: dict[str, object] = {}
-        self.seed_id = ""  # set once this node serves the catalogue's seed (--expert-seed)
+        self._own: dict[str, CatalogueEntry] | None = None
 
     def local_domain(self, entry: CatalogueEntry):
         """This node's text for a catalogue domain, or None (with a message) when it lacks or differs."""
@@ -90,7 +90,8 @@ class CatalogueKeeper:
         return domain
 
     def own_entries(self) -> list[CatalogueEntry]:
-        """The catalogue this node would start: its --domain files, or the offline corpus's training domains."""
+        """The catalogue this node would start: its --domain files, or the offline corpus's training domains,
+        each naming --expert-seed (if given) as the seed to branch from."""
         from experts.domains import default_domains, domains_from_specs
 
         if self.settings.domains:
@@ -102,19 +103,38 @@ class CatalogueKeeper:
             domains = registry.trained
         for d in domains:
             self._domains[d.name] = d
-        return [CatalogueEntry(d.name, d.source, d.sha256, d.tokens, d.difficulty) for d in domains]
+        seed_sha256 = self._seed_sha256()
+        seed = seed_id(seed_sha256) if seed_sha256 else ""
+        return [CatalogueEntry(d.name, d.source, d.sha256, d.tokens, d.difficulty, seed, seed_sha256)
+                for d in domains]
+
+    def _seed_sha256(self) -> str:
+        """The weights of --expert-seed, verified against its manifest ("" without one)."""
+        from experts.checkpoint import read_manifest, verify
+
+        if not self.settings.seed_dir:
+            return ""
+        path = Path(self.settings.seed_dir)
+        try:
+            manifest = read_manifest(path)
+            verify(path, manifest)
+        except ValueError as e:
+            log.error("experts: --expert-seed %s: %s; the catalogue names no seed", path, e)
+            return ""
+        return manifest.weights_sha256
 
     def refresh(self) -> dict[str, CatalogueEntry]:
-        """Read the catalogue and store it again with a fresh TTL; the creator fills it when it is empty."""
+        """The catalogue. The creator signs its own entries again (a fresh expiry, which nobody else can give);
+        any other node only reads the owner's entries, and names the owner for nodes that join through it."""
+        if self.creator:
+            if self._own is None:
+                self._own = {e.name: e for e in self.own_entries()}
+                log.info("experts: catalogue of %d domains: %s", len(self._own), ", ".join(self._own))
+            self.directory.publish_catalogue(self._own.values(), ttl=self.settings.catalogue_ttl)
+            return dict(self._own)
         catalogue = self.directory.catalogue()
-        if not catalogue and self.creator:
-            catalogue = {e.name: e for e in self.own_entries()}
-            log.info("experts: catalogue of %d domains: %s", len(catalogue), ", ".join(catalogue))
-        if self.seed_id:  # every domain branches from the seed this node serves, unless one is named already
-            catalogue = {n: e if e.seed else CatalogueEntry(**{**vars(e), "seed": self.seed_id})
-                         for n, e in catalogue.items()}
         if catalogue:
-            self.directory.publish_catalogue(catalogue.values(), ttl=self.settings.catalogue_ttl_factor * self.record_ttl)
+            self.directory.vouch(self.directory.trusted_owner, ttl=self.settings.catalogue_ttl)
         return catalogue
 
 
@@ -137,8 +157,8 @@ class ExpertWorker:
         self.events = services.events
         self.stop = services.stop
         self.served = ServedExperts()
-        self.catalogue = CatalogueKeeper(directory, self.settings, model.tokenizer, creator=config.swarm.new_swarm,
-                                         record_ttl=self.record_ttl)
+        self.catalogue = CatalogueKeeper(directory, self.settings, model.tokenizer, creator=config.swarm.new_swarm)
+        self.model_config = model.spec.config
         self.seeds = SeedSource(config, services, model, directory, self.home / "seeds")
         self._halt = threading.Event()
         self._jobs: threading.Thread | None = None
@@ -225,20 +245,20 @@ class ExpertWorker:
                 self._publish(job, manifest)
 
     def _serve_seed(self, path: Path) -> None:
-        """Serve --expert-seed (sha256 verified) as the expert `seed-<sha>` of domain "*", named by the catalogue."""
+        """Serve --expert-seed (sha256 verified) as the expert `seed-<sha>` of domain "*" (the creator's catalogue
+        names it by its sha256; any node holding the same bytes may serve it)."""
         from experts.checkpoint import read_manifest, verify
 
         manifest = read_manifest(path)
         verify(path, manifest)
-        manifest.domain = "*"
-        record = ExpertRecord(id=f"seed-{manifest.weights_sha256[:12]}", peer_id=self.peer_id,
+        manifest.domain = SEED_DOMAIN
+        record = ExpertRecord(id=seed_id(manifest.weights_sha256), peer_id=self.peer_id,
                               endpoint=self.endpoint, bytes=(path / WEIGHTS).stat().st_size,
                               dev_loss=math.log(manifest.val_ppl) if manifest.val_ppl else None,
                               manifest=manifest.to_dict())
         self.served.serve(record, path, snapshot=False)
         self.directory.publish(record, ttl=self.record_ttl)
-        self.catalogue.seed_id = record.id
-        log.info("experts: serving %s as the catalogue's seed", record.id)
+        log.info("experts: serving %s as a seed", record.id)
 
     def _unfinished_job(self, catalogue: dict[str, CatalogueEntry]) -> Job | None:
         """A job of this node that stopped before its last step (a restart, or a stop to take a stage)."""
@@ -255,19 +275,26 @@ class ExpertWorker:
                 return job
         return None
 
+    def _plan(self, catalogue: dict[str, CatalogueEntry], model_config):
+        """This node's HDEE plan over the catalogue's difficulties, for a model of `model_config`."""
+        from experts.sizing import POLICIES, make_plan
+
+        data = self.config.data
+        return make_plan(POLICIES[self.settings.policy], {n: e.difficulty for n, e in catalogue.items()},
+                         model_config, self.settings.medium_steps(), data.batch_size * data.seq_len, data.seq_len)
+
     def _spent(self, catalogue: dict[str, CatalogueEntry], ignore_fresh_above: str | None,
                claim: str | None) -> dict[str, float]:
-        """FLOPs per domain spent or committed by the swarm's experts (an unfinished one counts in full)."""
-        flops = {d: 0.0 for d in catalogue}
-        for record in self.directory.experts(catalogue):
-            if record.id == claim:
-                continue
-            fresh = record.steps == 0
-            if fresh and ignore_fresh_above is not None and record.peer_id > ignore_fresh_above:
-                continue  # a claim made at the same time as ours by a peer that yields to us
-            planned = float(record.manifest.get("extra", {}).get("planned_flops", 0.0))
-            flops[record.domain] += record.flops if record.complete else max(record.flops, planned)
-        return flops
+        """FLOPs per domain spent or committed by the swarm's experts (an unfinished one counts its plan), each
+        bounded by what this node's plan gives its domain (node/expert/claims.py)."""
+        limit = {e.domain: e.flops * self.settings.claim_flops_limit
+                 for e in self._plan(catalogue, self.model_config).experts}
+
+        def skip(record: ExpertRecord) -> bool:  # our own claim, and one made with ours by a peer that yields to us
+            return record.id == claim or (record.steps == 0 and ignore_fresh_above is not None
+                                          and record.peer_id > ignore_fresh_above)
+        return committed_flops(self.directory.experts(catalogue), limit, set(self.services.directory.members()),
+                               self.directory.on_refused, skip)
 
     def _choose(self, catalogue: dict[str, CatalogueEntry], ignore_fresh_above: str | None = None,
                 claim: str | None = None) -> str | None:
@@ -279,7 +306,7 @@ class ExpertWorker:
 
     def _new_job(self, catalogue: dict[str, CatalogueEntry]) -> Job | None:
         """Choose, claim (a step-0 record), let simultaneous claims settle, and re-choose if a lower peer id won."""
-        from experts.sizing import POLICIES, make_plan
+        from experts.sizing import POLICIES
 
         for _ in range(self.settings.claim_tries):
             domain = self._choose(catalogue)
@@ -287,8 +314,7 @@ class ExpertWorker:
                 return None
             seed_model, seed_manifest = self.seeds.seed(catalogue[domain])
             method = POLICIES[self.settings.policy]
-            plan = make_plan(method, {n: e.difficulty for n, e in catalogue.items()}, seed_model.config,
-                             self.settings.medium_steps(), self.config.data.batch_size * self.config.data.seq_len, self.config.data.seq_len)
+            plan = self._plan(catalogue, seed_model.config)
             ep = next(e for e in plan.experts if e.domain == domain)
             n = len(list(self.home.glob(f"{domain}-*")))
             expert_id = f"{domain}-{self.peer_id[-8:]}-{n}"

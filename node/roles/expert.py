@@ -11,6 +11,7 @@ import grpc
 from node.config import NodeConfig
 from node.expert.directory import ExpertDirectory
 from node.expert.metrics import ExpertMetrics
+from node.expert.owner import CatalogueOwner
 from node.expert.service import ExpertServicer
 from node.expert.worker import ExpertWorker
 from node.host.host import Advertised, HostServices
@@ -30,8 +31,11 @@ class ExpertRole:
         self.services = services
         metrics = ExpertMetrics(services.metrics.registry)
         services.metrics.set_role("expert")
-        self.directory = ExpertDirectory(services.dht, config.swarm.id,
-                                         lambda kind: metrics.malformed.labels(kind=kind).inc(),
+        owner = CatalogueOwner.for_node(config.experts.catalogue_owner, services.peer_id, config.swarm.new_swarm,
+                                        config.swarm.initial_peers)
+        self.directory = ExpertDirectory(services.dht, config.swarm.id, owner,
+                                         on_malformed=lambda kind: metrics.malformed.labels(kind=kind).inc(),
+                                         on_refused=lambda reason: metrics.refused.labels(reason=reason).inc(),
                                          owner=services.trust.owner)
         self.worker = ExpertWorker(config, services, model, metrics, self.directory)
         self.stage_needed: int | None = None  # set by the pipeline watch (--role auto)

@@ -29,6 +29,7 @@ from node.control.rounds import RoundLoop
 from node.dataplane.servicer import StageServicer
 from node.dataplane.transport import HopSender
 from node.expert.directory import ExpertDirectory
+from node.expert.owner import CatalogueOwner
 from node.expert.worker import CatalogueKeeper
 from node.faults.faults import Faults
 from node.host.host import Advertised, HostServices
@@ -136,8 +137,8 @@ class StageRole:
             dial_back=lambda request, caller: dial_back(request, caller, host.clients, cfg.faults.probe_timeout))
         self.catalogue = None
         if cfg.swarm.new_swarm:  # whoever starts the swarm sets the experts' domain catalogue
-            self.catalogue = CatalogueKeeper(ExpertDirectory(host.dht, swarm, owner=host.trust.owner), cfg.experts,
-                                             model.tokenizer, creator=True, record_ttl=cfg.swarm.record_ttl)
+            directory = ExpertDirectory(host.dht, swarm, CatalogueOwner(named=host.peer_id), owner=host.trust.owner)
+            self.catalogue = CatalogueKeeper(directory, cfg.experts, model.tokenizer, creator=True)
 
     # ---- what the host serves and announces --------------------------------------------------------------------
     def register(self, server: grpc.Server) -> None:
@@ -177,7 +178,7 @@ class StageRole:
         self._teardown.callback(thread.join, self.config.lifecycle.thread_join_timeout)
 
     def _keep_catalogue(self) -> None:
-        """Refresh the catalogue once per --record-ttl; it lives --catalogue-ttl-factor times longer."""
+        """Sign the catalogue again once per --record-ttl; it lives --catalogue-ttl after the last time."""
         while True:
             try:
                 self.catalogue.refresh()

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from node.expert.service import ExpertServicer, FetchError, ServedExperts, download_expert
+from node.expert.service import (ExpertServicer, FetchError, ServedExperts, WrongBytes, download_any,
+                                 download_expert)
 from protocol.generated.swarm.v1 import experts_pb2 as pb
 from protocol.generated.swarm.v1 import experts_pb2_grpc as pb_grpc
 from protocol.records import ExpertRecord
@@ -88,8 +89,9 @@ def test_changed_file_is_data_loss_and_withdrawn(server, tmp_path):
     assert not (tmp_path / "out" / record.id / "model.safetensors.partial").exists()
 
 
-def test_bytes_that_do_not_match_the_manifest_are_deleted(server, tmp_path):
-    """The client verifies what it received: a server that streams other bytes than the manifest names."""
+@pytest.fixture
+def liar(server):
+    """A peer that serves other bytes (of the right size) under the server's expert id and sha256."""
     record = server[0]
 
     class Lying(pb_grpc.ExpertServiceServicer):
@@ -99,9 +101,24 @@ def test_bytes_that_do_not_match_the_manifest_are_deleted(server, tmp_path):
     port = liar.add_insecure_port("127.0.0.1:0")
     pb_grpc.add_ExpertServiceServicer_to_server(Lying(), liar)
     liar.start()
-    try:
-        with pytest.raises(FetchError, match="deleted"):
-            download_expert(ExpertRecord(**{**vars(record), "endpoint": f"127.0.0.1:{port}"}), SWARM, tmp_path / "o")
-    finally:
-        liar.stop(0)
-    assert not list((tmp_path / "o" / record.id).glob("model.safetensors*"))
+    yield ExpertRecord(**{**vars(record), "peer_id": "liar", "endpoint": f"127.0.0.1:{port}"})
+    liar.stop(0)
+
+
+def test_bytes_that_do_not_match_the_manifest_are_deleted(server, liar, tmp_path):
+    """The client verifies what it received: a server that streams other bytes than the manifest names."""
+    with pytest.raises(WrongBytes, match="deleted"):
+        download_expert(liar, SWARM, tmp_path / "o")
+    assert not list((tmp_path / "o" / liar.id).glob("model.safetensors*"))
+
+
+def test_a_substituted_copy_is_refused_and_the_next_copy_fetched(server, liar, tmp_path):
+    record, ckpt = server[0], server[1]
+    refused = []
+    path, source = download_any([liar, record], SWARM, tmp_path / "o", on_wrong_bytes=refused.append)
+    assert source == record and (path / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
+    assert len(refused) == 1 and "served by liar" in refused[0]
+    with pytest.raises(WrongBytes):  # no honest copy: the last refusal is the error
+        download_any([liar], SWARM, tmp_path / "p", on_wrong_bytes=refused.append)
+    with pytest.raises(FetchError, match="no copy"):
+        download_any([], SWARM, tmp_path / "q", on_wrong_bytes=refused.append)

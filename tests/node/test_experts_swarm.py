@@ -5,20 +5,37 @@ smallest pipeline in which `--min-replicas 2` holds) trains while an expert node
 experts for different domains; the expert node is killed mid-training
 and resumes from its checkpoint; a separate process lists, fetches (sha256 verified), evaluates and samples
 the experts; a corrupted file is refused; a stage replica dies and the auto node takes its stage.
+
+Before the expert nodes start, a peer that joined the swarm's DHT from this process forges what an attacker
+could: catalogue entries (unsigned, and signed by itself), a note naming itself the catalogue's owner, a seed
+record under the real seed's id with other weights, a copy of the real seed's record served with other bytes
+(from a gRPC server here), and an inflated claim on the hardest domain. None of it may change what the expert
+nodes train or branch from; they count each forgery as refused.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
 from node.cli import main
 from node.process.local_swarm import LocalSwarm
+from protocol.generated.swarm.v1 import experts_pb2 as pb
+from protocol.generated.swarm.v1 import experts_pb2_grpc as pb_grpc
+from protocol.record_auth import owner_peer_id
+from protocol.records import catalogue_key, experts_key, seed_id, vouch_value
 from tests.helpers import metric, rounds, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
@@ -48,19 +65,84 @@ def swarm(tmp_path_factory):
     swarm = LocalSwarm(work, SWARM, common_args=COMMON)
     swarm.expert_dir = work / "experts"
     swarm.domains = domains
-    first = swarm.start_node("data0", "0", extra=domains)
-    swarm.wait_started([first], timeout=120)
-    peers = swarm.initial_peers()
-    pipeline = [swarm.start_node(n, s, initial_peers=peers) for n, s in [("data0b", "0"), ("s1a", "1"), ("s1b", "1")]]
-    swarm.wait_started(pipeline, timeout=180)  # started: their records are in the DHT, so `auto` counts 2 replicas
-    seed = _seed_checkpoint(work / "seed")  # e1 serves it as the catalogue's seed
-    experts = [swarm.start_node("e1", "auto", initial_peers=peers,
-                                extra=_expert_args(swarm, "e1", "expert") + ["--expert-seed", str(seed)]),
-               swarm.start_node("a1", "auto", initial_peers=peers,
-                                extra=_expert_args(swarm, "a1", "auto") + ["--min-replicas", "2"])]
-    swarm.wait_started(experts, timeout=120)
-    yield swarm
-    swarm.stop()
+    seed = _seed_checkpoint(work / "seed")  # the creator names it in the catalogue; e1 serves it
+    swarm.seed_sha256 = json.loads((seed / "manifest.json").read_text())["weights_sha256"]
+    attackers, liar = [], grpc.server(ThreadPoolExecutor(max_workers=2))
+    try:  # a failed start-up must not leave nodes running
+        first = swarm.start_node("data0", "0", extra=domains + ["--expert-seed", str(seed)])
+        swarm.wait_started([first], timeout=120)
+        peers = swarm.initial_peers()
+        pipeline = [swarm.start_node(n, s, initial_peers=peers)
+                    for n, s in [("data0b", "0"), ("s1a", "1"), ("s1b", "1")]]
+        swarm.wait_started(pipeline, timeout=180)  # started: their records are in the DHT, so `auto` counts 2 replicas
+        signer = RSASignatureValidator(RSAPrivateKey())  # the attacker's own key: it signs only its own subkeys
+        attackers.append(DHT(initial_peers=peers, start=True, record_validators=[signer]))
+        swarm.hardest = _forge(attackers[0], signer.local_public_key, swarm)
+        signer = RSASignatureValidator(RSAPrivateKey())  # a second key: the first one wrote the seed id's subkey
+        attackers.append(DHT(initial_peers=peers, start=True, record_validators=[signer]))
+        _substitute_seed(attackers[1], signer.local_public_key, liar, seed)
+        experts = [swarm.start_node("e1", "auto", initial_peers=peers,
+                                    extra=_expert_args(swarm, "e1", "expert") + ["--expert-seed", str(seed)]),
+                   swarm.start_node("a1", "auto", initial_peers=peers,
+                                    extra=_expert_args(swarm, "a1", "auto") + ["--min-replicas", "2"])]
+        swarm.wait_started(experts, timeout=120)
+        yield swarm
+    finally:
+        swarm.stop()
+        liar.stop(0)
+        for attacker in attackers:
+            attacker.shutdown()
+
+
+def _substitute_seed(dht: DHT, owner: bytes, liar: grpc.Server, seed) -> None:
+    """Publish the real seed's record (id, sha256, size) as served by `liar`, which streams other bytes."""
+    size = (seed / "model.safetensors").stat().st_size
+    manifest = json.loads((seed / "manifest.json").read_text())
+
+    class Substituting(pb_grpc.ExpertServiceServicer):
+        def FetchExpert(self, request, context):
+            yield pb.ExpertChunk(offset=0, total=size, sha256=manifest["weights_sha256"], data=b"\0" * size)
+    pb_grpc.add_ExpertServiceServicer_to_server(Substituting(), liar)
+    port = liar.add_insecure_port("127.0.0.1:0")
+    liar.start()
+    expert_id = seed_id(manifest["weights_sha256"])
+    assert dht.store(experts_key(SWARM, "*"), {**manifest, "domain": "*", "id": expert_id,
+                                               "peer_id": owner_peer_id(owner), "endpoint": f"127.0.0.1:{port}",
+                                               "bytes": size, "dev_loss": None, "v": 1},
+                     get_dht_time() + 3600, subkey=expert_id.encode() + owner)
+
+
+def _forge(dht: DHT, owner: bytes, swarm) -> str:
+    """Store the forgeries (see the module's docstring); returns the hardest domain, whose claim is inflated."""
+    from experts.domains import make_domain
+    from lm.tokenizer import ByteTokenizer
+
+    me = owner_peer_id(owner)
+    hour = get_dht_time() + 3600
+    later = iter(hour + i for i in range(10))  # distinct: hivemind orders equal expiries by subkey
+    text = {kind: make_domain(kind, "test", domain_text(kind), ByteTokenizer()) for kind in ("code", "prose")}
+    hardest = max(text, key=lambda k: (text[k].difficulty, k))
+    entry = {"source": "/nowhere", "sha256": "ee" * 32, "tokens": 1000, "difficulty": 15.0, "v": 1}
+    catalogue = catalogue_key(SWARM)
+    assert dht.store(catalogue, entry, next(later), subkey=b"code")  # unsigned, with another sha256: code never trains
+    assert dht.store(catalogue, entry, next(later), subkey=b"code" + owner)  # signed by a member, not the owner
+    assert dht.store(catalogue, entry, next(later), subkey=b"evil" + owner)  # a fake domain
+    assert dht.store(catalogue, {**entry, "sha256": text["prose"].sha256, "seed": seed_id("dd" * 32),
+                                 "seed_sha256": "dd" * 32}, next(later), subkey=b"prose" + owner)  # its own seed
+    assert dht.store(catalogue, vouch_value(me), next(later), subkey=b"_owner" + owner)  # "I own it"
+    manifest = {"name": "x", "domain": "*", "config": {"hidden_size": 8}, "tokenizer": "bytes-v1", "seed_hash": "",
+                "parent": None, "lineage": [], "steps": 2, "target_steps": 2, "tokens": 10, "flops": 1.0,
+                "val_ppl": 3.0, "weights_sha256": "dd" * 32, "extra": {}, "format": "swarm-node/expert-v1"}
+    real_seed = seed_id(swarm.seed_sha256)  # the real seed's id over other weights: a re-pointed seed
+    assert dht.store(experts_key(SWARM, "*"), {**manifest, "id": real_seed, "peer_id": me, "endpoint": "127.0.0.1:9",
+                                               "bytes": 100, "dev_loss": 1.0, "v": 1},
+                     next(later), subkey=real_seed.encode() + owner)
+    claim_id = f"{hardest}-{me[-8:]}-0"  # a claim of the whole swarm's budget and more
+    assert dht.store(experts_key(SWARM, hardest),
+                     {**manifest, "domain": hardest, "steps": 0, "target_steps": 24, "flops": 0.0,
+                      "extra": {"planned_flops": 1e30}, "id": claim_id, "peer_id": me, "endpoint": "127.0.0.1:9",
+                      "bytes": 100, "dev_loss": None, "v": 1}, next(later), subkey=claim_id.encode() + owner)
+    return hardest
 
 
 def _seed_checkpoint(out):
@@ -107,6 +189,34 @@ def test_experts_train_while_the_pipeline_trains(swarm):
     wait_for(lambda: metric(e1, "swarm_node_expert_steps_total") > 0, 60, "the steps metric to count")
     assert e1.events("expert_started")[0]["seed_source"].startswith("catalogue seed seed-")
     assert metric(e1, 'swarm_node_role{role="expert"}') == 1
+
+
+def test_forged_catalogue_seed_and_claim_change_nothing(swarm, tmp_path):
+    e1, a1 = node(swarm, "e1"), node(swarm, "a1")
+    started = wait_for(lambda: e1.events("expert_started") and a1.events("expert_started")
+                       and e1.events("expert_started") + a1.events("expert_started"), 120, "both experts to start")
+    # The catalogue is the creator's: both real domains train (code's sha256 was not moved, the inflated claim
+    # did not push both nodes off the hardest domain), the fake one never does, every expert branches from the
+    # creator's seed and not from the attacker's.
+    assert {e["domain"] for e in started} == {"code", "prose"}
+    assert {e["seed_source"] for e in started} == {f"catalogue seed {seed_id(swarm.seed_sha256)}"}
+    first = min(started, key=lambda e: e["time"])
+    assert first["domain"] == swarm.hardest  # nothing spent yet: the hardest domain goes first, as without a claim
+    trained = [r for r in listed(swarm) if r["domain"] != "*" and r["peer_id"] in
+               {e1.started()["peer_id"], a1.started()["peer_id"]}]
+    assert trained and all(r["manifest"]["lineage"][0] == swarm.seed_sha256 for r in trained)
+    for reason in ("unowned", "not_owner", "id", "not_member"):
+        assert metric(e1, f'swarm_node_expert_records_refused_total{{reason="{reason}"}}') + \
+            metric(a1, f'swarm_node_expert_records_refused_total{{reason="{reason}"}}') > 0, reason
+    log = e1.log_path.read_text()
+    assert "refusing catalogue entry 'evil'" in log and "is no live member" in log
+    # Two peers serve the seed's id and sha256, one with other bytes: a fetch ends with the real ones.
+    seed = seed_id(swarm.seed_sha256)
+    assert len([r for r in listed(swarm) if r["id"] == seed]) == 2  # the re-pointed record was refused
+    result = run_cli("experts", "fetch", "--swarm", SWARM, "--initial-peers", *swarm.initial_peers(),
+                     "--out", str(tmp_path), "--expert", seed)
+    assert result.returncode == 0 and result.stdout.count("verified") == 1, result.stdout + result.stderr
+    assert hashlib.sha256((tmp_path / seed / "model.safetensors").read_bytes()).hexdigest() == swarm.seed_sha256
 
 
 def test_killed_expert_node_resumes_from_its_checkpoint(swarm):
