@@ -85,11 +85,26 @@ def test_trains_and_replicas_agree(swarm):
     assert fwd >= 5
     assert (fwd - in_flight) * int8 + (bwd - in_flight) * bf16 <= sent["activations"], (sent, fwd, bwd)
     assert sent["activations"] <= fwd * (int8 + HOP_OVERHEAD) + bwd * (bf16 + HOP_OVERHEAD), (sent, fwd, bwd)
-    # Stage 1's replicas pull each other's gradients every round; stage 2 has no replica and pulls none.
-    assert _bytes_by_kind(node(swarm, "s1a"), "received")["sync"] > 0
+    # Stage 1's two replicas sync every round (the every-round default: reduce-scatter, then all-gather), each
+    # receiving 2G(n-1)/n = G bytes a round for G bytes of gradients, counted from the frames; stage 2 has no
+    # replica and pulls none.
+    s1 = node(swarm, "s1a")
+    first_round, first_bytes = len(rounds(s1)), _bytes_by_kind(s1, "received")["sync"]
+    wait_for(lambda: len(rounds(s1)) >= first_round + 20, 120, "20 more rounds on a stage-1 replica")
+    per_round = (_bytes_by_kind(s1, "received")["sync"] - first_bytes) / (len(rounds(s1)) - first_round)
+    assert abs(per_round - STAGE1_GRAD_BYTES) <= 0.1 * STAGE1_GRAD_BYTES, (per_round, STAGE1_GRAD_BYTES)
     assert _bytes_by_kind(s2, "received")["sync"] == 0
 
 
+def _stage_gradient_bytes(stage: int, num_stages: int) -> int:
+    from lm.build import build_stage
+    from lm.presets import resolve_model
+
+    module = build_stage(resolve_model("tiny"), stage, num_stages)
+    return sum(4 * p.numel() for p in module.parameters() if p.requires_grad)  # float32 gradients
+
+
+STAGE1_GRAD_BYTES = _stage_gradient_bytes(1, 3)
 HOP_OVERHEAD = 2048  # bytes a hop's frames carry beyond the tensor: envelope, path, metadata, message prefixes
 
 
