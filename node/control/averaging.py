@@ -104,7 +104,7 @@ class GradientExchange:
         others = sorted(p for p in replicas if p != self.peer_id)
         if others:
             pool = ThreadPoolExecutor(max_workers=len(others), thread_name_prefix="avg")
-            pulls = {p: pool.submit(self._pull, replicas[p], stage, round_, names, mine, deadline) for p in others}
+            pulls = {p: pool.submit(self._pull, p, replicas[p], stage, round_, names, mine, deadline) for p in others}
             pool.shutdown(wait=False)
             for peer, future in pulls.items():
                 while not future.done():
@@ -122,14 +122,15 @@ class GradientExchange:
             summed.append((acc / max(total, 1)).to(g.device, g.dtype))
         return Averaged(summed, total, {p: (c.count, c.digest) for p, c in got.items()})
 
-    def _pull(self, endpoint: str, stage: int, round_: int, names: list[str], mine: Contribution,
+    def _pull(self, peer: str, endpoint: str, stage: int, round_: int, names: list[str], mine: Contribution,
               deadline: float) -> Contribution | None:
         timeout = deadline - time.monotonic()
         if timeout <= 0:
             return None
         request = pb.GradientRequest(swarm_id=self.swarm, stage=stage, round=round_)
         try:
-            _, tensors, metadata = decode_state(self.clients.stub(endpoint).FetchGradients(request, timeout=timeout))
+            stub = self.clients.stub(endpoint, receiver=peer)
+            _, tensors, metadata = decode_state(stub.FetchGradients(request, timeout=timeout))
         except grpc.RpcError as e:
             log.info("stage %d round %d: no gradients from %s (%s: %s)", stage, round_, endpoint, e.code().name,
                      e.details())

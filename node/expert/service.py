@@ -155,7 +155,7 @@ def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: f
     final, partial = out / WEIGHTS, out / (WEIGHTS + ".partial")
     if partial.exists() and partial.stat().st_size > record.bytes:
         partial.unlink()
-    raw, channel = dial(record.endpoint, [], auth, tls)
+    raw, channel = dial(record.endpoint, [], auth, tls, record.peer_id)
     with raw:
         stub = pb_grpc.ExpertServiceStub(channel)
         for attempt in range(attempts):
