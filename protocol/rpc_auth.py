@@ -134,8 +134,9 @@ class SwarmAuth:
         mac.update(data)
         return head + head_mac + mac.digest()
 
-    def check_frames(self, method: str, envelope: pb.Envelope, meta: pb.TensorMeta) -> BodyCheck:
-        """Check the header of a Forward or Backward; returns the check to feed its tensor bytes to."""
+    def check_frames(self, method: str, envelope: pb.Envelope, meta: pb.TensorMeta, receiver: str) -> BodyCheck:
+        """Check the header of a Forward or Backward addressed to `receiver` (this node); returns the check to
+        feed its tensor bytes to."""
         tag = envelope.auth
         if not tag:
             raise AuthRefused(MISSING, "this swarm is private: the call carries no auth tag (give --swarm-key)")
@@ -146,6 +147,10 @@ class SwarmAuth:
         mac = self._frame_mac(method, envelope, meta, head)
         if not hmac.compare_digest(mac.copy().digest(), head_mac):
             raise AuthRefused(FORGED, "auth tag does not verify under this swarm's key")
+        named = _receiver(envelope)
+        if named != receiver:  # refused before a byte of the tensor is read
+            raise AuthRefused(OTHER_RECEIVER, f"auth tag was made for receiver {_short(named)}, not this node "
+                                              f"{_short(receiver)}: a tag replayed from another node is refused")
         self._fresh(head)
         return BodyCheck(mac, full_mac)
 
@@ -153,9 +158,8 @@ class SwarmAuth:
         bare = pb.Envelope()
         bare.CopyFrom(envelope)
         bare.hop, bare.auth = 0, b""
-        receiver = envelope.path[envelope.hop].peer_id if 0 <= envelope.hop < len(envelope.path) else ""
         mac = blake3.blake3(key=self._frame_key)
-        _absorb(mac, (b"swarm-node frames v2", method.encode(), receiver.encode(), head,
+        _absorb(mac, (b"swarm-node frames v2", method.encode(), _receiver(envelope).encode(), head,
                       bare.SerializeToString(deterministic=True), meta.SerializeToString(deterministic=True)))
         return mac
 
@@ -212,6 +216,11 @@ def _absorb(mac, parts) -> None:
     for part in parts:
         mac.update(struct.pack(">I", len(part)))
         mac.update(part)
+
+
+def _receiver(envelope: pb.Envelope) -> str:
+    """The peer a Forward or Backward is addressed to: its path's hop."""
+    return envelope.path[envelope.hop].peer_id if 0 <= envelope.hop < len(envelope.path) else UNBOUND
 
 
 def _check_version(tag: bytes) -> None:

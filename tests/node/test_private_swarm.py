@@ -390,6 +390,11 @@ def test_a_tag_made_for_one_member_is_refused_by_another(swarm):
                           (for_data.Ping, pb.PingRequest()), (for_data.Info, pb.InfoRequest())]:
         code, details = _code(call, message)
         assert code == grpc.StatusCode.UNAUTHENTICATED and "made for receiver" in details, (call, details)
+    # A Forward tagged for data0 (its envelope's hop): refused by s1 from the header.
+    code, details = _code(StageStub(_channel(target)).Forward,
+                          iter(_signed(auth, _forward(swarm, data, 10_000), torch.zeros(2, 8, HIDDEN))))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "made for receiver" in details, details
+    assert _refused(target, "Forward", "other_receiver") >= 1
     # A tag naming no receiver is good only for Ping and Info.
     unbound = StageStub(_channel(target, auth, receiver=UNBOUND))
     assert unbound.Ping(pb.PingRequest(), timeout=5).peer_id == target_id

@@ -102,7 +102,7 @@ def _frames(auth, tensor, receiver="QmPeerB"):
 
 def test_frame_tags_cover_the_header_and_every_byte():
     auth, tensor = SwarmAuth(b"k" * 32), torch.randn(16, 4096)  # four 64 KiB chunks
-    check = lambda e, m: auth.check_frames("Forward", e, m)  # noqa: E731
+    check = lambda e, m: auth.check_frames("Forward", e, m, "QmPeerB")  # noqa: E731
     _, got = decode_frames(_frames(auth, tensor), WireLimits(), check)
     assert torch.equal(got, tensor)
     # One bit flipped in a middle chunk: the body check fails before the tensor is handed on.
@@ -118,3 +118,7 @@ def test_frame_tags_cover_the_header_and_every_byte():
         raise AssertionError("read past the first chunk")
     with pytest.raises(AuthRefused, match="does not verify"):
         decode_frames(first_only(), WireLimits(), check)
+    # Addressed to another peer: refused on the first chunk, under its own reason.
+    with pytest.raises(AuthRefused, match="made for receiver ...QmPeerC, not this node ...QmPeerB") as e:
+        decode_frames(iter(_frames(auth, tensor, receiver="QmPeerC")[:1]), WireLimits(), check)
+    assert e.value.kind == OTHER_RECEIVER
