@@ -42,6 +42,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import platform
+import random
 import signal
 import socket
 import statistics
@@ -65,6 +66,7 @@ DEFAULT_REPEATS = {1: 7, 16: 7, 64: 5}
 HIDDEN = 4096  # activations are (tokens, hidden) float32
 VERIFY_MICROBATCH = 1  # the envelope / uid / header flag that asks a receiver for a checksum (warm-up only)
 TRANSFER_TIMEOUT_S = 60.0
+BOOTSTRAP = 2000  # resamples for the confidence interval of a paired ratio
 STARTUP_TIMEOUT_S = 180.0  # many children import torch at once on 2 shared cores
 
 # ---------------------------------------------------------------------------------------------------------
@@ -537,6 +539,18 @@ def machine_line() -> str:
             f"numpy {numpy.__version__}")
 
 
+def paired_ratio(results: dict, size_mib: int, name: str, base: str = "grpc") -> tuple[float, float, float] | None:
+    """`name`'s throughput as a fraction of `base`'s, paired repeat by repeat (the two ran back to back in each
+    rotation): the median of the per-repeat ratios and its 95% bootstrap confidence interval."""
+    ours, theirs = results[size_mib].get(name), results[size_mib].get(base)
+    if not ours or not theirs:
+        return None
+    ratios = [b / a for a, b in zip(ours["wall"], theirs["wall"])]  # MB/s ratio = inverse wall-time ratio
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(BOOTSTRAP))
+    return statistics.median(ratios), medians[int(0.025 * BOOTSTRAP)], medians[int(0.975 * BOOTSTRAP) - 1]
+
+
 def render(results: dict, variants: list[str], command: str, elapsed: float) -> str:
     def med(size_mib: int, name: str, key: str) -> float | None:
         stats = results[size_mib].get(name)
@@ -575,14 +589,24 @@ def render(results: dict, variants: list[str], command: str, elapsed: float) -> 
         lines.append(f"| {size_mib} MiB | {fmt(g, ',.0f')} | {fmt(a, ',.0f')} | {fmt(s, ',.0f')} | {fmt(t, ',.0f')} | "
                      f"{fmt(p, ',.0f')} | {fmt(ratio(g, p), '.1f', 'x')} | {fmt(ratio(g, t), '.0%')} | "
                      f"{fmt(ratio(a, g), '.0%')} | {fmt(ratio(s, g), '.0%')} |")
+    def paired(size_mib: int, name: str) -> str:
+        got = paired_ratio(results, size_mib, name)
+        return "n/a" if got is None else f"{got[0]:.0%} ({got[1]:.0%}-{got[2]:.0%})"
+
+    lines += ["", "Private data plane against the public one, paired repeat by repeat (each ran right after or "
+              "before plain gRPC in every rotation): median of the per-repeat MB/s ratios, with its 95% bootstrap "
+              "confidence interval.", "", "| size | gRPC + auth / gRPC | gRPC + TLS / gRPC |", "|---:|---:|---:|"]
+    lines += [f"| {size_mib} MiB | {paired(size_mib, 'grpc+auth')} | {paired(size_mib, 'grpc+tls')} |"
+              for size_mib in results]
     if 16 in results:
         g, a, s, t, p = (mbps(16, n) for n in TRANSPORTS)
-        rp, rt, ra = ratio(g, p), ratio(g, t), ratio(a, g)
+        rp, rt = ratio(g, p), ratio(g, t)
+        ra = paired_ratio(results, 16, "grpc+auth")
         verdict = lambda ok: "met" if ok else "MISSED"  # noqa: E731
         lines += ["", f"Targets at 16 MiB: gRPC >= 5x hivemind p2p: {verdict(rp is not None and rp >= 5)} "
                   f"({fmt(rp, '.1f', 'x')}); gRPC >= 35% of raw TCP: {verdict(rt is not None and rt >= 0.35)} "
-                  f"({fmt(rt, '.0%')}); gRPC + auth >= 80% of gRPC: {verdict(ra is not None and ra >= 0.8)} "
-                  f"({fmt(ra, '.0%')}). gRPC + TLS has no target: {fmt(ratio(s, g), '.0%')} of gRPC."]
+                  f"({fmt(rt, '.0%')}); gRPC + auth >= 80% of gRPC: {verdict(ra is not None and ra[0] >= 0.8)} "
+                  f"({paired(16, 'grpc+auth')}). gRPC + TLS has no target: {paired(16, 'grpc+tls')} of gRPC."]
     lines += [
         "",
         "CPU per transfer (median ms of scheduler run time, all threads; sender = client process, plus its p2pd "
