@@ -1,4 +1,4 @@
-"""Activation transfer over the gRPC data plane, side by side with raw TCP and hivemind's p2p streaming.
+"""Activation transfer over the gRPC data plane, public and private, side by side with raw TCP and hivemind's p2p.
 
     python bench/bench_transport.py                  # the headline run; writes bench/results/transport.md
     python bench/bench_transport.py --variant NAME   # adds a column "grpc:NAME": the same protocol/ code with
@@ -14,6 +14,11 @@ only after the tensor is fully decoded on the far side:
            ``Ack``; no executor); the client calls ``StageStub(channel).Forward(encode_frames(...))`` as
            node/dataplane/transport.py does. Always the real ``channel_options`` / ``server_options`` / ``WireLimits()``;
            variants run as separate, labelled "grpc:NAME" columns and never alter the "grpc" column.
+* grpc+auth - the same, in a private swarm: the client dials with ``node.dataplane.transport.dial`` and tags each
+           Forward with ``SwarmAuth.sign_frames`` (as ``StageClients.frame_signer``); the server runs
+           ``ServerAuthInterceptor`` and checks the frames with ``SwarmAuth.check_frames`` as it decodes them, as
+           node/dataplane/servicer.py does.
+* grpc+tls  - grpc+auth over TLS with the certificate derived from the swarm key (``--swarm-key`` and ``--tls``).
 * tcp    - length-prefixed ``sendall`` of the tensor's bytes; the receiver ``recv_into``s a preallocated
            bytearray and answers one byte. The ceiling for anything on loopback.
 * p2p    - two ``hivemind.p2p.P2P`` instances, each with its own p2pd; a ``stream_input`` protobuf handler
@@ -37,6 +42,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import platform
+import random
 import signal
 import socket
 import statistics
@@ -52,12 +58,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 MiB = 1 << 20
-TRANSPORTS = ("grpc", "tcp", "p2p")
+TRANSPORTS = ("grpc", "grpc+auth", "grpc+tls", "tcp", "p2p")
+PRIVATE = {"grpc+auth": "auth", "grpc+tls": "tls"}  # private-swarm columns -> how they are secured
+RECEIVER = "receiver"  # the receiving peer id the bench's envelopes name (tags are bound to it)
 DEFAULT_SIZES_MIB = (1, 16, 64)
 DEFAULT_REPEATS = {1: 7, 16: 7, 64: 5}
 HIDDEN = 4096  # activations are (tokens, hidden) float32
 VERIFY_MICROBATCH = 1  # the envelope / uid / header flag that asks a receiver for a checksum (warm-up only)
 TRANSFER_TIMEOUT_S = 60.0
+BOOTSTRAP = 2000  # resamples for the confidence interval of a paired ratio
 STARTUP_TIMEOUT_S = 180.0  # many children import torch at once on 2 shared cores
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,9 +136,9 @@ def cpu_ns(pids) -> int:
 # ----- gRPC server ------------------------------------------------------------------------------------------
 
 
-def grpc_server_main(conn, variant_name: str | None) -> None:
+def grpc_server_main(conn, variant_name: str | None, security: str | None = None, swarm_key: bytes = b"") -> None:
     """The receiving end of the node's data plane, registered and decoding as node/ does; variant None is
-    protocol/ untouched."""
+    protocol/ untouched. `security` "auth" checks every call's tag under `swarm_key`; "tls" also serves TLS."""
     _child_setup()
     from concurrent.futures import ThreadPoolExecutor
 
@@ -139,22 +148,32 @@ def grpc_server_main(conn, variant_name: str | None) -> None:
     from protocol.generated.swarm.v1 import stage_pb2 as pb
     from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
     from protocol.grpc_options import server_options
-    from protocol.service import stage_service_handler
+    from protocol.rpc_auth import ServerAuthInterceptor, SwarmAuth
+    from protocol.service import SERVICE, stage_service_handler
     from protocol.tensor_frames import decode_frames
+    from protocol.tls import SwarmTls
 
     torch.set_num_threads(1)
     limits = bench_limits(variant_name)
+    auth = SwarmAuth(swarm_key) if security else None
+    check = (lambda env, meta: auth.check_frames("Forward", env, meta, RECEIVER)) if auth else None
 
     class Servicer(pb_grpc.StageServiceServicer):
         """node/dataplane/servicer.py's Forward without the node: decode the frames into a tensor, then Ack."""
 
         def Forward(self, request_iterator, context):
-            envelope, tensor = decode_frames(request_iterator, limits)
+            envelope, tensor = decode_frames(request_iterator, limits, check)
             return pb.Ack(queued=_int_checksum(tensor) if envelope.microbatch == VERIFY_MICROBATCH else 0)
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=16), options=server_options(limits))  # as node/daemon.py
+    interceptors = [] if auth is None else [ServerAuthInterceptor(auth, RECEIVER, {f"/{SERVICE}/Forward"}, set(),
+                                                                  on_refused=lambda method, reason: None)]
+    server = grpc.server(ThreadPoolExecutor(max_workers=16), options=server_options(limits),  # as node/daemon.py
+                         interceptors=interceptors)
     server.add_generic_rpc_handlers((stage_service_handler(Servicer()),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    if security == "tls":
+        port = server.add_secure_port("127.0.0.1:0", SwarmTls.derived(swarm_key).server_credentials())
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
         conn.send(("ready", (port, [os.getpid()])))
@@ -269,7 +288,8 @@ def p2p_server_main(conn) -> None:
 # ----- client -------------------------------------------------------------------------------------------------
 
 
-def client_main(conn, servers: dict, plan: list[tuple[int, int]], warmup: int, transports: list[str]) -> None:
+def client_main(conn, servers: dict, plan: list[tuple[int, int]], warmup: int, transports: list[str],
+                swarm_key: bytes = b"") -> None:
     """Sends every tensor over every transport; reports per-transfer wall time and the CPU time that the
     sending side (this process, plus its p2pd) and the receiving side (server, plus its p2pd) spent on it."""
     _child_setup()
@@ -285,10 +305,13 @@ def client_main(conn, servers: dict, plan: list[tuple[int, int]], warmup: int, t
     from hivemind.utils.asyncio import amap_in_executor, iter_as_aiter
     from hivemind.utils.streaming import split_for_streaming
 
+    from node.dataplane.transport import dial
     from protocol.envelope import HopSpec, make_envelope
     from protocol.grpc_options import channel_options
+    from protocol.rpc_auth import SwarmAuth
     from protocol.service import StageStub
     from protocol.tensor_frames import encode_frames, tensor_bytes
+    from protocol.tls import SwarmTls
 
     torch.set_num_threads(1)
     addresses = {name: address for name, (address, _) in servers.items()}
@@ -328,27 +351,32 @@ def client_main(conn, servers: dict, plan: list[tuple[int, int]], warmup: int, t
             senders["p2p"] = lambda tensor, verify: in_loop(p2p_call(tensor, verify))
 
         # gRPC: "grpc" is protocol/ as committed, sent as node/dataplane/transport.py sends; "grpc:NAME" is variant NAME,
-        # each with its own channel.
+        # "grpc+auth" / "grpc+tls" a private swarm's data plane; each with its own channel.
         def grpc_sender(name: str):
             limits = bench_limits(name.partition(":")[2] or None)
             addr = f"127.0.0.1:{addresses[name]}"
-            channel = stack.enter_context(grpc.insecure_channel(addr, options=channel_options(limits)))
-            grpc.channel_ready_future(channel).result(timeout=STARTUP_TIMEOUT_S)
+            security = PRIVATE.get(name)
+            auth = SwarmAuth(swarm_key) if security else None
+            tls = SwarmTls.derived(swarm_key) if security == "tls" else None
+            raw, channel = dial(addr, channel_options(limits), auth, tls, RECEIVER)
+            stack.enter_context(raw)
+            grpc.channel_ready_future(raw).result(timeout=STARTUP_TIMEOUT_S)
             forward = StageStub(channel).Forward
+            sign = (lambda env, meta, data: auth.sign_frames("Forward", env, meta, data)) if auth else None
             origin = HopSpec(0, "origin", "127.0.0.1:1")
-            path = [origin, HopSpec(1, "receiver", addr), origin]
+            path = [origin, HopSpec(1, RECEIVER, addr), origin]
             envelopes = {v: make_envelope("bench", 0, VERIFY_MICROBATCH if v else 0, path, hop=1)
                          for v in (False, True)}
 
             def send(tensor, verify: bool) -> tuple[float, int]:
                 t0 = time.perf_counter()
-                ack = forward(encode_frames(envelopes[verify], tensor, limits), timeout=TRANSFER_TIMEOUT_S)
+                ack = forward(encode_frames(envelopes[verify], tensor, limits, sign), timeout=TRANSFER_TIMEOUT_S)
                 return time.perf_counter() - t0, ack.queued
 
             return send
 
         for name in transports:
-            if name == "grpc" or name.startswith("grpc:"):
+            if name.startswith("grpc"):
                 senders[name] = grpc_sender(name)
 
         # raw TCP
@@ -460,18 +488,20 @@ class Children:
 def run_bench(sizes: list[int], repeats: dict[int, int], warmup: int,
               transports: list[str]) -> dict[int, dict[str, list[float]]]:
     children = Children()
+    swarm_key = os.urandom(32)  # the private columns' swarm key, fresh for each run
     try:
         conns = {}
         for name in transports:
-            if name == "grpc" or name.startswith("grpc:"):
-                conns[name] = children.start(f"{name}-server", grpc_server_main, name.partition(":")[2] or None)
+            if name.startswith("grpc"):
+                conns[name] = children.start(f"{name}-server", grpc_server_main, name.partition(":")[2] or None,
+                                             PRIVATE.get(name), swarm_key)
             elif name == "tcp":
                 conns[name] = children.start("tcp-server", tcp_server_main, max(sizes) * MiB)
             elif name == "p2p":
                 conns[name] = children.start("p2p-server", p2p_server_main)
         servers = {name: children.wait_for(conn, f"{name} server")[1] for name, conn in conns.items()}
         plan = [(s, repeats[s]) for s in sizes]
-        client = children.start("client", client_main, servers, plan, warmup, transports)
+        client = children.start("client", client_main, servers, plan, warmup, transports, swarm_key)
         children.wait_for(client, "client")
         while True:
             kind, payload = children.wait_for(client, "client", kinds=("progress", "done"), timeout=600)
@@ -509,6 +539,18 @@ def machine_line() -> str:
             f"numpy {numpy.__version__}")
 
 
+def paired_ratio(results: dict, size_mib: int, name: str, base: str = "grpc") -> tuple[float, float, float] | None:
+    """`name`'s throughput as a fraction of `base`'s, paired repeat by repeat (the two ran back to back in each
+    rotation): the median of the per-repeat ratios and its 95% bootstrap confidence interval."""
+    ours, theirs = results[size_mib].get(name), results[size_mib].get(base)
+    if not ours or not theirs:
+        return None
+    ratios = [b / a for a, b in zip(ours["wall"], theirs["wall"])]  # MB/s ratio = inverse wall-time ratio
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(BOOTSTRAP))
+    return statistics.median(ratios), medians[int(0.025 * BOOTSTRAP)], medians[int(0.975 * BOOTSTRAP) - 1]
+
+
 def render(results: dict, variants: list[str], command: str, elapsed: float) -> str:
     def med(size_mib: int, name: str, key: str) -> float | None:
         stats = results[size_mib].get(name)
@@ -529,26 +571,42 @@ def render(results: dict, variants: list[str], command: str, elapsed: float) -> 
         return a / b if a is not None and b else None
 
     lines = [
-        "# Activation transfer: gRPC data plane vs raw TCP vs hivemind p2p",
+        "# Activation transfer: gRPC data plane (public, private, private + TLS) vs raw TCP vs hivemind p2p",
         "",
         "gRPC is protocol/ as committed, used as node/ uses it: `stage_service_handler` / `StageStub` (raw-bytes "
         "Forward), `encode_frames` / `decode_frames`, `channel_options` / `server_options`, `WireLimits()` "
-        f"({bench_limits(None).chunk_bytes / MiB:g} MiB chunks).",
+        f"({bench_limits(None).chunk_bytes / MiB:g} MiB chunks). gRPC + auth is a private swarm's data plane: "
+        "every Forward tagged by `SwarmAuth.sign_frames` and checked, header first and then every byte, by "
+        "`SwarmAuth.check_frames` while it is decoded (keyed BLAKE3, protocol/rpc_auth.py). gRPC + TLS is that "
+        "over TLS with the certificate derived from the swarm key (`--swarm-key` with `--tls`).",
         "",
-        "| size | gRPC MB/s | raw TCP MB/s | hivemind p2p MB/s | gRPC/p2p | gRPC/TCP |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| size | gRPC MB/s | gRPC + auth MB/s | gRPC + TLS MB/s | raw TCP MB/s | hivemind p2p MB/s | gRPC/p2p | "
+        "gRPC/TCP | auth/gRPC | TLS/gRPC |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size_mib in results:
-        g, t, p = (mbps(size_mib, n) for n in TRANSPORTS)
-        lines.append(f"| {size_mib} MiB | {fmt(g, ',.0f')} | {fmt(t, ',.0f')} | {fmt(p, ',.0f')} | "
-                     f"{fmt(ratio(g, p), '.1f', 'x')} | {fmt(ratio(g, t), '.0%')} |")
+        g, a, s, t, p = (mbps(size_mib, n) for n in TRANSPORTS)
+        lines.append(f"| {size_mib} MiB | {fmt(g, ',.0f')} | {fmt(a, ',.0f')} | {fmt(s, ',.0f')} | {fmt(t, ',.0f')} | "
+                     f"{fmt(p, ',.0f')} | {fmt(ratio(g, p), '.1f', 'x')} | {fmt(ratio(g, t), '.0%')} | "
+                     f"{fmt(ratio(a, g), '.0%')} | {fmt(ratio(s, g), '.0%')} |")
+    def paired(size_mib: int, name: str) -> str:
+        got = paired_ratio(results, size_mib, name)
+        return "n/a" if got is None else f"{got[0]:.0%} ({got[1]:.0%}-{got[2]:.0%})"
+
+    lines += ["", "Private data plane against the public one, paired repeat by repeat (each ran right after or "
+              "before plain gRPC in every rotation): median of the per-repeat MB/s ratios, with its 95% bootstrap "
+              "confidence interval.", "", "| size | gRPC + auth / gRPC | gRPC + TLS / gRPC |", "|---:|---:|---:|"]
+    lines += [f"| {size_mib} MiB | {paired(size_mib, 'grpc+auth')} | {paired(size_mib, 'grpc+tls')} |"
+              for size_mib in results]
     if 16 in results:
-        g, t, p = (mbps(16, n) for n in TRANSPORTS)
+        g, a, s, t, p = (mbps(16, n) for n in TRANSPORTS)
         rp, rt = ratio(g, p), ratio(g, t)
+        ra = paired_ratio(results, 16, "grpc+auth")
         verdict = lambda ok: "met" if ok else "MISSED"  # noqa: E731
         lines += ["", f"Targets at 16 MiB: gRPC >= 5x hivemind p2p: {verdict(rp is not None and rp >= 5)} "
                   f"({fmt(rp, '.1f', 'x')}); gRPC >= 35% of raw TCP: {verdict(rt is not None and rt >= 0.35)} "
-                  f"({fmt(rt, '.0%')})."]
+                  f"({fmt(rt, '.0%')}); gRPC + auth >= 80% of gRPC: {verdict(ra is not None and ra[0] >= 0.8)} "
+                  f"({paired(16, 'grpc+auth')}). gRPC + TLS has no target: {paired(16, 'grpc+tls')} of gRPC."]
     lines += [
         "",
         "CPU per transfer (median ms of scheduler run time, all threads; sender = client process, plus its p2pd "
@@ -577,7 +635,7 @@ def render(results: dict, variants: list[str], command: str, elapsed: float) -> 
         lines += ["", "| size | variant | MB/s | vs real gRPC | /p2p | /TCP | total CPU ms | CPU vs real |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|"]
         for size_mib in results:
-            g, t, p = (mbps(size_mib, n) for n in TRANSPORTS)
+            g, t, p = (mbps(size_mib, n) for n in ("grpc", "tcp", "p2p"))
             real_cpu = (cpu_ms(size_mib, "grpc", "cpu_send") or 0) + (cpu_ms(size_mib, "grpc", "cpu_recv") or 0)
             for v in variants:
                 name = f"grpc:{v}"
@@ -610,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
                         help="add a column grpc:NAME, protocol/ with another chunk size (repeatable)")
-    parser.add_argument("--transports", default=",".join(TRANSPORTS), help="subset of grpc,tcp,p2p")
+    parser.add_argument("--transports", default=",".join(TRANSPORTS), help=f"subset of {','.join(TRANSPORTS)}")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown output (default: bench/results/transport.md; with --variant: "
                              "bench/results/transport_variants.md)")

@@ -104,7 +104,7 @@ def fetch_stages(stages: dict, initial_peers: list[str], swarm: str, swarm_key: 
             sources = sorted(p for p, r in members.items() if r.serving and stage in r.stages)
             if not sources:
                 raise UsageError(f"no serving replica of stage {stage} in swarm '{swarm}'")
-            _, tensors, _ = clients.fetch_state(members[sources[0]].endpoint, swarm, stage,
+            _, tensors, _ = clients.fetch_state(members[sources[0]].endpoint, swarm, stage, receiver=sources[0],
                                                 timeout=LifecycleConfig().state_transfer_timeout)
             params = dict(module.named_parameters())
             with torch.no_grad():

@@ -24,8 +24,9 @@ def run(args: argparse.Namespace) -> int:
 
     from node.dataplane.transport import dial
     from node.host.trust import client_tls
+    from protocol.rpc_auth import UNBOUND
 
-    channel, _ = dial(args.endpoint, [], None, client_tls(args.swarm_key, args.tls, args.tls_cert))
+    channel, _ = dial(args.endpoint, [], None, client_tls(args.swarm_key, args.tls, args.tls_cert), UNBOUND)
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),

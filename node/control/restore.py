@@ -57,7 +57,7 @@ def restore_stages(trainers: dict[int, StageTrainer], members: dict[str, NodeRec
             if stop.is_set():
                 return swarm_round
             try:
-                got, tensors, metadata = clients.fetch_state(serving[peer].endpoint, swarm, stage,
+                got, tensors, metadata = clients.fetch_state(serving[peer].endpoint, swarm, stage, receiver=peer,
                                                              timeout=transfer_timeout)
             except grpc.RpcError as e:
                 log.warning("could not fetch stage %d from %s: %s", stage, peer[-8:], e.details())
@@ -83,7 +83,7 @@ def _rebuild_lost(stage: int, trainer: StageTrainer, serving: dict[str, NodeReco
     best = None
     for peer, record in sorted(serving.items()):
         try:
-            got, tensors, metadata = clients.fetch_state(record.endpoint, swarm, stage, timeout=timeout)
+            got, tensors, metadata = clients.fetch_state(record.endpoint, swarm, stage, receiver=peer, timeout=timeout)
         except grpc.RpcError:
             continue  # no checkpoint of it there
         if best is None or got > best[0]:
@@ -101,7 +101,8 @@ def _rebuild_lost(stage: int, trainer: StageTrainer, serving: dict[str, NodeReco
             if other not in record.stages:
                 continue
             try:
-                neighbours[other] = clients.fetch_state(record.endpoint, swarm, other, timeout=timeout)
+                neighbours[other] = clients.fetch_state(record.endpoint, swarm, other, receiver=peer,
+                                                        timeout=timeout)
                 break
             except grpc.RpcError as e:
                 log.warning("could not fetch neighbouring stage %d from %s: %s", other, peer[-8:], e.details())

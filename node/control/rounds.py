@@ -290,7 +290,7 @@ class RoundLoop:
             try:
                 # the replica may still be finishing the round: it gets the round's time, then the transfer's
                 _, tensors, metadata = self.clients.fetch_state(
-                    members[peer].endpoint, self.config.swarm.id, stage, min_round=round_,
+                    members[peer].endpoint, self.config.swarm.id, stage, min_round=round_, receiver=peer,
                     timeout=self.config.rounds.round_timeout + self.config.lifecycle.state_transfer_timeout)
             except Exception as e:  # try the next replica
                 log.warning("fetching stage %d state from %s failed: %r", stage, peer[-8:], e)

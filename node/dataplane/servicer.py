@@ -75,7 +75,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
     def _receive(self, method: str, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         started = time.perf_counter()
         try:
-            check = None if self.auth is None else (lambda env, meta: self.auth.check_frames(method, env, meta))
+            check = None if self.auth is None else (
+                lambda env, meta: self.auth.check_frames(method, env, meta, self.peer_id))
             with self._guarded(context) as watch:  # decoded on our device
                 received = receive_tensor(watch.frames(frames) if watch else frames, self.limits, check,
                                           device=self.executor.device)

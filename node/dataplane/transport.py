@@ -19,7 +19,7 @@ from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.grpc_options import channel_options
 from protocol.limits import WireLimits
-from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
+from protocol.rpc_auth import UNBOUND, ClientAuthInterceptor, SwarmAuth
 from protocol.service import STAGE_SERVICE, FrameMeter, StageStub, no_meter
 from protocol.tls import SwarmTls
 from protocol.state_frames import decode_state
@@ -44,17 +44,23 @@ class ClientsClosed(grpc.RpcError):
         return "this node is stopping"
 
 
-def dial(endpoint: str, options: list, auth: SwarmAuth | None, tls: SwarmTls | None
+def dial(endpoint: str, options: list, auth: SwarmAuth | None, tls: SwarmTls | None, receiver: str
          ) -> tuple[grpc.Channel, grpc.Channel]:
     """A channel to a member as the swarm's trust settings require: (the channel to close, the one to call on).
 
-    TLS when the swarm runs it; an auth tag on every call in a private swarm.
+    TLS when the swarm runs it; in a private swarm, an auth tag bound to `receiver` (the member's peer id
+    from its signed record, or UNBOUND) on every call.
     """
     if tls is None:
         raw = grpc.insecure_channel(endpoint, options=options)
     else:
         raw = grpc.secure_channel(endpoint, tls.channel_credentials(), options=[*options, *tls.channel_options()])
-    return raw, raw if auth is None else grpc.intercept_channel(raw, ClientAuthInterceptor(auth))
+    return raw, bound(raw, auth, receiver)
+
+
+def bound(raw: grpc.Channel, auth: SwarmAuth | None, receiver: str) -> grpc.Channel:
+    """`raw` with tags bound to `receiver` on every unary call (a private swarm); `raw` itself in a public one."""
+    return raw if auth is None else grpc.intercept_channel(raw, ClientAuthInterceptor(auth, receiver))
 
 
 class StageClients:
@@ -68,22 +74,23 @@ class StageClients:
         self.codecs = RoundCodecs()
         self.auth = auth  # private swarms: every call carries a tag made with the swarm key
         self.tls = tls  # the swarm's certificate, when the data plane runs over TLS
-        self._stubs: dict[str, StageStub | EmulatedStub] = {}
-        self._channels: list[grpc.Channel] = []
+        self._stubs: dict[tuple[str, str], StageStub | EmulatedStub] = {}  # (endpoint, receiver) -> stub
+        self._channels: dict[str, grpc.Channel] = {}  # endpoint -> its one connection
         self._lock = threading.Lock()
         self.closed = False
 
-    def stub(self, endpoint: str) -> StageStub | EmulatedStub:
+    def stub(self, endpoint: str, *, receiver: str) -> StageStub | EmulatedStub:
+        """Calls to `endpoint`, tagged for `receiver`: the peer id its signed record gives, or UNBOUND (Ping, Info)."""
         with self._lock:
             if self.closed:
                 raise ClientsClosed()
-            if endpoint not in self._stubs:
-                raw, channel = dial(endpoint, channel_options(self.limits), self.auth, self.tls)
-                self._channels.append(raw)
-                stub = StageStub(channel, self.meter)
-                self._stubs[endpoint] = stub if self.emulator is None else EmulatedStub(stub, STAGE_SERVICE,
-                                                                                        self.emulator, endpoint)
-            return self._stubs[endpoint]
+            if (endpoint, receiver) not in self._stubs:
+                if endpoint not in self._channels:
+                    self._channels[endpoint] = dial(endpoint, channel_options(self.limits), None, self.tls, UNBOUND)[0]
+                stub = StageStub(bound(self._channels[endpoint], self.auth, receiver), self.meter)
+                self._stubs[endpoint, receiver] = stub if self.emulator is None else EmulatedStub(
+                    stub, STAGE_SERVICE, self.emulator, endpoint)
+            return self._stubs[endpoint, receiver]
 
     def frame_signer(self, method: str):
         """What tags a Forward or Backward in a private swarm (None in a public one)."""
@@ -92,13 +99,14 @@ class StageClients:
         return lambda env, meta, data: self.auth.sign_frames(method, env, meta, data)
 
     def fetch_state(self, endpoint: str, swarm: str, stage: int, min_round: int = -1, include_grads: bool = False,
-                    *, timeout: float) -> tuple[int, dict[str, torch.Tensor], dict[str, str]]:
+                    *, receiver: str, timeout: float) -> tuple[int, dict[str, torch.Tensor], dict[str, str]]:
         request = pb.StateRequest(swarm_id=swarm, stage=stage, include_grads=include_grads, min_round=min_round)
-        return decode_state(self.stub(endpoint).FetchState(request, timeout=timeout))
+        return decode_state(self.stub(endpoint, receiver=receiver).FetchState(request, timeout=timeout))
 
     def ping(self, endpoint: str, timeout: float) -> None:
-        """Returns once the node at `endpoint` answered a Ping; grpc.RpcError when it did not within `timeout`."""
-        self.stub(endpoint).Ping(pb.PingRequest(), timeout=timeout)
+        """Returns once the node at `endpoint` answered a Ping; grpc.RpcError when it did not within `timeout`.
+        Unbound: whoever answers at `endpoint` (a dial-back knows no peer id)."""
+        self.stub(endpoint, receiver=UNBOUND).Ping(pb.PingRequest(), timeout=timeout)
 
     def answering(self, endpoints: dict[str, str], timeout: float, workers: int) -> set[str]:
         """The peers (of peer id -> endpoint) that answer a Ping within `timeout` seconds, pinged in parallel."""
@@ -118,7 +126,7 @@ class StageClients:
         """Close every channel, which ends the calls in flight on them (how a stopping node stops waiting)."""
         with self._lock:
             self.closed = True
-            for channel in self._channels:
+            for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
             self._stubs.clear()
@@ -201,7 +209,7 @@ class HopSender:
                 return
 
     def _rpc(self, method: str, target, env: pb.Envelope, tensor: torch.Tensor) -> None:
-        stub = self.clients.stub(target.endpoint)
+        stub = self.clients.stub(target.endpoint, receiver=target.peer_id)  # frames name it in their own tag
         call = stub.Forward if method == "Forward" else stub.Backward
         codec = self.clients.codecs.for_hop(env.round, "forward" if method == "Forward" else "backward")
         sizes: list[int] = []

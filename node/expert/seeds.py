@@ -92,6 +92,7 @@ class SeedSource:
             for peer in sources:
                 try:
                     completed, tensors, _ = self.services.clients.fetch_state(members[peer].endpoint, self.swarm, stage,
+                                                                     receiver=peer,
                                                                      timeout=self.config.lifecycle.state_transfer_timeout)
                 except grpc.RpcError as e:
                     log.info("could not fetch stage %d from %s: %s", stage, peer[-8:], e.details())

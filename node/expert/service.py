@@ -161,7 +161,7 @@ def download_expert(record: ExpertRecord, swarm: str, out_root: Path, timeout: f
     final, partial = out / WEIGHTS, out / (WEIGHTS + ".partial")
     if partial.exists() and partial.stat().st_size > record.bytes:
         partial.unlink()
-    raw, channel = dial(record.endpoint, [], auth, tls)
+    raw, channel = dial(record.endpoint, [], auth, tls, record.peer_id)
     with raw:
         stub = ExpertStub(channel, meter)
         for attempt in range(attempts):

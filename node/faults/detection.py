@@ -114,8 +114,8 @@ class FailureReporter:
 
     def _send(self, origin: str, endpoint: str, report: pb.FailureReport) -> None:
         try:
-            self.clients.stub(endpoint).ReportFailure(self.signer.sign("ReportFailure", report, origin),
-                                                      timeout=self.timeout_s)
+            self.clients.stub(endpoint, receiver=origin).ReportFailure(
+                self.signer.sign("ReportFailure", report, origin), timeout=self.timeout_s)
         except grpc.RpcError as e:  # the origin itself is gone: its microbatches die with it
             log.info("could not report round %d microbatch %d's failure to its origin: %s", report.round,
                      report.microbatch, e.code().name)
@@ -155,7 +155,7 @@ class RerouteNotifier:
         signed = self.signer.sign(method, notice, peer)
         for _ in range(self.tries):
             try:
-                getattr(self.clients.stub(endpoint), method)(signed, timeout=self.timeout_s)
+                getattr(self.clients.stub(endpoint, receiver=peer), method)(signed, timeout=self.timeout_s)
                 return
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # gone, or refused: retrying will not help

@@ -188,7 +188,8 @@ class NodeHost:
         self.server = grpc.server(workers,
                                   options=server_options(self.limits),
                                   # the guard outermost, so that it also counts the auth interceptor's refusals
-                                  interceptors=[RpcGuard(self.metrics), *self.trust.server_interceptors(self.metrics)])
+                                  interceptors=[RpcGuard(self.metrics),
+                                                *self.trust.server_interceptors(self.metrics, self.peer_id)])
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         port = self.trust.add_port(self.server, net.host, net.port)

@@ -73,7 +73,7 @@ def self_check(members: dict[str, NodeRecord], me: str, endpoint: str, maddrs: l
         return Reachability(True, "no serving member to check reachability with yet")
     peer = peers[0]
     try:
-        reply = clients.stub(peer.endpoint).CheckReachability(
+        reply = clients.stub(peer.endpoint, receiver=peer.peer_id).CheckReachability(
             pb.ReachabilityRequest(endpoint=endpoint, maddrs=maddrs), timeout=timeout)
     except grpc.RpcError as e:
         hint = " (is --swarm-key the swarm's key?)" if e.code() == grpc.StatusCode.UNAUTHENTICATED else ""

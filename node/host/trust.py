@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 # Methods that carry their tag inside the message (Envelope.auth), checked while the tensor streams in.
 SELF_AUTHENTICATED = {f"/{SERVICE}/Forward", f"/{SERVICE}/Backward"}
+# Read-only calls that tell nothing of value, answered to a tag bound to no receiver: a client may dial an
+# endpoint before it knows whose it is (the reachability dial-back, a first Ping). Every other call needs a
+# tag bound to this node's peer id, so a sniffed tag cannot be replayed to another member.
+UNBOUND_OK = {f"/{SERVICE}/Ping", f"/{SERVICE}/Info"}
 
 
 @dataclass
@@ -81,11 +85,13 @@ class NodeTrust:
             raise UsageError(f"cannot serve gRPC on {address}: is the port taken? Pick another --port")
         return bound
 
-    def server_interceptors(self, metrics: NodeMetrics) -> list[grpc.ServerInterceptor]:
+    def server_interceptors(self, metrics: NodeMetrics, peer_id: str) -> list[grpc.ServerInterceptor]:
+        """What checks every call's tag in a private swarm; tags must name `peer_id`, this node."""
         if self.auth is None:
             return []
-        return [ServerAuthInterceptor(self.auth, SELF_AUTHENTICATED, on_refused=lambda method, reason: (
-            metrics.auth_refused.labels(method=method.rsplit("/", 1)[-1], reason=reason).inc()))]
+        return [ServerAuthInterceptor(self.auth, peer_id, SELF_AUTHENTICATED, UNBOUND_OK,
+                                      on_refused=lambda method, reason: metrics.auth_refused.labels(
+                                          method=method.rsplit("/", 1)[-1], reason=reason).inc())]
 
     def close(self) -> None:
         if self.temporary_identity:

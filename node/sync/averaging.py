@@ -202,7 +202,7 @@ class GradientExchange:
     def _all_to_all(self, stage: int, round_: int, names: list[str], mine: Contribution, replicas: dict[str, str],
                     deadline: float, stop: threading.Event) -> Averaged | None:
         others = sorted(p for p in replicas if p != self.peer_id)
-        pulled = self._gather({p: lambda p=p: self._pull_whole(replicas[p], stage, round_, names, mine, deadline)
+        pulled = self._gather({p: lambda p=p: self._pull_whole(p, replicas[p], stage, round_, names, mine, deadline)
                                for p in others}, stop)
         if pulled is None:
             return None
@@ -228,7 +228,7 @@ class GradientExchange:
             return None
         self._post_mean(stage, round_, me, shards, own)
         owners = {k: p for k, p in enumerate(group) if p != self.peer_id}
-        means = self._gather({k: lambda k=k: self._pull_mean(replicas[owners[k]], stage, round_, k, shards,
+        means = self._gather({k: lambda k=k: self._pull_mean(owners[k], replicas[owners[k]], stage, round_, k, shards,
                                                              bounds[k][1] - bounds[k][0], deadline)
                               for k in owners}, stop)
         if means is None:
@@ -254,7 +254,7 @@ class GradientExchange:
         """The group's mean of one shard: every other replica's sum of it, pulled at once, summed in peer order."""
         start, end = bound
         others = [p for p in group if p != self.peer_id and p not in without]
-        pulled = self._gather({p: lambda p=p: self._pull_shard(replicas[p], stage, round_, shard, shards,
+        pulled = self._gather({p: lambda p=p: self._pull_shard(p, replicas[p], stage, round_, shard, shards,
                                                                end - start, deadline) for p in others}, stop)
         if pulled is None:
             return None
@@ -268,13 +268,14 @@ class GradientExchange:
                          {p: (count, digest) for p, (_, count, digest) in got.items()})
 
     # ---- pulls -----------------------------------------------------------------------------------------------
-    def _fetch(self, endpoint: str, request: pb.GradientRequest, deadline: float, what: str):
+    def _fetch(self, peer: str, endpoint: str, request: pb.GradientRequest, deadline: float, what: str):
         """(tensors, metadata) of one FetchGradients, or None (logged) when it failed."""
         timeout = deadline - time.monotonic()
         if timeout <= 0:
             return None
         try:
-            _, tensors, metadata = decode_state(self.clients.stub(endpoint).FetchGradients(request, timeout=timeout))
+            stub = self.clients.stub(endpoint, receiver=peer)
+            _, tensors, metadata = decode_state(stub.FetchGradients(request, timeout=timeout))
             return tensors, metadata
         except grpc.RpcError as e:
             log.info("stage %d round %d: no %s from %s (%s: %s)", request.stage, request.round, what, endpoint,
@@ -289,9 +290,9 @@ class GradientExchange:
         return pb.GradientRequest(swarm_id=self.swarm, stage=stage, round=round_, shard=shard, shards=shards,
                                   averaged=averaged)
 
-    def _pull_whole(self, endpoint: str, stage: int, round_: int, names: list[str], mine: Contribution,
+    def _pull_whole(self, peer: str, endpoint: str, stage: int, round_: int, names: list[str], mine: Contribution,
                     deadline: float) -> Contribution | None:
-        fetched = self._fetch(endpoint, self._request(stage, round_), deadline, "gradients")
+        fetched = self._fetch(peer, endpoint, self._request(stage, round_), deadline, "gradients")
         if fetched is None:
             return None
         tensors, metadata = fetched
@@ -311,10 +312,10 @@ class GradientExchange:
             return None
         return Contribution(grads, count, metadata.get("digest", ""))
 
-    def _pull_shard(self, endpoint: str, stage: int, round_: int, shard: int, shards: int, length: int,
+    def _pull_shard(self, peer: str, endpoint: str, stage: int, round_: int, shard: int, shards: int, length: int,
                     deadline: float) -> tuple[torch.Tensor, int, str] | None:
         """Another replica's sum of one shard: (values, microbatches, weights digest)."""
-        fetched = self._fetch(endpoint, self._request(stage, round_, shard, shards), deadline, f"shard {shard}")
+        fetched = self._fetch(peer, endpoint, self._request(stage, round_, shard, shards), deadline, f"shard {shard}")
         if fetched is None:
             return None
         tensors, metadata = fetched
@@ -328,9 +329,9 @@ class GradientExchange:
             return None
         return values.to(torch.float32), int(count), metadata.get("digest", "")
 
-    def _pull_mean(self, endpoint: str, stage: int, round_: int, shard: int, shards: int, length: int,
+    def _pull_mean(self, peer: str, endpoint: str, stage: int, round_: int, shard: int, shards: int, length: int,
                    deadline: float) -> MeanShard | None:
-        fetched = self._fetch(endpoint, self._request(stage, round_, shard, shards, averaged=True), deadline,
+        fetched = self._fetch(peer, endpoint, self._request(stage, round_, shard, shards, averaged=True), deadline,
                               f"mean of shard {shard}")
         if fetched is None:
             return None

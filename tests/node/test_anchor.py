@@ -64,7 +64,8 @@ def test_pipeline_through_stage_servers_matches_the_unsplit_model(tmp_path):
         grads = {0: {n: p.grad for n, p in origin.trainers[0].module.named_parameters()}}
         for server, stage in zip(nodes, (1, 2)):
             _, tensors, _ = host.clients.fetch_state(server.started()["endpoint"], swarm_id, stage,
-                                                     include_grads=True, timeout=60)
+                                                     include_grads=True, receiver=server.started()["peer_id"],
+                                                     timeout=60)
             grads[stage] = {k.removeprefix("grad/"): v for k, v in tensors.items() if k.startswith("grad/")}
         compared = 0
         spec = resolve_model(str(checkpoint))

@@ -17,11 +17,11 @@ from node.process.local_swarm import LocalSwarm
 from protocol.envelope import HopSpec, make_envelope
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.limits import WireLimits
-from protocol.rpc_auth import ClientAuthInterceptor, SwarmAuth
-from protocol.service import StageStub
+from protocol.rpc_auth import UNBOUND, ClientAuthInterceptor, SwarmAuth
+from protocol.service import SERVICE, StageStub
 from protocol.swarm_key import load_key_file
 from protocol.tensor_frames import encode_frames
-from tests.helpers import free_port, metric, node, rounds, run_cli, scrape, wait_for
+from tests.helpers import free_port, metric, node, rounds, run_cli, sample, scrape, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -76,9 +76,11 @@ def test_members_train_and_the_stranger_is_invisible(swarm):
     assert all(rounds(data)[r]["failed"] == 0 for r in rounds(data))
 
 
-def _channel(n, auth=None):
+def _channel(n, auth=None, receiver=None):
+    """A channel to node `n`; with `auth`, its tags bound to `receiver` (by default `n`'s own peer id)."""
     channel = grpc.insecure_channel(n.started()["endpoint"])
-    return grpc.intercept_channel(channel, ClientAuthInterceptor(auth)) if auth else channel
+    receiver = n.started()["peer_id"] if receiver is None else receiver
+    return grpc.intercept_channel(channel, ClientAuthInterceptor(auth, receiver)) if auth else channel
 
 
 def _forward(swarm, target, round_, microbatch=0):
@@ -346,8 +348,149 @@ def test_reachability_self_check(swarm):
         closed = f"127.0.0.1:{free_port()}"
         result = self_check({record.peer_id: record}, "me", closed, [], clients, timeout=10)
         assert not result.ok and f"open TCP port {closed.split(':')[1]}" in result.message, result.message
-        code, details = _code(clients.stub(started["endpoint"]).CheckReachability,
+        code, details = _code(clients.stub(started["endpoint"], receiver=started["peer_id"]).CheckReachability,
                               pb.ReachabilityRequest(endpoint="10.255.255.1:9"))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "only dials back its caller" in details
     finally:
         clients.close()
+
+
+# ---- tags name their receiver; every RPC needs the key ---------------------------------------------------------
+def _refused(n, method: str, reason: str) -> float:
+    return sample(n, f'swarm_node_auth_refused_total{{method="{method}",reason="{reason}"}}') or 0.0
+
+
+class _Recorder(grpc.UnaryStreamClientInterceptor):
+    """Keeps the metadata of each call as it leaves the client: what a sniffer sees without TLS."""
+
+    def __init__(self):
+        self.metadata = []
+
+    def intercept_unary_stream(self, continuation, details, request):
+        self.metadata.append(list(details.metadata))
+        return continuation(details, request)
+
+
+def test_a_tag_made_for_one_member_is_refused_by_another(swarm):
+    data, target = node(swarm, "data0"), node(swarm, "s1")
+    data_id, target_id = data.started()["peer_id"], target.started()["peer_id"]
+    auth = SwarmAuth(load_key_file(swarm.key))
+    before = _refused(target, "FetchState", "other_receiver")
+    # A member fetches stage 0's weights from data0; a sniffer keeps the call's metadata.
+    recorder = _Recorder()
+    channel = grpc.intercept_channel(grpc.insecure_channel(data.started()["endpoint"]),
+                                     ClientAuthInterceptor(auth, data_id), recorder)
+    request = pb.StateRequest(swarm_id=SWARM, stage=0)
+    assert list(StageStub(channel).FetchState(request, timeout=30))  # the weights came back to the member
+    (captured,) = recorder.metadata
+    # Replayed at once to s1: refused for naming another receiver (not as a replay: s1 never saw the nonce).
+    replay = grpc.insecure_channel(target.started()["endpoint"]).unary_stream(
+        f"/{SERVICE}/FetchState", request_serializer=pb.StateRequest.SerializeToString)
+    code, details = _code(lambda r, timeout: replay(r, timeout=timeout, metadata=captured), request)
+    assert code == grpc.StatusCode.UNAUTHENTICATED, (code, details)
+    assert f"made for receiver ...{data_id[-8:]}, not this node ...{target_id[-8:]}" in details, details
+    # A tag for data0 over a request that s1 would answer with its stage 1 weights: refused by s1 ...
+    for_data = StageStub(_channel(target, auth, receiver=data_id))
+    code, details = _code(for_data.FetchState, pb.StateRequest(swarm_id=SWARM, stage=1))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "made for receiver" in details, details
+    # ... and by the control and read calls alike, Ping and Info included: a bound tag is good only at its receiver.
+    for call, message in [(for_data.FetchGradients, pb.GradientRequest(swarm_id=SWARM, stage=1, round=0)),
+                          (for_data.Ping, pb.PingRequest()), (for_data.Info, pb.InfoRequest())]:
+        code, details = _code(call, message)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "made for receiver" in details, (call, details)
+    # A Forward tagged for data0 (its envelope's hop): refused by s1 from the header.
+    code, details = _code(StageStub(_channel(target)).Forward,
+                          iter(_signed(auth, _forward(swarm, data, 10_000), torch.zeros(2, 8, HIDDEN))))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "made for receiver" in details, details
+    assert _refused(target, "Forward", "other_receiver") >= 1
+    # A tag naming no receiver is good only for Ping and Info.
+    unbound = StageStub(_channel(target, auth, receiver=UNBOUND))
+    assert unbound.Ping(pb.PingRequest(), timeout=5).peer_id == target_id
+    code, details = _code(unbound.FetchState, pb.StateRequest(swarm_id=SWARM, stage=1))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "names no receiver" in details, details
+    # Counted, and s1 keeps serving: bound to it, the same request returns its weights.
+    assert _refused(target, "FetchState", "other_receiver") == before + 2
+    assert _refused(target, "FetchState", "unbound") >= 1
+    state = list(StageStub(_channel(target, auth)).FetchState(pb.StateRequest(swarm_id=SWARM, stage=1), timeout=30))
+    assert state and sum(len(c.data) for c in state) > 0
+
+
+def _every_method(*files):
+    """(full method name, descriptor) of every RPC of every service in these generated proto modules."""
+    return [(f"/{service.full_name}/{m.name}", m) for f in files for service in f.DESCRIPTOR.services_by_name.values()
+            for m in service.methods]
+
+
+def _call_without_key(channel: grpc.Channel, path: str, method, frames: list[bytes]):
+    """(code, details) of calling `path` with no tag: its default request, or a real unsigned tensor's frames."""
+    from google.protobuf.message_factory import GetMessageClass
+
+    request = GetMessageClass(method.input_type)().SerializeToString()
+    make = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
+            (True, False): channel.stream_unary, (True, True): channel.stream_stream}
+    call = make[method.client_streaming, method.server_streaming](path)  # raw bytes both ways
+    if not method.client_streaming:
+        return _code(call, request)
+    return _code(call, iter(frames if method.input_type.full_name == "swarm.v1.TensorChunk" else [request]))
+
+
+def test_every_stage_rpc_without_the_key_is_unauthenticated(swarm):
+    from protocol.generated.swarm.v1 import stage_pb2
+
+    target = node(swarm, "s1")
+    methods = _every_method(stage_pb2)  # from the descriptors: an RPC added later is covered too
+    names = {path.rsplit("/", 1)[1] for path, _ in methods}
+    assert {"Forward", "Backward", "Ping", "Info", "FetchState", "FetchGradients", "ReportFailure", "Reroute",
+            "RoundDone", "CheckReachability"} <= names, names
+    before = {name: _refused(target, name, "missing") for name in names}
+    frames = list(encode_frames(_forward(swarm, target, 10_000), torch.zeros(2, 8, HIDDEN), WireLimits()))
+    channel = grpc.insecure_channel(target.started()["endpoint"])
+    for path, method in methods:
+        code, details = _call_without_key(channel, path, method, frames)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "no auth tag" in details, (path, code, details)
+    assert all(_refused(target, name, "missing") == before[name] + 1 for name in names)
+    auth = SwarmAuth(load_key_file(swarm.key))
+    assert StageStub(_channel(target, auth)).Info(pb.InfoRequest(), timeout=5).stages == [1]  # still serving
+
+
+def test_every_expert_rpc_without_the_key_is_unauthenticated(swarm, tmp_path):
+    """No node of this swarm runs the expert role (it trains experts: minutes on these cores). ExpertService
+    sits behind the same interceptors as StageService on a node's one server, so here a server wired as
+    node/host/host.py wires it (RpcGuard, then NodeTrust.server_interceptors) serves the real ExpertServicer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from node.expert.service import ExpertServicer, ServedExperts
+    from node.host.metrics import NodeMetrics
+    from node.host.rpc_guard import RpcGuard
+    from node.host.trust import NodeTrust
+    from protocol.generated.swarm.v1 import experts_pb2, experts_pb2_grpc
+
+    trust, metrics = NodeTrust.create("", str(swarm.key)), NodeMetrics()
+    server = grpc.server(ThreadPoolExecutor(4), interceptors=[RpcGuard(metrics),
+                                                              *trust.server_interceptors(metrics, "expert-node")])
+    experts_pb2_grpc.add_ExpertServiceServicer_to_server(
+        ExpertServicer(SWARM, ServedExperts(), on_data_loss=lambda r: None, on_bytes=lambda n: None), server)
+    endpoint = f"127.0.0.1:{trust.add_port(server, '127.0.0.1', 0)}"
+    server.start()
+    try:
+        methods = _every_method(experts_pb2)
+        assert "/swarm.v1.ExpertService/FetchExpert" in {path for path, _ in methods}
+        channel = grpc.insecure_channel(endpoint)
+        for path, method in methods:
+            code, details = _call_without_key(channel, path, method, [])
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "no auth tag" in details, (path, code, details)
+            refused = metrics.registry.get_sample_value("swarm_node_auth_refused_total",
+                                                     {"method": path.rsplit("/", 1)[1], "reason": "missing"})
+            assert refused == 1, path
+        # With the key, bound to this node, the call passes and the servicer answers; bound to another, refused.
+        auth = SwarmAuth(load_key_file(swarm.key))
+        request = experts_pb2.ExpertRequest(swarm_id=SWARM, expert_id="none")
+        for receiver, expected in (("expert-node", grpc.StatusCode.NOT_FOUND),
+                                   ("another-node", grpc.StatusCode.UNAUTHENTICATED)):
+            stub = experts_pb2_grpc.ExpertServiceStub(
+                grpc.intercept_channel(channel, ClientAuthInterceptor(auth, receiver)))
+            code, details = _code(stub.FetchExpert, request)
+            assert code == expected, (receiver, code, details)
+    finally:
+        server.stop(None)
+        trust.close()

@@ -110,7 +110,7 @@ def test_a_replica_that_never_posts_is_left_out_and_the_others_agree(replicas):
 
 def test_malformed_shard_requests_are_refused_with_a_reason(replicas):
     from protocol.generated.swarm.v1 import stage_pb2 as pb
-    stub = replicas[0].clients.stub(replicas[1].endpoint)
+    stub = replicas[0].clients.stub(replicas[1].endpoint, receiver=replicas[1].peer_id)
     for request, word in [(pb.GradientRequest(stage=1, round=1, shard=3, shards=3), "shard 3 of 3"),
                           (pb.GradientRequest(stage=1, round=1, shards=5000), "1..1024"),
                           (pb.GradientRequest(stage=1, round=1, averaged=True), "averaged")]:

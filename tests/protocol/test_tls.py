@@ -39,7 +39,7 @@ def test_same_key_same_certificate_and_a_working_channel(server):
     assert SwarmTls.derived(key) == SwarmTls.derived(key)
     clients = StageClients(WireLimits(), tls=SwarmTls.derived(key))
     try:
-        assert clients.stub(endpoint).Ping(pb.PingRequest(), timeout=10).peer_id == "me"
+        assert clients.stub(endpoint, receiver="me").Ping(pb.PingRequest(), timeout=10).peer_id == "me"
     finally:
         clients.close()
 
@@ -48,7 +48,7 @@ def test_another_key_or_plaintext_cannot_connect(server):
     _, endpoint = server
     stranger = StageClients(WireLimits(), tls=SwarmTls.derived(os.urandom(32)))
     try:
-        for stub in (stranger.stub(endpoint), StageStub(grpc.insecure_channel(endpoint))):
+        for stub in (stranger.stub(endpoint, receiver="me"), StageStub(grpc.insecure_channel(endpoint))):
             with pytest.raises(grpc.RpcError) as e:
                 stub.Ping(pb.PingRequest(), timeout=5)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
