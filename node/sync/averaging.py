@@ -178,7 +178,9 @@ class GradientExchange:
         """Average `mine` with the contributions of `replicas` (peer id -> endpoint) reachable by `deadline`
         (monotonic), or until `stop`, as `strategy` says. Posts `mine` first, so the others can pull it."""
         self.post(stage, round_, mine)
-        alone = Averaged(mine.grads, mine.count, {self.peer_id: (mine.count, mine.digest)})
+        # Our own mean: what a replica without a group, or one told to stop, steps with.
+        alone = Averaged([(g.to(torch.float64) / max(mine.count, 1)).to(g.dtype) for g in mine.grads], mine.count,
+                         {self.peer_id: (mine.count, mine.digest)})
         group = sorted({*replicas, self.peer_id})
         if len(group) == 1:
             return alone
@@ -188,6 +190,8 @@ class GradientExchange:
 
     def _gather(self, pulls: dict[str, Callable[[], object]], stop: threading.Event) -> dict[str, object] | None:
         """Run every pull at once; their results by key (None for a failed one), or None once `stop` is set."""
+        if not pulls:
+            return {}
         pool = ThreadPoolExecutor(max_workers=len(pulls), thread_name_prefix="avg")
         futures = {key: pool.submit(pull) for key, pull in pulls.items()}
         pool.shutdown(wait=False)

@@ -117,3 +117,21 @@ def test_malformed_shard_requests_are_refused_with_a_reason(replicas):
         with pytest.raises(grpc.RpcError) as e:
             list(stub.FetchGradients(request, timeout=5))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and word in e.value.details(), e.value.details()
+
+
+def test_the_last_replica_standing_steps_on_its_own_gradients(replicas):
+    pair = replicas[:2]
+    mine = {r.peer_id: _contribution(k, count=3) for k, r in enumerate(pair)}
+    pair[1].close()  # owns shard 1 and never averages it; nobody else is left to pull from
+    averaged = _average_all(pair, EVERY_ROUND, 7, mine, skip={pair[1].peer_id})
+    result = averaged[pair[0].peer_id]
+    assert set(result.peers) == {pair[0].peer_id} and result.total == 3
+    assert all(torch.equal(g, (m.double() / 3).float()) for g, m in zip(result.grads, mine[pair[0].peer_id].grads))
+
+
+def test_a_replica_without_a_group_steps_on_its_own_mean(replicas):
+    solo = replicas[0]
+    mine = _contribution(9, count=4)
+    result = solo.exchange.average(1, 8, NAMES, mine, {solo.peer_id: solo.endpoint}, time.monotonic() + 5,
+                                   threading.Event())
+    assert result.total == 4 and all(torch.equal(g, (m.double() / 4).float()) for g, m in zip(result.grads, mine.grads))
