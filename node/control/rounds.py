@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from hivemind.utils import get_dht_time
 
@@ -32,9 +32,20 @@ from node.faults.reroute import expected_round_seconds
 from node.stage.trainer import StageTrainer
 from node.dataplane.transport import StageClients
 from protocol.records import NodeRecord, RoundPlan
+from protocol.service import SYNC
 from routing.instance_io import problem_to_dict
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Synced:
+    """One stage's sync in one round."""
+
+    grad_norm: float | None  # before clipping; None when the stage took no step
+    peers: int  # replicas averaged with, this one included
+    bytes: int  # received from the other replicas, counted from the frames
+    seconds: float
 
 
 class RoundLoop:
@@ -199,7 +210,7 @@ class RoundLoop:
             return
         if not complete:
             log.warning("round %d timed out; stepping with the microbatches that finished", plan.round)
-        grad_norms, averaged_with = {}, {}
+        synced: dict[int, Synced] = {}
         # Replicas finish their work at about the same time. A dead one fails its pull at once; a live one
         # that is slower is waited for a grace period (never past the round's deadline plus a little).
         finished = time.monotonic()
@@ -207,9 +218,8 @@ class RoundLoop:
         pull_until = min(finished + grace,
                          deadline + min(self.config.rounds.averaging_overrun_max, self.config.rounds.round_timeout / 2))
         self.metrics.phase.state("averaging")
-        for stage, trainer in self.trainers.items():
-            grad_norms[stage], averaged_with[stage] = self._reduce_and_step(plan, stage, counts.get(stage, 0),
-                                                                            pull_until, stop)
+        for stage in self.trainers:
+            synced[stage] = self._reduce_and_step(plan, stage, counts.get(stage, 0), pull_until, stop)
         self.exchange.passed(plan.round)
         (self.metrics.rounds_completed if complete and not stop.is_set() else self.metrics.rounds_aborted).inc()
         if stop.is_set():  # averaging was cut short: the process is about to exit
@@ -218,11 +228,14 @@ class RoundLoop:
         wall = time.monotonic() - started
         self.metrics.round_seconds.observe(wall)
         self.links.after_round(plan, {p: r.endpoint for p, r in self.directory.members().items()})
-        fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts, averaged_with=averaged_with,
+        fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts,
+                      averaged_with={s: x.peers for s, x in synced.items()},
                       executed_s=round(executed, 3), predicted_s=plan.predicted_s,
                       stage_visits=_stage_visits(plan, self.config.model.num_stages),
-                      digests={s: t.digest() for s, t in self.trainers.items()}, grad_norms=grad_norms,
-                      codecs=list(plan.codecs), sync=plan.sync)
+                      digests={s: t.digest() for s, t in self.trainers.items()},
+                      grad_norms={s: x.grad_norm for s, x in synced.items()}, codecs=list(plan.codecs),
+                      sync=plan.sync, sync_bytes={s: x.bytes for s, x in synced.items()},
+                      sync_s={s: round(x.seconds, 3) for s, x in synced.items()})
         if self._warned_missing:
             fields.update(missing_stages=list(self._warned_missing))
         if result is not None:
@@ -235,7 +248,7 @@ class RoundLoop:
         self.events.emit("round", **fields)
 
     def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int, pull_until: float,
-                         stop: threading.Event) -> tuple[float | None, int]:
+                         stop: threading.Event) -> Synced:
         """Average this stage's gradients with its replicas in the plan, weighted by microbatches, then step.
 
         Each replica also shares the digest of the weights it computed with. A replica whose weights
@@ -247,8 +260,12 @@ class RoundLoop:
         members = plan.endpoints(stage)
         replicas = {p: e for p, e in members.items() if p not in dead or p == self.peer_id}
         mine = Contribution([g.detach().clone() for g in trainer.grads()], count, trainer.digest())
+        received, started = self.metrics.bytes_so_far("received", SYNC), time.monotonic()
         averaged = self.exchange.average(stage, plan.round, trainer.names, mine, replicas, pull_until,
                                          stop, strategy=plan.sync)
+        sync_bytes, sync_s = self.metrics.bytes_so_far("received", SYNC) - received, time.monotonic() - started
+        self.metrics.sync_bytes.labels(stage=str(stage)).set(sync_bytes)
+        self.metrics.sync_seconds.labels(stage=str(stage)).set(sync_s)
         if len(averaged.peers) < len(members):
             self.metrics.averaging_failures.inc()
             log.warning("stage %d round %d: averaged with %d of the plan's %d replicas", stage, plan.round,
@@ -264,7 +281,7 @@ class RoundLoop:
         if reference is not None:
             log.warning("stage %d weights differ from replica %s's; copying its state", stage, reference[-8:])
             self._copy_state(stage, plan.round, [reference])
-        return norm, peers
+        return Synced(norm, peers, sync_bytes, sync_s)
 
     # ---- a round this node was left out of ----------------------------------------------------------------------
     def _catch_up(self, plan: RoundPlan, stop: threading.Event) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import threading
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, start_http_server
@@ -31,6 +33,8 @@ class NodeMetrics:
                                   ["kind"], registry=r)
         self.received_bytes = Counter("swarm_node_received_bytes", "Bytes of gRPC messages received, by kind of traffic",
                                       ["kind"], registry=r)
+        self._totals: collections.Counter[tuple[str, str]] = collections.Counter()  # (direction, kind) -> bytes: the same, readable
+        self._totals_lock = threading.Lock()
         for kind in KINDS:  # every kind shows from the start, at 0
             self.sent_bytes.labels(kind=kind)
             self.received_bytes.labels(kind=kind)
@@ -63,6 +67,10 @@ class NodeMetrics:
         self.rounds_aborted = Counter("swarm_node_rounds_aborted",
                                       "Rounds this node took part in that timed out or were cut short by a stop",
                                       registry=r)
+        self.sync_bytes = Gauge("swarm_node_sync_bytes", "Bytes a stage's last sync received from its replicas "
+                                "(counted from the frames)", ["stage"], registry=r)
+        self.sync_seconds = Gauge("swarm_node_sync_seconds", "Seconds a stage's last sync took", ["stage"],
+                                  registry=r)
         self.averaging_failures = Counter("swarm_node_averaging_failures",
                                           "Rounds whose gradient averaging did not reach every replica", registry=r)
         # Faults: detection, re-routing, checkpoints and lost stages (node/faults/detection.py, node/stage/origin.py,
@@ -105,8 +113,16 @@ class NodeMetrics:
 
     def count_frame(self, direction: str, method: str, nbytes: int) -> None:
         """The `protocol.service.FrameMeter` of this node's stubs and handlers."""
+        kind = kind_of(method)
         counter = self.sent_bytes if direction == "sent" else self.received_bytes
-        counter.labels(kind=kind_of(method)).inc(nbytes)
+        counter.labels(kind=kind).inc(nbytes)
+        with self._totals_lock:
+            self._totals[direction, kind] += nbytes
+
+    def bytes_so_far(self, direction: str, kind: str) -> int:
+        """Bytes of `kind` sent or received since the node started: read it before and after a phase."""
+        with self._totals_lock:
+            return self._totals[direction, kind]
 
     def set_role(self, role: str) -> None:
         for name in ROLES:

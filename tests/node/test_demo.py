@@ -52,7 +52,26 @@ def test_readme_demo_trains_and_exits_clean(tmp_path):
     for m in progress:  # executed visits: 2 data nodes x 4 microbatches, each visiting 2 of stages 1..3
         assert int(m[3]) == 8 and sum(map(int, m.groups()[3:])) == 16, m[0]
         assert float(m[1]) > 0 and float(m[2]) > 0
+    # Each round's printed prediction is routing's simulation of the plan the round ran, over the problem the
+    # planner saw (its `planned` event): the same numbers, not a second estimate.
+    simulated = _simulated_rounds(tmp_path / "work")
+    assert sorted(simulated) == [0, 1, 2], simulated
+    for r, m in enumerate(progress):
+        assert float(m[2]) == pytest.approx(simulated[r], abs=0.01), (r, m[0], simulated[r])
     wait_for(lambda: not [p for p in children if alive(p)], 15, "every node process to exit")
+
+
+def _simulated_rounds(workdir) -> dict[int, float]:
+    """Round -> the simulator's iteration time for the plan a data node ran, over the planner's problem."""
+    from node.control.planning import from_wire
+    from protocol.records import RoundPlan
+    from routing.instance_io import problem_from_dict
+    from routing.simulator import simulate
+
+    events = [json.loads(line) for path in sorted(workdir.glob("*.events.jsonl")) for line in path.read_text().splitlines()]
+    problems = {e["round"]: problem_from_dict(e["problem"]) for e in events if e["event"] == "planned" and e["problem"]}
+    plans = {e["round"]: RoundPlan.from_value(e["plan"]) for e in events if e["event"] == "round" and "plan" in e}
+    return {r: simulate(problems[r], from_wire(problems[r], plans[r]).paths).makespan for r in plans if r in problems}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

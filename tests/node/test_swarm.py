@@ -24,7 +24,8 @@ from protocol.codecs import wire_bytes
 from protocol.service import KINDS, StageStub
 from protocol.limits import WireLimits
 from protocol.tensor_frames import encode_frames
-from tests.helpers import alive, descendants, metric_sums, metrics_text, node, rounds, run_cli, scrape, wait_for
+from tests.helpers import (alive, descendants, metric_sums, metrics_text, node, rounds, run_cli, sample, scrape,
+                           wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -86,13 +87,14 @@ def test_trains_and_replicas_agree(swarm):
     assert (fwd - in_flight) * int8 + (bwd - in_flight) * bf16 <= sent["activations"], (sent, fwd, bwd)
     assert sent["activations"] <= fwd * (int8 + HOP_OVERHEAD) + bwd * (bf16 + HOP_OVERHEAD), (sent, fwd, bwd)
     # Stage 1's two replicas sync every round (the every-round default: reduce-scatter, then all-gather), each
-    # receiving 2G(n-1)/n = G bytes a round for G bytes of gradients, counted from the frames; stage 2 has no
-    # replica and pulls none.
-    s1 = node(swarm, "s1a")
-    first_round, first_bytes = len(rounds(s1)), _bytes_by_kind(s1, "received")["sync"]
-    wait_for(lambda: len(rounds(s1)) >= first_round + 20, 120, "20 more rounds on a stage-1 replica")
-    per_round = (_bytes_by_kind(s1, "received")["sync"] - first_bytes) / (len(rounds(s1)) - first_round)
-    assert abs(per_round - STAGE1_GRAD_BYTES) <= 0.1 * STAGE1_GRAD_BYTES, (per_round, STAGE1_GRAD_BYTES)
+    # receiving 2G(n-1)/n = G bytes a round for G bytes of gradients, counted from the frames (the round event
+    # and the gauge report them); stage 2 has no replica and pulls none.
+    for r in both:
+        assert a[r]["sync"] == "every-round"
+        received = a[r]["sync_bytes"]["1"]
+        assert abs(received - STAGE1_GRAD_BYTES) <= 0.1 * STAGE1_GRAD_BYTES, (r, received, STAGE1_GRAD_BYTES)
+    assert sample(node(swarm, "s1a"), 'swarm_node_sync_bytes{stage="1"}') == pytest.approx(STAGE1_GRAD_BYTES, rel=0.1)
+    assert all(e["sync_bytes"]["2"] == 0 for e in rounds(s2).values())
     assert _bytes_by_kind(s2, "received")["sync"] == 0
 
 
