@@ -1,7 +1,8 @@
 """A real swarm on loopback: separate `swarm-node run` processes, the hivemind DHT with its p2pd, gRPC.
 
 One swarm serves the whole module, in order: it trains, a node joins, a node is killed, malformed
-RPCs arrive, a node leaves with SIGTERM, and finally everything stops with nothing left running.
+RPCs arrive, a node leaves with SIGTERM, and finally everything stops with nothing left running. A real
+Prometheus scrapes it on the way.
 It trains with int8 activations and bf16 gradients, agreed through the plan although one node prefers raw.
 """
 
@@ -9,8 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import time
+import urllib.parse
+import urllib.request
 
 import grpc
 import pytest
@@ -24,8 +29,8 @@ from protocol.codecs import wire_bytes
 from protocol.service import KINDS, StageStub
 from protocol.limits import WireLimits
 from protocol.tensor_frames import encode_frames
-from tests.helpers import (alive, descendants, metric_sums, metrics_text, node, rounds, run_cli, sample, scrape,
-                           wait_for)
+from tests.helpers import (alive, descendants, free_port, metric_sums, metrics_text, node, rounds, run_cli, sample,
+                           scrape, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +118,65 @@ HOP_OVERHEAD = 2048  # bytes a hop's frames carry beyond the tensor: envelope, p
 def _bytes_by_kind(n, direction: str) -> dict[str, float]:
     samples = scrape(n.started()["metrics_url"])
     return {kind: samples[f'swarm_node_{direction}_bytes_total{{kind="{kind}"}}'] for kind in KINDS}
+
+
+# ---- a real Prometheus scrapes every node, and what it scrapes moves with the work --------------------------------
+def _query(port: int, expr: str) -> list[dict]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.load(response)["data"]["result"]
+    except OSError:
+        return []
+
+
+def _value(port: int, expr: str) -> float | None:
+    result = _query(port, expr)
+    return float(result[0]["value"][1]) if result else None
+
+
+# What a round's work moves, summed over the swarm's nodes as Prometheus scraped them.
+MOVING = {"microbatches": 'sum(swarm_node_microbatches_forwarded_total{stage="1"})',
+          "rounds": "sum(swarm_node_round_duration_seconds_count)",
+          "tokens": "sum(swarm_node_tokens_total)",
+          "activation bytes sent": 'sum(swarm_node_sent_bytes_total{kind="activations"})',
+          "activation bytes received": 'sum(swarm_node_received_bytes_total{kind="activations"})',
+          "sync bytes received": 'sum(swarm_node_received_bytes_total{kind="sync"})'}
+
+
+def test_prometheus_scrapes_every_node_and_the_values_move_with_the_work(swarm, tmp_path):
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "install prometheus (apt-get install prometheus); scripts/test.sh does it as root"
+    nodes = [n for n in swarm.nodes if n.alive()]
+    targets = [urllib.parse.urlparse(n.started()["metrics_url"]).netloc for n in nodes]
+    config = tmp_path / "prometheus.yml"
+    config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: swarm-node\n"
+                      f"    static_configs:\n      - targets: {json.dumps(targets)}\n")
+    port = free_port()
+    server = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                               f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _value(port, 'count(up{job="swarm-node"} == 1)') == len(nodes), 60,
+                 "Prometheus to scrape every node")
+
+        def moving() -> dict | None:
+            values = {what: _value(port, expr) for what, expr in MOVING.items()}
+            return values if all(v is not None and v > 0 for v in values.values()) else None
+        first = wait_for(moving, 60, "a round's work in Prometheus")
+        # Two more rounds later, every value has grown: they count work, they do not merely exist.
+        wait_for(lambda: (_value(port, MOVING["rounds"]) or 0) >= first["rounds"] + 2 * len(nodes), 60,
+                 "two more rounds")
+        later = wait_for(lambda: (lambda v: v if v and all(v[w] > first[w] for w in v) else None)(moving()), 30,
+                         "every value to grow")
+        assert later["tokens"] - first["tokens"] >= 2 * 4 * 64, (first, later)  # 2 rounds of at least a sequence
+        loss = _value(port, "swarm_node_loss")
+        assert loss is not None and 0 < loss < 10
+        for series in ("swarm_node_visible_peers", "swarm_node_dht_heartbeat_age_seconds"):
+            assert _query(port, series), f"{series} was not scraped"
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_forged_records_and_plans_are_ignored(swarm):
