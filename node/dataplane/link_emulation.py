@@ -2,11 +2,13 @@
 the two nodes sat in the regions a file gives them.
 
 `tc netem` is not available on the machines this project runs on, so the caller does it, for both
-directions of every call it makes (`EmulatedStub`): each message of a request occupies the link to the
-peer for bytes / bandwidth, and each message of the answer the link back; concurrent calls queue behind each
-other on a link, and the first message each way also waits the latency. So a Ping waits twice the latency, and
-Forward, Backward, FetchState, FetchGradients and the control calls all pay for their bytes: the real
-messages each call carries (after any codec).
+directions of every call it makes (`EmulatedStub`): each message of a streamed request occupies the link to
+the peer for bytes / bandwidth, and each message of a streamed answer the link back; concurrent streams queue
+behind each other on a link, and the first message each way also waits the latency. A unary message (a
+ping, a control message) waits the latency and its own bytes without queueing behind streams, as its packets
+would interleave with theirs. So a Ping waits twice the latency, and Forward, Backward, FetchState,
+FetchGradients and the control calls all pay for their bytes: the real messages each call carries (after
+any codec).
 
 File format (JSON), the benchmark instance format with an endpoint per node:
 
@@ -125,9 +127,11 @@ class LinkEmulator:
             yield frame
 
     def message(self, endpoint: str, message, direction: str) -> None:
-        """One message of a unary call crossing the link, with the latency."""
-        for _ in self.frames(endpoint, (message,), direction):
-            pass
+        """One message of a unary call (a ping, a control message) crossing the link: the latency and its own
+        bytes, without queueing behind bulk transfers (its packets interleave with theirs on a real link)."""
+        link = self.link_to(endpoint)
+        if link is not None:
+            time.sleep(link.latency_s + _size(message) / link.bandwidth_Bps)
 
 
 def _size(frame) -> int:
