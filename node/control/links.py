@@ -54,13 +54,14 @@ class LinkMeter:
                 (ewma(previous[0], nbytes, w), ewma(previous[1], seconds, w))
 
     def estimates(self) -> dict[str, LinkEstimate]:
-        """Peers with an RTT. Bandwidth: bytes over send time less the one-way latency (the current RTT's half);
-        0 (unusable, so planners fall back to their default) until a large enough hop was sent."""
+        """Peers with an RTT. Bandwidth: bytes over send time less the round trip (a send's time runs from its
+        first byte out to the receiver's acknowledgement back, so it holds the latency both ways); 0 (unusable,
+        so planners fall back to their default) until a large enough hop was sent."""
         with self._lock:
             out = {}
             for peer, rtt in self._rtt.items():
                 nbytes, seconds = self._sends.get(peer, (0.0, 0.0))
-                out[peer] = LinkEstimate(rtt, nbytes / max(seconds - rtt / 2, 1e-6) if nbytes else 0.0)
+                out[peer] = LinkEstimate(rtt, nbytes / max(seconds - rtt, 1e-6) if nbytes else 0.0)
             return out
 
 
