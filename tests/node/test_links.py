@@ -47,7 +47,8 @@ def test_meter_smooths_and_removes_latency():
     meter.observe_rtt("x", 0.2)
     assert meter.estimates()["x"].bandwidth_Bps == 0.0  # no large hop yet: planners use their default
     meter.observe_send("x", 1_000_000, 0.1 + 1.0 + 0.1)  # latency 0.1 s, 1 MB at 1 MB/s, the ack's 0.1 s back
-    assert meter.estimates()["x"] == pytest.approx(LinkEstimate(0.2, 1e6))
+    estimate = meter.estimates()["x"]
+    assert (estimate.rtt_s, estimate.bandwidth_Bps) == pytest.approx((0.2, 1e6))
     meter.observe_rtt("x", 0.4)
     assert 0.2 < meter.estimates()["x"].rtt_s < 0.4  # EWMA, not the last sample
 
