@@ -47,7 +47,7 @@ LAYOUT = [("data", "0"), ("s1a", "1"), ("s1b", "1"), ("s2a", "2"), ("s2b", "2")]
 # (1.7 s); with a quarter-second round one scheduling hiccup on shared cores doubles a round.
 MICROBATCHES, BATCH, SEQ = 4, 8, 128
 PLANNED_TOKENS = MICROBATCHES * BATCH * SEQ  # what a whole round trains on
-RUN_TAG = "SWARM_NODE_BENCH_RUN"  # an environment variable every process of the run inherits
+RUN_TAG = "BENCH_CHURN_RUN"  # an environment variable every process of the run inherits (not SWARM_NODE_*: those are settings)
 HOLD_WAIT_S = 30  # how long a chosen victim may stay without activations before another node is chosen
 COMMON = ["--num-stages", "3", "--microbatches", str(MICROBATCHES), "--max-inflight", "4", "--torch-threads", "1",
           "--batch-size", str(BATCH), "--seq-len", str(SEQ),
