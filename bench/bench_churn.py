@@ -223,7 +223,7 @@ def main() -> int:
     soak = [rounds[r]["wall_s"] for r in rounds if r > churn_end]
     churn = [rounds[r]["wall_s"] for r in rounds if warm < r <= churn_end]
     soak_median = statistics.median(soak)
-    delays = [max(0.0, rounds[k["round"]]["wall_s"] - soak_median) for k in bench.kills if k["round"] in rounds]
+    delays, hit = kill_delays(rounds, bench.kills, churn_end)
     after_warm = [s for s in bench.samples if s["round"] > warm + 5]
     rss0, rss1 = after_warm[0]["rss_mb"], after_warm[-1]["rss_mb"]
     fd0, fd1 = after_warm[0]["fds"], after_warm[-1]["fds"]
@@ -236,6 +236,8 @@ def main() -> int:
          f"{sum(1 for k in bench.kills if rounds.get(k['round'], {}).get('reroutes'))} of {len(bench.kills)}"),
         ("delay added per kill, median / worst", f"{statistics.median(delays):.2f} s / {max(delays):.2f} s"
          if delays else "n/a"),
+        ("delay added per kill that hit work, median / worst", f"{statistics.median(hit):.2f} s / {max(hit):.2f} s"
+         if hit else "n/a"),
         ("median round, churn vs soak", f"{statistics.median(churn):.2f} s vs {soak_median:.2f} s "
                                         f"({statistics.median(churn) / soak_median:.2f}x)"),
         ("soak: slowest round / median", f"{max(soak) / soak_median:.2f}x"),
@@ -255,6 +257,17 @@ def main() -> int:
     _plot(out / "churn.png", rounds, bench.samples, bench.kills, churn_end)
     print(header + table)
     return 0 if not missing and not failed and not left else 1
+
+
+def kill_delays(rounds: dict[int, dict], kills: list[dict], churn_end: int) -> tuple[list[float], list[float]]:
+    """What each kill added to the round it hit, against the soak's median round: for every kill, and for those
+    whose round re-routed a microbatch (the kill hit work). `rounds` may come from churn.json (string keys)."""
+    rounds = {int(r): e for r, e in rounds.items()}
+    soak_median = statistics.median(e["wall_s"] for r, e in rounds.items() if r > churn_end)
+    hit_round = [k for k in kills if k["round"] in rounds]
+    every = [max(0.0, rounds[k["round"]]["wall_s"] - soak_median) for k in hit_round]
+    hit = [d for d, k in zip(every, hit_round) if rounds[k["round"]].get("reroutes")]
+    return every, hit
 
 
 def _plot(path: Path, rounds: dict[int, dict], samples: list[dict], kills: list[dict], churn_end: int) -> None:
