@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -55,11 +56,32 @@ def test_kill_restart_and_lose_a_stage(tmp_path):
         victim = wait_for(lambda: next((n for n in (s1a, s1b) if n.events()[-1]["event"] == "round"), None), 60,
                           "a stage-1 replica in the plans")
         survivor = s1b if victim is s1a else s1a
-        wait_for(lambda: metric(victim, "swarm_node_activation_microbatches", timeout=10) > 0, 60,
-                 "activations held", interval=0.02)
         victim_peer = victim.started()["peer_id"]
-        os.killpg(victim.process.pid, signal.SIGKILL)
-        victim.process.wait()
+        # A round here lasts a fraction of a second, so a kill that follows a reading of the gauge could land
+        # after the round's hops through the victim were done. So the data node (the origin: it computes the
+        # loss and sends the gradient back, --visits 2) is frozen for a moment right after the gauge shows
+        # activations held: no gradient can come back to release them, and if they are still held after a
+        # gradient already on its way had time to land, the victim dies holding work in flight. The data node
+        # resumes at once (far below the 3 missed pings that make a peer hung), and its gradients find the
+        # victim gone.
+        def held() -> int:
+            return metric(victim, "swarm_node_activation_microbatches", timeout=10)
+
+        def frozen_while_held() -> bool:
+            if held() <= 0:
+                return False
+            os.kill(data.process.pid, signal.SIGSTOP)
+            time.sleep(0.05)
+            if held() > 0:
+                return True
+            os.kill(data.process.pid, signal.SIGCONT)
+            return False
+        try:
+            wait_for(frozen_while_held, 60, "activations held behind a frozen origin", interval=0.01)
+            os.killpg(victim.process.pid, signal.SIGKILL)
+            victim.process.wait()
+        finally:
+            os.kill(data.process.pid, signal.SIGCONT)
         killed_round = max(rounds(data)) + 1
         wait_for(lambda: max(rounds(data)) >= killed_round + 2, 120, "two rounds after the kill")
         history = rounds(data)
