@@ -105,14 +105,14 @@ class GradientExchange:
         self.chunk_bytes = chunk_bytes
         self.recheck_s = recheck_s  # how often a waiting FetchGradients looks whether its caller is still there
         self.keep_rounds = keep_rounds  # a late replica may still pull an older round's contribution
-        self._posted: dict[tuple[int, int], tuple[Contribution, torch.Tensor | None]] = {}  # (stage, round) -> ours
+        self._posted: dict[tuple[int, int], tuple[Contribution, torch.Tensor]] = {}  # (stage, round) -> ours, flat
         self._means: dict[tuple[int, int, int, int], MeanShard] = {}  # (stage, round, shard, shards) -> mean
         self._cv = threading.Condition()
         self._left_out_before = -1  # rounds below this one were never posted by us and never will be
 
     # ---- our side ---------------------------------------------------------------------------------------------
-    def post(self, stage: int, round_: int, contribution: Contribution, flat: torch.Tensor | None = None) -> None:
-        """`flat`: the contribution flattened, which the every-round sync cuts into shards (None: not needed)."""
+    def post(self, stage: int, round_: int, contribution: Contribution) -> None:
+        flat = flatten(contribution.grads)
         with self._cv:
             self._posted[(stage, round_)] = (contribution, flat)
             for key in [k for k in self._posted if k[1] < round_ - self.keep_rounds]:
@@ -168,8 +168,6 @@ class GradientExchange:
         meta = {"count": str(mine.count), "digest": mine.digest}
         if not shards:
             return encode_state(dict(zip(names, mine.grads)), meta, round_, self.chunk_bytes)
-        if flat is None:  # posted for all-to-all, asked for a shard
-            flat = flatten(mine.grads)
         start, end = shard_bounds(flat.numel(), shards)[shard]
         return encode_state({"shard": flat[start:end]}, meta, round_, self.chunk_bytes)
 
@@ -179,8 +177,7 @@ class GradientExchange:
                 strategy: str = EVERY_ROUND) -> Averaged:
         """Average `mine` with the contributions of `replicas` (peer id -> endpoint) reachable by `deadline`
         (monotonic), or until `stop`, as `strategy` says. Posts `mine` first, so the others can pull it."""
-        flat = None if strategy == ALL_TO_ALL else flatten(mine.grads)
-        self.post(stage, round_, mine, flat)
+        self.post(stage, round_, mine)
         # Our own mean: what a replica without a group, or one told to stop, steps with.
         alone = Averaged([(g.to(torch.float64) / max(mine.count, 1)).to(g.dtype) for g in mine.grads], mine.count,
                          {self.peer_id: (mine.count, mine.digest)})
@@ -189,7 +186,7 @@ class GradientExchange:
             return alone
         if strategy == ALL_TO_ALL:
             return self._all_to_all(stage, round_, names, mine, replicas, deadline, stop) or alone
-        return self._reduce_scatter(stage, round_, mine, flat, group, replicas, deadline, stop) or alone
+        return self._reduce_scatter(stage, round_, mine, group, replicas, deadline, stop) or alone
 
     def _gather(self, pulls: dict[str, Callable[[], object]], stop: threading.Event) -> dict[str, object] | None:
         """Run every pull at once; their results by key (None for a failed one), or None once `stop` is set."""
@@ -223,9 +220,11 @@ class GradientExchange:
             summed.append((acc / max(total, 1)).to(g.device, g.dtype))
         return Averaged(summed, total, {p: (c.count, c.digest) for p, c in got.items()})
 
-    def _reduce_scatter(self, stage: int, round_: int, mine: Contribution, flat: torch.Tensor, group: list[str],
+    def _reduce_scatter(self, stage: int, round_: int, mine: Contribution, group: list[str],
                         replicas: dict[str, str], deadline: float, stop: threading.Event) -> Averaged | None:
         shards = len(group)
+        with self._cv:
+            flat = self._posted[(stage, round_)][1]
         bounds = shard_bounds(flat.numel(), shards)
         me = group.index(self.peer_id)
         own = self._mean_of(stage, round_, me, shards, bounds[me], mine, flat, group, replicas, deadline, stop)
