@@ -218,18 +218,32 @@ class TrainingConfig:
     weight_decay: float = setting(0.01, "AdamW weight decay", _non_negative_float)
     grad_clip: float = setting(1.0, "gradient norm clip", _positive_float)
     warmup_rounds: float = setting(2.0, "rounds of linear learning-rate warm-up", _non_negative_float)
-    # This node's preference; the planner picks the strategy most members prefer and every replica of the round
-    # follows the plan (node/sync/agreement.py).
-    sync: str = setting(EVERY_ROUND, "how a stage's replicas average gradients each round: every-round "
-                                     "(reduce-scatter, then all-gather: each replica moves about 2G(n-1)/n bytes) "
-                                     "or all-to-all (each pulls every other's whole gradient: (n-1)G)",
-                        _choice(*SYNC_NAMES))
     rounds: int = setting(0, "stop after this many rounds (0: train until stopped)", _int)
     checkpoint_dir: str = setting("", "save hosted stages here (and resume from here); empty: no checkpoints")
     checkpoint_every: int = setting(5, "rounds between checkpoints", _positive_int)
     save_model: str = setting("", "after the last round (--rounds), write each hosted stage into this HF "
                                   "LlamaForCausalLM checkpoint directory (safetensors, one shard per stage; "
                                   "lm/whole.py)", metavar="DIR")
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """How a stage's replicas keep their weights together (node/sync/). This node's preference: the planner
+    picks the strategy and the sync interval most members prefer, and every replica of a round follows the
+    plan (node/sync/agreement.py). The outer optimizer's numbers are DiLoCo's (arXiv 2311.08105)."""
+
+    strategy: str = setting(EVERY_ROUND, "how replicas sync: every-round (average gradients each round by "
+                                         "reduce-scatter, then all-gather: about 2G(n-1)/n bytes a replica), "
+                                         "all-to-all (each pulls every other's whole gradient: (n-1)G), or outer "
+                                         "(local steps; every --sync-every rounds average the compressed "
+                                         "pseudo-gradients and take an outer Nesterov step)",
+                            _choice(*SYNC_NAMES), flag="sync")
+    every: int = setting(8, "outer: inner rounds between syncs (H)", _positive_int, flag="sync_every")
+    outer_lr: float = setting(0.7, "outer: the outer Nesterov step's learning rate", _positive_float)
+    outer_momentum: float = setting(0.9, "outer: the outer Nesterov step's momentum",
+                                    _within(_float, lambda x: 0 <= x < 1, "must be a number in [0, 1)"))
+    codec: str = setting("int8", "outer: the codec of pseudo-gradients on the wire (error feedback keeps what it "
+                                 "loses for the next sync)", _choice("raw", "bf16", "int8", "int4"), flag="sync_codec")
 
 
 @dataclass(frozen=True)
@@ -421,6 +435,7 @@ class NodeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     roles: RoleConfig = field(default_factory=RoleConfig)
     rounds: RoundConfig = field(default_factory=RoundConfig)
     dataplane: DataPlaneConfig = field(default_factory=DataPlaneConfig)

@@ -83,6 +83,7 @@ class NodeRecord:
     codecs: tuple[str, str] = ("raw", "raw")  # preferred (activation, gradient) codecs; the plan decides
     speaks: tuple[str, ...] = ("raw",)  # every codec this node can decode (older nodes: raw only)
     sync: str = EVERY_ROUND  # the sync strategy this node prefers (protocol/sync_names.py); the plan decides
+    sync_every: int = 1  # the rounds between syncs it prefers under `outer` (--sync-every); the plan decides
 
     @property
     def serving(self) -> bool:
@@ -132,6 +133,7 @@ class NodeRecord:
             codecs=_codec_pair(value.get("codecs", ["raw", "raw"]), known_only=False),
             speaks=_codec_names(value.get("speaks", ["raw"])),
             sync=_sync_name(value.get("sync", EVERY_ROUND), known_only=False),
+            sync_every=_sync_every(value.get("sync_every", 1)),
         )
 
 
@@ -142,6 +144,21 @@ def _sync_name(value: Any, known_only: bool) -> str:
     if known_only and value not in SYNC_NAMES:
         raise RecordError(f"sync {value!r} is not one this node speaks ({', '.join(SYNC_NAMES)})")
     return value
+
+
+MAX_SYNC_EVERY = 1_000_000
+
+
+def _sync_every(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SYNC_EVERY:
+        raise RecordError(f"sync_every must be an integer in 1..{MAX_SYNC_EVERY}")
+    return value
+
+
+def _non_negative_seconds(value: Any, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+        raise RecordError(f"{name} must be a non-negative number")
+    return float(value)
 
 
 def _codec_pair(value: Any, known_only: bool) -> tuple[str, str]:
@@ -195,6 +212,10 @@ class RoundPlan:
     predicted_s: float = 0.0  # the simulator's iteration time for this plan with the links the planner knew
     codecs: tuple[str, str] = ("raw", "raw")  # the (activation, gradient) codecs every sender of the round uses
     sync: str = EVERY_ROUND  # how the round's replicas average their gradients (protocol/sync_names.py)
+    sync_every: int = 1  # under `outer`: replicas sync after rounds r with (r + 1) % sync_every == 0
+    # The simulator's whole round: the iteration, the sync phase for `sync` and the replica groups, and the
+    # plan's own overhead (0.0: not predicted).
+    predicted_round_s: float = 0.0
 
     def participants(self) -> set[str]:
         return {hop.peer_id for mb in self.microbatches for hop in mb.path}
@@ -216,7 +237,7 @@ class RoundPlan:
         return {
             "v": RECORD_VERSION, "round": self.round, "planner": self.planner, "digest": self.membership_digest,
             "deadline": self.deadline, "predicted_s": self.predicted_s, "codecs": list(self.codecs),
-            "sync": self.sync,
+            "sync": self.sync, "sync_every": self.sync_every, "predicted_round_s": self.predicted_round_s,
             "microbatches": [{"id": mb.id, "path": [[h.stage, h.peer_id, h.endpoint] for h in mb.path]}
                              for mb in self.microbatches],
         }
@@ -249,7 +270,9 @@ class RoundPlan:
                    membership_digest=_require(value, "digest", str), microbatches=tuple(mbs),
                    deadline=float(deadline), predicted_s=float(predicted),
                    codecs=_codec_pair(value.get("codecs", ["raw", "raw"]), known_only=True),
-                   sync=_sync_name(value.get("sync", EVERY_ROUND), known_only=True))
+                   sync=_sync_name(value.get("sync", EVERY_ROUND), known_only=True),
+                   sync_every=_sync_every(value.get("sync_every", 1)),
+                   predicted_round_s=_non_negative_seconds(value.get("predicted_round_s", 0.0), "predicted_round_s"))
 
 
 # ---- measured links (skippipe) ------------------------------------------------------------------------------

@@ -156,7 +156,8 @@ class RoundLoop:
         if made is None:
             return None
         plan, live = made
-        plan = replace(plan, codecs=codecs, sync=agree_sync(members))
+        sync, sync_every = agree_sync(members)
+        plan = replace(plan, codecs=codecs, sync=sync, sync_every=sync_every)
         self.events.emit("planned", round=round_, predicted_s=plan.predicted_s,
                          defaulted_links=live.defaulted_links if live else 0,
                          skipped_link_values=self.links.skipped,

@@ -59,6 +59,7 @@ class Advertised:
     codecs: tuple[str, str] = ("raw", "raw")
     speaks: tuple[str, ...] = ("raw",)
     sync: str = EVERY_ROUND
+    sync_every: int = 1
 
 
 class Presence:
@@ -81,7 +82,8 @@ class Presence:
         a = self._advertised()
         return replace(self.base, role=a.role, stages=a.stages, compute_s=dict(a.compute_s or {}),
                        memory_slots=a.memory_slots, round=a.round, num_stages=a.num_stages, codecs=a.codecs,
-                       speaks=a.speaks, sync=a.sync, state=self.state, heartbeat_time=get_dht_time())
+                       speaks=a.speaks, sync=a.sync, sync_every=a.sync_every, state=self.state,
+                       heartbeat_time=get_dht_time())
 
     def set_state(self, state: NodeState) -> None:
         self.state = state

@@ -152,7 +152,7 @@ class StageRole:
                           compute_s=self.executor.compute_seconds() or self._measured_s, memory_slots=slots,
                           round=max(self.executor.round, 0), num_stages=cfg.model.num_stages,
                           codecs=(cfg.dataplane.activation_codec, cfg.dataplane.gradient_codec), speaks=CODEC_NAMES,
-                          sync=cfg.training.sync)
+                          sync=cfg.sync.strategy, sync_every=cfg.sync.every)
 
     def on_beat(self) -> None:
         self._serve_when_ready()
