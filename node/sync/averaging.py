@@ -12,6 +12,12 @@ owner answers as soon as it has posted). The plan names how (protocol/sync_names
   survivor itself, from the other replicas' sums of that shard.
 - `all-to-all`: every replica pulls every other replica's whole sum: (n-1)·G bytes.
 
+A post may name a lossy codec (`outer`'s pseudo-gradients, node/sync/outer.py): its shards and the means of
+the shards it owns then travel encoded, and every replica, the producer included, uses the decoded values,
+so all of them still compute the same average. Shards are then cut at multiples of ALIGN elements, so a
+shard's blocks are the whole vector's blocks, and the producer can keep its error (`roundtrip`) once for
+any number of shards.
+
 A replica that is gone fails its pull at once (the connection is refused, or gRPC keepalive sees it hang);
 one that is alive but slower is waited for until the round's deadline. Sums are taken in peer-id order in
 float64, so replicas that heard from the same group compute bit-identical averages (and a replica that
@@ -39,6 +45,7 @@ import torch
 
 from node.dataplane.transport import StageClients
 from node.process.waits import wait_until
+from protocol.codecs import CodecError, get_codec
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.state_frames import decode_state, encode_state
@@ -49,11 +56,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Contribution:
-    """One replica's share of a round: gradient sums by parameter index, microbatches, weights digest."""
+    """One replica's share of a round: gradient sums by parameter index, microbatches, weights digest, and the
+    codec its shards travel in."""
 
     grads: list[torch.Tensor]
     count: int
     digest: str
+    codec: str = "raw"
 
 
 @dataclass(frozen=True)
@@ -64,11 +73,54 @@ class Averaged:
 
 
 MAX_SHARDS = 1024  # far above any replica group: a request for more shards is malformed
+ALIGN = 1024  # coded shards start at multiples of this: a multiple of every blockwise codec's block
+SYNC_CODECS = ("raw", "bf16", "int8", "int4")  # deterministic codecs: the same input encodes the same everywhere
 
 
-def shard_bounds(elements: int, shards: int) -> list[tuple[int, int]]:
-    """[start, end) of each of `shards` near-equal slices of `elements` flattened values."""
-    return [(k * elements // shards, (k + 1) * elements // shards) for k in range(shards)]
+def shard_bounds(elements: int, shards: int, align: int = 1) -> list[tuple[int, int]]:
+    """[start, end) of each of `shards` near-equal slices of `elements` flattened values, cut at multiples of
+    `align` (the last slice ends at `elements`)."""
+    cuts = [min(elements, (k * elements // shards) // align * align) for k in range(shards)] + [elements]
+    return [(cuts[k], cuts[k + 1]) for k in range(shards)]
+
+
+def roundtrip(flat: torch.Tensor, codec: str) -> torch.Tensor:
+    """`flat` as a receiver decodes it after `codec` (itself for raw): what the producer of a coded value uses."""
+    if codec == "raw" or not flat.numel():
+        return flat
+    c = get_codec(codec)
+    layout = c.layout_for(tuple(flat.shape))
+    return c.decode(c.encode(flat, layout), tuple(flat.shape), torch.float32, layout, flat.device)
+
+
+def _encoded(values: torch.Tensor, codec: str, metadata: dict[str, str]) -> tuple[dict, dict]:
+    """The tensors and metadata that carry `values` (1-D float32) in `codec`."""
+    if codec == "raw" or not values.numel():
+        return {"values": values}, metadata
+    c = get_codec(codec)
+    return {"payload": c.encode(values, c.layout_for(tuple(values.shape)))}, {**metadata, "codec": codec}
+
+
+def _decoded(tensors: dict[str, torch.Tensor], metadata: dict[str, str], length: int) -> torch.Tensor:
+    """The 1-D float32 values of `length` elements that `_encoded` sent; ValueError if they do not fit."""
+    codec = metadata.get("codec", "raw")
+    if codec == "raw":
+        values = tensors.get("values")
+        if values is None or values.shape != (length,) or values.dtype != torch.float32:
+            raise ValueError(f"expected {length} float32 values")
+        return values
+    if codec not in SYNC_CODECS:
+        raise ValueError(f"codec {codec!r} is not one a sync speaks ({', '.join(SYNC_CODECS)})")
+    c = get_codec(codec)
+    layout = c.layout_for((length,))
+    payload = tensors.get("payload")
+    expected = c.wire_bytes((length,), 4, layout)
+    if payload is None or payload.dtype != torch.uint8 or payload.shape != (expected,):
+        raise ValueError(f"a {codec} payload of {length} values takes {expected} bytes")
+    try:
+        return c.decode(payload, (length,), torch.float32, layout, torch.device("cpu"))
+    except CodecError as e:
+        raise ValueError(str(e)) from None
 
 
 def flatten(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -91,6 +143,7 @@ class MeanShard:
     values: torch.Tensor  # float32
     total: int  # microbatches the group processed
     peers: dict[str, tuple[int, str]]  # whose sums it holds: (microbatches, weights digest)
+    codec: str = "raw"  # how it travels
 
 
 class GradientExchange:
@@ -98,23 +151,27 @@ class GradientExchange:
     replicas'; one per node, for all hosted stages."""
 
     def __init__(self, swarm: str, peer_id: str, clients: StageClients, chunk_bytes: int, recheck_s: float,
-                 keep_rounds: int = 2):
+                 keep_rounds: int = 2, refused: Callable[[str], None] = lambda reason: None):
+        """`refused(reason)` counts a replica's share left out: unreadable, mismatch or non_finite."""
         self.swarm = swarm
         self.peer_id = peer_id
         self.clients = clients
         self.chunk_bytes = chunk_bytes
         self.recheck_s = recheck_s  # how often a waiting FetchGradients looks whether its caller is still there
         self.keep_rounds = keep_rounds  # a late replica may still pull an older round's contribution
-        self._posted: dict[tuple[int, int], tuple[Contribution, torch.Tensor]] = {}  # (stage, round) -> ours, flat
+        # (stage, round) -> ours, flattened, and flattened as the others decode it (the same unless coded)
+        self._posted: dict[tuple[int, int], tuple[Contribution, torch.Tensor, torch.Tensor]] = {}
         self._means: dict[tuple[int, int, int, int], MeanShard] = {}  # (stage, round, shard, shards) -> mean
         self._cv = threading.Condition()
         self._left_out_before = -1  # rounds below this one were never posted by us and never will be
+        self.refused = refused
 
     # ---- our side ---------------------------------------------------------------------------------------------
     def post(self, stage: int, round_: int, contribution: Contribution) -> None:
         flat = flatten(contribution.grads)
+        decoded = roundtrip(flat, contribution.codec)
         with self._cv:
-            self._posted[(stage, round_)] = (contribution, flat)
+            self._posted[(stage, round_)] = (contribution, flat, decoded)
             for key in [k for k in self._posted if k[1] < round_ - self.keep_rounds]:
                 del self._posted[key]
             for key in [k for k in self._means if k[1] < round_ - self.keep_rounds]:
@@ -158,18 +215,23 @@ class GradientExchange:
                 raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"no mean of stage {stage} round {round_} shard {shard} of {shards}: this node "
                                     f"did not average it")
-            return encode_state({"mean": mean.values}, {"total": str(mean.total), "peers": json.dumps(mean.peers)},
-                                round_, self.chunk_bytes)
+            tensors, meta = _encoded(mean.values, mean.codec,
+                                     {"total": str(mean.total), "peers": json.dumps(mean.peers)})
+            return encode_state(tensors, meta, round_, self.chunk_bytes)
         posted = self._wait((stage, round_), self._posted, round_, timeout, cancelled)
         if posted is None:
             raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"no gradients for stage {stage} round {round_}: this node did not take part")
-        mine, flat = posted
+        mine, flat, _ = posted
         meta = {"count": str(mine.count), "digest": mine.digest}
         if not shards:
+            if mine.codec != "raw":
+                raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"stage {stage} round {round_} is averaged by shards ({mine.codec}); ask for one")
             return encode_state(dict(zip(names, mine.grads)), meta, round_, self.chunk_bytes)
-        start, end = shard_bounds(flat.numel(), shards)[shard]
-        return encode_state({"shard": flat[start:end]}, meta, round_, self.chunk_bytes)
+        start, end = shard_bounds(flat.numel(), shards, _align(mine.codec))[shard]
+        tensors, meta = _encoded(flat[start:end], mine.codec, meta)
+        return encode_state(tensors, meta, round_, self.chunk_bytes)
 
     # ---- the all-reduce --------------------------------------------------------------------------------------
     def average(self, stage: int, round_: int, names: list[str], mine: Contribution,
@@ -184,7 +246,7 @@ class GradientExchange:
         group = sorted({*replicas, self.peer_id})
         if len(group) == 1:
             return alone
-        if strategy == ALL_TO_ALL:
+        if strategy == ALL_TO_ALL and mine.codec == "raw":
             return self._all_to_all(stage, round_, names, mine, replicas, deadline, stop) or alone
         return self._reduce_scatter(stage, round_, mine, group, replicas, deadline, stop) or alone
 
@@ -224,8 +286,8 @@ class GradientExchange:
                         replicas: dict[str, str], deadline: float, stop: threading.Event) -> Averaged | None:
         shards = len(group)
         with self._cv:
-            flat = self._posted[(stage, round_)][1]
-        bounds = shard_bounds(flat.numel(), shards)
+            flat = self._posted[(stage, round_)][2]  # our share as the others decode it
+        bounds = shard_bounds(flat.numel(), shards, _align(mine.codec))
         me = group.index(self.peer_id)
         own = self._mean_of(stage, round_, me, shards, bounds[me], mine, flat, group, replicas, deadline, stop)
         if own is None:
@@ -233,7 +295,7 @@ class GradientExchange:
         self._post_mean(stage, round_, me, shards, own)
         owners = {k: p for k, p in enumerate(group) if p != self.peer_id}
         means = self._gather({k: lambda k=k: self._pull_mean(owners[k], replicas[owners[k]], stage, round_, k, shards,
-                                                             bounds[k][1] - bounds[k][0], deadline)
+                                                             bounds[k][1] - bounds[k][0], mine.codec, deadline)
                               for k in owners}, stop)
         if means is None:
             return None
@@ -268,8 +330,9 @@ class GradientExchange:
         acc = torch.zeros(end - start, dtype=torch.float64)
         for peer in sorted(got):  # a fixed order: whoever averages this shard rounds the same way
             acc += got[peer][0].to(torch.float64)
-        return MeanShard((acc / max(total, 1)).to(torch.float32), total,
-                         {p: (count, digest) for p, (_, count, digest) in got.items()})
+        # A coded mean travels coded: its owner, too, keeps what the others will decode.
+        return MeanShard(roundtrip((acc / max(total, 1)).to(torch.float32), mine.codec), total,
+                         {p: (count, digest) for p, (_, count, digest) in got.items()}, mine.codec)
 
     # ---- pulls -----------------------------------------------------------------------------------------------
     def _fetch(self, peer: str, endpoint: str, request: pb.GradientRequest, deadline: float, what: str):
@@ -285,9 +348,12 @@ class GradientExchange:
             log.info("stage %d round %d: no %s from %s (%s: %s)", request.stage, request.round, what, endpoint,
                      e.code().name, e.details())
         except Exception as e:  # a truncated or corrupt blob: leave this replica out rather than step on it
-            log.warning("stage %d round %d: unreadable %s from %s: %r", request.stage, request.round, what,
-                        endpoint, e)
+            self._left_out("unreadable", request.stage, request.round, f"unreadable {what} from {endpoint}: {e!r}")
         return None
+
+    def _left_out(self, reason: str, stage: int, round_: int, why: str) -> None:
+        log.warning("stage %d round %d: %s; left out", stage, round_, why)
+        self.refused(reason)
 
     def _request(self, stage: int, round_: int, shard: int = 0, shards: int = 0,
                  averaged: bool = False) -> pb.GradientRequest:
@@ -304,15 +370,13 @@ class GradientExchange:
             grads = [tensors[name] for name in names]
             count = int(metadata["count"])
         except (KeyError, ValueError):
-            log.warning("stage %d round %d: gradients from %s lack some parameters; left out", stage, round_,
-                        endpoint)
+            self._left_out("mismatch", stage, round_, f"gradients from {endpoint} lack some parameters")
             return None
         if any(g.shape != m.shape for g, m in zip(grads, mine.grads)) or count < 0:
-            log.warning("stage %d round %d: gradients from %s do not match this stage; left out", stage, round_,
-                        endpoint)
+            self._left_out("mismatch", stage, round_, f"gradients from {endpoint} do not match this stage")
             return None
         if not all(math.isfinite(float(g.sum())) for g in grads):
-            log.warning("stage %d round %d: non-finite gradients from %s; left out", stage, round_, endpoint)
+            self._left_out("non_finite", stage, round_, f"non-finite gradients from {endpoint}")
             return None
         return Contribution(grads, count, metadata.get("digest", ""))
 
@@ -323,31 +387,41 @@ class GradientExchange:
         if fetched is None:
             return None
         tensors, metadata = fetched
-        values, count = tensors.get("shard"), metadata.get("count", "")
-        if values is None or values.shape != (length,) or not count.isdigit():
-            log.warning("stage %d round %d: shard %d from %s does not match this stage; left out", stage, round_,
-                        shard, endpoint)
+        count = metadata.get("count", "")
+        try:
+            values = _decoded(tensors, metadata, length)
+        except ValueError as e:
+            self._left_out("mismatch", stage, round_, f"shard {shard} from {endpoint} does not match this stage: {e}")
+            return None
+        if not count.isdigit():
+            self._left_out("mismatch", stage, round_, f"shard {shard} from {endpoint} has no microbatch count")
             return None
         if not bool(torch.isfinite(values).all()):
-            log.warning("stage %d round %d: non-finite shard %d from %s; left out", stage, round_, shard, endpoint)
+            self._left_out("non_finite", stage, round_, f"non-finite shard {shard} from {endpoint}")
             return None
         return values.to(torch.float32), int(count), metadata.get("digest", "")
 
     def _pull_mean(self, peer: str, endpoint: str, stage: int, round_: int, shard: int, shards: int, length: int,
-                   deadline: float) -> MeanShard | None:
+                   codec: str, deadline: float) -> MeanShard | None:
         fetched = self._fetch(peer, endpoint, self._request(stage, round_, shard, shards, averaged=True), deadline,
                               f"mean of shard {shard}")
         if fetched is None:
             return None
         tensors, metadata = fetched
-        values = tensors.get("mean")
         try:
+            values = _decoded(tensors, metadata, length)
             total = int(metadata["total"])
             peers = {str(p): (int(c), str(d)) for p, (c, d) in json.loads(metadata["peers"]).items()}
-        except (KeyError, ValueError, TypeError, AttributeError):
-            values = None
-        if values is None or values.shape != (length,) or not bool(torch.isfinite(values).all()):
-            log.warning("stage %d round %d: the mean of shard %d from %s does not match this stage; averaging it "
-                        "here", stage, round_, shard, endpoint)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            self._left_out("mismatch", stage, round_, f"the mean of shard {shard} from {endpoint} does not match "
+                           f"this stage ({e}); averaging it here")
             return None
-        return MeanShard(values.to(torch.float32), total, peers)
+        if not bool(torch.isfinite(values).all()):
+            self._left_out("non_finite", stage, round_, f"the mean of shard {shard} from {endpoint} is not finite; "
+                           "averaging it here")
+            return None
+        return MeanShard(values.to(torch.float32), total, peers, metadata.get("codec", codec))
+
+
+def _align(codec: str) -> int:
+    return 1 if codec == "raw" else ALIGN
