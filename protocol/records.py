@@ -14,7 +14,8 @@ Subkeys of the catalogue and of expert records end in their writer's owner marke
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -84,6 +85,8 @@ class NodeRecord:
     speaks: tuple[str, ...] = ("raw",)  # every codec this node can decode (older nodes: raw only)
     sync: str = EVERY_ROUND  # the sync strategy this node prefers (protocol/sync_names.py); the plan decides
     sync_every: int = 1  # the rounds between syncs it prefers under `outer` (--sync-every); the plan decides
+    # By hosted stage, its last sync applied: {"round", "bytes" received, "seconds", "drift"} (for `status`)
+    sync_state: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def serving(self) -> bool:
@@ -98,6 +101,7 @@ class NodeRecord:
         value["codecs"] = list(self.codecs)
         value["speaks"] = list(self.speaks)
         value["compute_s"] = {str(k): v for k, v in self.compute_s.items()}
+        value["sync_state"] = {str(k): v for k, v in self.sync_state.items()}
         value["v"] = RECORD_VERSION
         return value
 
@@ -134,6 +138,7 @@ class NodeRecord:
             speaks=_codec_names(value.get("speaks", ["raw"])),
             sync=_sync_name(value.get("sync", EVERY_ROUND), known_only=False),
             sync_every=_sync_every(value.get("sync_every", 1)),
+            sync_state=_sync_state(value.get("sync_state", {})),
         )
 
 
@@ -147,6 +152,21 @@ def _sync_name(value: Any, known_only: bool) -> str:
 
 
 MAX_SYNC_EVERY = 1_000_000
+SYNC_STATE_KEYS = ("round", "bytes", "seconds", "drift")
+
+
+def _sync_state(value: Any) -> dict[int, dict[str, float]]:
+    if not isinstance(value, dict) or len(value) > 64:
+        raise RecordError("sync_state must map a few stages to their last sync")
+    out = {}
+    for stage, entry in value.items():
+        if not (isinstance(stage, str) and stage.isdigit()) or not isinstance(entry, dict) \
+                or set(entry) != set(SYNC_STATE_KEYS) \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in entry.values()):
+            raise RecordError(f"sync_state entries are stage -> {{{', '.join(SYNC_STATE_KEYS)}}} numbers")
+        out[int(stage)] = {k: entry[k] for k in SYNC_STATE_KEYS}
+    return out
 
 
 def _sync_every(value: Any) -> int:

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         plan = SwarmDirectory(dht, args.swarm, "", ttl=0, owner=b"").fetch_plan(latest, members) if members else None
         reachable = _reachable(members, trust.auth)
     codecs = dict(round=plan.round, activation=plan.codecs[0], gradient=plan.codecs[1]) if plan else None
-    sync = dict(round=plan.round, strategy=plan.sync) if plan else None
+    sync = dict(round=plan.round, strategy=plan.sync, every=plan.sync_every) if plan else None
     missing = _missing_stages(members, reachable)
     rows = []
     for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages, default=-1), kv[0])):
@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
                          round=r.round, state=r.state.value, serving=r.serving,
                          compute_ms=round(1000 * sum(r.compute_s.values()), 1),
                          heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url,
-                         codecs="/".join(r.codecs), sync=r.sync, reachable=peer in reachable))
+                         codecs="/".join(r.codecs), sync=r.sync, reachable=peer in reachable,
+                         last_sync=_last_sync(r.sync_state), sync_state={str(k): v for k, v in r.sync_state.items()}))
     matrix = _link_matrix(sorted(members), links)
     if args.json:
         import json
@@ -55,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"missing stages (no reachable serving replica): {', '.join(map(str, missing))}")
     if codecs:
         print(f"codecs (plan of round {codecs['round']}): activations {codecs['activation']}, "
-              f"gradients {codecs['gradient']}; sync {sync['strategy']}")
-    # `codecs` and `sync` per node: what it prefers (--activation-codec/--gradient-codec, --sync).
+              f"gradients {codecs['gradient']}; sync {sync['strategy']}"
+              + (f" every {sync['every']} rounds" if sync['strategy'] == "outer" else ""))
+    # `codecs` and `sync` per node: what it prefers (--activation-codec/--gradient-codec, --sync); `last_sync`, per
+    # hosted stage: the round whose sync it last applied, the bytes it received for it, its seconds and, under
+    # outer, the drift of its weights from the anchor when it began.
     header = ("peer", "stages", "role", "endpoint", "round", "state", "compute_ms", "heartbeat_age_s", "codecs",
-              "sync")
+              "sync", "last_sync")
     table = [header] + [tuple(str(row[h]) if h != "peer" else row[h][-12:] for h in header) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
@@ -79,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
         print("cells: RTT ms / MB/s as the row's node measured them; '?' not measured yet (default used), "
               "'!' absurd (default used)")
     return 0
+
+
+def _last_sync(state: dict[int, dict[str, float]]) -> str:
+    return "; ".join(f"{stage}: r{int(x['round'])} {x['bytes'] / 1e6:.2f}MB {x['seconds']:.2f}s drift {x['drift']:.4f}"
+                     for stage, x in sorted(state.items())) or "-"
 
 
 def _link_matrix(peers: list[str], links: dict) -> list[dict]:

@@ -36,7 +36,7 @@ class StageCheckpoints:
         self.keep = keep  # checkpoints kept per stage: the newest, and one in case it is being read
 
     def save(self, trainer: StageTrainer) -> Path:
-        tensors, metadata = trainer.export()
+        tensors, metadata = trainer.export(include_residual=True)
         round_ = int(metadata["completed_round"])
         stage_dir = self.root / f"stage-{trainer.stage}"
         final = stage_dir / f"round-{round_:08d}"

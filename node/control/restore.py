@@ -148,6 +148,5 @@ def checkfree(trainer: StageTrainer, neighbours: dict[int, tuple[dict[str, torch
                     continue
                 suffix = name[len(prefix):]
                 p.copy_(sum(w * layers[s][k % len(layers[s])][suffix].to(p.dtype) for s, w in weights.items()))
-        trainer.optimizer.state.clear()
-        trainer._digest = None
+        trainer.rebuilt()
     return {s: round(w, 3) for s, w in weights.items()}

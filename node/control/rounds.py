@@ -9,15 +9,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from hivemind.utils import get_dht_time
 
 from node.config import NodeConfig
-from node.sync.agreement import agree_sync
+from node.sync.agreement import agree_sync, reference_replica
 from node.sync.averaging import Contribution, GradientExchange
+from node.sync.outer_sync import OuterSync, is_sync_round
 from node.control.checkpoint import StageCheckpoints
 from node.dataplane.codec_agreement import agree, hop_bytes
 from node.control.discovery import SwarmDirectory
@@ -33,6 +33,7 @@ from node.stage.trainer import StageTrainer
 from node.dataplane.transport import StageClients
 from protocol.records import NodeRecord, RoundPlan
 from protocol.service import SYNC
+from protocol.sync_names import OUTER, SYNC_NAMES
 from routing.instance_io import problem_to_dict
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,24 @@ class Synced:
     peers: int  # replicas averaged with, this one included
     bytes: int  # received from the other replicas, counted from the frames
     seconds: float
+    synced_round: int | None = None  # the round whose sync this round applied (every round but under outer)
+
+
+@dataclass(frozen=True)
+class StageSync:
+    """What `status` shows of a stage's sync (node/roles/stage.py puts it in the node's record)."""
+
+    strategy: str
+    last_round: int  # the round whose sync was last applied
+    bytes: int  # received by that sync
+    seconds: float
+    drift: float  # under outer: ||weights - anchor|| / ||anchor|| when the last sync began
 
 
 class RoundLoop:
     def __init__(self, config: NodeConfig, peer_id: str, directory: SwarmDirectory, executor: StageExecutor,
-                 trainers: dict[int, StageTrainer], exchange: GradientExchange, origin: Origin | None,
+                 trainers: dict[int, StageTrainer], exchange: GradientExchange, outer: OuterSync,
+                 origin: Origin | None,
                  clients: StageClients, metrics: NodeMetrics, events: EventLog, faults: Faults, links: LinkBook,
                  checkpoints: StageCheckpoints | None,
                  activation_shape: tuple[int, int, int], activation_bytes: int, on_plan: Callable[[RoundPlan], None],
@@ -64,6 +78,7 @@ class RoundLoop:
         self.executor = executor
         self.trainers = trainers
         self.exchange = exchange
+        self.outer = outer  # the outer loop's syncs in flight (--sync outer)
         self.origin = origin
         self.clients = clients
         self.metrics = metrics
@@ -80,6 +95,8 @@ class RoundLoop:
         self._stages_seen: set[int] = set()  # stages some plan used: only those can be lost (and skipped)
         self._members: dict[str, NodeRecord] = {}  # the membership last read while waiting for a plan
         self._last_executed = 0.0  # seconds the last round's work took here: a floor for hop deadlines
+        self._sync: dict[int, StageSync] = {}  # by stage: the last sync applied
+        self._drift: dict[int, float] = {}  # by stage, under outer: the drift when its last sync began
 
     def run(self, first_round: int, stop: threading.Event) -> bool:
         """Take part in rounds until stopped or --rounds is reached; True when it ended because the plans left
@@ -219,9 +236,16 @@ class RoundLoop:
         pull_until = min(finished + grace,
                          deadline + min(self.config.rounds.averaging_overrun_max, self.config.rounds.round_timeout / 2))
         self.metrics.phase.state("averaging")
+        for name in SYNC_NAMES:
+            self.metrics.sync_strategy.labels(strategy=name).set(int(name == plan.sync))
         for stage in self.trainers:
-            synced[stage] = self._reduce_and_step(plan, stage, counts.get(stage, 0), pull_until, stop)
-        self.exchange.passed(plan.round)
+            if plan.sync == OUTER:
+                synced[stage] = self._step_and_sync(plan, stage, counts.get(stage, 0), pull_until, stop)
+            else:
+                synced[stage] = self._reduce_and_step(plan, stage, counts.get(stage, 0), pull_until, stop)
+            self._record_sync(plan, stage, synced[stage])
+        # Under outer, this round's sync is still in flight: the others may pull it during the next round.
+        self.exchange.passed(plan.round - 1 if plan.sync == OUTER else plan.round)
         (self.metrics.rounds_completed if complete and not stop.is_set() else self.metrics.rounds_aborted).inc()
         if stop.is_set():  # averaging was cut short: the process is about to exit
             return
@@ -234,6 +258,8 @@ class RoundLoop:
                       executed_s=round(executed, 3), predicted_s=plan.predicted_s,
                       stage_visits=_stage_visits(plan, self.config.model.num_stages),
                       digests={s: t.digest() for s, t in self.trainers.items()},
+                      anchors={s: t.anchor_digest() for s, t in self.trainers.items()},
+                      synced_rounds={s: x.synced_round for s, x in synced.items()},
                       grad_norms={s: x.grad_norm for s, x in synced.items()}, codecs=list(plan.codecs),
                       sync=plan.sync, sync_bytes={s: x.bytes for s, x in synced.items()},
                       sync_s={s: round(x.seconds, 3) for s, x in synced.items()})
@@ -257,6 +283,8 @@ class RoundLoop:
         so drift between replicas (a missed averaging, a late joiner) heals within a round.
         """
         trainer = self.trainers[stage]
+        if self.outer.in_flight(stage):  # the plan left outer with a sync in flight: its replicas moved on
+            self.outer.abandon(stage)
         dead = self.faults.dead.snapshot()
         members = plan.endpoints(stage)
         replicas = {p: e for p, e in members.items() if p not in dead or p == self.peer_id}
@@ -265,14 +293,12 @@ class RoundLoop:
         averaged = self.exchange.average(stage, plan.round, trainer.names, mine, replicas, pull_until,
                                          stop, strategy=plan.sync)
         sync_bytes, sync_s = self.metrics.bytes_so_far("received", SYNC) - received, time.monotonic() - started
-        self.metrics.sync_bytes.labels(stage=str(stage)).set(sync_bytes)
-        self.metrics.sync_seconds.labels(stage=str(stage)).set(sync_s)
         if len(averaged.peers) < len(members):
             self.metrics.averaging_failures.inc()
             log.warning("stage %d round %d: averaged with %d of the plan's %d replicas", stage, plan.round,
                         len(averaged.peers), len(members))
         peers = len(averaged.peers)
-        reference = _reference_replica(averaged.peers, trainer.digest()) if peers > 1 else None
+        reference = reference_replica(averaged.peers, trainer.digest()) if peers > 1 else None
         if averaged.total == 0:
             trainer.skip(plan.round)
             norm = None
@@ -282,7 +308,51 @@ class RoundLoop:
         if reference is not None:
             log.warning("stage %d weights differ from replica %s's; copying its state", stage, reference[-8:])
             self._copy_state(stage, plan.round, [reference])
-        return Synced(norm, peers, sync_bytes, sync_s)
+        return Synced(norm, peers, sync_bytes, sync_s, synced_round=plan.round)
+
+    def _step_and_sync(self, plan: RoundPlan, stage: int, count: int, pull_until: float,
+                       stop: threading.Event) -> Synced:
+        """Under `outer` (node/sync/outer.py): step on this replica's own gradients; apply the sync that began
+        after the last round, if any; after a sync round, begin the next sync in the background."""
+        trainer = self.trainers[stage]
+        trainer.start_outer()
+        norm = None
+        if count:
+            trainer.set_grads([g / count for g in trainer.grads()])  # our mean over our microbatches
+            norm = trainer.step(plan.round)
+        else:
+            trainer.skip(plan.round)
+        applied = self.outer.finish(stage, trainer, pull_until, stop)
+        synced = Synced(norm, 1, 0, 0.0)
+        if applied is not None:
+            synced = Synced(norm, len(applied.peers), applied.bytes, applied.seconds, synced_round=applied.round)
+            if applied.reference is not None:
+                log.warning("stage %d anchor differs from replica %s's; copying its state", stage,
+                            applied.reference[-8:])
+                self._copy_state(stage, plan.round, [applied.reference])
+        if is_sync_round(plan.round, plan.sync_every) and not stop.is_set():
+            self._drift[stage] = trainer.drift()
+            self.metrics.replica_drift.labels(stage=str(stage)).set(self._drift[stage])
+            dead = self.faults.dead.snapshot()
+            replicas = {p: e for p, e in plan.endpoints(stage).items() if p not in dead or p == self.peer_id}
+            # It has the next round to finish in, and the round timeout at most: a dead replica fails at once.
+            self.outer.start(stage, plan.round, trainer, replicas,
+                             time.monotonic() + self.config.rounds.round_timeout, stop)
+        return synced
+
+    def _record_sync(self, plan: RoundPlan, stage: int, synced: Synced) -> None:
+        if synced.synced_round is None:
+            return
+        self.metrics.sync_bytes.labels(stage=str(stage)).set(synced.bytes)
+        self.metrics.sync_seconds.labels(stage=str(stage)).set(synced.seconds)
+        self.metrics.last_sync_round.labels(stage=str(stage)).set(synced.synced_round)
+        drift = self._drift.get(stage, 0.0) if plan.sync == OUTER else 0.0
+        self._sync[stage] = StageSync(plan.sync, synced.synced_round, synced.bytes, round(synced.seconds, 3),
+                                      round(drift, 6))
+
+    def sync_state(self) -> dict[int, StageSync]:
+        """The last sync applied, by hosted stage (for the node's record)."""
+        return dict(self._sync)
 
     # ---- a round this node was left out of ----------------------------------------------------------------------
     def _catch_up(self, plan: RoundPlan, stop: threading.Event) -> None:
@@ -292,6 +362,7 @@ class RoundLoop:
         self.executor.end_round(plan.round)
         self.exchange.passed(plan.round)
         for stage, trainer in self.trainers.items():
+            self.outer.abandon(stage)  # a sync in flight: the state copied below has it applied, or not, as a whole
             replicas = sorted(plan.replicas(stage) - {self.peer_id})
             if not replicas or not self._copy_state(stage, plan.round, replicas):
                 trainer.skip(plan.round)
@@ -331,16 +402,6 @@ class RoundLoop:
                 continue
             self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
             log.debug("stage %d: checkpoint after round %d in %s", stage, round_, path)
-
-
-def _reference_replica(ready: dict[str, tuple[int, str]], my_digest: str) -> str | None:
-    """The replica to copy from when our weights are not the majority's (ties: the lowest peer id); else None."""
-    votes = Counter(digest for _, digest in ready.values())
-    if not votes:
-        return None
-    best = max(votes.values())
-    reference = min(peer for peer, (_, digest) in ready.items() if votes[digest] == best)
-    return None if ready[reference][1] == my_digest else reference
 
 
 def _stage_visits(plan: RoundPlan, num_stages: int) -> list[int]:

@@ -60,6 +60,7 @@ class Advertised:
     speaks: tuple[str, ...] = ("raw",)
     sync: str = EVERY_ROUND
     sync_every: int = 1
+    sync_state: dict[int, dict[str, float]] | None = None  # by stage: its last sync ({round, bytes, seconds, drift})
 
 
 class Presence:
@@ -82,7 +83,8 @@ class Presence:
         a = self._advertised()
         return replace(self.base, role=a.role, stages=a.stages, compute_s=dict(a.compute_s or {}),
                        memory_slots=a.memory_slots, round=a.round, num_stages=a.num_stages, codecs=a.codecs,
-                       speaks=a.speaks, sync=a.sync, sync_every=a.sync_every, state=self.state,
+                       speaks=a.speaks, sync=a.sync, sync_every=a.sync_every, sync_state=dict(a.sync_state or {}),
+                       state=self.state,
                        heartbeat_time=get_dht_time())
 
     def set_state(self, state: NodeState) -> None:

@@ -71,6 +71,15 @@ class NodeMetrics:
                                 "(counted from the frames)", ["stage"], registry=r)
         self.sync_seconds = Gauge("swarm_node_sync_seconds", "Seconds a stage's last sync took", ["stage"],
                                   registry=r)
+        self.last_sync_round = Gauge("swarm_node_last_sync_round", "The round whose sync a stage last applied "
+                                     "(under outer; every round otherwise)", ["stage"], registry=r)
+        self.replica_drift = Gauge("swarm_node_replica_drift", "Under outer: ||weights - anchor|| / ||anchor|| of a "
+                                   "stage when its last sync began (0 otherwise)", ["stage"], registry=r)
+        self.sync_strategy = Gauge("swarm_node_sync_strategy", "1 for the sync strategy of the last round's plan",
+                                   ["strategy"], registry=r)
+        self.sync_refused = Counter("swarm_node_sync_refused", "Replicas' gradients or pseudo-gradients left out of "
+                                    "a sync because they did not decode, match the stage or were not finite",
+                                    ["reason"], registry=r)
         self.averaging_failures = Counter("swarm_node_averaging_failures",
                                           "Rounds whose gradient averaging did not reach every replica", registry=r)
         # Faults: detection, re-routing, checkpoints and lost stages (node/faults/detection.py, node/stage/origin.py,

@@ -22,6 +22,7 @@ from lm.stage import PipelineStage
 from lm.whole import save_stage_shard
 from node.config import NodeConfig
 from node.sync.averaging import GradientExchange
+from node.sync.outer_sync import OuterSync
 from node.control.checkpoint import StageCheckpoints
 from node.control.links import LinkBook, LinkMeter, ping_with
 from node.control.restore import restore_stages
@@ -44,7 +45,7 @@ from node.stage.trainer import StageTrainer
 from protocol.codec_names import CODEC_NAMES
 from protocol.limits import WireLimits
 from protocol.records import NodeState
-from protocol.service import SERVICE, stage_service_handler
+from protocol.service import SERVICE, SYNC, stage_service_handler
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,11 @@ class StageRole:
         undo.callback(self.faults.close)
         self.faults.start()
         self.exchange = GradientExchange(swarm, peer_id, host.clients, self.limits.chunk_bytes,
-                                         recheck_s=lifecycle.recheck_interval)
+                                         recheck_s=lifecycle.recheck_interval,
+                                         refused=lambda reason: metrics.sync_refused.labels(reason=reason).inc())
+        self.outer = OuterSync(self.exchange, cfg.sync, lambda: metrics.bytes_so_far("received", SYNC),
+                               recheck_s=lifecycle.recheck_interval)
+        undo.callback(self.outer.close)
         meter = LinkMeter(peer_id, cfg.links)
         self.sender = HopSender(peer_id, host.clients, metrics, local=self._accept_local,
                                 on_give_up=self.faults.send_failed, deadline_s=rounds.round_timeout,
@@ -121,7 +126,8 @@ class StageRole:
         roles = cfg.roles
         left_out_limit = roles.idle_rounds if roles.role == Role.AUTO and roles.hosted_stages() is None else None
         admission = HopAdmission(host.directory, cfg.dataplane)
-        self.rounds = RoundLoop(cfg, peer_id, host.directory, self.executor, self.trainers, self.exchange, self.origin,
+        self.rounds = RoundLoop(cfg, peer_id, host.directory, self.executor, self.trainers, self.exchange, self.outer,
+                                self.origin,
                                 host.clients, metrics, host.events, self.faults, links, self.checkpoints,
                                 activation_shape=model.activation_shape(data), activation_bytes=activation_bytes,
                                 on_plan=admission.know, left_out_limit=left_out_limit)
@@ -152,7 +158,9 @@ class StageRole:
                           compute_s=self.executor.compute_seconds() or self._measured_s, memory_slots=slots,
                           round=max(self.executor.round, 0), num_stages=cfg.model.num_stages,
                           codecs=(cfg.dataplane.activation_codec, cfg.dataplane.gradient_codec), speaks=CODEC_NAMES,
-                          sync=cfg.sync.strategy, sync_every=cfg.sync.every)
+                          sync=cfg.sync.strategy, sync_every=cfg.sync.every,
+                          sync_state={stage: dict(round=x.last_round, bytes=x.bytes, seconds=x.seconds, drift=x.drift)
+                                      for stage, x in self.rounds.sync_state().items()})
 
     def on_beat(self) -> None:
         self._serve_when_ready()

@@ -11,6 +11,7 @@ import torch
 from lm.stage import PipelineStage
 from node.config import TrainingConfig
 from node.process.waits import wait_until
+from node.sync.outer import OuterState, OuterStep
 
 
 class StageTrainer:
@@ -29,6 +30,7 @@ class StageTrainer:
         # Held while parameters change, so a joining replica never copies a half-applied step.
         self.lock = threading.Condition()
         self._digest: str | None = None  # cached until the parameters change
+        self.outer: OuterState | None = None  # the outer loop's state, from the first round run under `outer`
         self._closed = False
 
     def lr_at(self, round_: int) -> float:
@@ -68,6 +70,35 @@ class StageTrainer:
             self.completed_round = round_
             self.lock.notify_all()
 
+    # ---- the outer loop (node/sync/outer.py) ------------------------------------------------------------------
+    def start_outer(self) -> None:
+        """Under `outer` from now on: the anchor is the weights now, unless a sync (or a state copy) set it."""
+        with self.lock:
+            if self.outer is None:
+                self.outer = OuterState(self.params)
+
+    def begin_sync(self, codec: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(this replica's pseudo-gradient to post, the weights it was taken from); ValueError if not finite."""
+        with self.lock:
+            assert self.outer is not None, "start_outer first"
+            return self.outer.pseudo_gradient(self.params, codec), [p.detach().clone() for p in self.params]
+
+    def apply_sync(self, mean: torch.Tensor, since: list[torch.Tensor], step: OuterStep, round_: int) -> None:
+        with self.lock:
+            assert self.outer is not None, "start_outer first"
+            self.outer.apply(mean, self.params, since, step, round_)
+            self._digest = None
+            self.lock.notify_all()
+
+    def anchor_digest(self) -> str:
+        """The digest replicas compare under `outer` (their weights differ between syncs by design)."""
+        with self.lock:
+            return self.outer.digest() if self.outer is not None else self.digest()
+
+    def drift(self) -> float:
+        with self.lock:
+            return self.outer.drift(self.params) if self.outer is not None else 0.0
+
     def wait_completed(self, round_: int, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
         """Block until this stage has finished `round_` (for a replica that wants a state after it).
 
@@ -82,6 +113,13 @@ class StageTrainer:
             self._closed = True
             self.lock.notify_all()
 
+    def rebuilt(self) -> None:
+        """The weights were just rebuilt from elsewhere (CheckFree): their optimizer and outer history no longer
+        apply. The caller holds the lock."""
+        self.optimizer.state.clear()
+        self.outer = None
+        self._digest = None
+
     def digest(self) -> str:
         """sha256 over the parameters' bytes: equal digests mean bit-identical replicas."""
         with self.lock:
@@ -92,14 +130,21 @@ class StageTrainer:
                 self._digest = h.hexdigest()[:16]
             return self._digest
 
-    def export(self, include_grads: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """A snapshot of parameters and AdamW moments, for a joining replica.
+    def export(self, include_grads: bool = False,
+               include_residual: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A snapshot of parameters, AdamW moments and the outer state, for a joining replica or a checkpoint
+        (`include_residual`: this replica's own error feedback, which only its own checkpoint may keep).
 
         Copied under the lock that `step` takes, so the caller can serialise it at leisure while the next
         step runs: never a half-applied step.
         """
         with self.lock, torch.no_grad():
-            return self._export(include_grads)
+            tensors, metadata = self._export(include_grads)
+            if self.outer is not None:
+                outer_tensors, outer_metadata = self.outer.export(self.names, include_residual)
+                tensors.update(outer_tensors)
+                metadata.update(outer_metadata)
+            return tensors, metadata
 
     def _export(self, include_grads: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors: dict[str, torch.Tensor] = {}
@@ -133,4 +178,6 @@ class StageTrainer:
                         "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device, p.dtype).clone(),
                     }
             self.completed_round = int(metadata.get("completed_round", "-1"))
+            # A state from a replica carries no residual: this replica keeps its own error feedback.
+            self.outer = OuterState.load(self.names, self.params, tensors, metadata, residual_of=self.outer)
             self._digest = None

@@ -1,4 +1,5 @@
-"""The round's sync strategy: chosen by the planner from its members' preferences, carried in the plan."""
+"""What replicas agree on: the round's sync strategy (chosen by the planner from its members' preferences, carried
+in the plan), and which replica's weights are right when digests differ."""
 
 from __future__ import annotations
 
@@ -19,3 +20,14 @@ def agree_sync(members: dict[str, NodeRecord]) -> tuple[str, int]:
         return strategy, 1
     intervals = Counter(r.sync_every for r in members.values() if r.sync == OUTER)
     return strategy, min(intervals, key=lambda every: (-intervals[every], every))
+
+
+def reference_replica(ready: dict[str, tuple[int, str]], my_digest: str) -> str | None:
+    """The replica to copy from when our weights (or anchor) are not the majority's (ties: the lowest peer id);
+    None when ours are. `ready`: peer id -> (work, digest) of the replicas that took part, us included."""
+    votes = Counter(digest for _, digest in ready.values())
+    if not votes:
+        return None
+    best = max(votes.values())
+    reference = min(peer for peer, (_, digest) in ready.items() if votes[digest] == best)
+    return None if ready[reference][1] == my_digest else reference
