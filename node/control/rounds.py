@@ -2,6 +2,12 @@
 
 Round r's plan is published in the DHT by the round's planner (the serving data node with the lowest
 peer id). Every node fetches the same plan and acts on it, so all nodes agree on round numbers and paths.
+
+A plan predicts the whole round: the simulator's iteration, the sync its replica groups add
+(`routing.sync_cost` over the measured links), and the round's overhead. The overhead is measured: each
+round's time beyond the plan's work and the sync (waiting for and fetching the plan, publishing it, the
+optimizer steps, the digest check, checkpoints), EWMA-smoothed (--overhead-smoothing) over the rounds this
+node ran back to back; the planner predicts with its own.
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ from node.faults.faults import Faults
 from node.host.metrics import NodeMetrics
 from node.stage.origin import Origin
 from node.control.links import LinkBook
-from node.control.planning import choose_planner, missing_stages, plan_around_missing, plan_round
+from node.control.planning import choose_planner, missing_stages, plan_around_missing, plan_round, predict_sync
 from node.faults.reroute import expected_round_seconds
+from node.smoothing import ewma
 from node.stage.trainer import StageTrainer
 from node.dataplane.transport import StageClients
 from protocol.records import NodeRecord, RoundPlan
 from protocol.service import SYNC
 from routing.instance_io import problem_to_dict
+from routing.sync_cost import whole_round_seconds
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +61,10 @@ class RoundLoop:
                  trainers: dict[int, StageTrainer], exchange: GradientExchange, origin: Origin | None,
                  clients: StageClients, metrics: NodeMetrics, events: EventLog, faults: Faults, links: LinkBook,
                  checkpoints: StageCheckpoints | None,
-                 activation_shape: tuple[int, int, int], activation_bytes: int, on_plan: Callable[[RoundPlan], None],
-                 left_out_limit: int | None = None):
+                 activation_shape: tuple[int, int, int], activation_bytes: int, gradient_bytes: list[int],
+                 on_plan: Callable[[RoundPlan], None], left_out_limit: int | None = None):
         """`activation_shape` is [batch, seq, hidden] (the planner prices hops by their encoded size);
+        `gradient_bytes` is each stage's float32 gradient size (the planner prices the sync with it);
         `on_plan` is told each round's plan once fetched (admission checks hops and re-routes against it);
         `left_out_limit`: end the loop after this many rounds in a row without this node (node/roles/choice.py)."""
         self.config = config
@@ -73,6 +82,7 @@ class RoundLoop:
         self.checkpoints = checkpoints  # --checkpoint-dir, saved every --checkpoint-every rounds
         self.activation_shape = activation_shape
         self.activation_bytes = activation_bytes
+        self.gradient_bytes = gradient_bytes
         self.left_out_limit = left_out_limit
         self.on_plan = on_plan
         self.visits = config.rounds.visits or config.model.num_stages  # stages per microbatch path; all of them by default
@@ -80,20 +90,24 @@ class RoundLoop:
         self._stages_seen: set[int] = set()  # stages some plan used: only those can be lost (and skipped)
         self._members: dict[str, NodeRecord] = {}  # the membership last read while waiting for a plan
         self._last_executed = 0.0  # seconds the last round's work took here: a floor for hop deadlines
+        self._overhead_s: float | None = None  # smoothed round time beyond work and sync (module docstring)
 
     def run(self, first_round: int, stop: threading.Event) -> bool:
         """Take part in rounds until stopped or --rounds is reached; True when it ended because the plans left
         this node out `left_out_limit` times in a row."""
         round_, left_out = first_round, 0
+        ended = None  # when the round before this one ended here, if this node ran it
         while not stop.is_set() and (not self.config.training.rounds or round_ < self.config.training.rounds):
             plan = self._await_plan(round_, stop)
             if plan is None:
                 return False
             if self.peer_id in plan.participants() and self._seconds_left(plan) > 0:
-                self._run_round(plan, stop)
+                self._run_round(plan, stop, ended)
+                ended = time.monotonic()
                 left_out = 0
             else:  # left out, or too late to take part: copy the state after the round from a replica
                 self._catch_up(plan, stop)
+                ended = None
                 left_out += 1
                 if self.left_out_limit is not None and left_out >= self.left_out_limit:
                     log.info("left out of %d plans in a row", left_out)
@@ -158,7 +172,12 @@ class RoundLoop:
         plan, live = made
         sync, sync_every = agree_sync(members)
         plan = replace(plan, codecs=codecs, sync=sync, sync_every=sync_every)
+        sync_s = predict_sync(plan, links, self.gradient_bytes, self.config.sync.codec)
+        overhead_s = self._overhead_s or 0.0  # none measured before this node has run two rounds back to back
+        if plan.predicted_s > 0:  # an origin-only plan (one stage) predicts no iteration, so no round either
+            plan = replace(plan, predicted_round_s=whole_round_seconds(plan.predicted_s, sync_s, overhead_s))
         self.events.emit("planned", round=round_, predicted_s=plan.predicted_s,
+                         predicted_round_s=plan.predicted_round_s, predicted_sync_s=sync_s, overhead_s=overhead_s,
                          defaulted_links=live.defaulted_links if live else 0,
                          skipped_link_values=self.links.skipped,
                          problem=problem_to_dict(live.problem) if live else None)
@@ -181,7 +200,9 @@ class RoundLoop:
         self.events.emit("missing_stages", round=round_, stages=missing)
 
     # ---- one round ---------------------------------------------------------------------------------------------
-    def _run_round(self, plan: RoundPlan, stop: threading.Event) -> None:
+    def _run_round(self, plan: RoundPlan, stop: threading.Event, previous_end: float | None) -> None:
+        """Run `plan`; `previous_end` is when this node's previous round ended, if it ran that one: the round
+        then counts from there, waiting for this plan included."""
         self.metrics.phase.state("compute")
         started = time.monotonic()
         deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
@@ -226,12 +247,19 @@ class RoundLoop:
         if stop.is_set():  # averaging was cut short: the process is about to exit
             return
         self._checkpoint(plan.round)
-        wall = time.monotonic() - started
+        ended = time.monotonic()
+        wall = ended - started
+        # The whole round, from the previous round's end (the plan's wait included) when this node ran that one.
+        round_s = wall if previous_end is None else ended - previous_end
+        if previous_end is not None:
+            beyond = max(0.0, round_s - executed - sum(x.seconds for x in synced.values()))
+            self._overhead_s = ewma(self._overhead_s, beyond, self.config.rounds.overhead_smoothing)
         self.metrics.round_seconds.observe(wall)
         self.links.after_round(plan, {p: r.endpoint for p, r in self.directory.members().items()})
         fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts,
                       averaged_with={s: x.peers for s, x in synced.items()},
-                      executed_s=round(executed, 3), predicted_s=plan.predicted_s,
+                      executed_s=round(executed, 3), predicted_s=plan.predicted_s, round_s=round(round_s, 3),
+                      predicted_round_s=plan.predicted_round_s,
                       stage_visits=_stage_visits(plan, self.config.model.num_stages),
                       digests={s: t.digest() for s, t in self.trainers.items()},
                       grad_norms={s: x.grad_norm for s, x in synced.items()}, codecs=list(plan.codecs),
