@@ -54,6 +54,8 @@ def test_readme_demo_trains_and_exits_clean(tmp_path):
         assert all(float(x) > 0 for x in m.groups()[:4]), m[0]
         # the whole round holds the iteration and more, measured and predicted (two stages have two replicas)
         assert float(m[3]) >= float(m[1]) and float(m[4]) >= float(m[2]), m[0]
+    # by the third round the planner has measured its own overhead (it ran rounds 0 and 1 back to back)
+    assert float(progress[-1][4]) > float(progress[-1][2]), progress[-1][0]
     # Each round's printed prediction is routing's simulation of the plan the round ran, over the problem the
     # planner saw (its `planned` event): the same numbers, not a second estimate.
     simulated = _simulated_rounds(tmp_path / "work")
