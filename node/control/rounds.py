@@ -102,8 +102,7 @@ class RoundLoop:
             if plan is None:
                 return False
             if self.peer_id in plan.participants() and self._seconds_left(plan) > 0:
-                self._run_round(plan, stop, ended)
-                ended = time.monotonic()
+                ended = self._run_round(plan, stop, ended)
                 left_out = 0
             else:  # left out, or too late to take part: copy the state after the round from a replica
                 self._catch_up(plan, stop)
@@ -200,9 +199,10 @@ class RoundLoop:
         self.events.emit("missing_stages", round=round_, stages=missing)
 
     # ---- one round ---------------------------------------------------------------------------------------------
-    def _run_round(self, plan: RoundPlan, stop: threading.Event, previous_end: float | None) -> None:
-        """Run `plan`; `previous_end` is when this node's previous round ended, if it ran that one: the round
-        then counts from there, waiting for this plan included."""
+    def _run_round(self, plan: RoundPlan, stop: threading.Event, previous_end: float | None) -> float | None:
+        """Run `plan`; returns when the round ended (None when it was abandoned). `previous_end` is when this
+        node's previous round ended, if it ran that one: the round then counts from there, the plan's wait
+        included."""
         self.metrics.phase.state("compute")
         started = time.monotonic()
         deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
@@ -229,7 +229,7 @@ class RoundLoop:
         if stop.is_set():
             log.info("stopping: round %d abandoned", plan.round)
             self.metrics.rounds_aborted.inc()
-            return
+            return None
         if not complete:
             log.warning("round %d timed out; stepping with the microbatches that finished", plan.round)
         synced: dict[int, Synced] = {}
@@ -245,7 +245,7 @@ class RoundLoop:
         self.exchange.passed(plan.round)
         (self.metrics.rounds_completed if complete and not stop.is_set() else self.metrics.rounds_aborted).inc()
         if stop.is_set():  # averaging was cut short: the process is about to exit
-            return
+            return None
         self._checkpoint(plan.round)
         ended = time.monotonic()
         wall = ended - started
@@ -275,6 +275,7 @@ class RoundLoop:
             log.info("round %d: loss %s, %d tokens, %.2fs", plan.round,
                      f"{result.mean_loss:.4f}" if result.mean_loss is not None else "n/a", result.tokens, wall)
         self.events.emit("round", **fields)
+        return ended
 
     def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int, pull_until: float,
                          stop: threading.Event) -> Synced:
