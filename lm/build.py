@@ -22,6 +22,14 @@ def build_stage(spec: ModelSpec, stage: int, num_stages: int, seed: int = 0,
     return module.to(device=device, dtype=dtype)
 
 
+def stage_parameters(spec: ModelSpec, num_stages: int) -> list[int]:
+    """Parameters of each stage, counted on the meta device: the real modules' shapes without their memory."""
+    layers = stage_layers(spec.config.num_hidden_layers, num_stages)
+    with torch.device("meta"):
+        return [sum(p.numel() for p in PipelineStage(spec.config, s, layers[s]).parameters())
+                for s in range(num_stages)]
+
+
 def resolve_device(device: str) -> torch.device:
     """`auto` picks CUDA when present; an unavailable device is a clear error, not a crash later."""
     if device == "auto":

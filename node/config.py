@@ -286,6 +286,9 @@ class RoundConfig:
                                                  "at most half --round-timeout", _positive_float)
     compute_smoothing: float = setting(0.2, "weight of a new sample in the per-stage compute-time average",
                                        _fraction)
+    overhead_smoothing: float = setting(0.3, "weight of a new sample in the average of a round's overhead (its time "
+                                             "beyond the plan's work and the sync), which plans predict with",
+                                        _fraction)
     memory_retry: float = setting(0.05, "seconds between tries to start a microbatch while activation memory "
                                         "is full", _positive_float)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lm.build import resolve_device, resolve_dtype
+from lm.build import resolve_device, resolve_dtype, stage_parameters
 from lm.presets import ModelSpec, resolve_model, stage_layers
 from lm.tokenizer import load_tokenizer
 from node.config import DataConfig, NodeConfig
@@ -42,6 +42,10 @@ class ModelSetup:
     def activation_bytes(self, data: DataConfig) -> int:
         batch, seq, hidden = self.activation_shape(data)
         return batch * seq * hidden * self.dtype.itemsize
+
+    def gradient_bytes(self, num_stages: int) -> list[int]:
+        """Per stage, the bytes of its gradients in float32, as the every-round sync flattens them."""
+        return [4 * count for count in stage_parameters(self.spec, num_stages)]
 
 
 def usage(fn: Callable[..., Any], *args: Any) -> Any:

@@ -130,7 +130,9 @@ def _watch(swarm, rounds: int, deadline: float, num_stages: int) -> list[float]:
 
     A round is finished when every data node has trained it or, having joined late, caught up past it. The
     line shows the round's iteration time (the slowest data node, averaging excluded) next to the
-    simulator's prediction for its plan, and the stage visits the nodes executed (their backward counters).
+    simulator's prediction for its plan, the whole round (from the previous round's end: the plan's wait and the
+    sync included) next to the plan's prediction of it, and the stage visits the nodes executed (their backward
+    counters).
     """
     data_nodes = [n for n in swarm.nodes if n.stages == "0"]
     shown, losses, last_time = 0, [], time.monotonic()
@@ -145,7 +147,8 @@ def _watch(swarm, rounds: int, deadline: float, num_stages: int) -> list[float]:
             tokens = sum(e.get("tokens", 0) for e in events)
             up = sum(n.alive() for n in swarm.nodes)
             timed = [e for e in events if "executed_s" in e]
-            took = f"{max(e['executed_s'] for e in timed):.2f}s (predicted {timed[0]['predicted_s']:.2f}s)" \
+            took = (f"{max(e['executed_s'] for e in timed):.2f}s (predicted {timed[0]['predicted_s']:.2f}s), round "
+                    f"{max(e['round_s'] for e in timed):.2f}s (predicted {timed[0]['predicted_round_s']:.2f}s)") \
                 if timed else "n/a"
             print(f"round {shown + 1:>3}/{rounds} | loss {loss:.4f} | iteration {took} | visits "
                   f"{_executed_visits(swarm, shown, num_stages)} | {tokens / max(now - last_time, 1e-3):7.0f} tok/s"

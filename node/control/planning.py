@@ -3,19 +3,24 @@
 Full pipelines (`--visits` equal to `--num-stages`) and SkipPipe paths are planned alike: `live_problem`
 builds routing's Problem from the nodes' records (compute seconds, memory slots, hosted stages) and the
 links they measured, `routing.plan` plans it, and `to_wire`/`from_wire` are the one conversion between
-routing's Plan and the RoundPlan the DHT carries.
+routing's Plan and the RoundPlan the DHT carries. `predict_sync` prices the plan's replica sync
+(`routing.sync_cost`) over the same links, for the whole round the plan predicts.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
+
+from protocol.codecs import wire_bytes
 from protocol.envelope import HopSpec
 from protocol.records import LinkEstimate, NodeRecord, PlannedMicrobatch, RoundPlan
 from routing import LiveLink, LiveNode, Plan, Problem, ProblemError, cover_replicas, from_live
 from routing import plan as plan_paths
+from routing.sync_cost import SyncSetting, sync_seconds
 
 # The estimate a pair gets until it is measured, or when its estimate is absurd: loopback-like, so an
 # unmeasured pair is neither preferred nor avoided much. `swarm-node status --links` shows where it applies.
@@ -162,6 +167,31 @@ def from_wire(problem: Problem, wire: RoundPlan) -> Plan:
     stage_of_node = tuple(int(str(i).rsplit("/", 1)[1]) for i in problem.node_ids)
     return Plan(stage_of_node=stage_of_node, paths=paths, mb_ids=tuple(mb.id for mb in wire.microbatches),
                 predicted_iteration_s=wire.predicted_s)
+
+
+def wire_ratio(codec: str) -> float:
+    """Wire bytes per float32 byte of a large tensor under `codec`: what outer's pseudo-gradients cost."""
+    numel = 1 << 20  # large enough that per-block scales are their steady share
+    return wire_bytes(codec, (numel,), 4) / (4 * numel)
+
+
+def predict_sync(plan: RoundPlan, links: dict[tuple[str, str], LinkEstimate], gradient_bytes: Sequence[int],
+                 codec: str) -> float:
+    """Seconds the plan's sync adds to a round (`routing.sync_cost`): each stage's replicas in the plan, with
+    `gradient_bytes[s]` float32 bytes, over the measured links (one-way latency rtt/2; DEFAULT_LINK where
+    unmeasured, as the paths are priced); `codec` is outer's pseudo-gradient codec (this node's --sync-codec)."""
+    peers = sorted(plan.participants())
+    index = {p: i for i, p in enumerate(peers)}
+    n = len(peers)
+    latency, bandwidth = np.zeros((n, n)), np.full((n, n), np.inf)
+    for i, a in enumerate(peers):
+        for j in range(i + 1, n):
+            estimate = _pair_estimate(links, a, peers[j]) or DEFAULT_LINK
+            latency[i, j] = latency[j, i] = estimate.rtt_s / 2
+            bandwidth[i, j] = bandwidth[j, i] = estimate.bandwidth_Bps
+    groups = [[index[p] for p in sorted(plan.replicas(s))] for s in range(len(gradient_bytes))]
+    setting = SyncSetting(plan.sync, plan.sync_every, wire_ratio(codec))
+    return sync_seconds(groups, gradient_bytes, latency, bandwidth, setting, plan.predicted_s)
 
 
 def missing_stages(members: dict[str, NodeRecord], num_stages: int) -> list[int]:

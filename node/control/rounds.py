@@ -2,6 +2,12 @@
 
 Round r's plan is published in the DHT by the round's planner (the serving data node with the lowest
 peer id). Every node fetches the same plan and acts on it, so all nodes agree on round numbers and paths.
+
+A plan predicts the whole round: the simulator's iteration, the sync its replica groups add
+(`routing.sync_cost` over the measured links), and the round's overhead. The overhead is measured: each
+round's time beyond the plan's work and the sync (waiting for and fetching the plan, publishing it, the
+optimizer steps, the digest check, checkpoints), EWMA-smoothed (--overhead-smoothing) over the rounds this
+node ran back to back; the planner predicts with its own.
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ from node.faults.faults import Faults
 from node.host.metrics import NodeMetrics
 from node.stage.origin import Origin
 from node.control.links import LinkBook
-from node.control.planning import choose_planner, missing_stages, plan_around_missing, plan_round
+from node.control.planning import choose_planner, missing_stages, plan_around_missing, plan_round, predict_sync
 from node.faults.reroute import expected_round_seconds
+from node.smoothing import ewma
 from node.stage.trainer import StageTrainer
 from node.dataplane.transport import StageClients
 from protocol.records import NodeRecord, RoundPlan
 from protocol.service import SYNC
 from protocol.sync_names import OUTER, SYNC_NAMES
 from routing.instance_io import problem_to_dict
+from routing.sync_cost import whole_round_seconds
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +54,8 @@ class Synced:
     grad_norm: float | None  # before clipping; None when the stage took no step
     peers: int  # replicas averaged with, this one included
     bytes: int  # received from the other replicas, counted from the frames
-    seconds: float
+    seconds: float  # from the sync's start to its end (under outer: overlapped with the next round's compute)
+    waited: float  # what the sync added to this round: all of it, or under outer the wait for the group
     synced_round: int | None = None  # the round whose sync this round applied (every round but under outer)
 
 
@@ -67,9 +76,10 @@ class RoundLoop:
                  origin: Origin | None,
                  clients: StageClients, metrics: NodeMetrics, events: EventLog, faults: Faults, links: LinkBook,
                  checkpoints: StageCheckpoints | None,
-                 activation_shape: tuple[int, int, int], activation_bytes: int, on_plan: Callable[[RoundPlan], None],
-                 left_out_limit: int | None = None):
+                 activation_shape: tuple[int, int, int], activation_bytes: int, gradient_bytes: list[int],
+                 on_plan: Callable[[RoundPlan], None], left_out_limit: int | None = None):
         """`activation_shape` is [batch, seq, hidden] (the planner prices hops by their encoded size);
+        `gradient_bytes` is each stage's float32 gradient size (the planner prices the sync with it);
         `on_plan` is told each round's plan once fetched (admission checks hops and re-routes against it);
         `left_out_limit`: end the loop after this many rounds in a row without this node (node/roles/choice.py)."""
         self.config = config
@@ -88,6 +98,7 @@ class RoundLoop:
         self.checkpoints = checkpoints  # --checkpoint-dir, saved every --checkpoint-every rounds
         self.activation_shape = activation_shape
         self.activation_bytes = activation_bytes
+        self.gradient_bytes = gradient_bytes
         self.left_out_limit = left_out_limit
         self.on_plan = on_plan
         self.visits = config.rounds.visits or config.model.num_stages  # stages per microbatch path; all of them by default
@@ -97,20 +108,23 @@ class RoundLoop:
         self._last_executed = 0.0  # seconds the last round's work took here: a floor for hop deadlines
         self._sync: dict[int, StageSync] = {}  # by stage: the last sync applied
         self._drift: dict[int, float] = {}  # by stage, under outer: the drift when its last sync began
+        self._overhead_s: float | None = None  # smoothed round time beyond work and sync (module docstring)
 
     def run(self, first_round: int, stop: threading.Event) -> bool:
         """Take part in rounds until stopped or --rounds is reached; True when it ended because the plans left
         this node out `left_out_limit` times in a row."""
         round_, left_out = first_round, 0
+        ended = None  # when the round before this one ended here, if this node ran it
         while not stop.is_set() and (not self.config.training.rounds or round_ < self.config.training.rounds):
             plan = self._await_plan(round_, stop)
             if plan is None:
                 return False
             if self.peer_id in plan.participants() and self._seconds_left(plan) > 0:
-                self._run_round(plan, stop)
+                ended = self._run_round(plan, stop, ended)
                 left_out = 0
             else:  # left out, or too late to take part: copy the state after the round from a replica
                 self._catch_up(plan, stop)
+                ended = None
                 left_out += 1
                 if self.left_out_limit is not None and left_out >= self.left_out_limit:
                     log.info("left out of %d plans in a row", left_out)
@@ -175,7 +189,12 @@ class RoundLoop:
         plan, live = made
         sync, sync_every = agree_sync(members)
         plan = replace(plan, codecs=codecs, sync=sync, sync_every=sync_every)
+        sync_s = predict_sync(plan, links, self.gradient_bytes, self.config.sync.codec)
+        overhead_s = self._overhead_s or 0.0  # none measured before this node has run two rounds back to back
+        if plan.predicted_s > 0:  # an origin-only plan (one stage) predicts no iteration, so no round either
+            plan = replace(plan, predicted_round_s=whole_round_seconds(plan.predicted_s, sync_s, overhead_s))
         self.events.emit("planned", round=round_, predicted_s=plan.predicted_s,
+                         predicted_round_s=plan.predicted_round_s, predicted_sync_s=sync_s, overhead_s=overhead_s,
                          defaulted_links=live.defaulted_links if live else 0,
                          skipped_link_values=self.links.skipped,
                          problem=problem_to_dict(live.problem) if live else None)
@@ -198,7 +217,10 @@ class RoundLoop:
         self.events.emit("missing_stages", round=round_, stages=missing)
 
     # ---- one round ---------------------------------------------------------------------------------------------
-    def _run_round(self, plan: RoundPlan, stop: threading.Event) -> None:
+    def _run_round(self, plan: RoundPlan, stop: threading.Event, previous_end: float | None) -> float | None:
+        """Run `plan`; returns when the round ended (None when it was abandoned). `previous_end` is when this
+        node's previous round ended, if it ran that one: the round then counts from there, the plan's wait
+        included."""
         self.metrics.phase.state("compute")
         started = time.monotonic()
         deadline = started + self._seconds_left(plan)  # the same instant on every node of the round
@@ -225,7 +247,7 @@ class RoundLoop:
         if stop.is_set():
             log.info("stopping: round %d abandoned", plan.round)
             self.metrics.rounds_aborted.inc()
-            return
+            return None
         if not complete:
             log.warning("round %d timed out; stepping with the microbatches that finished", plan.round)
         synced: dict[int, Synced] = {}
@@ -248,21 +270,29 @@ class RoundLoop:
         self.exchange.passed(plan.round - 1 if plan.sync == OUTER else plan.round)
         (self.metrics.rounds_completed if complete and not stop.is_set() else self.metrics.rounds_aborted).inc()
         if stop.is_set():  # averaging was cut short: the process is about to exit
-            return
+            return None
         self._checkpoint(plan.round)
-        wall = time.monotonic() - started
+        ended = time.monotonic()
+        wall = ended - started
+        # The whole round, from the previous round's end (the plan's wait included) when this node ran that one.
+        round_s = wall if previous_end is None else ended - previous_end
+        if previous_end is not None:
+            beyond = max(0.0, round_s - executed - sum(x.waited for x in synced.values()))
+            self._overhead_s = ewma(self._overhead_s, beyond, self.config.rounds.overhead_smoothing)
         self.metrics.round_seconds.observe(wall)
         self.links.after_round(plan, {p: r.endpoint for p, r in self.directory.members().items()})
         fields = dict(round=plan.round, wall_s=round(wall, 3), counts=counts,
                       averaged_with={s: x.peers for s, x in synced.items()},
-                      executed_s=round(executed, 3), predicted_s=plan.predicted_s,
+                      executed_s=round(executed, 3), predicted_s=plan.predicted_s, round_s=round(round_s, 3),
+                      predicted_round_s=plan.predicted_round_s,
                       stage_visits=_stage_visits(plan, self.config.model.num_stages),
                       digests={s: t.digest() for s, t in self.trainers.items()},
                       anchors={s: t.anchor_digest() for s, t in self.trainers.items()},
                       synced_rounds={s: x.synced_round for s, x in synced.items()},
                       grad_norms={s: x.grad_norm for s, x in synced.items()}, codecs=list(plan.codecs),
                       sync=plan.sync, sync_bytes={s: x.bytes for s, x in synced.items()},
-                      sync_s={s: round(x.seconds, 3) for s, x in synced.items()})
+                      sync_s={s: round(x.seconds, 3) for s, x in synced.items()},
+                      sync_wait_s={s: round(x.waited, 3) for s, x in synced.items()})
         if self._warned_missing:
             fields.update(missing_stages=list(self._warned_missing))
         if result is not None:
@@ -273,6 +303,7 @@ class RoundLoop:
             log.info("round %d: loss %s, %d tokens, %.2fs", plan.round,
                      f"{result.mean_loss:.4f}" if result.mean_loss is not None else "n/a", result.tokens, wall)
         self.events.emit("round", **fields)
+        return ended
 
     def _reduce_and_step(self, plan: RoundPlan, stage: int, count: int, pull_until: float,
                          stop: threading.Event) -> Synced:
@@ -308,7 +339,7 @@ class RoundLoop:
         if reference is not None:
             log.warning("stage %d weights differ from replica %s's; copying its state", stage, reference[-8:])
             self._copy_state(stage, plan.round, [reference])
-        return Synced(norm, peers, sync_bytes, sync_s, synced_round=plan.round)
+        return Synced(norm, peers, sync_bytes, sync_s, sync_s, synced_round=plan.round)
 
     def _step_and_sync(self, plan: RoundPlan, stage: int, count: int, pull_until: float,
                        stop: threading.Event) -> Synced:
@@ -323,9 +354,10 @@ class RoundLoop:
         else:
             trainer.skip(plan.round)
         applied = self.outer.finish(stage, trainer, pull_until, stop)
-        synced = Synced(norm, 1, 0, 0.0)
+        synced = Synced(norm, 1, 0, 0.0, 0.0)
         if applied is not None:
-            synced = Synced(norm, len(applied.peers), applied.bytes, applied.seconds, synced_round=applied.round)
+            synced = Synced(norm, len(applied.peers), applied.bytes, applied.seconds, applied.waited,
+                            synced_round=applied.round)
             if applied.reference is not None:
                 log.warning("stage %d anchor differs from replica %s's; copying its state", stage,
                             applied.reference[-8:])

@@ -130,7 +130,8 @@ class StageRole:
                                 self.origin,
                                 host.clients, metrics, host.events, self.faults, links, self.checkpoints,
                                 activation_shape=model.activation_shape(data), activation_bytes=activation_bytes,
-                                on_plan=admission.know, left_out_limit=left_out_limit)
+                                gradient_bytes=model.gradient_bytes(cfg.model.num_stages), on_plan=admission.know,
+                                left_out_limit=left_out_limit)
         # A tensor never exceeds twice this swarm's activation size: larger ones are refused from their header.
         limits = dataclasses.replace(self.limits, max_tensor_bytes=min(self.limits.max_tensor_bytes,
                                                                        2 * activation_bytes))

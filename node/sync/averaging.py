@@ -37,7 +37,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import grpc
@@ -257,13 +257,12 @@ class GradientExchange:
         pool = ThreadPoolExecutor(max_workers=len(pulls), thread_name_prefix="avg")
         futures = {key: pool.submit(pull) for key, pull in pulls.items()}
         pool.shutdown(wait=False)
-        out = {}
-        for key, future in futures.items():
-            while not future.done():
-                if stop.wait(self.recheck_s):
-                    return None
-            out[key] = future.result()
-        return out
+        pending = set(futures.values())
+        while pending:  # woken by the pulls as they end, not by the recheck: a phase takes its pulls' time
+            _, pending = wait(pending, timeout=self.recheck_s)
+            if stop.is_set():
+                return None
+        return {key: future.result() for key, future in futures.items()}
 
     def _all_to_all(self, stage: int, round_: int, names: list[str], mine: Contribution, replicas: dict[str, str],
                     deadline: float, stop: threading.Event) -> Averaged | None:

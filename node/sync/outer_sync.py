@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,7 @@ class Applied:
     reference: str | None  # the replica to copy from when our anchor was not the majority's
     bytes: int  # received from the other replicas, counted from the frames
     seconds: float  # from the start to the end of the sync, overlapped compute included
+    waited: float  # seconds the round that applied it waited for it (what the sync added to that round)
 
 
 class OuterSync:
@@ -84,9 +85,12 @@ class OuterSync:
         flight = self._in_flight.pop(stage, None)
         if flight is None:
             return None
+        waiting = time.monotonic()
         while not flight.future.done() and time.monotonic() < until:
-            if stop.wait(self.recheck_s):
+            wait([flight.future], timeout=min(self.recheck_s, max(0.0, until - time.monotonic())))
+            if stop.is_set():
                 return None
+        waited = time.monotonic() - waiting
         averaged: Averaged | None = flight.future.result() if flight.future.done() else None
         if averaged is None:  # the group did not answer in time: the others step without us, we with ourselves
             log.warning("stage %d: the sync of round %d did not finish in time; stepping alone", stage, flight.round)
@@ -95,7 +99,7 @@ class OuterSync:
             mean, peers = averaged.grads[0], averaged.peers
         trainer.apply_sync(mean.to(torch.float32), flight.since, self.step, flight.round)
         return Applied(flight.round, peers, reference_replica(peers, flight.digest),
-                       int(self.received_bytes() - flight.received_before), time.monotonic() - flight.started)
+                       int(self.received_bytes() - flight.received_before), time.monotonic() - flight.started, waited)
 
     def abandon(self, stage: int) -> None:
         """Forget `stage`'s sync in flight (the node is about to copy the stage's state from a replica)."""

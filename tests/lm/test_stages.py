@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from lm.build import build_stage
+from lm.build import build_stage, stage_parameters
 from lm.presets import resolve_model, stage_layers
 from lm.tokenizer import ByteTokenizer
 
@@ -14,6 +14,13 @@ def test_stage_layers_cover_every_layer_once():
         assert max(map(len, split)) - min(map(len, split)) <= 1
     with pytest.raises(ValueError, match="cannot split"):
         stage_layers(4, 5)
+
+
+def test_stage_parameters_count_what_the_built_stages_hold():
+    spec = resolve_model("tiny", ByteTokenizer.vocab_size)
+    built = [sum(p.numel() for p in build_stage(spec, s, 3).parameters()) for s in range(3)]
+    assert stage_parameters(spec, 3) == built
+    assert built[0] > built[1] > 0  # stage 0 also holds the embedding, the norm and the head
 
 
 def test_sliced_stages_match_the_unsplit_model(tmp_path):

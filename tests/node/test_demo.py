@@ -46,12 +46,16 @@ def test_readme_demo_trains_and_exits_clean(tmp_path):
     assert all(n["metrics_url"].startswith("http://127.0.0.1:") for n in result["nodes"])
     assert any("metrics http://127.0.0.1:" in line for line in lines)
     assert len(children) >= 12  # six nodes, each with at least a DHT process and a p2pd
-    progress = [re.search(r"iteration ([\d.]+)s \(predicted ([\d.]+)s\) \| visits (\d+),(\d+),(\d+),(\d+)", line)
-                for line in lines if line.startswith("round ")]
+    progress = [re.search(r"iteration ([\d.]+)s \(predicted ([\d.]+)s\), round ([\d.]+)s \(predicted ([\d.]+)s\) "
+                          r"\| visits (\d+),(\d+),(\d+),(\d+)", line) for line in lines if line.startswith("round ")]
     assert len(progress) == 3 and all(progress), lines
     for m in progress:  # executed visits: 2 data nodes x 4 microbatches, each visiting 2 of stages 1..3
-        assert int(m[3]) == 8 and sum(map(int, m.groups()[3:])) == 16, m[0]
-        assert float(m[1]) > 0 and float(m[2]) > 0
+        assert int(m[5]) == 8 and sum(map(int, m.groups()[5:])) == 16, m[0]
+        assert all(float(x) > 0 for x in m.groups()[:4]), m[0]
+        # the whole round holds the iteration and more, measured and predicted (two stages have two replicas)
+        assert float(m[3]) >= float(m[1]) and float(m[4]) >= float(m[2]), m[0]
+    # by the third round the planner has measured its own overhead (it ran rounds 0 and 1 back to back)
+    assert float(progress[-1][4]) > float(progress[-1][2]), progress[-1][0]
     # Each round's printed prediction is routing's simulation of the plan the round ran, over the problem the
     # planner saw (its `planned` event): the same numbers, not a second estimate.
     simulated = _simulated_rounds(tmp_path / "work")

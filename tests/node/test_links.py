@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -13,7 +14,7 @@ from node.config import LinkConfig
 from node.dataplane.link_emulation import EmulationError, LinkEmulator
 from node.dataplane.transport import StageClients
 from node.control.links import LinkMeter
-from node.control.planning import DEFAULT_LINK, from_wire, live_problem, plan_round
+from node.control.planning import DEFAULT_LINK, from_wire, live_problem, plan_round, predict_sync, wire_ratio
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
@@ -76,6 +77,21 @@ def test_every_plan_comes_from_routing_and_round_trips(visits):
         assert all([h.stage for h in mb.path] == [0, 1, 2, 3, 0] for mb in wire.microbatches)
     plan = from_wire(live.problem, wire)
     assert check_plan(live.problem, plan) == []
+
+
+def test_the_sync_is_priced_over_the_measured_links_of_each_replica_group():
+    links = {("d0", "d1"): LinkEstimate(0.02, 1e7), ("a1", "b1"): LinkEstimate(0.2, 1e6),
+             ("b1", "a1"): LinkEstimate(0.2, 1e6)}
+    plan, _ = plan_round(MEMBERS, links, round_=0, num_stages=4, visits=4, microbatches_per_origin=2,
+                         activation_bytes=10**5, planner="d0")
+    grads = [4e6, 2e6, 1e6, 1e6]  # stages 2 and 3 have one replica each: nothing to sync
+    # stage 1's pair is the slowest: each pull pays the RTT and its bytes (half of G per phase, two phases)
+    assert predict_sync(plan, links, grads, "raw") == pytest.approx(2 * (0.2 + 1e6 / 1e6))
+    assert predict_sync(replace(plan, sync="all-to-all"), links, grads, "raw") == pytest.approx(0.2 + 2e6 / 1e6)
+    outer = replace(plan, sync="outer", sync_every=4, predicted_s=0.5)
+    int8 = 2 * (0.2 + 2e6 * wire_ratio("int8") / 2 / 1e6)
+    assert predict_sync(outer, links, grads, "int8") == pytest.approx((int8 - 0.5) / 4)
+    assert (wire_ratio("raw"), wire_ratio("bf16"), wire_ratio("int8")) == pytest.approx((1, 0.5, 1.0625 / 4))
 
 
 def test_emulator_delays_by_latency_and_bytes(tmp_path):
