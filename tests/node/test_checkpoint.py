@@ -44,6 +44,33 @@ def test_a_checkpoint_restores_parameters_optimizer_and_round(tmp_path):
     assert fresh.digest() == t.digest()
 
 
+def test_a_checkpoint_keeps_the_outer_state_and_a_replica_copy_keeps_the_copiers_residual(tmp_path):
+    t = trainer(1)
+    t.start_outer()
+    step(t, 0)
+    t.begin_sync("int8")  # a pseudo-gradient posted: the residual is what int8 lost of it
+    step(t, 1)
+    path = StageCheckpoints(tmp_path).save(t)
+    _, tensors, metadata, _ = StageCheckpoints(tmp_path).latest(1)
+    restarted = trainer(1, seed=1)
+    restarted.load(tensors, metadata)
+    assert restarted.anchor_digest() == t.anchor_digest() and path.is_dir()
+    assert torch.equal(restarted.outer.residual, t.outer.residual) and float(t.outer.residual.abs().sum()) > 0
+    shared, shared_metadata = t.export()  # what FetchState sends: no residual
+    assert "outer/residual" not in shared and "outer/residual" in tensors
+    joiner = trainer(1, seed=2)
+    joiner.start_outer()
+    joiner.load(shared, shared_metadata)
+    assert joiner.anchor_digest() == t.anchor_digest() and float(joiner.outer.residual.abs().sum()) == 0
+
+
+def test_checkfree_forgets_the_outer_state_of_the_weights_it_replaced():
+    t = trainer(1)
+    t.start_outer()
+    assert checkfree(t, {0: trainer(0).export(), 2: trainer(2).export()})
+    assert t.outer is None and not t.optimizer.state
+
+
 def test_a_corrupt_checkpoint_is_skipped_for_the_previous_one(tmp_path):
     t = trainer(1)
     checkpoints = StageCheckpoints(tmp_path)

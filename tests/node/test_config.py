@@ -31,6 +31,11 @@ def test_flags_override_env_which_overrides_the_file(tmp_path):
     ([], {}, "--initial-peers MADDR"),
     (["--new-swarm", "--initial-peers", "/ip4/1.2.3.4/tcp/1"], {}, "only one of them"),
     (["--new-swarm", "--max-inflight", "9", "--memory-slots", "4"], {}, "exceeds --memory-slots"),
+    (["--new-swarm", "--sync-every", "0"], {}, "--sync-every = '0': must be a positive integer"),
+    (["--new-swarm", "--sync-every", "-3"], {}, "--sync-every = '-3': must be a positive integer"),
+    (["--new-swarm", "--sync", "gossip"], {}, "--sync = 'gossip': must be one of every-round, all-to-all, outer"),
+    (["--new-swarm", "--sync-codec", "lowrank"], {}, "--sync-codec = 'lowrank': must be one of raw"),
+    (["--new-swarm", "--outer-momentum", "1"], {}, "--outer-momentum = '1': must be a number in"),
 ])
 def test_bad_settings_name_the_problem(argv, environ, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
