@@ -319,10 +319,13 @@ class LinksRecord:
     peer_id: str
     to: dict[str, LinkEstimate]  # by receiving peer id
     measured_time: float = 0.0  # DHT time of the measurement
+    # By receiving peer id: bytes by kind (protocol.service.KINDS) that this node's calls to it moved, both ways
+    traffic: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_value(self) -> dict:
         return {"v": RECORD_VERSION, "time": self.measured_time,
-                "to": {peer: [e.rtt_s, e.bandwidth_Bps] for peer, e in self.to.items()}}
+                "to": {peer: [e.rtt_s, e.bandwidth_Bps] for peer, e in self.to.items()},
+                "traffic": self.traffic}
 
     @classmethod
     def from_value(cls, peer_id: str, value: Any) -> tuple["LinksRecord", int]:
@@ -337,8 +340,16 @@ class LinksRecord:
                 to[peer] = LinkEstimate(float(entry[0]), float(entry[1]))
             else:
                 skipped += 1
+        traffic = {}
+        for peer, kinds in (value.get("traffic") if isinstance(value.get("traffic"), dict) else {}).items():
+            if isinstance(peer, str) and isinstance(kinds, dict) and all(
+                    isinstance(k, str) and len(k) <= 16 and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                    for k, n in kinds.items()):
+                traffic[peer] = dict(kinds)
+            else:
+                skipped += 1
         when = value.get("time", 0.0)
-        return cls(peer_id, to, float(when) if isinstance(when, (int, float)) else 0.0), skipped
+        return cls(peer_id, to, float(when) if isinstance(when, (int, float)) else 0.0, traffic), skipped
 
 
 def _number(value: dict, name: str) -> float:

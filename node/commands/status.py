@@ -21,13 +21,15 @@ def run(args: argparse.Namespace) -> int:
     from hivemind.utils import get_dht_time
 
     from node.control.discovery import SwarmDirectory, read_members
-    from node.control.links import read_links
+    from node.control.links import read_link_records
     from node.control.planning import DEFAULT_LINK
     from node.host.trust import reading_swarm
 
     with reading_swarm(args.initial_peers, args.swarm_key) as (dht, trust):
         members = read_members(dht, args.swarm)
-        links, skipped = read_links(dht, args.swarm)
+        records, skipped = read_link_records(dht, args.swarm)
+        links = {(r.peer_id, receiver): e for r in records for receiver, e in r.to.items()}
+        traffic = {(r.peer_id, receiver): kinds for r in records for receiver, kinds in r.traffic.items()}
         now = get_dht_time()
         # The codecs in use are the latest plan's (every sender of a round encodes with its plan's).
         latest = max((r.round for r in members.values()), default=0)
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                          heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url,
                          codecs="/".join(r.codecs), sync=r.sync, reachable=peer in reachable,
                          last_sync=_last_sync(r.sync_state), sync_state={str(k): v for k, v in r.sync_state.items()}))
-    matrix = _link_matrix(sorted(members), links)
+    matrix = _link_matrix(sorted(members), links, traffic)
     if args.json:
         import json
 
@@ -82,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
             print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
         print("cells: RTT ms / MB/s as the row's node measured them; '?' not measured yet (default used), "
               "'!' absurd (default used)")
+        moved = [m for m in matrix if m["bytes"]]
+        if moved:
+            print("bytes the row's calls moved on each link, both ways, by kind (MB):")
+            for m in moved:
+                kinds = ", ".join(f"{kind} {n / 1e6:.2f}" for kind, n in sorted(m["bytes"].items()))
+                print(f"  {m['from'][-8:]} -> {m['to'][-8:]}: {kinds}")
     return 0
 
 
@@ -90,9 +98,10 @@ def _last_sync(state: dict[int, dict[str, float]]) -> str:
                      for stage, x in sorted(state.items())) or "-"
 
 
-def _link_matrix(peers: list[str], links: dict) -> list[dict]:
+def _link_matrix(peers: list[str], links: dict, traffic: dict) -> list[dict]:
     """Every directed pair of members with its estimate, and whether the planner uses its default for it
-    (no estimate, or an absurd RTT); a usable RTT without a usable bandwidth keeps the RTT."""
+    (no estimate, or an absurd RTT); a usable RTT without a usable bandwidth keeps the RTT. `bytes`: what the
+    first peer's calls to the second moved, both ways, by kind (as the first last published it)."""
     out = []
     for a in peers:
         for b in peers:
@@ -102,7 +111,8 @@ def _link_matrix(peers: list[str], links: dict) -> list[dict]:
             rtt_ok = e is not None and 0 <= e.rtt_s < 60
             out.append({"from": a, "to": b, "rtt_s": None if e is None else e.rtt_s,
                         "bandwidth_Bps": None if e is None else e.bandwidth_Bps,
-                        "default": not rtt_ok, "bandwidth_default": e is None or not e.usable()})
+                        "default": not rtt_ok, "bandwidth_default": e is None or not e.usable(),
+                        "bytes": traffic.get((a, b), {})})
     return out
 
 

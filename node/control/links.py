@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 from hivemind.dht import DHT
@@ -82,7 +83,8 @@ class LinkBook:
     """Pings, publishes and reads `<swarm>/links`. `ping(endpoint)` returns once a Ping answered (or raises)."""
 
     def __init__(self, dht: DHT, swarm: str, meter: LinkMeter, ping, ttl: float, owner: bytes,
-                 max_pinged: int, read_timeout: float | None = None):
+                 max_pinged: int, read_timeout: float | None = None,
+                 traffic: Callable[[], dict[str, dict[str, int]]] = dict):
         self.dht = dht
         self.read_timeout = read_timeout
         self.owner = owner  # our owner subkey: the record is signed, readers learn the sender from it
@@ -91,6 +93,7 @@ class LinkBook:
         self.ping = ping
         self.ttl = ttl
         self.max_pinged = max_pinged  # members pinged beyond the current next hops: bounds the cost in large swarms
+        self.traffic = traffic  # bytes by peer and kind that our calls moved (node/dataplane/traffic.py)
         self.skipped = 0  # malformed records and entries seen by readers
         self._refresh: threading.Thread | None = None
         self._seen: dict[tuple[str, str], LinkEstimate] = {}
@@ -121,7 +124,7 @@ class LinkBook:
             log.debug("publishing links failed: %r", e)
 
     def publish(self) -> bool:
-        record = LinksRecord(self.meter.peer_id, self.meter.estimates(), get_dht_time())
+        record = LinksRecord(self.meter.peer_id, self.meter.estimates(), get_dht_time(), self.traffic())
         return bool(self.dht.store(links_key(self.swarm), record.to_value(), get_dht_time() + self.ttl,
                                    subkey=self.owner))
 
@@ -139,10 +142,22 @@ class LinkBook:
 def read_links(dht: DHT, swarm: str, timeout: float | None = None) -> tuple[dict[tuple[str, str], LinkEstimate], int]:
     """Published estimates by (sender, receiver), and how many malformed records or entries were skipped.
     TimeoutError when the DHT does not answer within `timeout` seconds."""
+    records, skipped = read_link_records(dht, swarm, timeout)
+    return {(r.peer_id, receiver): e for r in records for receiver, e in r.to.items()}, skipped
+
+
+def read_traffic(dht: DHT, swarm: str, timeout: float | None = None) -> dict[tuple[str, str], dict[str, int]]:
+    """Published bytes by kind, by (sender, receiver): what the sender's calls to the receiver moved."""
+    records, _ = read_link_records(dht, swarm, timeout)
+    return {(r.peer_id, receiver): kinds for r in records for receiver, kinds in r.traffic.items()}
+
+
+def read_link_records(dht: DHT, swarm: str, timeout: float | None = None) -> tuple[list[LinksRecord], int]:
+    """Every signed links record, and how many malformed records or entries were skipped."""
     entry = get_latest(dht, links_key(swarm), timeout)
     if entry is None or not isinstance(entry.value, dict):
-        return {}, 0
-    found, skipped = {}, 0
+        return [], 0
+    found, skipped = [], 0
     for subkey, item in entry.value.items():
         sender = owner_peer_id(subkey)
         if sender is None:  # not signed by its writer: anyone could have put it there
@@ -155,8 +170,7 @@ def read_links(dht: DHT, swarm: str, timeout: float | None = None) -> tuple[dict
             skipped += 1
             continue
         skipped += bad
-        for receiver, estimate in record.to.items():
-            found[(record.peer_id, receiver)] = estimate
+        found.append(record)
     return found, skipped
 
 

@@ -20,6 +20,7 @@ from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.grpc_options import channel_options
 from protocol.limits import WireLimits
 from protocol.rpc_auth import UNBOUND, ClientAuthInterceptor, SwarmAuth
+from node.dataplane.traffic import LinkTraffic
 from protocol.service import STAGE_SERVICE, FrameMeter, StageStub, no_meter
 from protocol.tls import SwarmTls
 from protocol.state_frames import decode_state
@@ -70,6 +71,7 @@ class StageClients:
                  meter: FrameMeter = no_meter, emulator: LinkEmulator | None = None):
         self.limits = limits
         self.meter = meter  # counts every message the stubs send and receive (the node's byte counters)
+        self.traffic = LinkTraffic()  # the same bytes by link and kind, for calls to a known peer
         self.emulator = emulator  # a test tool: every call pays the emulated link both ways (link_emulation.py)
         self.codecs = RoundCodecs()
         self.auth = auth  # private swarms: every call carries a tag made with the swarm key
@@ -87,7 +89,8 @@ class StageClients:
             if (endpoint, receiver) not in self._stubs:
                 if endpoint not in self._channels:
                     self._channels[endpoint] = dial(endpoint, channel_options(self.limits), None, self.tls, UNBOUND)[0]
-                stub = StageStub(bound(self._channels[endpoint], self.auth, receiver), self.meter)
+                meter = self.meter if receiver == UNBOUND else self.traffic.meter_for(receiver, self.meter)
+                stub = StageStub(bound(self._channels[endpoint], self.auth, receiver), meter)
                 self._stubs[endpoint, receiver] = stub if self.emulator is None else EmulatedStub(
                     stub, STAGE_SERVICE, self.emulator, endpoint)
             return self._stubs[endpoint, receiver]

@@ -122,7 +122,7 @@ class StageRole:
         undo.callback(self.sender.close)
         links = LinkBook(host.dht, swarm, meter, ping_with(host.clients, cfg.faults.probe_timeout),
                          ttl=rounds.plan_ttl(), owner=host.trust.owner, max_pinged=cfg.links.max_pinged,
-                         read_timeout=cfg.swarm.dht_read_timeout)
+                         read_timeout=cfg.swarm.dht_read_timeout, traffic=host.clients.traffic.snapshot)
         roles = cfg.roles
         left_out_limit = roles.idle_rounds if roles.role == Role.AUTO and roles.hosted_stages() is None else None
         admission = HopAdmission(host.directory, cfg.dataplane)

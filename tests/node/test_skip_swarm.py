@@ -70,6 +70,10 @@ def test_skip_swarm_plans_measures_and_executes(tmp_path):
     rtt_ms = float(row[header.index(peer["a1"][-8:]) - 2].split("/")[0])  # header starts "from \ to"
     assert 2 * SLOW_MS <= rtt_ms < 4 * SLOW_MS, status.stdout
     assert "directed pairs measured" in status.stdout
+    # ... and, per link, the bytes its sender's calls moved by kind: d0's hops carried activations.
+    moved = [line for line in lines if line.strip().startswith(f"{peer['d0'][-8:]} -> ")]
+    assert moved and any(float(line.split("activations ")[1].split(",")[0]) > 0 for line in moved
+                         if "activations " in line), status.stdout
     planned = {e["round"]: e for n in nodes.values() for e in n.events("planned")}
     executed = {n: {e["round"]: e for e in node.events("round")} for n, node in nodes.items()}
     slow_pair = {peer["d0"], peer["a1"]}
