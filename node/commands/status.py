@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages, default=-1), kv[0])):
         rows.append(dict(peer=peer, stages=",".join(map(str, r.stages)), role=r.role, endpoint=r.endpoint,
-                         round=r.round, state=r.state.value, serving=r.serving,
+                         round=r.round, state=r.state.value, serving=r.serving, reach=r.reach.value,
                          compute_ms=round(1000 * sum(r.compute_s.values()), 1),
                          heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url,
                          codecs="/".join(r.codecs), sync=r.sync, reachable=peer in reachable))
@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"codecs (plan of round {codecs['round']}): activations {codecs['activation']}, "
               f"gradients {codecs['gradient']}; sync {sync['strategy']}")
     # `codecs` and `sync` per node: what it prefers (--activation-codec/--gradient-codec, --sync).
-    header = ("peer", "stages", "role", "endpoint", "round", "state", "compute_ms", "heartbeat_age_s", "codecs",
+    # `reach`: how peers reach the node, as it found out (direct, unreachable, ...); `unchecked` until a member
+    # dialed it back. Planners leave unreachable nodes out.
+    header = ("peer", "stages", "role", "endpoint", "reach", "round", "state", "compute_ms", "heartbeat_age_s", "codecs",
               "sync")
     table = [header] + [tuple(str(row[h]) if h != "peer" else row[h][-12:] for h in header) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -121,7 +123,7 @@ def _reachable(members: dict, auth) -> set[str]:
 
 
 def _missing_stages(members: dict, reachable: set[str]) -> list[int]:
-    """Stages of the swarm (as its nodes report its depth) that no reachable serving node hosts."""
+    """Stages of the swarm (as its nodes report its depth) that no plannable node answering a Ping hosts."""
     depth = max((r.num_stages for r in members.values()), default=0)
-    hosted = {s for p, r in members.items() if r.serving and p in reachable for s in r.stages}
+    hosted = {s for p, r in members.items() if r.plannable and p in reachable for s in r.stages}
     return [s for s in range(depth) if s not in hosted]

@@ -45,7 +45,7 @@ def serving_replicas(members: dict[str, NodeRecord], num_stages: int) -> dict[in
     replicas: dict[int, list[NodeRecord]] = {s: [] for s in range(num_stages)}
     for peer in sorted(members):
         record = members[peer]
-        if record.serving:
+        if record.plannable:  # serving, and not saying it cannot receive hops (unreachable)
             for stage in record.stages:
                 if stage < num_stages:
                     replicas[stage].append(record)
@@ -53,8 +53,8 @@ def serving_replicas(members: dict[str, NodeRecord], num_stages: int) -> dict[in
 
 
 def choose_planner(members: dict[str, NodeRecord]) -> str | None:
-    """The round's planner: the serving data node with the lowest peer id. Every node computes the same."""
-    data_nodes = sorted(p for p, r in members.items() if r.serving and 0 in r.stages)
+    """The round's planner: the plannable data node with the lowest peer id. Every node computes the same."""
+    data_nodes = sorted(p for p, r in members.items() if r.plannable and 0 in r.stages)
     return data_nodes[0] if data_nodes else None
 
 
@@ -165,8 +165,8 @@ def from_wire(problem: Problem, wire: RoundPlan) -> Plan:
 
 
 def missing_stages(members: dict[str, NodeRecord], num_stages: int) -> list[int]:
-    """Stages no serving member hosts."""
-    hosted = {s for r in members.values() if r.serving for s in r.stages}
+    """Stages no plannable member hosts (an unreachable replica cannot take the stage's hops)."""
+    hosted = {s for r in members.values() if r.plannable for s in r.stages}
     return [s for s in range(num_stages) if s not in hosted]
 
 
