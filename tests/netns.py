@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pytest
+
 
 class NatUnavailable(RuntimeError):
     """This machine cannot build the NAT (no root, no `ip`/`nft`, or namespaces refused)."""
@@ -62,9 +64,13 @@ def _run(argv: list[str], stdin: str | None = None) -> None:
 
 
 def _router_rules(wan: str, lan: str) -> str:
-    """Masquerade home's outgoing connections; admit only their replies, on the router and through it."""
+    """Masquerade home's outgoing connections; admit only their replies, on the router and through it (and
+    what `forward_port` forwards later)."""
     return f"""
 table ip swarm_nat {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+    }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         oifname "{wan}" masquerade
@@ -72,6 +78,7 @@ table ip swarm_nat {{
     chain forward {{
         type filter hook forward priority filter; policy drop;
         ct state established,related accept
+        ct status dnat accept
         iifname "{lan}" oifname "{wan}" accept
     }}
     chain input {{
@@ -131,6 +138,12 @@ def build() -> Nat:
     return nat
 
 
+def forward_port(nat: Nat, port: int) -> None:
+    """What an operator does on a home router: forward TCP `port` of its public address to the home host."""
+    _run(nat.router_cmd("nft", "add", "rule", "ip", "swarm_nat", "prerouting", "iifname", "wan0", "tcp", "dport",
+                        str(port), "dnat", "to", f"{nat.home_ip}:{port}"))
+
+
 def teardown(nat: Nat) -> None:
     """Remove everything `build` made, whatever state it got to: processes still in the namespaces first
     (a namespace with a process in it outlives `ip netns del`), then the nft table, namespaces and veth."""
@@ -149,7 +162,13 @@ def teardown(nat: Nat) -> None:
 
 @contextmanager
 def home_behind_nat() -> Iterator[Nat]:
-    nat = build()
+    """A built NAT for one test or module; where none can be built, the test fails with one line (no skip)."""
+    try:
+        nat, why = build(), ""
+    except NatUnavailable as e:
+        why = str(e)
+    if why:
+        pytest.fail(why, pytrace=False)
     try:
         yield nat
     finally:

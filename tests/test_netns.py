@@ -59,3 +59,16 @@ def test_teardown_leaves_nothing():
     links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
     assert built.home not in namespaces and built.router not in namespaces
     assert built.public_veth not in links
+
+
+def test_a_forwarded_port_lets_public_in_at_the_routers_address(nat):
+    from tests.netns import forward_port
+
+    listener = subprocess.Popen(nat.home_cmd(sys.executable, "-c", LISTEN), stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(listener.stdout.readline())
+        forward_port(nat, port)
+        socket.create_connection((nat.router_wan_ip, port), timeout=5).close()
+    finally:
+        listener.kill()
+        listener.wait()

@@ -37,7 +37,9 @@ def node_id(peer_id: str, stage: int) -> str:
 
 
 def membership_digest(members: dict[str, NodeRecord]) -> str:
-    text = ";".join(f"{p}:{','.join(map(str, r.stages))}@{r.endpoint}" for p, r in sorted(members.items()))
+    """Of the members a plan may use: one that says it cannot receive hops changes nothing."""
+    text = ";".join(f"{p}:{','.join(map(str, r.stages))}@{r.endpoint}" for p, r in sorted(members.items())
+                    if r.reach.receives_hops)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

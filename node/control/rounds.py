@@ -102,7 +102,7 @@ class RoundLoop:
                 left_out, self._said_left_out = 0, False
             else:  # left out, or too late to take part
                 left_out += 1
-                self._left_out(plan, stop)
+                self._left_out(plan, left_out, stop)
                 if self.left_out_limit is not None and left_out >= self.left_out_limit:
                     log.info("left out of %d plans in a row", left_out)
                     return True
@@ -126,7 +126,9 @@ class RoundLoop:
             members = self.directory.members()
             self._members = members
             if choose_planner(members) == self.peer_id:
-                plan = self._make_plan(self.faults.alive(members), round_)
+                # Members that say they cannot receive hops are not pinged: a ping would only wait out its timeout.
+                candidates = {p: r for p, r in members.items() if r.reach.receives_hops}
+                plan = self._make_plan(self.faults.alive(candidates), round_)
                 if plan is not None:
                     self.directory.publish_plan(plan, ttl=self.config.rounds.plan_ttl())
                     continue
@@ -293,22 +295,26 @@ class RoundLoop:
         return Synced(norm, peers, sync_bytes, sync_s)
 
     # ---- a round this node was left out of ----------------------------------------------------------------------
-    def _left_out(self, plan: RoundPlan, stop: threading.Event) -> None:
-        """A node that cannot receive hops idles: copying every round's state would cost a stage's weights per
-        round for work it cannot be given. It copies once it is planned again (`_refresh`). Any other node left
-        out (a joiner the plan was made before, a missed ping) copies the state after the round, as it may be
-        planned in the next one."""
+    def _left_out(self, plan: RoundPlan, in_a_row: int, stop: threading.Event) -> None:
+        """The first round a node is left out of (a joiner the plan was made before, a missed ping), it copies the
+        state after it, as it may well be planned in the next one. Later rounds in a row, and every round while it
+        cannot receive hops, it idles: a copy per round would move a stage's weights every round for work it is
+        not given. It copies once a plan includes it again (`_refresh`)."""
         reach = self.reachability()
-        if not reach.reach.receives_hops:
-            if not self._said_left_out:
-                self._said_left_out = True
-                log.warning("left out of round %d's plan: this node is %s (%s); it idles without copying state "
-                            "until it can be planned", plan.round, reach.reach.value, reach.message)
-                self.events.emit("left_out", round=plan.round, reach=reach.reach.value, message=reach.message)
-            self._idle(plan)
-            self._stale = True
+        if reach.reach.receives_hops and in_a_row == 1:
+            self._catch_up(plan, stop)
             return
-        self._catch_up(plan, stop)
+        if not self._said_left_out:
+            self._said_left_out = True
+            if reach.reach.receives_hops:
+                why = "the planner leaves it out although it can receive hops (its ping may not reach this node)"
+            else:
+                why = f"this node is {reach.reach.value} ({reach.why})"
+            log.warning("left out of round %d's plan: %s; it idles without copying state until it is planned",
+                        plan.round, why)
+            self.events.emit("left_out", round=plan.round, reach=reach.reach.value, reason=why)
+        self._idle(plan)
+        self._stale = True
 
     def _idle(self, plan: RoundPlan) -> None:
         """Pass the round without work, step or copy, keeping the round counts aligned."""

@@ -323,8 +323,11 @@ class NodeHost:
             moved = result.endpoint if result.reach is Reach.DIRECT and not net.announce_host else ""
             if (result.reach, result.ok) != last:
                 last = (result.reach, result.ok)
-                (log.info if result.ok else log.warning)("%s", result.message)
-                if not result.ok:
+                if result.ok:
+                    log.info("%s", result.message)
+                elif log.isEnabledFor(logging.WARNING):  # one line: the log is on stderr already
+                    log.warning("%s", result.message)
+                else:  # --log-level error hides it, yet the operator must see it
                     print(f"swarm-node: {result.message}", file=sys.stderr, flush=True)
                 self.events.emit("reachability", ok=result.ok, reach=result.reach.value, message=result.message,
                                  endpoint=moved or self.presence.record().endpoint)

@@ -37,7 +37,7 @@ def dial_back(request: pb.ReachabilityRequest, caller: str, clients: StageClient
     target = f"[{caller_host}]:{port}" if ":" in caller_host else f"{caller_host}:{port}"
     problems = []
     try:
-        clients.ping(target, probe_timeout)
+        clients.probe(target, probe_timeout)
         grpc_ok = True
     except grpc.RpcError as e:
         grpc_ok = e.code() != grpc.StatusCode.UNAVAILABLE and e.code() != grpc.StatusCode.DEADLINE_EXCEEDED
@@ -70,8 +70,13 @@ class Reachability:
 
     reach: Reach
     ok: bool
-    message: str
+    message: str  # what was found and what to do about it
     endpoint: str = ""  # where the member reached us, when that is not the announced endpoint
+    finding: str = ""  # what was found, without the advice (for lines that refer back to it)
+
+    @property
+    def why(self) -> str:
+        return self.finding or self.message
 
 
 NOT_CHECKED = Reachability(Reach.UNCHECKED, True, "reachability not checked yet")
@@ -102,10 +107,11 @@ def self_check(members: dict[str, NodeRecord], me: str, endpoint: str, maddrs: l
     seen_at = f"[{seen}]:{port}" if ":" in seen else f"{seen}:{port}"
     member = peer.endpoint.rpartition(":")[0]
     if not reply.grpc_reachable:
+        finding = f"not reachable at {seen_at} from {member} ({_first_reason(reply.detail)})"
         return Reachability(Reach.UNREACHABLE, False,
-                            f"not reachable at {seen_at} from {member} ({_first_reason(reply.detail)}): forward "
-                            f"TCP port {port} ({grpc_port_flag}) to this host, or set --announce-host/--announce-port "
-                            f"to an address peers can dial; until then this node gets no work")
+                            f"{finding}: forward TCP port {port} ({grpc_port_flag}) to this host, or set "
+                            f"--announce-host/--announce-port to an address peers can dial; until then this node "
+                            f"gets no work", finding=finding)
     moved = seen_at if seen != announced_host.strip("[]") else ""
     if not reply.dht_reachable:
         dht_port = next((t[1] for t in map(_tcp_target, maddrs) if t), "?")
