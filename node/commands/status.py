@@ -56,15 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if codecs:
         print(f"codecs (plan of round {codecs['round']}): activations {codecs['activation']}, "
               f"gradients {codecs['gradient']}; sync {sync['strategy']}")
-    # `codecs` and `sync` per node: what it prefers (--activation-codec/--gradient-codec, --sync).
-    # `reach`: how peers reach the node, as it found out (direct, unreachable, ...); `unchecked` until a member
-    # dialed it back. Planners leave unreachable nodes out.
-    header = ("peer", "stages", "role", "endpoint", "reach", "round", "state", "compute_ms", "heartbeat_age_s", "codecs",
-              "sync")
-    table = [header] + [tuple(str(row[h]) if h != "peer" else row[h][-12:] for h in header) for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for line in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+    print(node_table(rows))
     defaulted = sum(1 for m in matrix if m["default"])
     print(f"links: {len(matrix) - defaulted} of {len(matrix)} directed pairs measured; the planner prices the "
           f"other {defaulted} at its default ({DEFAULT_LINK.rtt_s * 1000:g} ms RTT, "
@@ -81,6 +73,17 @@ def run(args: argparse.Namespace) -> int:
         print("cells: RTT ms / MB/s as the row's node measured them; '?' not measured yet (default used), "
               "'!' absurd (default used)")
     return 0
+
+
+def node_table(rows: list[dict]) -> str:
+    """The nodes as aligned columns. `codecs` and `sync` per node: what it prefers (--activation-codec/
+    --gradient-codec, --sync); `reach`: how peers reach it, as it found out (direct, unreachable, ...),
+    `unchecked` until a member dialed it back. Planners leave unreachable nodes out."""
+    header = ("peer", "stages", "role", "endpoint", "reach", "round", "state", "compute_ms", "heartbeat_age_s",
+              "codecs", "sync")
+    table = [header] + [tuple(str(row[h]) if h != "peer" else row[h][-12:] for h in header) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in table)
 
 
 def _link_matrix(peers: list[str], links: dict) -> list[dict]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from node.commands.status import node_table
 from node.process.local_swarm import LocalSwarm
 from protocol.records import RoundPlan
 from tests.helpers import node, rounds, run_cli, wait_for
@@ -53,14 +53,12 @@ def swarm(nat, tmp_path_factory):
 
 
 def status(swarm) -> tuple[dict[str, dict], str]:
-    """`swarm-node status --json` by peer, and the table `swarm-node status` prints (both at once: each
-    command joins the DHT, which takes seconds)."""
-    ask = ["status", "--swarm", SWARM, "--initial-peers", *swarm.initial_peers()]
-    with ThreadPoolExecutor(2) as pool:
-        as_json, as_table = pool.submit(run_cli, *ask, "--json"), pool.submit(run_cli, *ask)
-        shown, table = as_json.result(), as_table.result()
-    assert shown.returncode == 0 and table.returncode == 0, shown.stderr + table.stderr
-    return {row["peer"]: row for row in json.loads(shown.stdout)["nodes"]}, table.stdout
+    """`swarm-node status --json` by peer, and the table `swarm-node status` prints from the same rows (one
+    command: each joins the DHT, which takes seconds)."""
+    shown = run_cli("status", "--swarm", SWARM, "--json", "--initial-peers", *swarm.initial_peers())
+    assert shown.returncode == 0, shown.stderr
+    rows = json.loads(shown.stdout)["nodes"]
+    return {row["peer"]: row for row in rows}, node_table(rows)
 
 
 def test_a_volunteer_behind_nat_is_classified_unreachable_and_idles_quietly(nat, swarm):
