@@ -12,4 +12,13 @@ if ! command -v prometheus >/dev/null; then
         echo "test: install prometheus (e.g. sudo apt-get install prometheus) for the scrape test"
     fi
 fi
+# The NAT tests (tests/netns.py) build namespaces behind an nftables router: they need root and `nft`.
+if ! command -v nft >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null) \
+            || echo "test: could not install nftables; the NAT tests will fail"
+    else
+        echo "test: the NAT tests need root and nftables (e.g. sudo apt-get install nftables); they will fail"
+    fi
+fi
 exec .venv/bin/python -m pytest -q "$@"
