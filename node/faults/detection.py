@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import grpc
 
@@ -136,6 +136,7 @@ class RerouteNotifier:
         self.timeout_s = timeout_s
         self.tries = tries  # a lost notice costs the receiver its round deadline: try a few times
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="notify")
+        self._round_done: list[Future] = []  # RoundDone notices on their way
 
     def __call__(self, peers: dict[str, str], notice: pb.RerouteNotice) -> None:
         self.executor.reroute(notice.round, notice.microbatch, notice.attempt, list(notice.path))
@@ -147,9 +148,10 @@ class RerouteNotifier:
     def round_done(self, peers: dict[str, str], notice: pb.RoundDoneNotice) -> None:
         """Our microbatches of the round are all finished: nobody needs to keep the round open for us."""
         self.executor.origin_done(notice.round, notice.origin)
+        self._round_done = [f for f in self._round_done if not f.done()]
         for p, endpoint in peers.items():
             if p != self.peer_id:
-                self._pool.submit(self._send, p, endpoint, notice, "RoundDone")
+                self._round_done.append(self._pool.submit(self._send, p, endpoint, notice, "RoundDone"))
 
     def _send(self, peer: str, endpoint: str, notice, method: str) -> None:
         signed = self.signer.sign(method, notice, peer)
@@ -163,6 +165,10 @@ class RerouteNotifier:
                     return
 
     def close(self) -> None:
+        """Stop; RoundDone notices already on their way get one call's time to land. A node that ends after its
+        last round (--rounds) would otherwise often drop them, and its round's other nodes would wait out the
+        round's deadline for a microbatch owner that is done."""
+        wait(self._round_done, timeout=self.timeout_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
