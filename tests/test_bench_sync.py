@@ -131,3 +131,14 @@ def test_projection_uses_the_simulators_sync_cost():
     assert all(p["round_s"] >= p["iteration_s"] > 0 for p in proj.values())
     assert proj["outer"]["round_s"] <= proj["every-round"]["round_s"] <= proj["all-to-all"]["round_s"]
     assert sorted(v for g in inputs["groups"] for v in g) == list(range(20))
+
+
+def test_tables_render_and_spacing_skips_the_warmup():
+    bench = _bench()
+    rounds = [{"time_s": t, "loss": 3.0, "tokens": 100 * (i + 1)} for i, t in enumerate([5.0, 6.0, 8.0, 10.0, 12.0])]
+    assert bench.spacing(rounds) == pytest.approx(2.0)  # rounds 2..4: 8 -> 12 s in two steps
+    report = _report(100.0, None, 2.0, 11.0)
+    table = bench.balance_table(report["balances"]["12"], {name: rounds for name in report["balances"]["12"]})
+    assert "| outer | 1.000 | - | - | 0.900 | 1.11 | 2.000 | 0.100 | 100 | 20.0x fewer | 1,000 | 2.0000 |" in table
+    inputs = {**bench.projection_model(json.loads(bench.INSTANCE.read_text())), "groups": [[0, 1]], "iteration_s": 10.0}
+    assert "| outer | 11.0 | 10.0 | 1.10 |" in bench.projection_table(report["projection"], inputs)
