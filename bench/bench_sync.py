@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_swarm import (INSTANCE, LINK_SLOWDOWN, WARMUP_ROUNDS, ConfigResult, evaluate,  # noqa: E402
-                         run_config, split_corpus)
+from bench_swarm import (INSTANCE, LINK_SLOWDOWN, NODE_ARGS, WARMUP_ROUNDS, ConfigResult,  # noqa: E402
+                         evaluate, run_config, split_corpus)
 
 LAYOUT = (0, 0, 1, 1, 2, 2)  # stage of each process: 2 replicas per stage, 6 processes for 2 shared cores
 NUM_STAGES = 3
@@ -139,6 +139,11 @@ def loss_at(points: list[tuple[float, float]], t: float) -> float:
         if t <= t1:
             return y0 + (y1 - y0) * (t - t0) / (t1 - t0) if t1 > t0 else y1
     return points[-1][1]
+
+
+def timed_out(rounds: list[dict], round_timeout: float) -> list[int]:
+    """Rounds that ran into the round timeout: they weigh on every mean, so the report names them."""
+    return [r["round"] for r in rounds if r["round_s"] >= 0.9 * round_timeout]
 
 
 def spacing(rounds: list[dict]) -> float | None:
@@ -421,6 +426,9 @@ def main() -> int:
     plot(curves, out / "sync.png")
     missing = [f"{n} at {b}" for b, runs in report["balances"].items() for n, r in runs.items()
                if r["predicted_round_s"] is None]
+    round_timeout = float(NODE_ARGS[NODE_ARGS.index("--round-timeout") + 1])
+    stuck = [f"{n} at {b}: round {', '.join(map(str, found))}" for b, runs in curves.items()
+             for n, rounds in runs.items() if (found := timed_out(rounds, round_timeout))]
     sections = [
         f"# Sync benchmark (`python bench/bench_sync.py{' --quick' if args.quick else ''}`)",
         f"{len(LAYOUT)} processes (layout {','.join(map(str, LAYOUT))}: {NUM_STAGES} stages x 2 replicas, the "
@@ -438,7 +446,9 @@ def main() -> int:
         "Predicted: the simulator's whole round (`predicted_round_s` in the round events), from the links and "
         "compute the swarm measured. Whole round: the round events' `wall_s` (the plan's work, the barrier and the "
         "sync; the slowest data node's); round end to end: from one round's end to the next's, which also counts "
-        "fetching and starting the next plan." + (f" Not in the events for {', '.join(missing)}: shown as -." if missing else ""),
+        "fetching and starting the next plan." + (f" Not in the events for {', '.join(missing)}: shown as -." if missing else "")
+        + (f" **Rounds that ran into the {round_timeout:g} s round timeout** (in every mean above): {'; '.join(stuck)}."
+           if stuck else ""),
         "## Projection: SkipPipe's GCP setting\n\n" + (projection_table(report["projection"], inputs) if inputs
                                                          else "Not computed: routing/sync_cost.py is missing."),
         "## Targets\n\n" + "\n".join(f"- {line}" for _, line in lines),

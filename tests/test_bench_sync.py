@@ -142,3 +142,9 @@ def test_tables_render_and_spacing_skips_the_warmup():
     assert "| outer | 1.000 | - | - | 0.900 | 1.11 | 2.000 | 0.100 | 100 | 20.0x fewer | 1,000 | 2.0000 |" in table
     inputs = {**bench.projection_model(json.loads(bench.INSTANCE.read_text())), "groups": [[0, 1]], "iteration_s": 10.0}
     assert "| outer | 11.0 | 10.0 | 1.10 |" in bench.projection_table(report["projection"], inputs)
+
+
+def test_timed_out_names_rounds_near_the_round_timeout():
+    bench = _bench()
+    rounds = [{"round": r, "round_s": s} for r, s in enumerate([1.0, 2.0, 119.5, 107.9])]
+    assert bench.timed_out(rounds, 120) == [2]
