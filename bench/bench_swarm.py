@@ -60,6 +60,7 @@ class ConfigResult:
     model_dir: Path | None = None
     ppl: float = float("nan")
     ppl_omit: float = float("nan")
+    node_rounds: dict[str, list[dict]] = field(default_factory=dict)  # every node's round events, by node name
 
     def mean(self, key: str) -> float:
         values = [r[key] for r in self.rounds[WARMUP_ROUNDS:] if r.get(key) is not None]
@@ -131,6 +132,7 @@ def run_config(workdir: Path, name: str, visits: int, rounds: int, train: Path, 
     finally:
         swarm.stop()
     data_nodes = [n for n in swarm.nodes if n.stages == "0"]
+    result.node_rounds = {n.name: n.events("round") for n in swarm.nodes}
     per_node = [{e["round"]: e for e in n.events("round")} for n in data_nodes]
     done = sorted(set.intersection(*(set(r) for r in per_node)))
     if len(done) < rounds:
@@ -145,6 +147,7 @@ def run_config(workdir: Path, name: str, visits: int, rounds: int, train: Path, 
                               "executed_s": max(e["executed_s"] for e in events),
                               "round_s": max(e["wall_s"] for e in events),  # plan work + barrier + averaging
                               "predicted_s": events[0]["predicted_s"],
+                              "predicted_round_s": events[0].get("predicted_round_s"),  # None: not predicted
                               "time_s": max(e["time"] for e in events) - t0})
     result.wall_s = time.monotonic() - started
     if any(not (model_dir / f"model-stage-{s}.safetensors").is_file() for s in range(num_stages)):
