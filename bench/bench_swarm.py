@@ -146,6 +146,8 @@ def run_config(workdir: Path, name: str, visits: int, rounds: int, train: Path, 
         result.rounds.append({"round": r, "tokens": tokens, "loss": statistics.mean(losses) if losses else None,
                               "executed_s": max(e["executed_s"] for e in events),
                               "round_s": max(e["wall_s"] for e in events),  # plan work + barrier + averaging
+                              # from the previous round's end, the plan's wait included: what predicted_round_s predicts
+                              "whole_round_s": max(e.get("round_s", e["wall_s"]) for e in events),
                               "predicted_s": events[0]["predicted_s"],
                               "predicted_round_s": events[0].get("predicted_round_s"),  # None: not predicted
                               "time_s": max(e["time"] for e in events) - t0})

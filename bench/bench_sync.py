@@ -111,7 +111,7 @@ def mean_after_warmup(rounds: list[dict], key: str) -> float | None:
 def summarize(result: ConfigResult, heldout_loss: float) -> dict:
     """The --json figures of one run."""
     sync_bytes, sync_s = sync_per_replica(result.node_rounds)
-    return {"round_s": mean_after_warmup(result.rounds, "round_s"),
+    return {"round_s": mean_after_warmup(result.rounds, "whole_round_s"),
             "predicted_round_s": mean_after_warmup(result.rounds, "predicted_round_s"),
             "iteration_s": mean_after_warmup(result.rounds, "executed_s"),
             "sync_s": sync_s, "sync_bytes_per_replica_round": sync_bytes,
@@ -444,9 +444,9 @@ def main() -> int:
         f"{time.monotonic() - started:.0f} s.",
         *[f"## Link slowdown {b}\n\n{balance_table(runs, curves[b])}" for b, runs in report["balances"].items()],
         "Predicted: the simulator's whole round (`predicted_round_s` in the round events), from the links and "
-        "compute the swarm measured. Whole round: the round events' `wall_s` (the plan's work, the barrier and the "
-        "sync; the slowest data node's); round end to end: from one round's end to the next's, which also counts "
-        "fetching and starting the next plan." + (f" Not in the events for {', '.join(missing)}: shown as -." if missing else "")
+        "compute the swarm measured and the overhead its planner measured. Whole round: the round events' `round_s` "
+        "(from the node's previous round's end: the plan's wait, the plan's work, the barrier and the sync; the "
+        "slowest data node's), what the prediction predicts; round end to end: the mean spacing of the rounds' ends." + (f" Not in the events for {', '.join(missing)}: shown as -." if missing else "")
         + (f" **Rounds that ran into the {round_timeout:g} s round timeout** (in every mean above): {'; '.join(stuck)}."
            if stuck else ""),
         "## Projection: SkipPipe's GCP setting\n\n" + (projection_table(report["projection"], inputs) if inputs
