@@ -42,9 +42,7 @@ def node_id(peer_id: str, stage: int) -> str:
 
 
 def membership_digest(members: dict[str, NodeRecord]) -> str:
-    """Of the members a plan may use: one that says it cannot receive hops changes nothing."""
-    text = ";".join(f"{p}:{','.join(map(str, r.stages))}@{r.endpoint}" for p, r in sorted(members.items())
-                    if r.reach.receives_hops)
+    text = ";".join(f"{p}:{','.join(map(str, r.stages))}@{r.endpoint}" for p, r in sorted(members.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -52,7 +50,7 @@ def serving_replicas(members: dict[str, NodeRecord], num_stages: int) -> dict[in
     replicas: dict[int, list[NodeRecord]] = {s: [] for s in range(num_stages)}
     for peer in sorted(members):
         record = members[peer]
-        if record.plannable:  # serving, and not saying it cannot receive hops (unreachable)
+        if record.serving:
             for stage in record.stages:
                 if stage < num_stages:
                     replicas[stage].append(record)
@@ -60,8 +58,8 @@ def serving_replicas(members: dict[str, NodeRecord], num_stages: int) -> dict[in
 
 
 def choose_planner(members: dict[str, NodeRecord]) -> str | None:
-    """The round's planner: the plannable data node with the lowest peer id. Every node computes the same."""
-    data_nodes = sorted(p for p, r in members.items() if r.plannable and 0 in r.stages)
+    """The round's planner: the serving data node with the lowest peer id. Every node computes the same."""
+    data_nodes = sorted(p for p, r in members.items() if r.serving and 0 in r.stages)
     return data_nodes[0] if data_nodes else None
 
 
@@ -197,8 +195,8 @@ def predict_sync(plan: RoundPlan, links: dict[tuple[str, str], LinkEstimate], gr
 
 
 def missing_stages(members: dict[str, NodeRecord], num_stages: int) -> list[int]:
-    """Stages no plannable member hosts (an unreachable replica cannot take the stage's hops)."""
-    hosted = {s for r in members.values() if r.plannable for s in r.stages}
+    """Stages no serving member hosts."""
+    hosted = {s for r in members.values() if r.serving for s in r.stages}
     return [s for s in range(num_stages) if s not in hosted]
 
 
