@@ -124,6 +124,9 @@ class FailureReporter:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+CLOSE_GRACE_S = 1.0  # how long a stopping node lets its last RoundDone notices travel
+
+
 class RerouteNotifier:
     """Tells the round's nodes a microbatch's new path (ourselves directly), all at once, briefly."""
 
@@ -165,10 +168,10 @@ class RerouteNotifier:
                     return
 
     def close(self) -> None:
-        """Stop; RoundDone notices already on their way get one call's time to land. A node that ends after its
+        """Stop; RoundDone notices already on their way get up to a second to land. A node that ends after its
         last round (--rounds) would otherwise often drop them, and its round's other nodes would wait out the
-        round's deadline for a microbatch owner that is done."""
-        wait(self._round_done, timeout=self.timeout_s)
+        round's deadline for a microbatch owner that is done. (A second: a stop must stay within seconds.)"""
+        wait(self._round_done, timeout=min(self.timeout_s, CLOSE_GRACE_S))
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
