@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable
 
@@ -11,6 +10,7 @@ import torch
 from lm.stage import PipelineStage
 from node.config import TrainingConfig
 from node.process.waits import wait_until
+from node.stage.digest import tensors_digest
 from node.sync.outer import OuterState, OuterStep
 
 
@@ -124,10 +124,7 @@ class StageTrainer:
         """sha256 over the parameters' bytes: equal digests mean bit-identical replicas."""
         with self.lock:
             if self._digest is None:
-                h = hashlib.sha256()
-                for p in self.params:
-                    h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-                self._digest = h.hexdigest()[:16]
+                self._digest = tensors_digest(self.params)
             return self._digest
 
     def export(self, include_grads: bool = False,

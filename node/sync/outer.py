@@ -17,11 +17,11 @@ repair (the digest vote) compares anchors.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
+from node.stage.digest import tensors_digest
 from node.sync.averaging import flatten, roundtrip, unflatten
 
 
@@ -74,10 +74,7 @@ class OuterState:
     def digest(self) -> str:
         """sha256 over the anchor's bytes: equal digests mean replicas left the last sync in step."""
         if self._digest is None:
-            h = hashlib.sha256()
-            for a in self.anchor:
-                h.update(a.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-            self._digest = h.hexdigest()[:16]
+            self._digest = tensors_digest(self.anchor)
         return self._digest
 
     # ---- state transfer and checkpoints ----------------------------------------------------------------------
