@@ -314,8 +314,7 @@ class RoundLoop:
         so drift between replicas (a missed averaging, a late joiner) heals within a round.
         """
         trainer = self.trainers[stage]
-        if self.outer.in_flight(stage):  # the plan left outer with a sync in flight: its replicas moved on
-            self.outer.abandon(stage)
+        self.outer.abandon(stage)  # if the plan left outer with a sync in flight: its replicas moved on
         dead = self.faults.dead.snapshot()
         members = plan.endpoints(stage)
         replicas = {p: e for p, e in members.items() if p not in dead or p == self.peer_id}

@@ -105,9 +105,6 @@ class OuterSync:
         """Forget `stage`'s sync in flight (the node is about to copy the stage's state from a replica)."""
         self._in_flight.pop(stage, None)
 
-    def in_flight(self, stage: int) -> bool:
-        return stage in self._in_flight
-
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
