@@ -178,6 +178,9 @@ class NetworkConfig:
     identity_path: str = setting("", "private key file; keeps the peer id stable across restarts")
     reachability_timeout: float = setting(10.0, "seconds a joining node waits for a member to dial it back "
                                                 "(its gRPC endpoint and DHT addresses)", _positive_float)
+    reachability_recheck: float = setting(300.0, "seconds between a joined node's reachability checks after the "
+                                                 "first, so that a port forwarded later is noticed (0: check once)",
+                                          _non_negative_float)
     tls: bool = setting(False, "serve and dial gRPC over TLS with a certificate derived from --swarm-key", _bool,
                         kind="switch")
     tls_cert: str = setting("", "TLS certificate (PEM) every node of the swarm serves and trusts; with --tls-key")

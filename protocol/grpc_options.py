@@ -17,6 +17,9 @@ def channel_options(limits: WireLimits) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 3_000),
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.http2.max_pings_without_data", 0),
+        # A peer whose port opens (a forwarded port, a restarted node) is dialed again within 2 s, not after a
+        # reconnect backoff grown to minutes while it was unreachable.
+        ("grpc.max_reconnect_backoff_ms", 2_000),
     ]
 
 

@@ -63,6 +63,22 @@ class NodeState(str, Enum):
     LEFT = "left"  # gone; only its tombstone says so
 
 
+class Reach(str, Enum):
+    """How peers can open a connection to a node's gRPC endpoint, as the node itself found out
+    (node/host/reachability.py). Only a claim: planners still ping every member they plan."""
+
+    UNCHECKED = "unchecked"  # nobody has dialed it back yet (the first node, older versions): pings decide
+    DIRECT = "direct"  # a member dialed its announced endpoint back
+    HOLE_PUNCHED = "hole-punched"  # reserved: reached through a punched hole (not in the data plane yet)
+    RELAYED = "relayed"  # reserved: reached through a relay (not in the data plane yet)
+    UNREACHABLE = "unreachable"  # no inbound path: it can dial out, but cannot receive hops
+
+    @property
+    def receives_hops(self) -> bool:
+        """Whether planners may send it hops; the data plane dials endpoints directly, so far."""
+        return self in (Reach.UNCHECKED, Reach.DIRECT)
+
+
 @dataclass(frozen=True)
 class NodeRecord:
     """A node's heartbeat: where to reach it and what it can do."""
@@ -87,15 +103,22 @@ class NodeRecord:
     sync_every: int = 1  # the rounds between syncs it prefers under `outer` (--sync-every); the plan decides
     # By hosted stage, its last sync applied: {"round", "bytes" received, "seconds", "drift"} (for `status`)
     sync_state: dict[int, dict[str, float]] = field(default_factory=dict)
+    reach: Reach = Reach.UNCHECKED  # how peers reach its endpoint; older records say nothing: unchecked
 
     @property
     def serving(self) -> bool:
         return self.state is NodeState.SERVING
 
+    @property
+    def plannable(self) -> bool:
+        """Serving, and not saying it cannot receive hops (a claim that can only take a node out of plans)."""
+        return self.serving and self.reach.receives_hops
+
     def to_value(self) -> dict:
         value = asdict(self)
         value.pop("peer_id")
         value["state"] = self.state.value
+        value["reach"] = self.reach.value
         value["stages"] = list(self.stages)
         value["maddrs"] = list(self.maddrs)
         value["codecs"] = list(self.codecs)
@@ -139,7 +162,15 @@ class NodeRecord:
             sync=_sync_name(value.get("sync", EVERY_ROUND), known_only=False),
             sync_every=_sync_every(value.get("sync_every", 1)),
             sync_state=_sync_state(value.get("sync_state", {})),
+            reach=_reach(value.get("reach", Reach.UNCHECKED.value)),
         )
+
+
+def _reach(value: Any) -> Reach:
+    try:
+        return Reach(value)
+    except (TypeError, ValueError):
+        raise RecordError(f"reach {value!r} is not one of {', '.join(r.value for r in Reach)}") from None
 
 
 def _sync_name(value: Any, known_only: bool) -> str:

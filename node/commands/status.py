@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages, default=-1), kv[0])):
         rows.append(dict(peer=peer, stages=",".join(map(str, r.stages)), role=r.role, endpoint=r.endpoint,
-                         round=r.round, state=r.state.value, serving=r.serving,
+                         round=r.round, state=r.state.value, serving=r.serving, reach=r.reach.value,
                          compute_ms=round(1000 * sum(r.compute_s.values()), 1),
                          heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url,
                          codecs="/".join(r.codecs), sync=r.sync, reachable=peer in reachable,
@@ -60,15 +60,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"codecs (plan of round {codecs['round']}): activations {codecs['activation']}, "
               f"gradients {codecs['gradient']}; sync {sync['strategy']}"
               + (f" every {sync['every']} rounds" if sync['strategy'] == "outer" else ""))
-    # `codecs` and `sync` per node: what it prefers (--activation-codec/--gradient-codec, --sync); `last_sync`, per
-    # hosted stage: the round whose sync it last applied, the bytes it received for it, its seconds and, under
-    # outer, the drift of its weights from the anchor when it began.
-    header = ("peer", "stages", "role", "endpoint", "round", "state", "compute_ms", "heartbeat_age_s", "codecs",
-              "sync", "last_sync")
-    table = [header] + [tuple(str(row[h]) if h != "peer" else row[h][-12:] for h in header) for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for line in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+    print(node_table(rows))
     defaulted = sum(1 for m in matrix if m["default"])
     print(f"links: {len(matrix) - defaulted} of {len(matrix)} directed pairs measured; the planner prices the "
           f"other {defaulted} at its default ({DEFAULT_LINK.rtt_s * 1000:g} ms RTT, "
@@ -96,6 +88,19 @@ def run(args: argparse.Namespace) -> int:
 def _last_sync(state: dict[int, dict[str, float]]) -> str:
     return "; ".join(f"{stage}: r{int(x['round'])} {x['bytes'] / 1e6:.2f}MB {x['seconds']:.2f}s drift {x['drift']:.4f}"
                      for stage, x in sorted(state.items())) or "-"
+
+
+def node_table(rows: list[dict]) -> str:
+    """The nodes as aligned columns. `codecs` and `sync` per node: what it prefers (--activation-codec/
+    --gradient-codec, --sync); `reach`: how peers reach it, as it found out (direct, unreachable, ...),
+    `unchecked` until a member dialed it back (planners leave unreachable nodes out); `last_sync`, per hosted
+    stage: the round whose sync it last applied, the bytes it received for it, its seconds and, under outer, the
+    drift of its weights from the anchor when it began."""
+    header = ("peer", "stages", "role", "endpoint", "reach", "round", "state", "compute_ms", "heartbeat_age_s",
+              "codecs", "sync", "last_sync")
+    table = [header] + [tuple(str(row[h]) if h != "peer" else row[h][-12:] for h in header) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in table)
 
 
 def _link_matrix(peers: list[str], links: dict, traffic: dict) -> list[dict]:
@@ -140,7 +145,7 @@ def _reachable(members: dict, auth) -> set[str]:
 
 
 def _missing_stages(members: dict, reachable: set[str]) -> list[int]:
-    """Stages of the swarm (as its nodes report its depth) that no reachable serving node hosts."""
+    """Stages of the swarm (as its nodes report its depth) that no plannable node answering a Ping hosts."""
     depth = max((r.num_stages for r in members.values()), default=0)
-    hosted = {s for p, r in members.items() if r.serving and p in reachable for s in r.stages}
+    hosted = {s for p, r in members.items() if r.plannable and p in reachable for s in r.stages}
     return [s for s in range(depth) if s not in hosted]

@@ -42,7 +42,9 @@ def node_id(peer_id: str, stage: int) -> str:
 
 
 def membership_digest(members: dict[str, NodeRecord]) -> str:
-    text = ";".join(f"{p}:{','.join(map(str, r.stages))}@{r.endpoint}" for p, r in sorted(members.items()))
+    """Of the members a plan may use: one that says it cannot receive hops changes nothing."""
+    text = ";".join(f"{p}:{','.join(map(str, r.stages))}@{r.endpoint}" for p, r in sorted(members.items())
+                    if r.reach.receives_hops)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -50,7 +52,7 @@ def serving_replicas(members: dict[str, NodeRecord], num_stages: int) -> dict[in
     replicas: dict[int, list[NodeRecord]] = {s: [] for s in range(num_stages)}
     for peer in sorted(members):
         record = members[peer]
-        if record.serving:
+        if record.plannable:  # serving, and not saying it cannot receive hops (unreachable)
             for stage in record.stages:
                 if stage < num_stages:
                     replicas[stage].append(record)
@@ -58,8 +60,8 @@ def serving_replicas(members: dict[str, NodeRecord], num_stages: int) -> dict[in
 
 
 def choose_planner(members: dict[str, NodeRecord]) -> str | None:
-    """The round's planner: the serving data node with the lowest peer id. Every node computes the same."""
-    data_nodes = sorted(p for p, r in members.items() if r.serving and 0 in r.stages)
+    """The round's planner: the plannable data node with the lowest peer id. Every node computes the same."""
+    data_nodes = sorted(p for p, r in members.items() if r.plannable and 0 in r.stages)
     return data_nodes[0] if data_nodes else None
 
 
@@ -195,8 +197,8 @@ def predict_sync(plan: RoundPlan, links: dict[tuple[str, str], LinkEstimate], gr
 
 
 def missing_stages(members: dict[str, NodeRecord], num_stages: int) -> list[int]:
-    """Stages no serving member hosts."""
-    hosted = {s for r in members.values() if r.serving for s in r.stages}
+    """Stages no plannable member hosts (an unreachable replica cannot take the stage's hops)."""
+    hosted = {s for r in members.values() if r.plannable for s in r.stages}
     return [s for s in range(num_stages) if s not in hosted]
 
 

@@ -36,7 +36,8 @@ def restore_stages(trainers: dict[int, StageTrainer], members: dict[str, NodeRec
                    metrics: NodeMetrics, events: Callable[..., None], stop: threading.Event,
                    transfer_timeout: float) -> int:
     """Load each hosted stage from the best source; returns the round this node starts at (early when `stop`)."""
-    serving = {p: r for p, r in members.items() if r.serving and p != me}
+    # replicas that peers can dial (an unreachable one could not answer FetchState)
+    serving = {p: r for p, r in members.items() if r.plannable and p != me}
     swarm_round = max((r.round for r in serving.values()), default=0)
     for stage, trainer in trainers.items():
         source, completed = None, -1

@@ -31,6 +31,7 @@ from node.events import EventLog
 from node.stage.executor import StageExecutor
 from node.faults.faults import Faults
 from node.host.metrics import NodeMetrics
+from node.host.reachability import NOT_CHECKED, Reachability
 from node.stage.origin import Origin
 from node.control.links import LinkBook
 from node.control.planning import choose_planner, missing_stages, plan_around_missing, plan_round, predict_sync
@@ -77,11 +78,14 @@ class RoundLoop:
                  clients: StageClients, metrics: NodeMetrics, events: EventLog, faults: Faults, links: LinkBook,
                  checkpoints: StageCheckpoints | None,
                  activation_shape: tuple[int, int, int], activation_bytes: int, gradient_bytes: list[int],
-                 on_plan: Callable[[RoundPlan], None], left_out_limit: int | None = None):
+                 on_plan: Callable[[RoundPlan], None], left_out_limit: int | None = None,
+                 reachability: Callable[[], Reachability] = lambda: NOT_CHECKED):
         """`activation_shape` is [batch, seq, hidden] (the planner prices hops by their encoded size);
         `gradient_bytes` is each stage's float32 gradient size (the planner prices the sync with it);
         `on_plan` is told each round's plan once fetched (admission checks hops and re-routes against it);
-        `left_out_limit`: end the loop after this many rounds in a row without this node (node/roles/choice.py)."""
+        `left_out_limit`: end the loop after this many rounds in a row without this node (node/roles/choice.py);
+        `reachability`: what the host's last reachability check found (a node that cannot receive hops is left
+        out of plans, and says why)."""
         self.config = config
         self.peer_id = peer_id
         self.directory = directory
@@ -101,6 +105,9 @@ class RoundLoop:
         self.gradient_bytes = gradient_bytes
         self.left_out_limit = left_out_limit
         self.on_plan = on_plan
+        self.reachability = reachability
+        self._stale = False  # rounds went by without a step or a copy here: copy before working again
+        self._said_left_out = False  # the WARNING is said once per stretch of rounds without work
         self.visits = config.rounds.visits or config.model.num_stages  # stages per microbatch path; all of them by default
         self._warned_missing: tuple[int, ...] = ()
         self._stages_seen: set[int] = set()  # stages some plan used: only those can be lost (and skipped)
@@ -120,12 +127,15 @@ class RoundLoop:
             if plan is None:
                 return False
             if self.peer_id in plan.participants() and self._seconds_left(plan) > 0:
+                if self._stale:  # planned again after idle rounds: take the state the round starts from
+                    self._refresh(plan, stop)
+                    ended = None
                 ended = self._run_round(plan, stop, ended)
-                left_out = 0
-            else:  # left out, or too late to take part: copy the state after the round from a replica
-                self._catch_up(plan, stop)
+                left_out, self._said_left_out = 0, False
+            else:  # left out, or too late to take part
                 ended = None
                 left_out += 1
+                self._left_out(plan, left_out, stop)
                 if self.left_out_limit is not None and left_out >= self.left_out_limit:
                     log.info("left out of %d plans in a row", left_out)
                     return True
@@ -149,7 +159,9 @@ class RoundLoop:
             members = self.directory.members()
             self._members = members
             if choose_planner(members) == self.peer_id:
-                plan = self._make_plan(self.faults.alive(members), round_)
+                # Members that say they cannot receive hops are not pinged: a ping would only wait out its timeout.
+                candidates = {p: r for p, r in members.items() if r.reach.receives_hops}
+                plan = self._make_plan(self.faults.alive(candidates), round_)
                 if plan is not None:
                     self.directory.publish_plan(plan, ttl=self.config.rounds.plan_ttl())
                     continue
@@ -175,7 +187,7 @@ class RoundLoop:
                               planner=self.peer_id, deadline=deadline)
 
         try:
-            if sum(r.serving for r in members.values()) < self.config.swarm.min_nodes:
+            if sum(r.plannable for r in members.values()) < self.config.swarm.min_nodes:
                 return None
             if missing and self.visits < self.config.model.num_stages:  # skip plans go on around lost stages
                 made = plan_around_missing(plan_for, members, self.config.model.num_stages, self.visits, missing)
@@ -386,12 +398,56 @@ class RoundLoop:
         return dict(self._sync)
 
     # ---- a round this node was left out of ----------------------------------------------------------------------
+    def _left_out(self, plan: RoundPlan, in_a_row: int, stop: threading.Event) -> None:
+        """The first round a node is left out of (a joiner the plan was made before, a missed ping), it copies the
+        state after it, as it may well be planned in the next one. Later rounds in a row, and every round while it
+        cannot receive hops, it idles: a copy per round would move a stage's weights every round for work it is
+        not given. It copies once a plan includes it again (`_refresh`)."""
+        reach = self.reachability()
+        if reach.reach.receives_hops and in_a_row == 1:
+            self._catch_up(plan, stop)
+            return
+        if not self._said_left_out:
+            self._said_left_out = True
+            if reach.reach.receives_hops:
+                why = "the planner leaves it out although it can receive hops (its ping may not reach this node)"
+            else:
+                why = f"this node is {reach.reach.value} ({reach.why})"
+            log.warning("left out of round %d's plan: %s; it idles without copying state until it is planned",
+                        plan.round, why)
+            self.events.emit("left_out", round=plan.round, reach=reach.reach.value, reason=why)
+        self._idle(plan)
+        self._stale = True
+
+    def _idle(self, plan: RoundPlan) -> None:
+        """Pass the round without work, step or copy, keeping the round counts aligned."""
+        self.metrics.phase.state("catch_up")
+        self.executor.begin_round(plan.round, set())
+        self.executor.end_round(plan.round)
+        self.exchange.passed(plan.round)
+        for stage, trainer in self.trainers.items():
+            self.outer.abandon(stage)  # its replicas apply that sync without us; we copy their state when planned
+            trainer.skip(plan.round)
+
+    def _refresh(self, plan: RoundPlan, stop: threading.Event) -> None:
+        """Planned after idle rounds: copy each stage's state after the previous round from a replica in this
+        plan (the replicas do not step this round before they have pulled our gradients or given up on them)."""
+        log.info("planned again in round %d after idle rounds: copying the state it starts from", plan.round)
+        for stage in self.trainers:
+            replicas = sorted(plan.replicas(stage) - {self.peer_id})
+            if replicas:
+                self._copy_state(stage, plan.round - 1, replicas)
+            if stop.is_set():
+                return
+        self._stale = False
+
     def _catch_up(self, plan: RoundPlan, stop: threading.Event) -> None:
         """Not in this round's plan (e.g. just joined): copy each stage's state from a replica that is."""
         self.metrics.phase.state("catch_up")
         self.executor.begin_round(plan.round, set())
         self.executor.end_round(plan.round)
         self.exchange.passed(plan.round)
+        self._stale = False
         for stage, trainer in self.trainers.items():
             self.outer.abandon(stage)  # a sync in flight: the state copied below has it applied, or not, as a whole
             replicas = sorted(plan.replicas(stage) - {self.peer_id})

@@ -111,6 +111,18 @@ class StageClients:
         Unbound: whoever answers at `endpoint` (a dial-back knows no peer id)."""
         self.stub(endpoint, receiver=UNBOUND).Ping(pb.PingRequest(), timeout=timeout)
 
+    def probe(self, endpoint: str, timeout: float) -> None:
+        """Ping `endpoint` over a channel of its own, closed after: a dial-back must try to connect now, not fail
+        at once because a cached channel to that address is waiting out its reconnect backoff."""
+        with self._lock:
+            if self.closed:
+                raise ClientsClosed()
+        raw, channel = dial(endpoint, channel_options(self.limits), self.auth, self.tls, UNBOUND)
+        try:
+            StageStub(channel, self.meter).Ping(pb.PingRequest(), timeout=timeout)
+        finally:
+            raw.close()
+
     def answering(self, endpoints: dict[str, str], timeout: float, workers: int) -> set[str]:
         """The peers (of peer id -> endpoint) that answer a Ping within `timeout` seconds, pinged in parallel."""
         def answers(endpoint: str) -> bool:

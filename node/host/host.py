@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,14 +34,16 @@ from node.dataplane.link_emulation import LinkEmulator
 from node.dataplane.transport import StageClients
 from node.errors import UsageError
 from node.events import EventLog
+from node.host.addresses import announced_host
 from node.host.metrics import NodeMetrics
+from node.host.reachability import NOT_CHECKED, Reachability, self_check
 from node.host.rpc_guard import RpcGuard
 from node.host.stream_guard import StreamGuard
 from node.host.trust import NodeTrust
 from node.process.children import die_with_parent
 from protocol.grpc_options import server_options
 from protocol.limits import WireLimits
-from protocol.records import NodeRecord, NodeState
+from protocol.records import NodeRecord, NodeState, Reach
 from protocol.sync_names import EVERY_ROUND
 
 log = logging.getLogger(__name__)
@@ -67,13 +70,19 @@ class Presence:
     """This node's record in the DHT: its state, the heartbeat that refreshes it, and the tombstone."""
 
     def __init__(self, directory: SwarmDirectory, metrics: NodeMetrics, base: NodeRecord, write_timeout: float,
-                 record_ttl: float):
+                 record_ttl: float, will_check: bool):
         self.directory = directory
         self.metrics = metrics
         self.base = base  # identity and addresses; state, time and the role's part change
         self.write_timeout = write_timeout
         self.record_ttl = record_ttl
         self.state = NodeState.JOINING
+        self.reachability: Reachability = NOT_CHECKED
+        # Set once the first reachability check has answered (at once when none will run): a joining node
+        # serves only when it knows whether peers can dial it, so that it is not planned on a guess.
+        self.reach_known = threading.Event()
+        if not will_check:
+            self.reach_known.set()
         self._advertised: Callable[[], Advertised] = lambda: Advertised(role="")
 
     def advertise(self, advertised: Callable[[], Advertised]) -> None:
@@ -84,13 +93,23 @@ class Presence:
         return replace(self.base, role=a.role, stages=a.stages, compute_s=dict(a.compute_s or {}),
                        memory_slots=a.memory_slots, round=a.round, num_stages=a.num_stages, codecs=a.codecs,
                        speaks=a.speaks, sync=a.sync, sync_every=a.sync_every, sync_state=dict(a.sync_state or {}),
-                       state=self.state,
-                       heartbeat_time=get_dht_time())
+                       state=self.state, reach=self.reachability.reach, heartbeat_time=get_dht_time())
 
     def set_state(self, state: NodeState) -> None:
         self.state = state
         self.metrics.state.state(state.value)
         if state is not NodeState.LEFT:
+            self.announce()
+
+    def set_reachability(self, result: Reachability, endpoint: str = "") -> None:
+        """The latest check's answer; `endpoint`: announce this one instead (peers reached us there).
+        Announced at once when the class or endpoint changes, so planners see it before the next beat."""
+        changed = result.reach is not self.reachability.reach or (endpoint and endpoint != self.base.endpoint)
+        self.reachability = result
+        if endpoint:
+            self.base = replace(self.base, endpoint=endpoint)
+        self.reach_known.set()
+        if changed and self.state is not NodeState.LEFT:
             self.announce()
 
     def announce(self) -> None:
@@ -197,7 +216,8 @@ class NodeHost:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         port = self.trust.add_port(self.server, net.host, net.port)
-        self.endpoint = f"{net.announce_host or net.host}:{net.announce_port or port}"
+        self.announce_host = announced_host(net.host, net.announce_host, cfg.swarm.initial_peers)  # never 0.0.0.0
+        self.endpoint = f"{self.announce_host}:{net.announce_port or port}"
         emulator = None
         if cfg.links.emulate_links:  # a test tool: every call this node makes pays the emulated links
             emulator = LinkEmulator.load(cfg.links.emulate_links)
@@ -209,12 +229,13 @@ class NodeHost:
         except OSError as e:
             raise UsageError(f"cannot serve metrics on port {net.metrics_port}: {e.strerror}") from None
         undo.callback(metrics_server.shutdown)
-        self.metrics_url = f"http://{net.announce_host or net.host}:{metrics_port}/metrics"
+        self.metrics_url = f"http://{self.announce_host}:{metrics_port}/metrics"
         self.presence = Presence(self.directory, self.metrics, NodeRecord(
             peer_id=self.peer_id, endpoint=self.endpoint, stages=(), compute_s={}, memory_slots=0, role="",
             version=VERSION, swarm=cfg.swarm.id, round=0, state=NodeState.JOINING, maddrs=self.maddrs,
             metrics_url=self.metrics_url),
-            write_timeout=cfg.swarm.dht_write_timeout, record_ttl=cfg.swarm.record_ttl)
+            write_timeout=cfg.swarm.dht_write_timeout, record_ttl=cfg.swarm.record_ttl,
+            will_check=bool(cfg.swarm.initial_peers))
         self.services = HostServices(peer_id=self.peer_id, maddrs=self.maddrs, endpoint=self.endpoint,
                                      metrics_url=self.metrics_url, dht=self.dht, directory=self.directory,
                                      trust=self.trust, clients=self.clients, metrics=self.metrics, events=self.events,
@@ -247,6 +268,8 @@ class NodeHost:
         self._start_thread("interrupter", lambda: self._interrupt_on_stop(role.interrupt))
         undo.callback(self._leave)
         self.presence.announce()
+        if cfg.swarm.initial_peers:  # the first node of a swarm has nobody to ask
+            self._start_thread("reachability", self._watch_reachability)
         role.started()
 
     def _leave(self) -> None:
@@ -278,6 +301,41 @@ class NodeHost:
             self.metrics.visible_peers.set(len(members))
             if self.peer_id in members:
                 stored = members[self.peer_id].heartbeat_time
+
+    def _watch_reachability(self) -> None:
+        """Ask a member to dial us back, at start and every --reachability-recheck seconds; say plainly, once per
+        change of class, which port to forward or flag to set. Retried sooner while nobody could be asked."""
+        net = self.config.network
+        last: tuple[Reach, bool] | None = None
+        while not self.stop.is_set():
+            try:
+                result = self_check(self.directory.members(), self.peer_id, self.endpoint, list(self.maddrs),
+                                    self.clients, timeout=net.reachability_timeout)
+            except Exception as e:  # the DHT or channels are closing; the next check retries
+                log.debug("reachability check failed: %r", e)
+                result = Reachability(Reach.UNCHECKED, True, f"reachability check failed: {e!r}")
+            known = self.presence.reachability.reach is not Reach.UNCHECKED
+            if result.reach is Reach.UNCHECKED and known:  # nobody to ask this time: what we knew still holds
+                log.debug("%s", result.message)
+                if not net.reachability_recheck or self.stop.wait(net.reachability_recheck):
+                    return
+                continue
+            # Our own guess of our address gives way to where peers reached us; the operator's never does.
+            moved = result.endpoint if result.reach is Reach.DIRECT and not net.announce_host else ""
+            if (result.reach, result.ok) != last:
+                last = (result.reach, result.ok)
+                if result.ok:
+                    log.info("%s", result.message)
+                elif log.isEnabledFor(logging.WARNING):  # one line: the log is on stderr already
+                    log.warning("%s", result.message)
+                else:  # --log-level error hides it, yet the operator must see it
+                    print(f"swarm-node: {result.message}", file=sys.stderr, flush=True)
+                self.events.emit("reachability", ok=result.ok, reach=result.reach.value, message=result.message,
+                                 endpoint=moved or self.presence.record().endpoint)
+            self.presence.set_reachability(result, moved)
+            wait = net.reachability_timeout if result.reach is Reach.UNCHECKED else net.reachability_recheck
+            if not wait or self.stop.wait(wait):
+                return
 
     def _interrupt_on_stop(self, interrupt_role: Callable[[], None]) -> None:
         """Once stop is set, end the outgoing calls in flight (sends, pings, state transfers) and the role's

@@ -1,9 +1,12 @@
-"""Can the swarm reach this node? A peer found through the DHT dials back the announced endpoints.
+"""Can the swarm reach this node, and how? A peer found through the DHT dials back the caller.
 
-At start, a node joining a swarm asks one serving member (`CheckReachability`) to Ping its announced
-gRPC endpoint and to open a TCP connection to each announced DHT multiaddr. If either fails, the node
-prints one message naming the port to open or the flag to set, as Petals does. The member dials only
-the caller's own address, so nobody can use it to probe third parties.
+At start (and every --reachability-recheck seconds after) a node that joined a swarm asks one serving
+stage member (`CheckReachability`) to Ping its gRPC port and to open a TCP connection to each announced DHT
+multiaddr. The member dials the port at the address the call came from, never anywhere else, so nobody can
+use it to probe third parties, and a node behind NAT (which announces an address nobody outside sees) is
+told the address it was seen at. The answer gives the node its class (`protocol.records.Reach`): `direct`
+when the dial-back worked, `unreachable` when it did not; `unchecked` when nobody could be asked. The node
+prints one line naming the port to forward or the flag to set, as Petals does.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import grpc
 from node.dataplane.transport import StageClients
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
-from protocol.records import NodeRecord
+from protocol.records import NodeRecord, Reach
 
 log = logging.getLogger(__name__)
 
@@ -25,72 +28,104 @@ log = logging.getLogger(__name__)
 # ---- the member's side ---------------------------------------------------------------------------------------------
 def dial_back(request: pb.ReachabilityRequest, caller: str, clients: StageClients,
               probe_timeout: float) -> pb.ReachabilityReply:
-    """Dial the caller's announced endpoints, each given `probe_timeout` seconds to answer; `caller` is gRPC's
-    peer string ('ipv4:1.2.3.4:5678')."""
+    """Dial the caller's port at its own address (and its announced DHT addresses there), each given
+    `probe_timeout` seconds to answer; `caller` is gRPC's peer string ('ipv4:1.2.3.4:5678')."""
     caller_host = _host_of_peer(caller)
-    host, _, port = request.endpoint.rpartition(":")
-    if host.strip("[]") != caller_host or not port.isdigit():
-        raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED,
-                            f"a node only dials back its caller: {request.endpoint!r} is not at {caller_host}")
+    port = request.endpoint.rpartition(":")[2]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, f"no port to dial back in {request.endpoint!r}")
+    target = f"[{caller_host}]:{port}" if ":" in caller_host else f"{caller_host}:{port}"
     problems = []
     try:
-        clients.ping(request.endpoint, probe_timeout)
+        clients.probe(target, probe_timeout)
         grpc_ok = True
     except grpc.RpcError as e:
         grpc_ok = e.code() != grpc.StatusCode.UNAVAILABLE and e.code() != grpc.StatusCode.DEADLINE_EXCEEDED
         if not grpc_ok:
-            problems.append(f"gRPC {request.endpoint}: {e.code().name}")
+            problems.append(f"gRPC {target}: {_why(e)}")
     dht_ok = True
     for maddr in list(request.maddrs)[:8]:
-        target = _tcp_target(maddr)
-        if target is None or target[0] != caller_host:
+        dht_target = _tcp_target(maddr)
+        if dht_target is None or dht_target[0] != caller_host:
             continue
         try:
-            socket.create_connection(target, timeout=probe_timeout).close()
+            socket.create_connection(dht_target, timeout=probe_timeout).close()
         except OSError as e:
             dht_ok = False
             problems.append(f"DHT {maddr}: {e.strerror or e}")
-    return pb.ReachabilityReply(grpc_reachable=grpc_ok, dht_reachable=dht_ok, detail="; ".join(problems))
+    return pb.ReachabilityReply(grpc_reachable=grpc_ok, dht_reachable=dht_ok, detail="; ".join(problems),
+                                observed_host=caller_host)
+
+
+def _why(e: grpc.RpcError) -> str:
+    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "connection timed out"
+    return "connection refused or failed" if e.code() == grpc.StatusCode.UNAVAILABLE else e.code().name
 
 
 # ---- the starting node's side --------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Reachability:
+    """What the last check found: the node's class, whether all is well, and the line that says what to do."""
+
+    reach: Reach
     ok: bool
-    message: str
+    message: str  # what was found and what to do about it
+    endpoint: str = ""  # where the member reached us, when that is not the announced endpoint
+    finding: str = ""  # what was found, without the advice (for lines that refer back to it)
+
+    @property
+    def why(self) -> str:
+        return self.finding or self.message
+
+
+NOT_CHECKED = Reachability(Reach.UNCHECKED, True, "reachability not checked yet")
 
 
 def self_check(members: dict[str, NodeRecord], me: str, endpoint: str, maddrs: list[str],
                clients: StageClients, timeout: float, grpc_port_flag: str = "--port",
                dht_port_flag: str = "--dht-port") -> Reachability:
-    """Ask a serving member to dial this node back, waiting `timeout` seconds for its answer."""
+    """Ask a serving stage member to dial this node back, waiting `timeout` seconds for its answer."""
     others = {p: r for p, r in members.items() if p != me}
     if not others:  # we joined through --initial-peers, yet see nobody: the wrong swarm id or key
-        return Reachability(False, "no member of the swarm is visible through --initial-peers, so nobody can dial "
-                                   "this node back: check --swarm and, for a private swarm, --swarm-key")
-    peers = [r for _, r in sorted(others.items()) if r.serving]
+        return Reachability(Reach.UNCHECKED, False,
+                            "no member of the swarm is visible through --initial-peers, so nobody can dial this node "
+                            "back: check --swarm and, for a private swarm, --swarm-key")
+    peers = [r for _, r in sorted(others.items()) if r.plannable and r.role != "expert"]  # stage nodes dial back
     if not peers:
-        return Reachability(True, "no serving member to check reachability with yet")
+        return Reachability(Reach.UNCHECKED, True, "no serving member to check reachability with yet")
     peer = peers[0]
     try:
         reply = clients.stub(peer.endpoint, receiver=peer.peer_id).CheckReachability(
             pb.ReachabilityRequest(endpoint=endpoint, maddrs=maddrs), timeout=timeout)
     except grpc.RpcError as e:
         hint = " (is --swarm-key the swarm's key?)" if e.code() == grpc.StatusCode.UNAUTHENTICATED else ""
-        return Reachability(False, f"could not run the reachability check with {peer.endpoint}: "
-                                   f"{e.code().name} {e.details()}{hint}")
-    if reply.grpc_reachable and reply.dht_reachable:
-        return Reachability(True, f"reachable: {peer.peer_id[-8:]} dialed {endpoint} and the DHT back")
-    port = endpoint.rpartition(":")[2]
+        return Reachability(Reach.UNCHECKED, False, f"could not run the reachability check with {peer.endpoint}: "
+                                                    f"{e.code().name} {e.details()}{hint}")
+    announced_host, _, port = endpoint.rpartition(":")
+    seen = reply.observed_host or announced_host.strip("[]")  # an older member dialed the announced host
+    seen_at = f"[{seen}]:{port}" if ":" in seen else f"{seen}:{port}"
+    member = peer.endpoint.rpartition(":")[0]
     if not reply.grpc_reachable:
-        fix = (f"peers cannot reach this node's gRPC endpoint {endpoint}: open TCP port {port} ({grpc_port_flag}) "
-               f"in your firewall or forward it through your NAT, or set --announce-host/--announce-port to the "
-               f"address peers can reach")
-    else:
+        finding = f"not reachable at {seen_at} from {member} ({_first_reason(reply.detail)})"
+        return Reachability(Reach.UNREACHABLE, False,
+                            f"{finding}: forward TCP port {port} ({grpc_port_flag}) to this host, or set "
+                            f"--announce-host/--announce-port to an address peers can dial; until then this node "
+                            f"gets no work", finding=finding)
+    moved = seen_at if seen != announced_host.strip("[]") else ""
+    if not reply.dht_reachable:
         dht_port = next((t[1] for t in map(_tcp_target, maddrs) if t), "?")
-        fix = (f"peers cannot reach this node's DHT: open TCP port {dht_port} ({dht_port_flag}) in your firewall "
-               f"or forward it through your NAT, or set --announce-host to the address peers can reach")
-    return Reachability(False, f"{fix} [{reply.detail}]")
+        return Reachability(Reach.DIRECT, False,
+                            f"peers cannot reach this node's DHT: open TCP port {dht_port} ({dht_port_flag}) in your "
+                            f"firewall or forward it through your NAT, or set --announce-host to the address peers "
+                            f"can reach [{reply.detail}]", moved)
+    return Reachability(Reach.DIRECT, True, f"reachable: {peer.peer_id[-8:]} dialed {seen_at} and the DHT back",
+                        moved)
+
+
+def _first_reason(detail: str) -> str:
+    """'gRPC 1.2.3.4:5: connection timed out; DHT ...' -> 'connection timed out'."""
+    return detail.split("; ", 1)[0].split(": ", 1)[-1] or "no answer"
 
 
 def _host_of_peer(peer: str) -> str:

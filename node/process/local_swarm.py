@@ -52,11 +52,12 @@ class LocalSwarm:
     nodes: list[NodeProcess] = field(default_factory=list)
 
     def start_node(self, name: str, stages: str, extra: list[str] | None = None,
-                   initial_peers: list[str] | None = None) -> NodeProcess:
+                   initial_peers: list[str] | None = None, prefix: list[str] | None = None) -> NodeProcess:
+        """`prefix`: a command the node runs under (a test runs one inside a network namespace)."""
         node = NodeProcess(name, stages, self.workdir)
         node.events_path.unlink(missing_ok=True)
         join = ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
-        cmd = [sys.executable, "-m", "node", "run", "--swarm", self.swarm, "--stages", stages,
+        cmd = [*(prefix or []), sys.executable, "-m", "node", "run", "--swarm", self.swarm, "--stages", stages,
                "--events-file", str(node.events_path), *join, *self.common_args, *(extra or [])]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with node.log_path.open("w") as log:

@@ -23,7 +23,7 @@ class Role(str, Enum):
 def replica_counts(members: dict[str, NodeRecord], num_stages: int) -> dict[int, int]:
     counts = {s: 0 for s in range(num_stages)}
     for record in members.values():
-        if record.serving:
+        if record.plannable:  # an unreachable replica takes no hops: the stage still needs one
             for s in record.stages:
                 if s in counts:
                     counts[s] += 1

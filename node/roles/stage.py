@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import threading
 import time
 from contextlib import ExitStack
@@ -34,7 +33,7 @@ from node.expert.owner import CatalogueOwner
 from node.expert.worker import CatalogueKeeper
 from node.faults.faults import Faults
 from node.host.host import Advertised, HostServices
-from node.host.reachability import dial_back, self_check
+from node.host.reachability import dial_back
 from node.model import ModelSetup, usage
 from node.roles.choice import Relaunch, Role
 from node.stage.admission import HopAdmission
@@ -131,7 +130,7 @@ class StageRole:
                                 host.clients, metrics, host.events, self.faults, links, self.checkpoints,
                                 activation_shape=model.activation_shape(data), activation_bytes=activation_bytes,
                                 gradient_bytes=model.gradient_bytes(cfg.model.num_stages), on_plan=admission.know,
-                                left_out_limit=left_out_limit)
+                                left_out_limit=left_out_limit, reachability=lambda: host.presence.reachability)
         # A tensor never exceeds twice this swarm's activation size: larger ones are refused from their header.
         limits = dataclasses.replace(self.limits, max_tensor_bytes=min(self.limits.max_tensor_bytes,
                                                                        2 * activation_bytes))
@@ -174,10 +173,7 @@ class StageRole:
             self.origin.interrupt()
 
     def started(self) -> None:
-        """The host serves us now: say whether the swarm can reach us (joining nodes only), and keep the experts'
-        catalogue (the node that started the swarm)."""
-        if self.config.swarm.initial_peers:
-            self._start_thread("reachability", self._check_reachable)
+        """The host serves us now: keep the experts' catalogue (the node that started the swarm)."""
         if self.catalogue is not None:
             self._start_thread("catalogue", self._keep_catalogue)
 
@@ -235,9 +231,10 @@ class StageRole:
     # ---- inside ------------------------------------------------------------------------------------------------
     def _serve_when_ready(self) -> None:
         """Become `serving` (plannable) once this node has begun its first round, or when nobody has planned
-        that round yet: a plan that includes us is then at most one round ahead, which the executor parks."""
+        that round yet: a plan that includes us is then at most one round ahead, which the executor parks.
+        Not before the first reachability check has answered, so that planners do not plan us on a guess."""
         presence, directory = self.services.presence, self.services.directory
-        if presence.state is not NodeState.JOINING or self._first_round is None:
+        if presence.state is not NodeState.JOINING or self._first_round is None or not presence.reach_known.is_set():
             return
         if self.executor.round >= self._first_round or directory.fetch_plan(self._first_round) is None:
             presence.set_state(NodeState.SERVING)
@@ -255,16 +252,6 @@ class StageRole:
                 m(hidden)
                 out[s] = time.perf_counter() - started
         return out
-
-    def _check_reachable(self) -> None:
-        """Ask a member to dial us back; say plainly which port to open or flag to set if it cannot."""
-        host = self.services
-        result = self_check(host.directory.members(), host.peer_id, host.endpoint, list(host.maddrs), host.clients,
-                            timeout=self.config.network.reachability_timeout)
-        (log.info if result.ok else log.warning)("%s", result.message)
-        if not result.ok:
-            print(f"swarm-node: {result.message}", file=sys.stderr, flush=True)
-        host.events.emit("reachability", ok=result.ok, message=result.message)
 
     def _send(self, kind: str, env, tensor) -> None:
         self.sender(kind, env, tensor)  # built after the executor, which it delivers into

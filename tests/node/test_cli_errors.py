@@ -11,6 +11,8 @@ from tests.helpers import run_cli
     (["run", "--new-swarm", "--stages", "zero"], {}, "--stages"),
     (["run", "--new-swarm", "--port", "-1"], {}, "--port"),
     (["run", "--new-swarm", "--sync-every", "0"], {}, "--sync-every"),
+    (["run", "--new-swarm", "--reachability-recheck", "-5"], {}, "--reachability-recheck"),
+    (["run", "--new-swarm"], {"SWARM_NODE_REACHABILITY_RECHECK": "soon"}, "SWARM_NODE_REACHABILITY_RECHECK"),
     (["run", "--new-swarm", "--bogus"], {}, "unrecognized arguments: --bogus"),
     (["run"], {}, "--initial-peers"),
     (["run", "--new-swarm"], {"SWARM_NODE_SEQ_LEN": "0"}, "SWARM_NODE_SEQ_LEN"),

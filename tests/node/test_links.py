@@ -172,3 +172,21 @@ def test_a_malformed_emulation_file_is_one_line_and_exit_2(tmp_path):
     r = run_cli("run", "--new-swarm", "--emulate-links", str(bad))
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "--emulate-links" in r.stderr, r.stderr
+
+
+def test_members_that_cannot_receive_hops_are_left_out_of_plans():
+    from dataclasses import replace
+
+    from node.control.planning import choose_planner, missing_stages
+    from protocol.records import Reach
+
+    members = {**MEMBERS, "b1": replace(MEMBERS["b1"], reach=Reach.UNREACHABLE),
+               "d0": replace(MEMBERS["d0"], reach=Reach.RELAYED)}  # reserved classes: not in the data plane yet
+    wire, _ = plan_round(members, {}, round_=3, num_stages=4, visits=4, microbatches_per_origin=3,
+                         activation_bytes=10**5, planner="d1")
+    assert wire.participants() == {"d1", "a1", "s2", "s3"}
+    assert choose_planner(members) == "d1"  # an origin that cannot be sent its hops back plans nothing either
+    only = {**members, "s3": replace(MEMBERS["s3"], reach=Reach.UNREACHABLE)}
+    assert missing_stages(only, 4) == [3]
+    assert plan_round(only, {}, round_=3, num_stages=4, visits=4, microbatches_per_origin=3,
+                      activation_bytes=10**5, planner="d1") is None

@@ -335,7 +335,7 @@ def test_reachability_self_check(swarm):
 
     member, stranger = node(swarm, "s1"), node(swarm, "stranger")
     checked = wait_for(lambda: member.events("reachability"), 30, "the member's reachability check")
-    assert checked[0]["ok"], checked
+    assert checked[0]["ok"] and checked[0]["reach"] == "direct", checked
     refused = wait_for(lambda: stranger.events("reachability"), 30, "the stranger's reachability check")
     assert not refused[0]["ok"] and "--swarm-key" in refused[0]["message"]
 
@@ -347,10 +347,13 @@ def test_reachability_self_check(swarm):
     try:
         closed = f"127.0.0.1:{free_port()}"
         result = self_check({record.peer_id: record}, "me", closed, [], clients, timeout=10)
-        assert not result.ok and f"open TCP port {closed.split(':')[1]}" in result.message, result.message
-        code, details = _code(clients.stub(started["endpoint"], receiver=started["peer_id"]).CheckReachability,
-                              pb.ReachabilityRequest(endpoint="10.255.255.1:9"))
-        assert code == grpc.StatusCode.PERMISSION_DENIED and "only dials back its caller" in details
+        assert not result.ok and result.reach.value == "unreachable", result
+        assert f"not reachable at {closed}" in result.message and f"forward TCP port {closed.split(':')[1]}" \
+            in result.message, result.message
+        # A member dials back only the address the call came from, whatever host the request names.
+        reply = clients.stub(started["endpoint"], receiver=started["peer_id"]).CheckReachability(
+            pb.ReachabilityRequest(endpoint="10.255.255.1:9"), timeout=10)
+        assert reply.observed_host == "127.0.0.1" and not reply.grpc_reachable and "127.0.0.1:9" in reply.detail
     finally:
         clients.close()
 

@@ -1,7 +1,7 @@
 import pytest
 
 from protocol.envelope import HopSpec
-from protocol.records import NodeRecord, NodeState, PlannedMicrobatch, RecordError, RoundPlan
+from protocol.records import NodeRecord, NodeState, PlannedMicrobatch, Reach, RecordError, RoundPlan
 
 
 def record(**over):
@@ -24,12 +24,27 @@ def test_node_record_round_trip():
     lambda v: v.update(state="asleep"),
     lambda v: v.update(state=True),
     lambda v: v.update(compute_s={"x": 1}),
+    lambda v: v.update(reach="teleported"),
+    lambda v: v.update(reach=["direct"]),
 ])
 def test_malformed_node_records_are_rejected(mutate):
     value = record().to_value()
     mutate(value)
     with pytest.raises(RecordError):
         NodeRecord.from_value("p", value)
+
+
+def test_reach_round_trips_and_old_records_are_unchecked():
+    r = record(reach=Reach.UNREACHABLE)
+    assert NodeRecord.from_value("p", r.to_value()) == r
+    old = record().to_value()
+    old.pop("reach")  # a record from before the field
+    assert NodeRecord.from_value("p", old).reach is Reach.UNCHECKED
+
+
+def test_only_direct_or_unchecked_serving_nodes_are_plannable():
+    assert [record(reach=r).plannable for r in Reach] == [True, True, False, False, False]
+    assert not record(state=NodeState.JOINING, reach=Reach.DIRECT).plannable
 
 
 def test_plan_round_trip_and_views():

@@ -199,11 +199,13 @@ class ReachabilityRequest(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReachabilityReply(_message.Message):
-    __slots__ = ("grpc_reachable", "dht_reachable", "detail")
+    __slots__ = ("grpc_reachable", "dht_reachable", "detail", "observed_host")
     GRPC_REACHABLE_FIELD_NUMBER: _ClassVar[int]
     DHT_REACHABLE_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_HOST_FIELD_NUMBER: _ClassVar[int]
     grpc_reachable: bool
     dht_reachable: bool
     detail: str
-    def __init__(self, grpc_reachable: _Optional[bool] = ..., dht_reachable: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+    observed_host: str
+    def __init__(self, grpc_reachable: _Optional[bool] = ..., dht_reachable: _Optional[bool] = ..., detail: _Optional[str] = ..., observed_host: _Optional[str] = ...) -> None: ...
