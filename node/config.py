@@ -188,6 +188,23 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class RelayConfig:
+    """Carrying connections to members behind NAT (node/relay/, docs/nat.md). A directly reachable node relays
+    unless --relay-limit is 0; a node that finds itself unreachable attaches to one that relays."""
+
+    limit: float = setting(64.0, "MiB/s this node relays for members behind NAT, all of them together "
+                                 "(0: relay for nobody)", _non_negative_float, flag="relay_limit")
+    port: int = setting(0, "TCP port relayed members dial back on (0 picks a free one); members attached get "
+                           "the ports after it, one each (0: any free ones)", _port, flag="relay_port")
+    nodes: int = setting(8, "members behind NAT this node relays for at once", _positive_int, flag="relay_nodes")
+    connections: int = setting(16, "open connections relayed to one member at once", _positive_int,
+                               flag="relay_connections")
+    tunnel_timeout: float = setting(5.0, "seconds a relayed connection waits for its member to take it, and an "
+                                         "attach for the relay's answer", _positive_float,
+                                    flag="relay_tunnel_timeout")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The model the swarm trains and where this node runs it (lm/, node/model.py)."""
 
@@ -438,6 +455,7 @@ class NodeConfig:
 
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)

@@ -16,10 +16,11 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
-from protocol.generated.swarm.v1 import experts_pb2, stage_pb2
+from protocol.generated.swarm.v1 import experts_pb2, relay_pb2, stage_pb2
 
 STAGE_SERVICE: ServiceDescriptor = stage_pb2.DESCRIPTOR.services_by_name["StageService"]
 EXPERT_SERVICE: ServiceDescriptor = experts_pb2.DESCRIPTOR.services_by_name["ExpertService"]
+RELAY_SERVICE: ServiceDescriptor = relay_pb2.DESCRIPTOR.services_by_name["RelayService"]
 SERVICE = STAGE_SERVICE.full_name  # the stage service's name, e.g. for health checks
 
 RAW_FRAMES = frozenset({"Forward", "Backward"})  # requests that travel as already-serialised TensorChunks
@@ -89,6 +90,11 @@ class ExpertStub(ServiceStub):
         super().__init__(channel, EXPERT_SERVICE, meter)
 
 
+class RelayStub(ServiceStub):
+    def __init__(self, channel: grpc.Channel, meter: FrameMeter = no_meter):
+        super().__init__(channel, RELAY_SERVICE, meter)
+
+
 def service_handler(service: ServiceDescriptor, servicer: object, meter: FrameMeter = no_meter
                     ) -> grpc.GenericRpcHandler:
     """Server side: each method of `servicer` named as in the proto. Raw-frame methods get an iterator of bytes."""
@@ -112,3 +118,7 @@ def stage_service_handler(servicer: object, meter: FrameMeter = no_meter) -> grp
 
 def expert_service_handler(servicer: object, meter: FrameMeter = no_meter) -> grpc.GenericRpcHandler:
     return service_handler(EXPERT_SERVICE, servicer, meter)
+
+
+def relay_service_handler(servicer: object, meter: FrameMeter = no_meter) -> grpc.GenericRpcHandler:
+    return service_handler(RELAY_SERVICE, servicer, meter)
