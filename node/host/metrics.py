@@ -110,6 +110,15 @@ class NodeMetrics:
         self.streams_refused = Counter("swarm_node_streams_refused", "Streams refused or cancelled to keep gRPC "
                                        "workers free (busy, per_peer, idle)", ["reason"], registry=r)
 
+        # relays (issue 17): what this node carries for members behind NAT
+        self.relayed_bytes = Counter("swarm_node_relayed_bytes", "Bytes this node relayed for members behind NAT, "
+                                     "both ways", registry=r)
+        self.relay_attached = Gauge("swarm_node_relay_attached", "Members behind NAT attached to this node's relay",
+                                    registry=r)
+        self.relay_refused = Counter("swarm_node_relay_refused", "Attaches and relayed connections this node "
+                                     "refused (not_relay, full, swarm, connections, token, expired)", ["reason"],
+                                     registry=r)
+
     def watch_dht_refusals(self, read) -> None:
         """Export the count of records the DHT process refused (bad signature or swarm-key MAC)."""
         class _Collector:
