@@ -196,7 +196,8 @@ class RelayConfig:
                                  "(0: relay for nobody)", _non_negative_float, flag="relay_limit")
     port: int = setting(0, "TCP port relayed members dial back on (0 picks a free one); members attached get "
                            "the ports after it, one each (0: any free ones)", _port, flag="relay_port")
-    nodes: int = setting(8, "members behind NAT this node relays for at once", _positive_int, flag="relay_nodes")
+    nodes: int = setting(4, "members behind NAT this node relays for at once (each holds one of its --grpc-workers)",
+                         _positive_int, flag="relay_nodes")
     connections: int = setting(16, "open connections relayed to one member at once", _positive_int,
                                flag="relay_connections")
     tunnel_timeout: float = setting(5.0, "seconds a relayed connection waits for its member to take it, and an "

@@ -69,14 +69,14 @@ class Reach(str, Enum):
 
     UNCHECKED = "unchecked"  # nobody has dialed it back yet (the first node, older versions): pings decide
     DIRECT = "direct"  # a member dialed its announced endpoint back
-    HOLE_PUNCHED = "hole-punched"  # reserved: reached through a punched hole (not in the data plane yet)
-    RELAYED = "relayed"  # reserved: reached through a relay (not in the data plane yet)
+    HOLE_PUNCHED = "hole-punched"  # reserved: reached through a punched hole (no hole punching here yet)
+    RELAYED = "relayed"  # its endpoint is a relay member's port for it (node/relay/); `via` names the relay
     UNREACHABLE = "unreachable"  # no inbound path: it can dial out, but cannot receive hops
 
     @property
     def receives_hops(self) -> bool:
-        """Whether planners may send it hops; the data plane dials endpoints directly, so far."""
-        return self in (Reach.UNCHECKED, Reach.DIRECT)
+        """Whether planners may send it hops: peers dial its endpoint, directly or at its relay."""
+        return self in (Reach.UNCHECKED, Reach.DIRECT, Reach.RELAYED)
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ class NodeRecord:
     # By hosted stage, its last sync applied: {"round", "bytes" received, "seconds", "drift"} (for `status`)
     sync_state: dict[int, dict[str, float]] = field(default_factory=dict)
     reach: Reach = Reach.UNCHECKED  # how peers reach its endpoint; older records say nothing: unchecked
+    via: str = ""  # when relayed: the peer id of the relay member whose port `endpoint` is
 
     @property
     def serving(self) -> bool:
@@ -163,6 +164,7 @@ class NodeRecord:
             sync_every=_sync_every(value.get("sync_every", 1)),
             sync_state=_sync_state(value.get("sync_state", {})),
             reach=_reach(value.get("reach", Reach.UNCHECKED.value)),
+            via=value["via"] if isinstance(value.get("via"), str) and len(value["via"]) <= 128 else "",
         )
 
 

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages, default=-1), kv[0])):
         rows.append(dict(peer=peer, stages=",".join(map(str, r.stages)), role=r.role, endpoint=r.endpoint,
-                         round=r.round, state=r.state.value, serving=r.serving, reach=r.reach.value,
+                         round=r.round, state=r.state.value, serving=r.serving, reach=_reach(r),
+                         via=r.via,
                          compute_ms=round(1000 * sum(r.compute_s.values()), 1),
                          heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url,
                          codecs="/".join(r.codecs), sync=r.sync, reachable=peer in reachable,
@@ -85,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reach(r) -> str:
+    return f"relayed via {r.via[-8:]}" if r.via else r.reach.value
+
+
 def _last_sync(state: dict[int, dict[str, float]]) -> str:
     return "; ".join(f"{stage}: r{int(x['round'])} {x['bytes'] / 1e6:.2f}MB {x['seconds']:.2f}s drift {x['drift']:.4f}"
                      for stage, x in sorted(state.items())) or "-"
@@ -92,8 +97,9 @@ def _last_sync(state: dict[int, dict[str, float]]) -> str:
 
 def node_table(rows: list[dict]) -> str:
     """The nodes as aligned columns. `codecs` and `sync` per node: what it prefers (--activation-codec/
-    --gradient-codec, --sync); `reach`: how peers reach it, as it found out (direct, unreachable, ...),
-    `unchecked` until a member dialed it back (planners leave unreachable nodes out); `last_sync`, per hosted
+    --gradient-codec, --sync); `reach`: how peers reach it, as it found out (direct, relayed via the relay's
+    short peer id, unreachable, ...), `unchecked` until a member dialed it back (planners leave unreachable
+    nodes out); `last_sync`, per hosted
     stage: the round whose sync it last applied, the bytes it received for it, its seconds and, under outer, the
     drift of its weights from the anchor when it began."""
     header = ("peer", "stages", "role", "endpoint", "reach", "round", "state", "compute_ms", "heartbeat_age_s",

@@ -21,7 +21,7 @@ from protocol.grpc_options import channel_options
 from protocol.limits import WireLimits
 from protocol.rpc_auth import UNBOUND, ClientAuthInterceptor, SwarmAuth
 from node.dataplane.traffic import LinkTraffic
-from protocol.service import STAGE_SERVICE, FrameMeter, StageStub, no_meter
+from protocol.service import STAGE_SERVICE, FrameMeter, RelayStub, StageStub, no_meter
 from protocol.tls import SwarmTls
 from protocol.state_frames import decode_state
 from protocol.tensor_frames import encode_frames
@@ -78,22 +78,42 @@ class StageClients:
         self.tls = tls  # the swarm's certificate, when the data plane runs over TLS
         self._stubs: dict[tuple[str, str], StageStub | EmulatedStub] = {}  # (endpoint, receiver) -> stub
         self._channels: dict[str, grpc.Channel] = {}  # endpoint -> its one connection
+        self._announced: dict[str, str] = {}  # peer id -> the endpoint its latest record announces
         self._lock = threading.Lock()
         self.closed = False
+
+    def follow(self, announced: dict[str, str]) -> None:
+        """Peers' endpoints as their latest records announce them (peer id -> endpoint). A call for a peer goes
+        there, whatever endpoint the caller read earlier: a member behind NAT that changed relays is reached at
+        its new relay within the round that saw it move."""
+        with self._lock:
+            self._announced = dict(announced)
 
     def stub(self, endpoint: str, *, receiver: str) -> StageStub | EmulatedStub:
         """Calls to `endpoint`, tagged for `receiver`: the peer id its signed record gives, or UNBOUND (Ping, Info)."""
         with self._lock:
             if self.closed:
                 raise ClientsClosed()
+            endpoint = self._announced.get(receiver, endpoint)
             if (endpoint, receiver) not in self._stubs:
-                if endpoint not in self._channels:
-                    self._channels[endpoint] = dial(endpoint, channel_options(self.limits), None, self.tls, UNBOUND)[0]
                 meter = self.meter if receiver == UNBOUND else self.traffic.meter_for(receiver, self.meter)
-                stub = StageStub(bound(self._channels[endpoint], self.auth, receiver), meter)
+                stub = StageStub(bound(self._channel(endpoint), self.auth, receiver), meter)
                 self._stubs[endpoint, receiver] = stub if self.emulator is None else EmulatedStub(
                     stub, STAGE_SERVICE, self.emulator, endpoint)
             return self._stubs[endpoint, receiver]
+
+    def relay(self, endpoint: str, *, receiver: str) -> RelayStub:
+        """The relay service of the member at `endpoint` (node/relay/), on the same connection as its hops."""
+        with self._lock:
+            if self.closed:
+                raise ClientsClosed()
+            return RelayStub(bound(self._channel(endpoint), self.auth, receiver), self.meter)
+
+    def _channel(self, endpoint: str) -> grpc.Channel:
+        """The one connection to `endpoint` (under the lock)."""
+        if endpoint not in self._channels:
+            self._channels[endpoint] = dial(endpoint, channel_options(self.limits), None, self.tls, UNBOUND)[0]
+        return self._channels[endpoint]
 
     def frame_signer(self, method: str):
         """What tags a Forward or Backward in a private swarm (None in a public one)."""
@@ -106,9 +126,12 @@ class StageClients:
         request = pb.StateRequest(swarm_id=swarm, stage=stage, include_grads=include_grads, min_round=min_round)
         return decode_state(self.stub(endpoint, receiver=receiver).FetchState(request, timeout=timeout))
 
-    def ping(self, endpoint: str, timeout: float) -> None:
+    def ping(self, endpoint: str, timeout: float, peer: str = "") -> None:
         """Returns once the node at `endpoint` answered a Ping; grpc.RpcError when it did not within `timeout`.
-        Unbound: whoever answers at `endpoint` (a dial-back knows no peer id)."""
+        Unbound: whoever answers at `endpoint` (a dial-back knows no peer id); `peer`, when known, is pinged
+        where its latest record says (see `follow`)."""
+        with self._lock:
+            endpoint = self._announced.get(peer, endpoint) if peer else endpoint
         self.stub(endpoint, receiver=UNBOUND).Ping(pb.PingRequest(), timeout=timeout)
 
     def probe(self, endpoint: str, timeout: float) -> None:
@@ -125,16 +148,16 @@ class StageClients:
 
     def answering(self, endpoints: dict[str, str], timeout: float, workers: int) -> set[str]:
         """The peers (of peer id -> endpoint) that answer a Ping within `timeout` seconds, pinged in parallel."""
-        def answers(endpoint: str) -> bool:
+        def answers(peer: str, endpoint: str) -> bool:
             try:
-                self.ping(endpoint, timeout)
+                self.ping(endpoint, timeout, peer)
                 return True
             except grpc.RpcError:
                 return False
         if not endpoints:
             return set()
         with ThreadPoolExecutor(max_workers=min(workers, len(endpoints)), thread_name_prefix="ping") as pool:
-            alive = list(pool.map(answers, endpoints.values()))
+            alive = list(pool.map(answers, endpoints, endpoints.values()))
         return {peer for peer, ok in zip(endpoints, alive) if ok}
 
     def close(self) -> None:

@@ -232,7 +232,7 @@ class HopWatch:
     def _probe(self, peer: str, endpoint: str) -> str | None:
         """None when the peer answers; UNREACHABLE or HUNG when it is taken as gone."""
         try:
-            self.clients.ping(endpoint, self.probe_timeout_s)
+            self.clients.ping(endpoint, self.probe_timeout_s, peer)
             self._misses.pop(peer, None)
             return None
         except grpc.RpcError as e:

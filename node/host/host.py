@@ -34,16 +34,19 @@ from node.dataplane.link_emulation import LinkEmulator
 from node.dataplane.transport import StageClients
 from node.errors import UsageError
 from node.events import EventLog
-from node.host.addresses import announced_host
+from node.host.addresses import WILDCARDS, announced_host
 from node.host.metrics import NodeMetrics
 from node.host.reachability import NOT_CHECKED, Reachability, self_check
 from node.host.rpc_guard import RpcGuard
 from node.host.stream_guard import StreamGuard
 from node.host.trust import NodeTrust
+from node.relay.server import NotARelay, RelayServer
+from node.relay.tunnel import RelayTunnel
 from node.process.children import die_with_parent
 from protocol.grpc_options import server_options
 from protocol.limits import WireLimits
 from protocol.records import NodeRecord, NodeState, Reach
+from protocol.service import relay_service_handler
 from protocol.sync_names import EVERY_ROUND
 
 log = logging.getLogger(__name__)
@@ -93,7 +96,8 @@ class Presence:
         return replace(self.base, role=a.role, stages=a.stages, compute_s=dict(a.compute_s or {}),
                        memory_slots=a.memory_slots, round=a.round, num_stages=a.num_stages, codecs=a.codecs,
                        speaks=a.speaks, sync=a.sync, sync_every=a.sync_every, sync_state=dict(a.sync_state or {}),
-                       state=self.state, reach=self.reachability.reach, heartbeat_time=get_dht_time())
+                       state=self.state, reach=self.reachability.reach, via=self.reachability.via,
+                       heartbeat_time=get_dht_time())
 
     def set_state(self, state: NodeState) -> None:
         self.state = state
@@ -102,9 +106,11 @@ class Presence:
             self.announce()
 
     def set_reachability(self, result: Reachability, endpoint: str = "") -> None:
-        """The latest check's answer; `endpoint`: announce this one instead (peers reached us there).
-        Announced at once when the class or endpoint changes, so planners see it before the next beat."""
-        changed = result.reach is not self.reachability.reach or (endpoint and endpoint != self.base.endpoint)
+        """The latest check's answer; `endpoint`: announce this one instead (peers reached us there, or reach
+        us at our relay). Announced at once when the class, relay or endpoint changes, so planners see it
+        before the next beat."""
+        changed = (result.reach is not self.reachability.reach or result.via != self.reachability.via
+                   or (endpoint and endpoint != self.base.endpoint))
         self.reachability = result
         if endpoint:
             self.base = replace(self.base, endpoint=endpoint)
@@ -174,6 +180,10 @@ class NodeHost:
         self._serving = ExitStack()  # undone by stop_serving()
         self.endpoint = ""
         self.metrics_url = ""
+        self.relay: RelayServer | None = None  # carries connections to members behind NAT (--relay-limit > 0)
+        self.tunnel: RelayTunnel | None = None  # ours to a relay, while peers cannot dial us
+        self._unreachable: Reachability | None = None  # the last check that found us unreachable
+        self._tunnel_lock = threading.Lock()
 
     @classmethod
     def create(cls, config: NodeConfig, stop: threading.Event, limits: WireLimits, events: EventLog) -> "NodeHost":
@@ -191,6 +201,8 @@ class NodeHost:
         # Before the DHT starts, so that a taken port fails at once.
         check_port_free(net.host, net.port, "gRPC", "--port")
         check_port_free(net.host, net.metrics_port, "metrics", "--metrics-port")
+        if cfg.relay.limit:
+            check_port_free(net.host, cfg.relay.port, "relay tunnels", "--relay-port")
         self.trust = NodeTrust.create(net.identity_path, cfg.swarm.swarm_key, net.tls, net.tls_cert, net.tls_key)
         undo.callback(self.trust.close)
         die_with_parent()  # the DHT's forked process dies with us (node/process/children.py)
@@ -218,6 +230,12 @@ class NodeHost:
         port = self.trust.add_port(self.server, net.host, net.port)
         self.announce_host = announced_host(net.host, net.announce_host, cfg.swarm.initial_peers)  # never 0.0.0.0
         self.endpoint = f"{self.announce_host}:{net.announce_port or port}"
+        # Where a relayed connection is handed to our own server.
+        self.local_target = f"{'127.0.0.1' if net.host in WILDCARDS else net.host}:{port}"
+        if cfg.relay.limit:
+            self.relay = RelayServer.create(cfg.relay, net.host, self.announce_host, cfg.swarm.id, self.metrics,
+                                            cfg.lifecycle.recheck_interval)
+            undo.callback(self.relay.close)
         emulator = None
         if cfg.links.emulate_links:  # a test tool: every call this node makes pays the emulated links
             emulator = LinkEmulator.load(cfg.links.emulate_links)
@@ -259,6 +277,9 @@ class NodeHost:
         every --heartbeat-interval."""
         cfg, undo = self.config, self._serving
         role.register(self.server)
+        self.server.add_generic_rpc_handlers((relay_service_handler(self.relay or NotARelay(self.metrics),
+                                                                    self.metrics.count_frame),))
+        undo.callback(self._close_tunnel)  # after the server drained: hops in flight may come through it
         self.server.start()
         undo.callback(lambda: self.server.stop(grace=cfg.lifecycle.drain_grace).wait())
         self.presence.advertise(role.advertised)
@@ -299,6 +320,7 @@ class NodeHost:
                 log.debug("heartbeat failed: %r", e)
                 continue
             self.metrics.visible_peers.set(len(members))
+            self.clients.follow({p: r.endpoint for p, r in members.items()})
             if self.peer_id in members:
                 stored = members[self.peer_id].heartbeat_time
 
@@ -331,11 +353,58 @@ class NodeHost:
                 else:  # --log-level error hides it, yet the operator must see it
                     print(f"swarm-node: {result.message}", file=sys.stderr, flush=True)
                 self.events.emit("reachability", ok=result.ok, reach=result.reach.value, message=result.message,
-                                 endpoint=moved or self.presence.record().endpoint)
-            self.presence.set_reachability(result, moved)
+                                 endpoint=moved or self.presence.record().endpoint, via="")
+            self._relay_for(result)
+            if not (result.reach is Reach.UNREACHABLE and self.presence.reachability.reach is Reach.RELAYED):
+                self.presence.set_reachability(result, moved)
             wait = net.reachability_timeout if result.reach is Reach.UNCHECKED else net.reachability_recheck
             if not wait or self.stop.wait(wait):
                 return
+
+    # ---- relays ----------------------------------------------------------------------------------------------
+    def _relay_for(self, result: Reachability) -> None:
+        """Unreachable: attach to a relay member (once; the tunnel moves between relays by itself). Directly
+        reachable again (a port forwarded): detach, and take hops directly."""
+        with self._tunnel_lock:
+            if result.reach is Reach.UNREACHABLE:
+                self._unreachable = result
+                if self.tunnel is None and not self.stop.is_set():
+                    self.tunnel = RelayTunnel.create(self.peer_id, self.config.swarm.id, self.directory.members,
+                                                     self.clients, self.local_target, self.config.relay, self.stop,
+                                                     on_attached=self._attached, on_detached=self._detached)
+                return
+            if result.reach is not Reach.DIRECT:
+                return
+            tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.close()
+
+    def _attached(self, endpoint: str, relay: str) -> None:
+        finding = self._unreachable.why if self._unreachable else "not reachable directly"
+        port = self.endpoint.rpartition(":")[2]
+        result = Reachability(Reach.RELAYED, True, f"reachable through relay {relay[-8:]} at {endpoint} ({finding}); "
+                                                   f"forward TCP port {port} (--port) to this host for direct hops",
+                              endpoint=endpoint, finding=finding, via=relay)
+        log.info("%s", result.message)
+        self.presence.set_reachability(result, endpoint)
+        self.events.emit("reachability", ok=True, reach=result.reach.value, message=result.message,
+                         endpoint=endpoint, via=relay)
+
+    def _detached(self, why: str) -> None:
+        if self.stop.is_set():
+            return
+        result = self._unreachable or Reachability(Reach.UNREACHABLE, False, "not reachable directly")
+        log.warning("relay %s no longer carries this node (%s): attaching to another",
+                    self.presence.reachability.via[-8:], why)
+        self.presence.set_reachability(result, self.endpoint)
+        self.events.emit("reachability", ok=False, reach=result.reach.value, message=f"relay lost: {why}",
+                         endpoint=self.endpoint, via="")
+
+    def _close_tunnel(self) -> None:
+        with self._tunnel_lock:
+            tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.close()
 
     def _interrupt_on_stop(self, interrupt_role: Callable[[], None]) -> None:
         """Once stop is set, end the outgoing calls in flight (sends, pings, state transfers) and the role's

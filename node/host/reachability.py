@@ -73,6 +73,7 @@ class Reachability:
     message: str  # what was found and what to do about it
     endpoint: str = ""  # where the member reached us, when that is not the announced endpoint
     finding: str = ""  # what was found, without the advice (for lines that refer back to it)
+    via: str = ""  # relayed: the relay member's peer id
 
     @property
     def why(self) -> str:
@@ -91,7 +92,9 @@ def self_check(members: dict[str, NodeRecord], me: str, endpoint: str, maddrs: l
         return Reachability(Reach.UNCHECKED, False,
                             "no member of the swarm is visible through --initial-peers, so nobody can dial this node "
                             "back: check --swarm and, for a private swarm, --swarm-key")
-    peers = [r for _, r in sorted(others.items()) if r.plannable and r.role != "expert"]  # stage nodes dial back
+    # Stage nodes dial back; not a relayed one: our call would reach it through its relay, seemingly from its
+    # own host, and its dial-back would find itself.
+    peers = [r for _, r in sorted(others.items()) if r.plannable and r.role != "expert" and r.reach is not Reach.RELAYED]
     if not peers:
         return Reachability(Reach.UNCHECKED, True, "no serving member to check reachability with yet")
     peer = peers[0]

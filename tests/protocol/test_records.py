@@ -37,13 +37,16 @@ def test_malformed_node_records_are_rejected(mutate):
 def test_reach_round_trips_and_old_records_are_unchecked():
     r = record(reach=Reach.UNREACHABLE)
     assert NodeRecord.from_value("p", r.to_value()) == r
+    relayed = record(reach=Reach.RELAYED, via="QmRelay")
+    assert NodeRecord.from_value("p", relayed.to_value()) == relayed
     old = record().to_value()
     old.pop("reach")  # a record from before the field
     assert NodeRecord.from_value("p", old).reach is Reach.UNCHECKED
 
 
-def test_only_direct_or_unchecked_serving_nodes_are_plannable():
-    assert [record(reach=r).plannable for r in Reach] == [True, True, False, False, False]
+def test_only_serving_nodes_peers_can_dial_are_plannable():
+    # unchecked, direct, hole-punched (no path to it yet), relayed, unreachable
+    assert [record(reach=r).plannable for r in Reach] == [True, True, False, True, False]
     assert not record(state=NodeState.JOINING, reach=Reach.DIRECT).plannable
 
 
