@@ -336,7 +336,8 @@ class DataPlaneConfig:
                                       _positive_float)
     send_retry_max: float = setting(1.0, "the longest wait between retries of a send", _positive_float)
     plans_kept: int = setting(4, "round plans admission keeps for checking incoming hops", _positive_int)
-    plan_lookup_retry: float = setting(0.5, "seconds between DHT lookups of a plan admission lacks",
+    plan_lookup_retry: float = setting(0.5, "seconds between DHT lookups of a plan admission lacks, or of the "
+                                            "members when a path names one at an endpoint it does not know",
                                        _positive_float)
     members_refresh: float = setting(2.0, "seconds admission reuses the verified member list", _positive_float)
     # This node's preference per direction; the planner picks the codec most members prefer and every node of
@@ -373,6 +374,8 @@ class FaultConfig:
                                      _positive_int)
     unreachable_patience: float = setting(1.0, "seconds a send keeps retrying a peer that refuses connections "
                                                "before the hop fails", _positive_float)
+    relay_move_wait: float = setting(3.0, "seconds a call to a relayed peer that does not answer waits for the peer "
+                                          "to announce another relay before it counts as gone", _positive_float)
     hop_deadline_slack: float = setting(4.0, "a hop fails when its gradient is not back after this many times "
                                              "the round's expected compute time", _positive_float)
     hop_deadline_min: float = setting(5.0, "the least seconds a hop may wait for its gradient", _positive_float)

@@ -139,9 +139,14 @@ def build() -> Nat:
 
 
 def forward_port(nat: Nat, port: int) -> None:
-    """What an operator does on a home router: forward TCP `port` of its public address to the home host."""
-    _run(nat.router_cmd("nft", "add", "rule", "ip", "swarm_nat", "prerouting", "iifname", "wan0", "tcp", "dport",
-                        str(port), "dnat", "to", f"{nat.home_ip}:{port}"))
+    """What an operator does on a home router: forward TCP `port` of its public address to the home host, from
+    outside and from home too (NAT loopback: home's connections to the public address are masqueraded so
+    that the replies come back through the router)."""
+    home_net = nat.home_ip.rsplit(".", 1)[0] + ".0/24"
+    _run(nat.router_cmd("nft", "add", "rule", "ip", "swarm_nat", "prerouting", "ip", "daddr", nat.router_wan_ip,
+                        "tcp", "dport", str(port), "dnat", "to", f"{nat.home_ip}:{port}"))
+    _run(nat.router_cmd("nft", "add", "rule", "ip", "swarm_nat", "postrouting", "ip", "saddr", home_net, "ip",
+                        "daddr", nat.home_ip, "tcp", "dport", str(port), "masquerade"))
 
 
 def teardown(nat: Nat) -> None:

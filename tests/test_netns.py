@@ -69,6 +69,10 @@ def test_a_forwarded_port_lets_public_in_at_the_routers_address(nat):
         port = int(listener.stdout.readline())
         forward_port(nat, port)
         socket.create_connection((nat.router_wan_ip, port), timeout=5).close()
+        # home reaches it at the public address too (NAT loopback)
+        inside = subprocess.run(nat.home_cmd(sys.executable, "-c", f"import socket; "
+                                             f"socket.create_connection(('{nat.router_wan_ip}', {port}), 5)"))
+        assert inside.returncode == 0
     finally:
         listener.kill()
         listener.wait()

@@ -79,15 +79,17 @@ class StageClients:
         self._stubs: dict[tuple[str, str], StageStub | EmulatedStub] = {}  # (endpoint, receiver) -> stub
         self._channels: dict[str, grpc.Channel] = {}  # endpoint -> its one connection
         self._announced: dict[str, str] = {}  # peer id -> the endpoint its latest record announces
+        self._relayed: set[str] = set()  # peers whose latest record says they are reached through a relay
         self._lock = threading.Lock()
         self.closed = False
 
-    def follow(self, announced: dict[str, str]) -> None:
-        """Peers' endpoints as their latest records announce them (peer id -> endpoint). A call for a peer goes
-        there, whatever endpoint the caller read earlier: a member behind NAT that changed relays is reached at
-        its new relay within the round that saw it move."""
+    def follow(self, announced: dict[str, str], relayed: set[str]) -> None:
+        """Peers' endpoints as their latest records announce them (peer id -> endpoint), and which of them are
+        relayed. A call for a peer goes there, whatever endpoint the caller read earlier: a member behind NAT
+        that changed relays is reached at its new relay within the round that saw it move."""
         with self._lock:
             self._announced = dict(announced)
+            self._relayed = set(relayed)
 
     def stub(self, endpoint: str, *, receiver: str) -> StageStub | EmulatedStub:
         """Calls to `endpoint`, tagged for `receiver`: the peer id its signed record gives, or UNBOUND (Ping, Info)."""
@@ -101,6 +103,27 @@ class StageClients:
                 self._stubs[endpoint, receiver] = stub if self.emulator is None else EmulatedStub(
                     stub, STAGE_SERVICE, self.emulator, endpoint)
             return self._stubs[endpoint, receiver]
+
+    def moved(self, peer: str, endpoint: str, within_s: float, recheck_s: float = 0.1) -> bool:
+        """Whether `peer`'s latest record announces another endpoint than `endpoint`, or, when the peer is
+        relayed, does within `within_s`: a relayed peer that did not answer may have moved to another relay
+        rather than died (the heartbeat reads records every --heartbeat-interval)."""
+        deadline = time.monotonic() + within_s
+        while True:
+            with self._lock:
+                if self.closed:
+                    return False
+                if self._announced.get(peer, endpoint) != endpoint:
+                    return True
+                if peer not in self._relayed:
+                    return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(recheck_s)
+
+    def relayed(self, peer: str) -> bool:
+        with self._lock:
+            return peer in self._relayed
 
     def relay(self, endpoint: str, *, receiver: str) -> RelayStub:
         """The relay service of the member at `endpoint` (node/relay/), on the same connection as its hops."""
@@ -175,11 +198,14 @@ class HopSender:
 
     def __init__(self, peer_id: str, clients: StageClients, metrics: NodeMetrics, local: LocalAccept,
                  on_give_up: GiveUp, deadline_s: float, unreachable_patience_s: float, workers: int, recheck_s: float,
-                 retry_s: tuple[float, float], on_sent: Callable[[str, int, float], None] | None = None):
-        """`retry_s`: the first and the longest wait between tries of a send the receiver refused for now."""
+                 retry_s: tuple[float, float], move_wait_s: float,
+                 on_sent: Callable[[str, int, float], None] | None = None):
+        """`retry_s`: the first and the longest wait between tries of a send the receiver refused for now;
+        `move_wait_s`: how long a relayed receiver that stopped answering may take to announce another relay."""
         self.peer_id = peer_id
         self.retry_s = retry_s
         self.unreachable_patience_s = unreachable_patience_s  # unreachable this long: the peer is gone
+        self.move_wait_s = move_wait_s
         self.clients = clients
         self.metrics = metrics
         self.local = local
@@ -234,6 +260,8 @@ class HopSender:
                     return
                 self.metrics.rpc_errors.labels(method=method, code=code.name).inc()
                 gone = code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started > self.unreachable_patience_s
+                if gone and self.clients.moved(target.peer_id, target.endpoint, self.move_wait_s):
+                    gone, started = False, time.monotonic()  # it moved to another relay: `stub` dials it there
                 if code not in RETRYABLE or gone or time.monotonic() + backoff > deadline:
                     log.warning("%s of round %d microbatch %d to hop %d (%s) failed: %s %s", method, env.round,
                                 env.microbatch, env.hop, target.peer_id[-8:], code.name, reason)

@@ -70,8 +70,10 @@ class FailureReporter:
     """Sends a failed hop's report to its microbatch's origin, once per (round, microbatch, attempt, kind)."""
 
     def __init__(self, swarm: str, peer_id: str, clients: StageClients, signer: NoticeSigner, metrics: NodeMetrics,
-                 dead: DeadPeers, local: Callable[[pb.FailureReport, str], None], timeout_s: float, workers: int):
-        """`local(report, sender)` takes reports about our own microbatches; others go to their origin, signed."""
+                 dead: DeadPeers, local: Callable[[pb.FailureReport, str], None], timeout_s: float, workers: int,
+                 move_wait_s: float):
+        """`local(report, sender)` takes reports about our own microbatches; others go to their origin, signed.
+        `move_wait_s`: how long a relayed origin that does not answer may take to announce another relay."""
         self.swarm = swarm
         self.signer = signer
         self.local = local
@@ -80,6 +82,7 @@ class FailureReporter:
         self.clients = clients
         self.metrics = metrics
         self.timeout_s = timeout_s
+        self.move_wait_s = move_wait_s
         self._sent: set[tuple[int, int, int, str]] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="report")
@@ -113,12 +116,17 @@ class FailureReporter:
             self.report(env, target, REFUSED, f"{code.name if code else 'error'}: {detail}")
 
     def _send(self, origin: str, endpoint: str, report: pb.FailureReport) -> None:
-        try:
-            self.clients.stub(endpoint, receiver=origin).ReportFailure(
-                self.signer.sign("ReportFailure", report, origin), timeout=self.timeout_s)
-        except grpc.RpcError as e:  # the origin itself is gone: its microbatches die with it
-            log.info("could not report round %d microbatch %d's failure to its origin: %s", report.round,
-                     report.microbatch, e.code().name)
+        for _ in range(2):  # once more when the origin moved to another relay meanwhile
+            try:
+                self.clients.stub(endpoint, receiver=origin).ReportFailure(
+                    self.signer.sign("ReportFailure", report, origin), timeout=self.timeout_s)
+                return
+            except grpc.RpcError as e:  # the origin itself is gone: its microbatches die with it
+                if e.code() == grpc.StatusCode.UNAVAILABLE and self.clients.moved(origin, endpoint, self.move_wait_s):
+                    continue
+                log.info("could not report round %d microbatch %d's failure to its origin: %s", report.round,
+                         report.microbatch, e.code().name)
+                return
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -131,8 +139,9 @@ class RerouteNotifier:
     """Tells the round's nodes a microbatch's new path (ourselves directly), all at once, briefly."""
 
     def __init__(self, peer_id: str, clients: StageClients, signer: NoticeSigner, executor: StageExecutor,
-                 timeout_s: float, workers: int, tries: int):
+                 timeout_s: float, workers: int, tries: int, move_wait_s: float):
         self.peer_id = peer_id
+        self.move_wait_s = move_wait_s  # how long a relayed peer that does not answer may take to move
         self.clients = clients
         self.signer = signer  # each notice is signed for its receiver
         self.executor = executor
@@ -158,13 +167,20 @@ class RerouteNotifier:
 
     def _send(self, peer: str, endpoint: str, notice, method: str) -> None:
         signed = self.signer.sign(method, notice, peer)
+        # A relayed peer that does not answer may have moved to another relay. A re-route waits for every
+        # notice, so it only follows a move already seen; a RoundDone, sent in the background, waits for one
+        # (lost, it costs its receiver the round's deadline).
+        move_wait_s = self.move_wait_s if method == "RoundDone" else 0.0
         for _ in range(self.tries):
             try:
                 getattr(self.clients.stub(endpoint, receiver=peer), method)(signed, timeout=self.timeout_s)
                 return
             except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and self.clients.moved(peer, endpoint, move_wait_s):
+                    continue  # it moved to another relay: `stub` now dials it there
                 if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # gone, or refused: retrying will not help
-                    log.debug("%s notice to %s failed: %s", method, endpoint, e.code().name)
+                    log.info("%s notice of round %d to %s failed: %s %s", method, notice.round, peer[-8:],
+                             e.code().name, e.details())
                     return
 
     def close(self) -> None:
@@ -236,7 +252,8 @@ class HopWatch:
             self._misses.pop(peer, None)
             return None
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
+            # A relayed peer that is not at its endpoint may be moving to another relay: only a miss.
+            if e.code() == grpc.StatusCode.UNAVAILABLE and not self.clients.relayed(peer):
                 return UNREACHABLE
             misses = self._misses.get(peer, 0) + 1
             self._misses[peer] = misses

@@ -57,9 +57,9 @@ class Faults:
         self.dead = DeadPeers(metrics, on_declared=self._declared)
         self.reporter = FailureReporter(swarm, peer_id, clients, signer, metrics, self.dead,
                                         local=self.on_failure_report, timeout_s=s.notice_timeout,
-                                        workers=s.report_workers)
+                                        workers=s.report_workers, move_wait_s=s.relay_move_wait)
         self.notifier = RerouteNotifier(peer_id, clients, signer, executor, s.notice_timeout,
-                                        workers=s.notice_workers, tries=s.notice_tries)
+                                        workers=s.notice_workers, tries=s.notice_tries, move_wait_s=s.relay_move_wait)
         self.watch = HopWatch(peer_id, executor, clients, self.reporter, self.dead, interval_s=s.hop_watch_interval,
                               probe_timeout_s=s.probe_timeout, hung_after_misses=s.hung_after_misses,
                               join_timeout_s=join_timeout)

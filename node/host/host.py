@@ -183,6 +183,7 @@ class NodeHost:
         self.relay: RelayServer | None = None  # carries connections to members behind NAT (--relay-limit > 0)
         self.tunnel: RelayTunnel | None = None  # ours to a relay, while peers cannot dial us
         self._unreachable: Reachability | None = None  # the last check that found us unreachable
+        self._attachments = 0  # to relays so far: a detach that outlived its grace tells by this
         self._tunnel_lock = threading.Lock()
 
     @classmethod
@@ -234,7 +235,8 @@ class NodeHost:
         self.local_target = f"{'127.0.0.1' if net.host in WILDCARDS else net.host}:{port}"
         if cfg.relay.limit:
             self.relay = RelayServer.create(cfg.relay, net.host, self.announce_host, cfg.swarm.id, self.metrics,
-                                            cfg.lifecycle.recheck_interval)
+                                            cfg.lifecycle.recheck_interval, reachable=lambda: self.presence.reachability
+                                            .reach in (Reach.DIRECT, Reach.UNCHECKED))
             undo.callback(self.relay.close)
         emulator = None
         if cfg.links.emulate_links:  # a test tool: every call this node makes pays the emulated links
@@ -320,7 +322,8 @@ class NodeHost:
                 log.debug("heartbeat failed: %r", e)
                 continue
             self.metrics.visible_peers.set(len(members))
-            self.clients.follow({p: r.endpoint for p, r in members.items()})
+            self.clients.follow({p: r.endpoint for p, r in members.items()},
+                                relayed={p for p, r in members.items() if r.reach is Reach.RELAYED})
             if self.peer_id in members:
                 stored = members[self.peer_id].heartbeat_time
 
@@ -385,17 +388,33 @@ class NodeHost:
         result = Reachability(Reach.RELAYED, True, f"reachable through relay {relay[-8:]} at {endpoint} ({finding}); "
                                                    f"forward TCP port {port} (--port) to this host for direct hops",
                               endpoint=endpoint, finding=finding, via=relay)
+        with self._tunnel_lock:
+            self._attachments += 1
         log.info("%s", result.message)
         self.presence.set_reachability(result, endpoint)
         self.events.emit("reachability", ok=True, reach=result.reach.value, message=result.message,
                          endpoint=endpoint, via=relay)
 
     def _detached(self, why: str) -> None:
+        """Our relay let go. The tunnel attaches to the next one at once, usually; meanwhile our record keeps
+        the old relay (announcing `unreachable` would take us out of plans, and a data node out of planning
+        the round). Only when no relay took us within --relay-tunnel-timeout do we say so."""
         if self.stop.is_set():
             return
-        result = self._unreachable or Reachability(Reach.UNREACHABLE, False, "not reachable directly")
         log.warning("relay %s no longer carries this node (%s): attaching to another",
                     self.presence.reachability.via[-8:], why)
+        with self._tunnel_lock:
+            attachments = self._attachments
+        timer = threading.Timer(self.config.relay.tunnel_timeout, self._still_detached, args=(attachments, why))
+        timer.daemon = True
+        timer.start()
+
+    def _still_detached(self, attachments: int, why: str) -> None:
+        with self._tunnel_lock:
+            if self._attachments != attachments or self.tunnel is None or self.stop.is_set():
+                return
+        result = self._unreachable or Reachability(Reach.UNREACHABLE, False, "not reachable directly")
+        log.warning("no relay carries this node: %s", result.why)
         self.presence.set_reachability(result, self.endpoint)
         self.events.emit("reachability", ok=False, reach=result.reach.value, message=f"relay lost: {why}",
                          endpoint=self.endpoint, via="")

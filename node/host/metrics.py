@@ -116,7 +116,7 @@ class NodeMetrics:
         self.relay_attached = Gauge("swarm_node_relay_attached", "Members behind NAT attached to this node's relay",
                                     registry=r)
         self.relay_refused = Counter("swarm_node_relay_refused", "Attaches and relayed connections this node "
-                                     "refused (not_relay, full, swarm, connections, token, expired)", ["reason"],
+                                     "refused (not_relay, unreachable, full, swarm, connections, token, expired)", ["reason"],
                                      registry=r)
 
     def watch_dht_refusals(self, read) -> None:

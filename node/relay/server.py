@@ -20,7 +20,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -66,8 +66,10 @@ class _Attachment:
 
 class RelayServer:
     def __init__(self, config: RelayConfig, bind_host: str, announce_host: str, swarm: str, metrics: NodeMetrics,
-                 recheck_s: float):
+                 recheck_s: float, reachable: Callable[[], bool] = lambda: True):
+        """`reachable`: whether peers can dial this node itself now (a node behind NAT relays for nobody)."""
         self.config = config
+        self.reachable = reachable
         self.bind_host = bind_host
         self.announce_host = announce_host
         self.swarm = swarm
@@ -83,9 +85,9 @@ class RelayServer:
 
     @classmethod
     def create(cls, config: RelayConfig, bind_host: str, announce_host: str, swarm: str, metrics: NodeMetrics,
-               recheck_s: float) -> "RelayServer":
+               recheck_s: float, reachable: Callable[[], bool] = lambda: True) -> "RelayServer":
         """Listen on the tunnel port (--relay-port) and take members' tunnel connections there."""
-        relay = cls(config, bind_host, announce_host, swarm, metrics, recheck_s)
+        relay = cls(config, bind_host, announce_host, swarm, metrics, recheck_s, reachable)
         relay.tunnel.settimeout(recheck_s)
         threading.Thread(target=relay._take_tunnels, name="relay-tunnel", daemon=True).start()
         return relay
@@ -101,6 +103,9 @@ class RelayServer:
         except ProtocolError:
             self.metrics.relay_refused.labels("swarm").inc()
             raise
+        if not self.reachable():
+            self.metrics.relay_refused.labels("unreachable").inc()
+            raise ProtocolError(grpc.StatusCode.UNAVAILABLE, "this node is not directly reachable itself")
         attachment = self._attach(request.peer_id[-64:])
         log.info("relaying for %s at %s", attachment.peer[-8:], self._endpoint(attachment))
         threading.Thread(target=self._take_peers, args=(attachment,), name="relay-accept", daemon=True).start()

@@ -115,6 +115,7 @@ class StageRole:
         self.sender = HopSender(peer_id, host.clients, metrics, local=self._accept_local,
                                 on_give_up=self.faults.send_failed, deadline_s=rounds.round_timeout,
                                 unreachable_patience_s=cfg.faults.unreachable_patience,
+                                move_wait_s=cfg.faults.relay_move_wait,
                                 workers=cfg.dataplane.send_workers, recheck_s=lifecycle.recheck_interval,
                                 retry_s=(cfg.dataplane.send_retry_first, cfg.dataplane.send_retry_max),
                                 on_sent=meter.observe_send)

@@ -20,7 +20,7 @@ from node.config import DataPlaneConfig
 from protocol.errors import ProtocolError, invalid
 from protocol.envelope import path_of
 from protocol.generated.swarm.v1 import stage_pb2 as pb
-from protocol.records import RoundPlan
+from protocol.records import Reach, RoundPlan
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -31,12 +31,12 @@ if TYPE_CHECKING:
 class HopAdmission:
     def __init__(self, directory: SwarmDirectory, settings: DataPlaneConfig):
         self.directory = directory
-        self.plan_lookup_retry = settings.plan_lookup_retry  # a round whose plan we lack is looked up at most this often
+        self.plan_lookup_retry = settings.plan_lookup_retry  # a lacking plan or member is looked up at most this often
         self.members_refresh = settings.members_refresh  # seconds a read of the verified members is reused
         self.plans_kept = settings.plans_kept
         self._plans: dict[int, RoundPlan] = {}
         self._looked_up: dict[int, float] = {}
-        self._members: dict[str, str] = {}  # verified peer id -> endpoint
+        self._members: dict[str, tuple[str, bool]] = {}  # verified peer id -> (endpoint, whether relayed)
         self._members_at = float("-inf")
         self._lock = threading.Lock()
 
@@ -54,8 +54,14 @@ class HopAdmission:
         if path == planned.path:
             return
         members = self._verified_members()
+        if any(members.get(hop.peer_id, (None,))[0] != hop.endpoint for hop in path):
+            # A member may have moved (behind NAT, to another relay) since our last read: read once more.
+            members = self._verified_members(max_age=self.plan_lookup_retry)
         for hop in path:
-            if members.get(hop.peer_id) != hop.endpoint:
+            endpoint, relayed = members.get(hop.peer_id, (None, False))
+            # A relayed member's endpoint moves with its relay, and a path may name one it left: senders dial
+            # the endpoint the member's own record announces (StageClients.follow), so its peer id suffices.
+            if endpoint != hop.endpoint and not relayed:
                 raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED,
                                     f"path goes through {hop.endpoint} ({hop.peer_id[-8:]}), which is not a "
                                     f"verified member of the swarm at that address")
@@ -115,11 +121,13 @@ class HopAdmission:
                 del self._looked_up[old]
         return plan
 
-    def _verified_members(self) -> dict[str, str]:
+    def _verified_members(self, max_age: float | None = None) -> dict[str, tuple[str, bool]]:
+        """peer id -> (endpoint, relayed) of the swarm's verified members, read at most `max_age` seconds ago
+        (--members-refresh by default)."""
         with self._lock:
-            if time.monotonic() - self._members_at < self.members_refresh:
+            if time.monotonic() - self._members_at < (self.members_refresh if max_age is None else max_age):
                 return self._members
-        members = {p: r.endpoint for p, r in self.directory.members().items()}
+        members = {p: (r.endpoint, r.reach is Reach.RELAYED) for p, r in self.directory.members().items()}
         with self._lock:
             self._members, self._members_at = members, time.monotonic()
         return members
