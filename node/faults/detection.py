@@ -152,7 +152,7 @@ class RerouteNotifier:
 
     def __call__(self, peers: dict[str, str], notice: pb.RerouteNotice) -> None:
         self.executor.reroute(notice.round, notice.microbatch, notice.attempt, list(notice.path))
-        futures = [self._pool.submit(self._send, p, endpoint, notice, "Reroute") for p, endpoint in peers.items()
+        futures = [self._pool.submit(self._send, p, endpoint, notice, "Reroute", 0.0) for p, endpoint in peers.items()
                    if p != self.peer_id]
         for future in futures:
             future.result()
@@ -163,21 +163,25 @@ class RerouteNotifier:
         self._round_done = [f for f in self._round_done if not f.done()]
         for p, endpoint in peers.items():
             if p != self.peer_id:
-                self._round_done.append(self._pool.submit(self._send, p, endpoint, notice, "RoundDone"))
+                self._round_done.append(self._pool.submit(self._send, p, endpoint, notice, "RoundDone",
+                                                          self.move_wait_s))
 
-    def _send(self, peer: str, endpoint: str, notice, method: str) -> None:
+    def _send(self, peer: str, endpoint: str, notice, method: str, move_wait_s: float) -> None:
+        """`move_wait_s`: how long to wait, here, for a relayed peer that does not answer to announce another
+        relay. A re-route waits for its notices, so it waits for none: such a notice follows in the background
+        (lost, it costs its receiver the round's deadline)."""
         signed = self.signer.sign(method, notice, peer)
-        # A relayed peer that does not answer may have moved to another relay. A re-route waits for every
-        # notice, so it only follows a move already seen; a RoundDone, sent in the background, waits for one
-        # (lost, it costs its receiver the round's deadline).
-        move_wait_s = self.move_wait_s if method == "RoundDone" else 0.0
         for _ in range(self.tries):
             try:
                 getattr(self.clients.stub(endpoint, receiver=peer), method)(signed, timeout=self.timeout_s)
                 return
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE and self.clients.moved(peer, endpoint, move_wait_s):
-                    continue  # it moved to another relay: `stub` now dials it there
+                if e.code() == grpc.StatusCode.UNAVAILABLE and self.clients.relayed(peer):
+                    if not move_wait_s:
+                        self._pool.submit(self._send, peer, endpoint, notice, method, self.move_wait_s)
+                        return
+                    if self.clients.moved(peer, endpoint, move_wait_s):
+                        continue  # `stub` now dials it at its new relay
                 if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # gone, or refused: retrying will not help
                     log.info("%s notice of round %d to %s failed: %s %s", method, notice.round, peer[-8:],
                              e.code().name, e.details())
