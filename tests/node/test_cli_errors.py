@@ -13,6 +13,10 @@ from tests.helpers import run_cli
     (["run", "--new-swarm", "--sync-every", "0"], {}, "--sync-every"),
     (["run", "--new-swarm", "--reachability-recheck", "-5"], {}, "--reachability-recheck"),
     (["run", "--new-swarm"], {"SWARM_NODE_REACHABILITY_RECHECK": "soon"}, "SWARM_NODE_REACHABILITY_RECHECK"),
+    (["run", "--new-swarm", "--relay-limit", "-1"], {}, "--relay-limit"),
+    (["run", "--new-swarm", "--relay-limit", "fast"], {}, "--relay-limit"),
+    (["run", "--new-swarm", "--relay-nodes", "0"], {}, "--relay-nodes"),
+    (["run", "--new-swarm"], {"SWARM_NODE_RELAY_PORT": "70000"}, "SWARM_NODE_RELAY_PORT"),
     (["run", "--new-swarm", "--bogus"], {}, "unrecognized arguments: --bogus"),
     (["run"], {}, "--initial-peers"),
     (["run", "--new-swarm"], {"SWARM_NODE_SEQ_LEN": "0"}, "SWARM_NODE_SEQ_LEN"),
@@ -34,7 +38,8 @@ def test_taken_ports_are_reported():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        for flag, expected in [("--port", "cannot serve gRPC"), ("--metrics-port", "cannot serve metrics")]:
+        for flag, expected in [("--port", "cannot serve gRPC"), ("--metrics-port", "cannot serve metrics"),
+                               ("--relay-port", "cannot serve relay tunnels")]:
             result = run_cli("run", "--new-swarm", "--stages", "0", "--num-stages", "1", flag, port)
             assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
             assert expected in result.stderr.strip().splitlines()[-1]
