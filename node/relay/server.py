@@ -81,16 +81,25 @@ class RelayServer:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self.tunnel = socket.create_server((bind_host, config.port), reuse_port=False)
+        self.tunnel: socket.socket | None = None  # opened with the first attachment: a node nobody uses as a
+        # relay listens on no extra port
 
     @classmethod
     def create(cls, config: RelayConfig, bind_host: str, announce_host: str, swarm: str, metrics: NodeMetrics,
                recheck_s: float, reachable: Callable[[], bool] = lambda: True) -> "RelayServer":
-        """Listen on the tunnel port (--relay-port) and take members' tunnel connections there."""
-        relay = cls(config, bind_host, announce_host, swarm, metrics, recheck_s, reachable)
-        relay.tunnel.settimeout(recheck_s)
-        threading.Thread(target=relay._take_tunnels, name="relay-tunnel", daemon=True).start()
-        return relay
+        """A relay that opens its tunnel port (--relay-port) when the first member attaches."""
+        return cls(config, bind_host, announce_host, swarm, metrics, recheck_s, reachable)
+
+    def _open_tunnel(self) -> None:
+        """Listen on the tunnel port and take members' tunnel connections there (under the lock)."""
+        if self.tunnel is not None:
+            return
+        try:
+            self.tunnel = socket.create_server((self.bind_host, self.config.port))
+        except OSError as e:
+            raise ProtocolError(grpc.StatusCode.UNAVAILABLE, f"cannot open the relay's tunnel port: {e.strerror}")
+        self.tunnel.settimeout(self.recheck_s)
+        threading.Thread(target=self._take_tunnels, name="relay-tunnel", daemon=True).start()
 
     @property
     def tunnel_endpoint(self) -> str:
@@ -132,6 +141,7 @@ class RelayServer:
                 self.metrics.relay_refused.labels("full").inc()
                 raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"this relay carries {self.config.nodes} members already (--relay-nodes)")
+            self._open_tunnel()
             attachment = _Attachment(peer, self._listen())
             self._attachments.add(attachment)
             self.metrics.relay_attached.set(len(self._attachments))
@@ -243,7 +253,9 @@ class RelayServer:
     def close(self) -> None:
         """Stop relaying: end every Attach call, close every port and splice."""
         self._closed.set()
-        close_quietly(self.tunnel)
+        with self._lock:
+            if self.tunnel is not None:
+                close_quietly(self.tunnel)
         with self._lock:
             attachments = list(self._attachments)
         for attachment in attachments:

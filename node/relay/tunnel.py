@@ -4,8 +4,9 @@ The relay is chosen by rendezvous hashing over the members that peers can dial, 
 NAT spread over the relays and each keeps its relay while the swarm changes. On the call's first event the
 node announces the relay's endpoint for it (`on_attached`); for each connection the relay names, it dials
 the relay's tunnel port, presents the number and token, and splices that connection to its own gRPC server.
-When the call ends (the relay stopped, died or refused), the node says so (`on_detached`), leaves that relay
-alone for FAILED_RELAY_PAUSE_S and attaches to the next one at once.
+When the call ends (the relay stopped, died or refused), the node says so (`on_detached`), ranks that relay
+last for FAILED_RELAY_PAUSE_S and attaches to the next one at once (to the same one after a second, when it
+is the only one).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from protocol.records import NodeRecord, Reach
 
 log = logging.getLogger(__name__)
 
-FAILED_RELAY_PAUSE_S = 30.0  # a relay that dropped or refused us is tried again after the others
+FAILED_RELAY_PAUSE_S = 30.0  # a relay that dropped or refused us is tried after the others this long
 NO_RELAY_RECHECK_S = 1.0  # while no member can relay, look again this often
 _NO_LIMIT = RateLimit(0)
 
@@ -68,8 +69,9 @@ class RelayTunnel:
     def _run(self) -> None:
         while not self.stopped:
             relay = self._choose()
-            if relay is None:
-                self._stop.wait(NO_RELAY_RECHECK_S)
+            if relay is None or self._paused.get(relay.peer_id, 0.0) > time.monotonic():
+                self._stop.wait(NO_RELAY_RECHECK_S)  # none, or only relays that failed us lately: not in a loop
+            if relay is None or self.stopped:
                 continue
             why = self._attach(relay)
             self._paused[relay.peer_id] = time.monotonic() + FAILED_RELAY_PAUSE_S
@@ -77,18 +79,20 @@ class RelayTunnel:
                 log.warning("relay %s: %s; trying another", relay.peer_id[-8:], why)
 
     def _choose(self) -> NodeRecord | None:
-        """The member peers can dial that ranks first for us (rendezvous hashing), among those not paused."""
+        """The member peers can dial that ranks first for us (rendezvous hashing); one that failed us lately
+        only when all have, the one whose pause ends first."""
         try:
             members = self.members()
         except Exception as e:  # the DHT is closing; the loop looks again
             log.debug("no members to choose a relay from: %r", e)
             return None
-        now = time.monotonic()
         candidates = [r for p, r in members.items() if p != self.me and r.serving and r.role != "expert"
-                      and r.reach in (Reach.DIRECT, Reach.UNCHECKED) and self._paused.get(p, 0.0) <= now]
+                      and r.reach in (Reach.DIRECT, Reach.UNCHECKED)]
         if not candidates:
             return None
-        return max(candidates, key=lambda r: hashlib.sha256(f"{self.me}/{r.peer_id}".encode()).digest())
+        now = time.monotonic()
+        return min(candidates, key=lambda r: (max(0.0, self._paused.get(r.peer_id, 0.0) - now),
+                                              hashlib.sha256(f"{self.me}/{r.peer_id}".encode()).digest()))
 
     def _attach(self, relay: NodeRecord) -> str:
         """One attachment, for as long as it lasts; returns why it ended ("" when we stopped)."""

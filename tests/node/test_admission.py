@@ -16,7 +16,7 @@ from node.stage.executor import StageExecutor
 from protocol.envelope import HopSpec, make_envelope
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
-from protocol.records import PlannedMicrobatch, RoundPlan
+from protocol.records import PlannedMicrobatch, Reach, RoundPlan
 
 CONFIG = SimpleNamespace(hidden_size=8, max_position_embeddings=16)
 
@@ -88,14 +88,18 @@ class FakeDirectory:
     def __init__(self, plans: dict[int, RoundPlan], members: dict[str, str]):
         self.plans = plans
         self.member_endpoints = members
+        self.relayed: set[str] = set()
         self.plan_lookups: list[int] = []
+        self.member_reads = 0
 
     def fetch_plan(self, round_: int):
         self.plan_lookups.append(round_)
         return self.plans.get(round_)
 
     def members(self):
-        return {p: SimpleNamespace(endpoint=e) for p, e in self.member_endpoints.items()}
+        self.member_reads += 1
+        return {p: SimpleNamespace(endpoint=e, reach=Reach.RELAYED if p in self.relayed else Reach.DIRECT)
+                for p, e in self.member_endpoints.items()}
 
 
 def hop(path, round_=4, mb=0, index=1):
@@ -126,6 +130,23 @@ def test_a_rerouted_path_must_go_through_verified_members_at_their_addresses():
     assert refused(lambda: admission.check(hop((ORIGIN, A, C, ORIGIN)))) == (  # A is not a member
         grpc.StatusCode.PERMISSION_DENIED,
         "path goes through a:1 (00000001), which is not a verified member of the swarm at that address")
+
+
+def test_a_member_that_moved_is_read_again_and_a_relayed_one_is_taken_at_any_endpoint():
+    directory = FakeDirectory({4: PLAN}, members={ORIGIN.peer_id: "o:1", C.peer_id: "c:1", B.peer_id: "b:1"})
+    admission = HopAdmission(directory, DataPlaneConfig(members_refresh=3600, plan_lookup_retry=0))
+    admission.check(hop((ORIGIN, C, B, ORIGIN)))
+    reads = directory.member_reads
+    directory.member_endpoints[C.peer_id] = "c:2"  # C announced another endpoint since our last read
+    admission.check(hop((ORIGIN, HopSpec(1, C.peer_id, "c:2"), B, ORIGIN)))
+    assert directory.member_reads == reads + 1
+    # A relayed member's endpoint moves with its relay, and a re-routed path may name one it left: senders dial
+    # the endpoint its record announces, so its peer id is what admission checks.
+    directory.relayed.add(C.peer_id)
+    admission.check(hop((ORIGIN, HopSpec(1, C.peer_id, "relay:40001"), B, ORIGIN)))
+    assert refused(lambda: admission.check(hop((ORIGIN, HopSpec(1, C.peer_id, "relay:40001"),
+                                                HopSpec(2, B.peer_id, "evil:1"), ORIGIN))))[0] == \
+        grpc.StatusCode.PERMISSION_DENIED  # a direct member still only at its own endpoint
 
 
 def test_a_missing_plan_is_retried_no_more_often_than_configured():

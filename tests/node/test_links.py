@@ -181,7 +181,8 @@ def test_members_that_cannot_receive_hops_are_left_out_of_plans():
     from protocol.records import Reach
 
     members = {**MEMBERS, "b1": replace(MEMBERS["b1"], reach=Reach.UNREACHABLE),
-               "d0": replace(MEMBERS["d0"], reach=Reach.RELAYED)}  # reserved classes: not in the data plane yet
+               "d0": replace(MEMBERS["d0"], reach=Reach.HOLE_PUNCHED),  # reserved: nothing reaches it that way
+               "a1": replace(MEMBERS["a1"], reach=Reach.RELAYED, via="s2")}  # reached at its relay: planned
     wire, _ = plan_round(members, {}, round_=3, num_stages=4, visits=4, microbatches_per_origin=3,
                          activation_bytes=10**5, planner="d1")
     assert wire.participants() == {"d1", "a1", "s2", "s3"}

@@ -100,7 +100,7 @@ class Member:
 
 @pytest.fixture
 def config() -> RelayConfig:
-    return RelayConfig(port=free_port(), tunnel_timeout=2.0)
+    return RelayConfig(port=free_port(), tunnel_timeout=5.0)
 
 
 def test_peers_reach_a_member_through_its_relay_and_the_relay_counts_the_bytes(config):
@@ -142,7 +142,8 @@ def test_the_relay_limit_caps_relayed_bytes_per_second(config):
                 got += len(peer.recv(1 << 20))
             elapsed = time.monotonic() - started
         assert elapsed > 1.0, elapsed  # 6 MiB crossed at 4 MiB/s: 1.5 s less the burst
-        assert relay.value("swarm_node_relayed_bytes_total") >= 2 * len(payload)
+        # counted once each piece is passed on: the last count may land just after the peer read it
+        wait_for(lambda: relay.value("swarm_node_relayed_bytes_total") >= 2 * len(payload), 5, "the byte count")
     finally:
         member.close()
         relay.stop()
