@@ -78,10 +78,13 @@ def relay_main(conn, limit_mib_s: float) -> None:
     from node.config import RelayConfig
     from node.host.metrics import NodeMetrics
     from node.relay.server import RelayServer
+    from protocol.grpc_options import server_options
+    from protocol.limits import WireLimits
     from protocol.service import relay_service_handler
 
     relay = RelayServer.create(RelayConfig(limit=limit_mib_s), "127.0.0.1", "127.0.0.1", "bench", NodeMetrics(), 0.25)
-    server = grpc.server(ThreadPoolExecutor(max_workers=8))
+    # the node's server options: they admit the members' keepalive pings
+    server = grpc.server(ThreadPoolExecutor(max_workers=8), options=server_options(WireLimits()))
     server.add_generic_rpc_handlers((relay_service_handler(relay),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
