@@ -63,6 +63,12 @@ QUICK_PAIRS = [("raw", "raw"), ("int8", "int8"), ("int4", "int4"), ("lowrank", "
 SWARM_PAIRS = [("raw", "raw"), ("int8", "int8"), ("lowrank", "int4")]
 SWARM_ARGS = ["--batch-size", "8", "--seq-len", "256"]  # later flags win over the harness's NODE_ARGS
 LARGE = (4, 512, 768)  # a llama-160m microbatch, for encode/decode cost at a realistic size
+# A deliberately harmful codec, trained beside the others so that the bench shows it can see harm: the sign of
+# every value times the tensor's mean magnitude (1 bit a value). Bench-only: no node speaks it.
+CONTROL = "sign1"
+LOSS_TARGET = 1.02  # "within 2% of raw's loss", judged at the confidence interval's upper edge
+# Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1), for the intervals over seeds.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def key(act: str, grad: str) -> str:
@@ -83,6 +89,8 @@ class Hop(torch.autograd.Function):
 
 
 def through(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == CONTROL:
+        return torch.sign(x) * x.abs().mean()
     codec = get_codec(name)
     layout = codec.layout_for(tuple(x.shape))
     return codec.decode(codec.encode(x, layout), tuple(x.shape), x.dtype, layout, x.device)
@@ -143,6 +151,10 @@ def sample_tensors(spec, data, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def codec_cost(name: str, x: torch.Tensor, repeats: int) -> tuple[int, float, float, float]:
     """(payload bytes, encode ms, decode ms, relative RMS error), medians over `repeats`."""
+    if name == CONTROL:  # 1 bit a value and one float32 scale; coded and decoded in one torch expression
+        t0 = time.perf_counter()
+        out = through(name, x)
+        return (x.numel() + 7) // 8 + 4, 1e3 * (time.perf_counter() - t0), 0.0, ((out - x).norm() / x.norm()).item()
     codec = get_codec(name)
     layout = codec.layout_for(tuple(x.shape))
     enc, dec = [], []
@@ -155,6 +167,15 @@ def codec_cost(name: str, x: torch.Tensor, repeats: int) -> tuple[int, float, fl
         enc.append(t1 - t0)
     error = ((out - x).norm() / x.norm()).item()
     return payload.numel(), 1e3 * statistics.median(enc), 1e3 * statistics.median(dec), error
+
+
+def mean_ci(values: list[float]) -> tuple[float, list[float] | None]:
+    """The mean and its 95% Student t interval over seeds (None from a single seed)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, [mean - half, mean + half]
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -195,12 +216,13 @@ def main() -> int:
     activation, gradient = sample_tensors(spec, train_data, min(steps, 100))
     large = torch.randn(LARGE) * 0.5 + torch.randn(LARGE[-1]) * 4  # a shared per-channel offset, as in LLaMA
     costs = {}
-    for name in sorted({c for pair in pairs for c in pair}, key=[c for pair in pairs for c in pair].index):
+    for name in [*sorted({c for pair in pairs for c in pair}, key=[c for pair in pairs for c in pair].index), CONTROL]:
         costs[name] = dict(act=codec_cost(name, activation, repeats), grad=codec_cost(name, gradient, repeats),
                            large=codec_cost(name, large, max(3, repeats // 3)))
         print(f"codec {name}: {costs[name]}", flush=True)
 
     runs = {}
+    pairs = [*pairs, (CONTROL, CONTROL)]  # the control trains like the others, on the same seeds and batches
     for act, grad in pairs:
         results = [train(spec, train_data, held_out, act, grad, steps, seed) for seed in range(seeds)]
         runs[key(act, grad)] = results
@@ -216,7 +238,7 @@ def main() -> int:
         name = key(act, grad)
         hop = costs[act]["act"][0] + costs[grad]["grad"][0]
         final = statistics.fmean(r["final"] for r in runs[name])
-        ratio = statistics.fmean(r["final"] / b for r, b in zip(runs[name], raw_final))
+        ratio, ratio_ci = mean_ci([r["final"] / b for r, b in zip(runs[name], raw_final)])
         ppl = math.exp(statistics.fmean(r["eval"] for r in runs[name]))
         enc = costs[act]["act"][1] + costs[grad]["grad"][1]
         dec = costs[act]["act"][2] + costs[grad]["grad"][2]
@@ -226,19 +248,28 @@ def main() -> int:
                             bytes_ratio=raw_bytes / hop, activation_ratio=costs["raw"]["act"][0] / costs[act]["act"][0],
                             encode_ms=round(enc, 3), decode_ms=round(dec, 3), iteration_s=iteration.get(name),
                             final_loss=final,
-                            final_loss_ratio=ratio, perplexity=ppl,
+                            final_loss_ratio=ratio, loss_ratio_ci=ratio_ci, perplexity=ppl,
                             activation_error=costs[act]["act"][3], gradient_error=costs[grad]["grad"][3])
-        rows.append([f"`{act}` / `{grad}`", hop, f"{raw_bytes / hop:.2f}x",
+        rows.append([f"`{act}` / `{grad}`" + (" (control)" if act == CONTROL else ""), hop, f"{raw_bytes / hop:.2f}x",
                      f"{costs['raw']['act'][0] / costs[act]['act'][0]:.2f}x",
                      f"{costs[act]['act'][3]:.4f} / {costs[grad]['grad'][3]:.4f}", f"{enc:.2f} / {dec:.2f}",
-                     "-" if large_ms is None else f"{large_ms:.1f}", f"{final:.4f}", f"{ratio:.4f}", f"{ppl:.2f}",
+                     "-" if large_ms is None else f"{large_ms:.1f}", f"{final:.4f}", f"{ratio:.4f}",
+                     "-" if ratio_ci is None else f"{ratio_ci[0]:.3f}-{ratio_ci[1]:.3f}", f"{ppl:.2f}",
                      f"{iteration[name]:.2f} ({iteration[name] / iteration['raw']:.2f}x)" if name in iteration
                      else "-"])
 
-    best = max((n for n in report if n != "raw" and report[n]["final_loss_ratio"] <= 1.02),
-               key=lambda n: report[n]["bytes_ratio"], default=None)
-    best_act = max((n for n in report if n != "raw" and report[n]["final_loss_ratio"] <= 1.02),
-                   key=lambda n: report[n]["activation_ratio"], default=None)
+    control = report.pop(CONTROL)
+    report["control"] = dict(codec=CONTROL, bytes_per_hop=control["bytes_per_hop"], final_loss=control["final_loss"],
+                             final_loss_ratio=control["final_loss_ratio"], loss_ratio_ci=control["loss_ratio_ci"])
+
+    def within(n: str) -> bool:  # within 2% of raw at the interval's upper edge (the mean, from one seed)
+        ci = report[n]["loss_ratio_ci"]
+        return (ci[1] if ci else report[n]["final_loss_ratio"]) <= LOSS_TARGET
+
+    codecs = [n for n in report if n not in ("raw", "control")]
+    best = max((n for n in codecs if within(n)), key=lambda n: report[n]["bytes_ratio"], default=None)
+    best_act = max((n for n in codecs if within(n)), key=lambda n: report[n]["activation_ratio"], default=None)
+    sees_harm = not within("control")
     lines = [
         "# Compression benchmark",
         "",
@@ -251,7 +282,12 @@ def main() -> int:
         "",
         table(["activation / gradient codec", "bytes per hop", "vs raw", "activation vs raw",
                "rel. RMS error act / grad", "encode / decode ms (CPU)", "enc+dec ms, 4x512x768",
-               "final loss", "vs raw", "perplexity", "iteration s (links)"], rows),
+               "final loss", "vs raw", "vs raw, 95% CI", "perplexity", "iteration s (links)"], rows),
+        "",
+        f"Loss ratios are means over {seeds} seeds of each seed's final loss over raw's on that seed, with a "
+        f"Student t 95% interval; \"within 2%\" must hold at the interval's upper edge. `{CONTROL}` (the control: "
+        "each value's sign times the tensor's mean magnitude, 1 bit a value, bench-only) must fail it, or the "
+        f"bench cannot see harm: it {'fails it: the bench sees harm' if sees_harm else 'PASSES it: the bench cannot see harm'}.",
         "",
         f"Best pair within 2% of raw's loss: **{best}**, {report[best]['bytes_ratio']:.2f}x fewer bytes per hop"
         f" (loss ratio {report[best]['final_loss_ratio']:.4f})." if best else "No pair within 2% of raw's loss.",
@@ -310,7 +346,7 @@ def swarm_report(rounds: int, slowdown: float, out_dir: Path, json_path: str | N
         name = key(act, grad)
         hop = wire_bytes(act, shape, 4) + wire_bytes(grad, shape, 4)
         report[name] = dict(bytes_per_hop=hop, iteration_s=iteration[name], final_loss=None)
-        rows.append([f"`{act}` / `{grad}`", hop, f"{raw_hop / hop:.2f}x", f"{iteration[name]:.3f}",
+        rows.append([f"`{act}` / `{grad}`" + (" (control)" if act == CONTROL else ""), hop, f"{raw_hop / hop:.2f}x", f"{iteration[name]:.3f}",
                      f"{iteration[name] / iteration['raw']:.2f}"])
     lines = ["# Compression in the swarm: iteration time", "",
              f"`python bench/bench_compression.py --swarm-only --swarm-rounds {rounds} --link-slowdown {slowdown:g}`: "
