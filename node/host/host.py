@@ -358,7 +358,9 @@ class NodeHost:
                 self.events.emit("reachability", ok=result.ok, reach=result.reach.value, message=result.message,
                                  endpoint=moved or self.presence.record().endpoint, via="")
             self._relay_for(result)
-            if not (result.reach is Reach.UNREACHABLE and self.presence.reachability.reach is Reach.RELAYED):
+            if result.reach is Reach.DIRECT:  # at our own endpoint again, should a relay have carried us
+                self.presence.set_reachability(result, moved or self.endpoint)
+            elif not (result.reach is Reach.UNREACHABLE and self.presence.reachability.reach is Reach.RELAYED):
                 self.presence.set_reachability(result, moved)
             wait = net.reachability_timeout if result.reach is Reach.UNCHECKED else net.reachability_recheck
             if not wait or self.stop.wait(wait):

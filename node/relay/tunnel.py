@@ -76,7 +76,7 @@ class RelayTunnel:
             why = self._attach(relay)
             self._paused[relay.peer_id] = time.monotonic() + FAILED_RELAY_PAUSE_S
             if why and not self.stopped:
-                log.warning("relay %s: %s; trying another", relay.peer_id[-8:], why)
+                log.info("relay %s: %s; trying another", relay.peer_id[-8:], why)
 
     def _choose(self) -> NodeRecord | None:
         """The member peers can dial that ranks first for us (rendezvous hashing); one that failed us lately
@@ -126,7 +126,7 @@ class RelayTunnel:
                 splices = list(self._splices)
             for splice in splices:
                 splice.close()
-        if attached:
+        if attached and not self._stop.is_set():  # closed by its owner (directly reachable now): no news
             self.on_detached(why or "this node is stopping")
         return why
 
