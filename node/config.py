@@ -200,8 +200,9 @@ class RelayConfig:
                          _positive_int, flag="relay_nodes")
     connections: int = setting(16, "open connections relayed to one member at once", _positive_int,
                                flag="relay_connections")
-    tunnel_timeout: float = setting(5.0, "seconds a relayed connection waits for its member to take it, and an "
-                                         "attach for the relay's answer", _positive_float,
+    tunnel_timeout: float = setting(5.0, "seconds a relayed connection waits for its member to take it, an "
+                                         "attach for the relay's answer, and a member whose relay went for the "
+                                         "next before it announces itself unreachable", _positive_float,
                                     flag="relay_tunnel_timeout")
 
 
