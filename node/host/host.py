@@ -370,19 +370,17 @@ class NodeHost:
     def _relay_for(self, result: Reachability) -> None:
         """Unreachable: attach to a relay member (once; the tunnel moves between relays by itself). Directly
         reachable again (a port forwarded): detach, and take hops directly."""
+        if result.reach is Reach.DIRECT:
+            self._close_tunnel()
+            return
+        if result.reach is not Reach.UNREACHABLE:
+            return
         with self._tunnel_lock:
-            if result.reach is Reach.UNREACHABLE:
-                self._unreachable = result
-                if self.tunnel is None and not self.stop.is_set():
-                    self.tunnel = RelayTunnel.create(self.peer_id, self.config.swarm.id, self.directory.members,
-                                                     self.clients, self.local_target, self.config.relay, self.stop,
-                                                     on_attached=self._attached, on_detached=self._detached)
-                return
-            if result.reach is not Reach.DIRECT:
-                return
-            tunnel, self.tunnel = self.tunnel, None
-        if tunnel is not None:
-            tunnel.close()
+            self._unreachable = result
+            if self.tunnel is None and not self.stop.is_set():
+                self.tunnel = RelayTunnel.create(self.peer_id, self.config.swarm.id, self.directory.members,
+                                                 self.clients, self.local_target, self.config.relay, self.stop,
+                                                 on_attached=self._attached, on_detached=self._detached)
 
     def _attached(self, endpoint: str, relay: str) -> None:
         finding = self._unreachable.why if self._unreachable else "not reachable directly"

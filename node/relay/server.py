@@ -53,15 +53,10 @@ class _Attachment:
     listener: socket.socket
     events: "queue.Queue[pb.RelayEvent | None]" = field(default_factory=queue.Queue)
     splices: set[Splice] = field(default_factory=set)
-    waiting: int = 0  # connections named and not taken yet
 
     @property
     def port(self) -> int:
         return self.listener.getsockname()[1]
-
-    @property
-    def open(self) -> int:
-        return len(self.splices) + self.waiting
 
 
 class RelayServer:
@@ -185,14 +180,14 @@ class RelayServer:
             except OSError:  # the listener closed: the member detached
                 return
             with self._lock:
-                if attachment.open >= self.config.connections:
+                waiting = sum(1 for w in self._waiting.values() if w.attachment is attachment)
+                if len(attachment.splices) + waiting >= self.config.connections:
                     self.metrics.relay_refused.labels("connections").inc()
                     close_quietly(sock)
                     continue
                 number, token = next(self._numbers), secrets.token_bytes(32)
                 self._waiting[number] = _Waiting(sock, token, attachment,
                                                  time.monotonic() + self.config.tunnel_timeout)
-                attachment.waiting += 1
             attachment.events.put(pb.RelayEvent(connection=number, token=token))
 
     def _take_tunnels(self) -> None:
@@ -221,7 +216,6 @@ class RelayServer:
                 waiting = None
             else:
                 del self._waiting[number]
-                waiting.attachment.waiting -= 1
         if waiting is None:
             self.metrics.relay_refused.labels("token").inc()
             close_quietly(sock)
@@ -244,8 +238,6 @@ class RelayServer:
         with self._lock:
             late = [n for n, w in self._waiting.items() if w.deadline < now]
             expired = [self._waiting.pop(n) for n in late]
-            for w in expired:
-                w.attachment.waiting -= 1
         for w in expired:
             self.metrics.relay_refused.labels("expired").inc()
             close_quietly(w.sock)
