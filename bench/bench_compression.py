@@ -16,11 +16,11 @@ and decodes on the wire.
 Iteration time comes from the swarm harness (`bench/bench_swarm.py`'s `run_config`): 8 real node processes,
 full pipelines over 6 stages, links emulated from the GCP instance's regions (about 10 MB/s and 50-130 ms
 between regions), microbatches of 8 x 256 tokens so that a hop carries 512 KiB raw; one swarm per
-SWARM_PAIRS entry, same seeds and tokens (`--swarm-rounds 0` skips it; `iteration_s` is then null).
-The tiny preset's hidden size is 12x smaller than llama-160m's, so its hops carry 12x fewer bytes for the
-same tokens: `--link-slowdown` (default 12) divides the links' bandwidth by that much, so that the wire
-takes the share of a round it would take for a real model on these links. `--link-slowdown 1` runs the
-links as the instance gives them.
+SWARM_PAIRS entry and balance, same seeds and tokens (`--swarm-rounds 0` skips it; `iteration_s` is then
+null). Two balances between wire and compute, in one run: the links as the instance gives them, and their
+bandwidth divided by `--link-slowdown` (default 12: the tiny preset's hidden size is 12x smaller than
+llama-160m's, so its hops carry 12x fewer bytes for the same tokens; dividing the bandwidth gives a hop a real
+model's time on the wire, compute unscaled). CPU seconds per round of all processes show beside each.
 
 Writes bench/results/compression.md, compression.json (the --json layout) and compression-loss.png (loss at
 equal tokens; beside it, the swarm runs' loss against wall-clock).
@@ -52,7 +52,7 @@ from lm.data import load_corpus  # noqa: E402
 from lm.presets import resolve_model  # noqa: E402
 from lm.tokenizer import ByteTokenizer  # noqa: E402
 from protocol.codecs import get_codec  # noqa: E402
-from bench_swarm import link_slowdown_option  # noqa: E402
+from bench_swarm import link_slowdown_option, mean_ci, table  # noqa: E402
 
 STAGES = 4
 BATCH, SEQ = 4, 128
@@ -68,9 +68,6 @@ LARGE = (4, 512, 768)  # a llama-160m microbatch, for encode/decode cost at a re
 CONTROL = "sign1"
 LOSS_TARGET = 1.02  # "within 2% of raw's loss", judged at the confidence interval's upper edge
 # Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1), for the intervals over seeds.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
 def key(act: str, grad: str) -> str:
     return act if act == grad else f"{act}+{grad}"
 
@@ -169,20 +166,6 @@ def codec_cost(name: str, x: torch.Tensor, repeats: int) -> tuple[int, float, fl
     return payload.numel(), 1e3 * statistics.median(enc), 1e3 * statistics.median(dec), error
 
 
-def mean_ci(values: list[float]) -> tuple[float, list[float] | None]:
-    """The mean and its 95% Student t interval over seeds (None from a single seed)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, [mean - half, mean + half]
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer pairs, steps and seeds (under 10 minutes)")
@@ -229,7 +212,8 @@ def main() -> int:
         print(f"{key(act, grad)}: final losses {[round(r['final'], 4) for r in results]}", flush=True)
 
     swarm_rounds = args.swarm_rounds if args.swarm_rounds is not None else (5 if args.quick else 8)
-    iteration, curves = swarm_iterations(swarm_rounds, args.link_slowdown) if swarm_rounds else ({}, {})
+    by_balance, _, curves = swarm_iterations(swarm_rounds, args.link_slowdown) if swarm_rounds else ({}, {}, {})
+    iteration = by_balance.get(args.link_slowdown, {})  # the main table's column; compression-swarm.md has both
 
     raw_bytes = costs["raw"]["act"][0] + costs["raw"]["grad"][0]
     raw_final = [r["final"] for r in runs["raw"]]
@@ -312,48 +296,70 @@ def main() -> int:
     return 0
 
 
-def swarm_iterations(rounds: int, slowdown: float) -> tuple[dict[str, float], dict[str, list[dict]]]:
-    """Median iteration seconds per SWARM_PAIRS entry, each on a fresh swarm of the bench_swarm harness, and
-    each swarm's rounds (time_s, loss, ...) for the loss-vs-time plot."""
+def balances(slowdown: float) -> list[float]:
+    """The wire/compute balances a swarm part runs: links as given, and divided by --link-slowdown."""
+    return [1.0] if slowdown == 1 else [1.0, slowdown]
+
+
+def swarm_iterations(rounds: int, slowdown: float) -> tuple[dict[float, dict[str, float]], dict[float, dict[str, float]],
+                                                            dict[str, list[dict]]]:
+    """Per balance (links as given, and --link-slowdown), per SWARM_PAIRS entry on a fresh swarm of the
+    bench_swarm harness: the median iteration seconds and the CPU seconds per round of all 8 processes; and at
+    --link-slowdown each swarm's rounds (time_s, loss, ...) for the loss-vs-time plot."""
     import tempfile
 
     from bench_swarm import NUM_STAGES, run_config, split_corpus
 
     work = Path(tempfile.mkdtemp(prefix="bench-compression-"))
     train, _ = split_corpus(work)
-    out, curves = {}, {}
-    for act, grad in SWARM_PAIRS:
-        name = key(act, grad)
-        result = run_config(work / name, name, NUM_STAGES, rounds, train,
-                            extra=[*SWARM_ARGS, "--activation-codec", act, "--gradient-codec", grad],
-                            link_slowdown=slowdown)
-        # The median: a round that hits the round timeout (a lost hop) would dominate a mean.
-        out[name] = statistics.median(r["executed_s"] for r in result.rounds[2:])
-        curves[name] = result.rounds
-        print(f"swarm {name}: iteration {out[name]:.3f} s (median over rounds 2..{rounds - 1})", flush=True)
-    return out, curves
+    iteration, cpu, curves = {}, {}, {}
+    for balance in balances(slowdown):
+        iteration[balance], cpu[balance] = {}, {}
+        for act, grad in SWARM_PAIRS:
+            name = key(act, grad)
+            result = run_config(work / f"slowdown{balance:g}" / name, name, NUM_STAGES, rounds, train,
+                                extra=[*SWARM_ARGS, "--activation-codec", act, "--gradient-codec", grad],
+                                link_slowdown=balance)
+            # The median: a round that hits the round timeout (a lost hop) would dominate a mean.
+            iteration[balance][name] = statistics.median(r["executed_s"] for r in result.rounds[2:])
+            cpu[balance][name] = sum(result.cpu_s_per_round().values())
+            if balance == slowdown:
+                curves[name] = result.rounds
+            print(f"swarm {name}, slowdown {balance:g}: iteration {iteration[balance][name]:.3f} s (median over rounds "
+                  f"2..{rounds - 1}), {cpu[balance][name]:.2f} CPU s per round", flush=True)
+    return iteration, cpu, curves
 
 
 def swarm_report(rounds: int, slowdown: float, out_dir: Path, json_path: str | None) -> int:
     from protocol.codecs import wire_bytes
 
     started = time.perf_counter()
-    iteration, _ = swarm_iterations(rounds, slowdown)
+    iteration, cpu, _ = swarm_iterations(rounds, slowdown)
     shape = (8, 256, 64)  # SWARM_ARGS on the tiny preset
     rows, report = [], {}
     raw_hop = 2 * wire_bytes("raw", shape, 4)
     for act, grad in SWARM_PAIRS:
         name = key(act, grad)
         hop = wire_bytes(act, shape, 4) + wire_bytes(grad, shape, 4)
-        report[name] = dict(bytes_per_hop=hop, iteration_s=iteration[name], final_loss=None)
-        rows.append([f"`{act}` / `{grad}`" + (" (control)" if act == CONTROL else ""), hop, f"{raw_hop / hop:.2f}x", f"{iteration[name]:.3f}",
-                     f"{iteration[name] / iteration['raw']:.2f}"])
+        report[name] = dict(bytes_per_hop=hop, iteration_s=iteration[slowdown][name], final_loss=None,
+                            balances={f"{b:g}": dict(iteration_s=iteration[b][name], cpu_s_per_round=cpu[b][name])
+                                      for b in iteration})
+        row = [f"`{act}` / `{grad}`", hop, f"{raw_hop / hop:.2f}x"]
+        for b in iteration:
+            row += [f"{iteration[b][name]:.3f}", f"{iteration[b][name] / iteration[b]['raw']:.2f}", f"{cpu[b][name]:.2f}"]
+        rows.append(row)
+    header = ["activation / gradient codec", "bytes per hop", "vs raw"]
+    for b in iteration:
+        where = "links as given" if b == 1 else f"bandwidth / {b:g}"
+        header += [f"iteration s, {where}", "vs raw", "CPU s / round (8 processes)"]
     lines = ["# Compression in the swarm: iteration time", "",
              f"`python bench/bench_compression.py --swarm-only --swarm-rounds {rounds} --link-slowdown {slowdown:g}`: "
              "bench_swarm's harness, 8 processes, full pipelines over 6 stages, links emulated from "
-             f"gcp12-20nodes.json's regions with their bandwidth divided by {slowdown:g}, microbatches of 8 x 256 "
-             f"tokens; median iteration s over rounds 2..{rounds - 1}, one swarm per pair, in one run.", "",
-             table(["activation / gradient codec", "bytes per hop", "vs raw", "iteration s", "vs raw"], rows), "",
+             f"gcp12-20nodes.json's regions, as given and with their bandwidth divided by {slowdown:g} (a hop then "
+             "spends a llama-160m hop's time on the wire), microbatches of 8 x 256 tokens; median iteration s over "
+             f"rounds 2..{rounds - 1}, one swarm per pair and balance, in one run; CPU s per round of all 8 processes "
+             "together (2 shared cores).", "",
+             table(header, rows), "",
              f"Bench wall time: {time.perf_counter() - started:.0f} s."]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compression-swarm.md").write_text("\n".join(lines) + "\n")

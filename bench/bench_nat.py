@@ -14,16 +14,18 @@ Repeats are interleaved; medians. No hole punching is implemented, so there is n
 
 Part 2, a swarm (needs root: network namespaces and nftables, as the NAT tests): 4 stages over 6 real node
 processes (data node, stage 1 twice, stage 2 twice, stage 3), every node's endpoint placed in a region of
-bench/instances/gcp12-20nodes.json with that instance's latency and bandwidth (the bandwidth divided by
---link-slowdown) emulated in the data plane. Three runs, same seed, same layout: 0, 1 (the second stage-1
+bench/instances/gcp12-20nodes.json with that instance's latency and bandwidth emulated in the data plane, at both
+balances in one run: the links as given, and their bandwidth divided by --link-slowdown (default 12, as
+bench_swarm). At each, three runs, same seed, same layout: 0, 1 (the second stage-1
 replica) and 2 (both second replicas) stage nodes behind the NAT of tests/netns.py, with no port forwarded,
 relayed by the stage-3 node (the only relay). A relayed node's relay ports sit in the NAT'd node's own region
 in the emulation: the relay is taken to be near it, so what relaying adds is what the relay process does.
 Reported: the median whole round (the data node's round_s, warm-up rounds excluded), its ratio to the
-all-direct run, and the share of the plans' stage visits that went to the NAT'd nodes (with the share an even
-split across replicas would give).
+all-direct run, the share of the plans' stage visits that went to the NAT'd nodes (with the share an even
+split across replicas would give), and the node processes' CPU seconds per round.
 
-Writes bench/results/nat.md and, with --json, {"hop_mb_s": {...}, "round_s": {...}, "nat_visit_share": {...}}.
+Writes bench/results/nat.md and, with --json, {"hop_mb_s": {...}, "round_s": {...}, "nat_visit_share": {...},
+"cpu_s_per_round": {...}, "balances": {"1": {the same three}, "12": {...}}} (the top-level three: --link-slowdown's).
 """
 
 from __future__ import annotations
@@ -265,10 +267,22 @@ def run_swarm(workdir: Path, nat_nodes: tuple[int, ...], rounds: int, slowdown: 
     # An even split: each NAT'd node takes 1/replicas of its stage's visits; stages are visited alike.
     even = sum(1 / LAYOUT.count(LAYOUT[i]) for i in nat_nodes) / (NUM_STAGES - 1)
     return {"round_s": statistics.median(e["round_s"] for e in counted), "nat_visit_share": to_nat / visits,
-            "even_share": even, "rounds": len(counted)}
+            "even_share": even, "rounds": len(counted), **cpu_per_round(swarm.nodes, done[WARMUP_ROUNDS])}
 
 
-def run_swarms(rounds: int, slowdown: float) -> dict[int, dict]:
+def cpu_per_round(nodes, first_round: int) -> dict:
+    """CPU seconds per round of the node processes over the counted rounds, from the CPU clock each node logs in its
+    round events (`cpu_s`): their sum, and the busiest one's (the 2 shared cores show as contention here)."""
+    per_node = {}
+    for n in nodes:
+        clock = sorted((e["round"], e["cpu_s"]) for e in n.events("round") if e["round"] >= first_round)
+        if len(clock) >= 2:
+            per_node[n.name] = (clock[-1][1] - clock[0][1]) / (clock[-1][0] - clock[0][0])
+    return {"cpu_s_per_round": sum(per_node.values()), "busiest_cpu_s_per_round": max(per_node.values())}
+
+
+def run_swarms(rounds: int, slowdowns: list[float]) -> dict[float, dict[int, dict]]:
+    """Every run of NAT_RUNS at each balance (bandwidth divided by each of `slowdowns`), behind one NAT."""
     from tests.netns import NatUnavailable, build, teardown
 
     try:
@@ -277,22 +291,27 @@ def run_swarms(rounds: int, slowdown: float) -> dict[int, dict]:
         raise SystemExit(f"bench_nat: {e}") from None
     try:
         with tempfile.TemporaryDirectory(prefix="bench-nat-") as tmp:
-            out = {}
-            for count, nat_nodes in NAT_RUNS.items():
-                print(f"swarm with {count} NAT'd stage node(s) ...", flush=True)
-                out[count] = run_swarm(Path(tmp) / str(count), nat_nodes, rounds, slowdown, nat)
-                print(f"  median round {out[count]['round_s']:.2f} s, NAT'd visit share "
-                      f"{out[count]['nat_visit_share']:.2f}", flush=True)
+            out: dict[float, dict[int, dict]] = {}
+            for slowdown in slowdowns:
+                out[slowdown] = {}
+                for count, nat_nodes in NAT_RUNS.items():
+                    print(f"bandwidth / {slowdown:g}: swarm with {count} NAT'd stage node(s) ...", flush=True)
+                    r = run_swarm(Path(tmp) / f"{slowdown:g}-{count}", nat_nodes, rounds, slowdown, nat)
+                    out[slowdown][count] = r
+                    print(f"  median round {r['round_s']:.2f} s, NAT'd visit share {r['nat_visit_share']:.2f}, "
+                          f"{r['cpu_s_per_round']:.2f} CPU s per round", flush=True)
             return out
     finally:
         teardown(nat)
 
 
+def balance_name(slowdown: float) -> str:
+    return "links as given" if slowdown == 1 else f"bandwidth / {slowdown:g}"
+
+
 # ---- report --------------------------------------------------------------------------------------------------------
-def render(hops: dict, swarms: dict, command: str, slowdown: float, elapsed: float) -> str:
+def render(hops: dict, balances: dict[float, dict[int, dict]], command: str, elapsed: float) -> str:
     share16 = hops["relayed"]["16"] / hops["direct"]["16"]
-    base = swarms[0]["round_s"]
-    worst = max(swarms[k]["round_s"] for k in swarms if k) / base
     lines = [
         "# Members behind NAT: relayed hops and NAT'd stage nodes",
         "",
@@ -313,23 +332,42 @@ def render(hops: dict, swarms: dict, command: str, slowdown: float, elapsed: flo
         f"Target: a relayed hop >= {HOP_SHARE_TARGET:.0%} of a direct hop at 16 MiB: {share16:.0%} -> "
         f"{'met' if share16 >= HOP_SHARE_TARGET else 'MISSED'}.",
         "",
-        f"## A 4-stage swarm over emulated GCP links (bandwidth / {slowdown:g}), stage nodes behind NAT",
+        "## A 4-stage swarm over emulated GCP links, stage nodes behind NAT, at both balances",
         "",
-        "| NAT'd stage nodes | median round s | vs all direct | NAT'd share of visits | even split would be |",
-        "|---|---|---|---|---|",
+        "| balance | NAT'd stage nodes | median round s | vs all direct | NAT'd share of visits | even split would be "
+        "| CPU s / round (6 node processes) | busiest process |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for k, r in swarms.items():
-        share = f"{r['nat_visit_share']:.2f}" if k else "-"
-        even = f"{r['even_share']:.2f}" if k else "-"
-        lines.append(f"| {k} | {r['round_s']:.2f} | {r['round_s'] / base:.2f} | {share} | {even} |")
+    verdicts = []
+    for slowdown, swarms in balances.items():
+        base = swarms[0]["round_s"]
+        for k, r in swarms.items():
+            share = f"{r['nat_visit_share']:.2f}" if k else "-"
+            even = f"{r['even_share']:.2f}" if k else "-"
+            lines.append(f"| {balance_name(slowdown)} | {k} | {r['round_s']:.2f} | {r['round_s'] / base:.2f} | {share} "
+                         f"| {even} | {r['cpu_s_per_round']:.2f} | {r['busiest_cpu_s_per_round']:.2f} |")
+        worst = max(swarms[k]["round_s"] for k in swarms if k) / base
+        verdicts.append(f"{balance_name(slowdown)}: worst {worst:.2f}x -> "
+                        f"{'met' if worst <= ROUND_RATIO_TARGET else 'MISSED'}")
+    rounds = next(iter(balances.values()))[0]["rounds"]
     lines += [
         "",
         f"Target: with NAT'd nodes (a direct replica of each), round time <= {ROUND_RATIO_TARGET}x the all-direct "
-        f"swarm's: worst {worst:.2f}x -> {'met' if worst <= ROUND_RATIO_TARGET else 'MISSED'}. Every counted round "
-        f"delivered every microbatch ({swarms[0]['rounds']} rounds per run after {WARMUP_ROUNDS} warm-up rounds).",
+        f"swarm's at each balance: {'; '.join(verdicts)}. Every counted round delivered every microbatch ({rounds} "
+        f"rounds per run after {WARMUP_ROUNDS} warm-up rounds). The links as given are the instance's; bandwidth / "
+        f"{LINK_SLOWDOWN:g} puts each hop's bytes on the wire for as long as a llama-160m activation would take "
+        f"(bench_swarm's --link-slowdown). CPU s per round: the node processes' own CPU clocks over the counted "
+        f"rounds (their DHT children and p2pd not counted).",
         "",
     ]
     return "\n".join(lines)
+
+
+def balance_figures(swarms: dict[int, dict]) -> dict:
+    """The JSON figures of one balance's runs, keyed by the number of NAT'd stage nodes."""
+    return {"round_s": {str(k): r["round_s"] for k, r in swarms.items()},
+            "nat_visit_share": {str(k): r["nat_visit_share"] for k, r in swarms.items() if k},
+            "cpu_s_per_round": {str(k): r["cpu_s_per_round"] for k, r in swarms.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,9 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print("hops: direct and relayed, 1 and 16 MiB ...", flush=True)
     hops = run_hops(QUICK_REPEATS if args.quick else REPEATS)
-    swarms = {} if args.hops_only else run_swarms(QUICK_ROUNDS if args.quick else ROUNDS, args.link_slowdown)
-    figures = {"hop_mb_s": hops, "round_s": {str(k): r["round_s"] for k, r in swarms.items()},
-               "nat_visit_share": {str(k): r["nat_visit_share"] for k, r in swarms.items() if k}}
+    slowdowns = sorted({1.0, args.link_slowdown})
+    balances = {} if args.hops_only else run_swarms(QUICK_ROUNDS if args.quick else ROUNDS, slowdowns)
+    figures = {"hop_mb_s": hops, **balance_figures(balances.get(args.link_slowdown, {})),
+               "balances": {f"{s:g}": balance_figures(swarms) for s, swarms in balances.items()}}
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     if args.hops_only:
@@ -353,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = "python bench/bench_nat.py" + (" --quick" if args.quick else "") + \
         (f" --link-slowdown {args.link_slowdown:g}" if args.link_slowdown != LINK_SLOWDOWN else "")
-    report = render(hops, swarms, command, args.link_slowdown, time.monotonic() - started)
+    report = render(hops, balances, command, time.monotonic() - started)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "nat.md").write_text(report)

@@ -35,14 +35,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_swarm import (INSTANCE, LINK_SLOWDOWN, NODE_ARGS, WARMUP_ROUNDS, ConfigResult,  # noqa: E402
+from bench_swarm import (EVAL_SEQ, EVAL_SEQUENCES, INSTANCE, LINK_SLOWDOWN, NODE_ARGS, UNIGRAM_MARGIN,  # noqa: E402
+                         WARMUP_ROUNDS, ConfigResult, unigram_loss,
                          evaluate, run_config, split_corpus)
 
 LAYOUT = (0, 0, 1, 1, 2, 2)  # stage of each process: 2 replicas per stage, 6 processes for 2 shared cores
@@ -60,30 +60,10 @@ STRATEGIES: dict[str, list[str]] = {
     "outer": ["--sync", "outer", "--sync-every", str(SYNC_EVERY)],
 }
 BASELINE = "all-to-all"
-EVAL_SEQ, EVAL_SEQUENCES = 64, 256  # what `evaluate` (lm/whole.perplexity) reads of the held-out text
-UNIGRAM_MARGIN = 0.75  # the baseline's held-out loss must end at least 25% below the unigram model's
 SMOOTH_ROUNDS = SYNC_EVERY  # training loss is one round's batch: averaged over an outer period for wall-clock
 # Projection model (issue 15): SkipPipe's GCP setting. LLaMA's MLP width, 8/3 d_model rounded up to a multiple
 # of 128, as lm/presets.py's llama-500m (1280 -> 3456): 1024 -> 2816.
 PROJECTION_VOCAB = 32_000
-
-
-# ---- the unigram reference --------------------------------------------------------------------------------------
-def unigram_loss(train: Path, heldout: Path, seq_len: int = EVAL_SEQ, max_sequences: int = EVAL_SEQUENCES) -> float:
-    """Held-out cross-entropy (nats per token) of byte frequencies fit on the training text, add-one smoothed over
-    the tokenizer's vocabulary, on the very tokens `evaluate` scores (each window's tokens after its first)."""
-    from lm.data import load_corpus
-    from lm.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(None)
-    counts = Counter(load_corpus([str(train)], None, tokenizer).tokens.tolist())
-    scored = load_corpus([str(heldout)], None, tokenizer).windows(seq_len, max_sequences)[:, 1:].reshape(-1).tolist()
-    return unigram_cross_entropy(counts, scored, tokenizer.vocab_size)
-
-
-def unigram_cross_entropy(counts: Counter, scored: list[int], vocab_size: int) -> float:
-    total = sum(counts.values()) + vocab_size
-    return -statistics.fmean(math.log((counts[t] + 1) / total) for t in scored)
 
 
 # ---- one run's figures ------------------------------------------------------------------------------------------

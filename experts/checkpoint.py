@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,21 +27,25 @@ def new_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def save_weights(model: LlamaForCausalLM, out_dir: Path) -> str:
-    """Write config.json and model.safetensors (fp32, CPU); return the weights' sha256."""
+def save_checkpoint(model: LlamaForCausalLM, out_dir: Path, trainer_state: dict,
+                    manifest_of: Callable[[str], Manifest]) -> Manifest:
+    """Write config.json, model.safetensors (fp32, CPU), trainer.pt and manifest.json (`manifest_of(weights
+    sha256)`). Every file is written and hashed under a temporary name first, then the three are renamed into
+    place one after the other: a kill during the (long) writes leaves the previous checkpoint whole, and only
+    one landing between three renames could leave a mix (an earlier order, weights first, left the weights
+    newer than the manifest whenever a kill landed while the optimizer state was being written)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out_dir)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    tmp = out_dir / (WEIGHTS + ".tmp")
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, out_dir / WEIGHTS)  # a crash mid-write never leaves a half file under the real name
-    return sha256_file(out_dir / WEIGHTS)
-
-
-def write_manifest(manifest: Manifest, out_dir: Path) -> None:
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / MANIFEST)
+    weights, trainer, manifest_file = (out_dir / (name + ".tmp") for name in (WEIGHTS, TRAINER, MANIFEST))
+    save_file(state, weights, metadata={"format": "pt"})
+    sha = sha256_file(weights)
+    torch.save({**trainer_state, "weights_sha256": sha}, trainer)
+    manifest = manifest_of(sha)
+    manifest_file.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+    for tmp, name in ((weights, WEIGHTS), (trainer, TRAINER), (manifest_file, MANIFEST)):
+        os.replace(tmp, out_dir / name)
+    return manifest
 
 
 def read_manifest(ckpt_dir: Path) -> Manifest:

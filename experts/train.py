@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from experts.checkpoint import TRAINER, load_weights, read_manifest, save_weights, verify, write_manifest
+from experts.checkpoint import TRAINER, load_weights, read_manifest, save_checkpoint, verify
 from experts.evaluate import EvalSettings, stream_perplexity
 from experts.manifest import Manifest
 from experts.sizing import flops_per_token
@@ -146,18 +146,14 @@ def _save(model, optimizer, scheduler, generator, step: int, out_dir: Path, cfg:
     val_ppl = stream_perplexity(model, dev.windows(cfg.seq_len, cfg.eval_windows), settings) \
         if len(dev) >= cfg.seq_len else None
     model.train()
-    sha = save_weights(model, out_dir)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "data_rng": generator.get_state(), "torch_rng": torch.get_rng_state(), "weights_sha256": sha},
-               out_dir / TRAINER)
-    manifest = Manifest(
+    trainer_state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "data_rng": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    return save_checkpoint(model, out_dir, trainer_state, lambda sha: Manifest(
         name=identity.name, domain=identity.domain, config=json.loads(model.config.to_json_string(use_diff=False)),
         tokenizer=identity.tokenizer, seed_hash=identity.seed_hash, parent=identity.parent,
         lineage=identity.lineage, steps=step, target_steps=cfg.steps,
         tokens=step * cfg.batch_size * cfg.seq_len, flops=step * flops_per_step, val_ppl=val_ppl,
-        weights_sha256=sha, extra={**identity.extra, "train": asdict(cfg)})
-    write_manifest(manifest, out_dir)
-    return manifest
+        weights_sha256=sha, extra={**identity.extra, "train": asdict(cfg)}))
 
 
 def _restore(model, optimizer, scheduler, generator, out_dir: Path, cfg: TrainConfig) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import UsageError
+from node.faults.misbehave import KINDS as MISBEHAVE_KINDS
 from protocol.codec_names import CODEC_NAMES
 from protocol.sync_names import EVERY_ROUND, SYNC_NAMES
 
@@ -266,6 +267,10 @@ class SyncConfig:
                                     _within(_float, lambda x: 0 <= x < 1, "must be a number in [0, 1)"))
     codec: str = setting("int8", "outer: the codec of pseudo-gradients on the wire (error feedback keeps what it "
                                  "loses for the next sync)", _choice("raw", "bf16", "int8", "int4"), flag="sync_codec")
+    outlier_ratio: float = setting(10.0, "with 3 or more replicas, one whose gradient (or pseudo-gradient) norm per "
+                                         "microbatch exceeds this many times the group's median is left out of the "
+                                         "average (every replica of a swarm should use the same value)",
+                                   _within(_float, lambda x: x > 1, "must be a number above 1"))
 
 
 @dataclass(frozen=True)
@@ -387,6 +392,34 @@ class FaultConfig:
     notice_workers: int = setting(8, "re-route and round-done notices sent at once", _positive_int)
     report_workers: int = setting(2, "failure reports sent at once", _positive_int)
     ping_workers: int = setting(16, "liveness pings sent at once", _positive_int)
+    skip_hop_checks: bool = setting(False, "MEASURING ONLY: do not check the hops peers send (bench/bench_poison.py "
+                                           "times the checks' cost against this)", _bool, kind="switch")
+    hop_check_band: float = setting(10.0, "an activation hop whose RMS is over this many times (or under 1/this) "
+                                          "the running mean for its sender's stage is refused, and its sender "
+                                          "reported to the origin (node/stage/hop_checks.py)",
+                                    _within(_float, lambda x: x > 1, "must be a number above 1"))
+    hop_check_warmup: int = setting(8, "hops per stage and direction a node accepts before it judges their size",
+                                    _positive_int)
+    hop_check_smoothing: float = setting(0.05, "the share of each accepted hop in the running mean of its size "
+                                               "once warmed up", _fraction)
+    hop_check_stale_rounds: int = setting(2, "rounds without a hop from a stage after which its band is learned "
+                                             "again (a node left out of plans has not seen the weights move)",
+                                          _positive_int)
+    ban_rounds: int = setting(4, "rounds an origin keeps a reported peer out of its plans and paths, doubled at "
+                                 "each further offence (node/faults/bans.py)", _positive_int)
+    ban_after_refusals: int = setting(2, "refused hops of one peer, within --ban-window rounds, that make an "
+                                         "offence (an honest hop can be an outlier once, docs/trust.md)",
+                                      _positive_int)
+    ban_window: int = setting(2, "rounds within which --ban-after-refusals refused hops count together",
+                              _positive_int)
+    misbehave: str = setting("none", "TEST TOOL (off by default): act as a hostile member would, to test the "
+                                     "swarm's defences (node/faults/misbehave.py): "
+                                     + ", ".join(MISBEHAVE_KINDS[1:]), _choice(*MISBEHAVE_KINDS))
+    misbehave_from: int = setting(0, "TEST TOOL: the round from which --misbehave acts", _non_negative_int)
+
+    def misbehaving(self, round_: int) -> str:
+        """The --misbehave kind in force in `round_` ("none" before --misbehave-from)."""
+        return self.misbehave if round_ >= self.misbehave_from else "none"
 
 
 @dataclass(frozen=True)
@@ -448,6 +481,8 @@ class LifecycleConfig:
                                                   "take before the next replica is tried", _positive_float)
     thread_join_timeout: float = setting(5.0, "seconds a stopping node waits for each of its threads",
                                          _positive_float)
+    stuck_stop_dump: float = setting(4.0, "seconds after a stop signal after which a node still stopping writes "
+                                          "every thread's stack to its log, to show what holds it", _positive_float)
     recheck_interval: float = setting(0.25, "seconds a bounded wait re-checks whether it was cancelled",
                                       _positive_float)
     events_file: str = setting("", "append one JSON line per event (round done, loss, weights digest)")

@@ -82,14 +82,21 @@ class Daemon:
         """Withdraw from the swarm, stop the role, then the host's servers, channels and DHT."""
         self.stop.set()
         started = time.monotonic()
+        steps: list[str] = []  # where a slow stop spent its time
+
+        def timed(name: str, step) -> None:
+            began = time.monotonic()
+            step()
+            steps.append(f"{name} {time.monotonic() - began:.1f} s")
+
         if self.host is not None:
             self.host.metrics.phase.state("stopping")
-            self.host.stop_serving()
+            timed("leaving and draining", self.host.stop_serving)
         if self.role is not None:
-            self.role.close()
+            timed("role", self.role.close)
         if self.host is not None:
-            self.host.close()
-            log.info("stopped in %.1f s", time.monotonic() - started)
+            timed("DHT and channels", self.host.close)
+            log.info("stopped in %.1f s (%s)", time.monotonic() - started, ", ".join(steps))
         self.events.emit("stopped", peer_id=self.peer_id, seconds=time.monotonic() - started)
 
     # ---- what the CLI prints -----------------------------------------------------------------------------------

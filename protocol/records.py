@@ -105,6 +105,9 @@ class NodeRecord:
     sync_state: dict[int, dict[str, float]] = field(default_factory=dict)
     reach: Reach = Reach.UNCHECKED  # how peers reach its endpoint; older records say nothing: unchecked
     via: str = ""  # when relayed: the peer id of the relay member whose port `endpoint` is
+    # Peers this (data) node keeps out of its plans now (node/faults/bans.py), for `status`:
+    # {peer: {"offences", "until" (round), "reason", "accuser"}}
+    bans: dict[str, dict] = field(default_factory=dict)
 
     @property
     def serving(self) -> bool:
@@ -165,7 +168,26 @@ class NodeRecord:
             sync_state=_sync_state(value.get("sync_state", {})),
             reach=_reach(value.get("reach", Reach.UNCHECKED.value)),
             via=value["via"] if isinstance(value.get("via"), str) and len(value["via"]) <= 128 else "",
+            bans=_bans(value.get("bans", {})),
         )
+
+
+MAX_BANS = 64
+
+
+def _bans(value: Any) -> dict[str, dict]:
+    if not isinstance(value, dict) or len(value) > MAX_BANS:
+        raise RecordError(f"bans must map at most {MAX_BANS} peers to their ban")
+    out = {}
+    for peer, ban in value.items():
+        if not (isinstance(peer, str) and 0 < len(peer) <= 128 and isinstance(ban, dict)
+                and set(ban) == {"offences", "until", "reason", "accuser"}
+                and all(isinstance(ban[k], int) and not isinstance(ban[k], bool) and ban[k] >= 0
+                        for k in ("offences", "until"))
+                and all(isinstance(ban[k], str) and len(ban[k]) <= 256 for k in ("reason", "accuser"))):
+            raise RecordError("bans entries are peer -> {offences, until, reason, accuser}")
+        out[peer] = dict(ban)
+    return out
 
 
 def _reach(value: Any) -> Reach:

@@ -14,6 +14,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.process.children import descendants as process_descendants
+from node.process.local_swarm import crashed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,11 +39,17 @@ def alive(pid: int) -> bool:
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
+    """Poll `condition` until it holds; fails at once, with its log's end, when a node of a running LocalSwarm
+    exits with an error meanwhile (nothing it waits for may come then)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
+        for n in crashed():
+            tail = "".join(n.log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
+            raise AssertionError(f"node {n.name} exited with code {n.process.returncode} while waiting for {what}; "
+                                 f"its log ends:\n{tail}")
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 

@@ -1,4 +1,4 @@
-"""bench/bench_sync.py's figures, targets, unigram reference and projection inputs, on synthetic events (no swarm)."""
+"""bench/bench_sync.py's figures, targets and projection inputs, on synthetic events (no swarm)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import sys
-from collections import Counter
 
 import pytest
 
@@ -34,22 +33,6 @@ def test_sync_per_replica_counts_every_round_and_times_after_warmup():
     per_bytes, per_s = bench.sync_per_replica(nodes, first_round=2)
     assert per_bytes == pytest.approx((800 / 4 + 400 / 4) / 2)
     assert per_s == pytest.approx((1.0 + 3.0) / 2)  # round 0 and 1's 5 s are the warm-up
-
-
-def test_unigram_cross_entropy_is_add_one_smoothed_in_nats():
-    bench = _bench()
-    counts = Counter({0: 6, 1: 2})  # 8 tokens, vocabulary of 4: p(0) = 7/12, p(3) = 1/12
-    assert bench.unigram_cross_entropy(counts, [0, 3], 4) == pytest.approx(-(math.log(7 / 12) + math.log(1 / 12)) / 2)
-
-
-def test_unigram_loss_scores_the_tokens_evaluate_reads(tmp_path):
-    bench = _bench()
-    train, held = tmp_path / "train.txt", tmp_path / "held.txt"
-    train.write_text("ab" * 100)
-    held.write_text("a" * 10)
-    # Windows of 4: two windows of "aaaa"; the first token of each is not scored, so 6 "a"s are.
-    p_a = (100 + 1) / (200 + 259)
-    assert bench.unigram_loss(train, held, seq_len=4, max_sequences=8) == pytest.approx(-math.log(p_a))
 
 
 def test_loss_at_interpolates_and_equal_time_uses_the_fastest_run():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -27,7 +28,13 @@ def run(args: argparse.Namespace) -> int:
     # SIGTERM and SIGINT (also a terminal's Ctrl-C) both mean: stop taking work, withdraw, exit 0. Installed
     # before anything slow starts, so a signal during start-up stops the node too.
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(signum, frame) -> None:
+        if not stop.is_set():  # a stop that overruns its bound says where each thread is
+            faulthandler.dump_traceback_later(config.lifecycle.stuck_stop_dump, file=sys.stderr)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         from node.daemon import Daemon, Stopped  # heavy imports (torch, hivemind) once the flags are good
 

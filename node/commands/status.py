@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
                          compute_ms=round(1000 * sum(r.compute_s.values()), 1),
                          heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url,
                          codecs="/".join(r.codecs), sync=r.sync, reachable=peer in reachable,
-                         last_sync=_last_sync(r.sync_state), sync_state={str(k): v for k, v in r.sync_state.items()}))
+                         last_sync=_last_sync(r.sync_state), sync_state={str(k): v for k, v in r.sync_state.items()},
+                         bans=r.bans))
     matrix = _link_matrix(sorted(members), links, traffic)
     if args.json:
         import json
@@ -62,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
               f"gradients {codecs['gradient']}; sync {sync['strategy']}"
               + (f" every {sync['every']} rounds" if sync['strategy'] == "outer" else ""))
     print(node_table(rows))
+    bans = [(row["peer"], peer, ban) for row in rows for peer, ban in sorted(row["bans"].items())]
+    if bans:
+        print("banned (out of the banning node's plans and paths until the round given):")
+        for by, peer, ban in bans:
+            print(f"  {peer[-12:]} by {by[-12:]} until round {ban['until']} (offence {ban['offences']}, reported "
+                  f"by {ban['accuser'][-12:]}): {ban['reason']}")
     defaulted = sum(1 for m in matrix if m["default"])
     print(f"links: {len(matrix) - defaulted} of {len(matrix)} directed pairs measured; the planner prices the "
           f"other {defaulted} at its default ({DEFAULT_LINK.rtt_s * 1000:g} ms RTT, "

@@ -202,6 +202,15 @@ def missing_stages(members: dict[str, NodeRecord], num_stages: int) -> list[int]
     return [s for s in range(num_stages) if s not in hosted]
 
 
+def without_banned(members: dict[str, NodeRecord], banned: frozenset[str], num_stages: int
+                   ) -> dict[str, NodeRecord]:
+    """`members` less the banned ones, except a stage's last plannable replicas: without them no path has the
+    stage, and a ban (one receiver's accusation) would stop a full pipeline or cut a stage from every path."""
+    kept = {p: r for p, r in members.items() if p not in banned}
+    lost = set(missing_stages(kept, num_stages)) - set(missing_stages(members, num_stages))
+    return {p: r for p, r in members.items() if p in kept or lost & set(r.stages)}
+
+
 def plan_around_missing(plan_for: Callable[[dict[str, NodeRecord], int, int], tuple[RoundPlan, object] | None],
                         members: dict[str, NodeRecord], num_stages: int, visits: int,
                         missing: list[int]) -> tuple[RoundPlan, object] | None:

@@ -65,7 +65,7 @@ def restore_stages(trainers: dict[int, StageTrainer], members: dict[str, NodeRec
                 continue
             answered = True
             if got > completed:
-                trainer.load(tensors, metadata)
+                trainer.load(tensors, metadata, source=peer)
                 log.info("stage %d: caught up to round %d from replica %s", stage, got, peer[-8:])
                 source, completed = "replica", got
                 loaded(source, completed)
@@ -91,7 +91,7 @@ def _rebuild_lost(stage: int, trainer: StageTrainer, serving: dict[str, NodeReco
             best = (got, tensors, metadata, peer)
     if best is not None:
         got, tensors, metadata, peer = best
-        trainer.load(tensors, metadata)
+        trainer.load(tensors, metadata)  # that checkpoint's sync in flight, if any, was its own: no donor applied it
         log.warning("stage %d had no replica left: rebuilt from %s's checkpoint after round %d", stage, peer[-8:], got)
         return "peer_checkpoint", got
     neighbours = {}

@@ -29,12 +29,14 @@ from node.dataplane.codec_agreement import agree, hop_bytes
 from node.control.discovery import SwarmDirectory
 from node.events import EventLog
 from node.stage.executor import StageExecutor
+from node.faults import misbehave
 from node.faults.faults import Faults
 from node.host.metrics import NodeMetrics
 from node.host.reachability import NOT_CHECKED, Reachability
 from node.stage.origin import Origin
 from node.control.links import LinkBook
-from node.control.planning import choose_planner, missing_stages, plan_around_missing, plan_round, predict_sync
+from node.control.planning import (choose_planner, missing_stages, plan_around_missing, plan_round, predict_sync,
+                                   without_banned)
 from node.faults.reroute import expected_round_seconds
 from node.smoothing import ewma
 from node.stage.trainer import StageTrainer
@@ -171,8 +173,9 @@ class RoundLoop:
             stop.wait(self.config.rounds.plan_poll)
         return None
 
-    def _make_plan(self, members: dict[str, NodeRecord], round_: int) -> RoundPlan | None:
+    def _make_plan(self, alive: dict[str, NodeRecord], round_: int) -> RoundPlan | None:
         deadline = get_dht_time() + self.config.rounds.round_timeout
+        members = without_banned(alive, self.faults.bans.banned(round_), self.config.model.num_stages)
         missing = missing_stages(members, self.config.model.num_stages)
         if set(missing) - self._stages_seen:
             return None  # a new swarm waits until every stage has joined once
@@ -187,7 +190,7 @@ class RoundLoop:
                               planner=self.peer_id, deadline=deadline)
 
         try:
-            if sum(r.plannable for r in members.values()) < self.config.swarm.min_nodes:
+            if sum(r.plannable for r in alive.values()) < self.config.swarm.min_nodes:
                 return None
             if missing and self.visits < self.config.model.num_stages:  # skip plans go on around lost stages
                 made = plan_around_missing(plan_for, members, self.config.model.num_stages, self.visits, missing)
@@ -207,7 +210,7 @@ class RoundLoop:
             plan = replace(plan, predicted_round_s=whole_round_seconds(plan.predicted_s, sync_s, overhead_s))
         self.events.emit("planned", round=round_, predicted_s=plan.predicted_s,
                          predicted_round_s=plan.predicted_round_s, predicted_sync_s=sync_s, overhead_s=overhead_s,
-                         defaulted_links=live.defaulted_links if live else 0,
+                         defaulted_links=live.defaulted_links if live else 0, activation_bytes=activation_bytes,
                          skipped_link_values=self.links.skipped,
                          problem=problem_to_dict(live.problem) if live else None)
         return plan
@@ -304,7 +307,8 @@ class RoundLoop:
                       grad_norms={s: x.grad_norm for s, x in synced.items()}, codecs=list(plan.codecs),
                       sync=plan.sync, sync_bytes={s: x.bytes for s, x in synced.items()},
                       sync_s={s: round(x.seconds, 3) for s, x in synced.items()},
-                      sync_wait_s={s: round(x.waited, 3) for s, x in synced.items()})
+                      sync_wait_s={s: round(x.waited, 3) for s, x in synced.items()},
+                      cpu_s=round(time.process_time(), 3))  # this process's CPU so far: contention shows per round
         if self._warned_missing:
             fields.update(missing_stages=list(self._warned_missing))
         if result is not None:
@@ -326,11 +330,12 @@ class RoundLoop:
         so drift between replicas (a missed averaging, a late joiner) heals within a round.
         """
         trainer = self.trainers[stage]
-        self.outer.abandon(stage)  # if the plan left outer with a sync in flight: its replicas moved on
+        self.outer.abandon(stage, trainer)  # if the plan left outer with a sync in flight: its replicas moved on
         dead = self.faults.dead.snapshot()
         members = plan.endpoints(stage)
         replicas = {p: e for p, e in members.items() if p not in dead or p == self.peer_id}
-        mine = Contribution([g.detach().clone() for g in trainer.grads()], count, trainer.digest())
+        mine = Contribution(misbehave.posted(self.config.faults.misbehaving(plan.round), trainer.grads()), count,
+                            trainer.digest())
         received, started = self.metrics.bytes_so_far("received", SYNC), time.monotonic()
         averaged = self.exchange.average(stage, plan.round, trainer.names, mine, replicas, pull_until,
                                          stop, strategy=plan.sync)
@@ -359,11 +364,13 @@ class RoundLoop:
         trainer = self.trainers[stage]
         trainer.start_outer()
         norm = None
+        # The round is not over for this stage until its sync is applied and the next begun: a replica copying the
+        # state after it (FetchState's min_round) gets it whole.
         if count:
             trainer.set_grads([g / count for g in trainer.grads()])  # our mean over our microbatches
-            norm = trainer.step(plan.round)
+            norm = trainer.step(plan.round, complete=False)
         else:
-            trainer.skip(plan.round)
+            trainer.skip(plan.round, complete=False)
         applied = self.outer.finish(stage, trainer, pull_until, stop)
         synced = Synced(norm, 1, 0, 0.0, 0.0)
         if applied is not None:
@@ -373,6 +380,8 @@ class RoundLoop:
                 log.warning("stage %d anchor differs from replica %s's; copying its state", stage,
                             applied.reference[-8:])
                 self._copy_state(stage, plan.round, [applied.reference])
+        elif (missed := trainer.missed_sync()) is not None and missed[0] < plan.round and not stop.is_set():
+            self._catch_up_sync(plan, stage, *missed)
         if is_sync_round(plan.round, plan.sync_every) and not stop.is_set():
             self._drift[stage] = trainer.drift()
             self.metrics.replica_drift.labels(stage=str(stage)).set(self._drift[stage])
@@ -381,7 +390,22 @@ class RoundLoop:
             # It has the next round to finish in, and the round timeout at most: a dead replica fails at once.
             self.outer.start(stage, plan.round, trainer, replicas,
                              time.monotonic() + self.config.rounds.round_timeout, stop)
+        trainer.complete(plan.round)
         return synced
+
+    def _catch_up_sync(self, plan: RoundPlan, stage: int, missed: int, donor: str | None) -> None:
+        """This stage's weights were copied from a replica (or its checkpoint) while the sync of round `missed`
+        was in flight there: they lack it, and the replicas that applied it have moved their anchor. Copy the
+        state after this round again, from the donor first (it applied that sync), so every replica enters the
+        next sync with the same anchor."""
+        others = sorted(set(plan.endpoints(stage)) - {self.peer_id})
+        if not others:  # no replica left to be out of step with: this anchor is the stage's
+            self.trainers[stage].forget_missed_sync()
+            return
+        log.info("stage %d: copied while the sync of round %d was in flight; copying the state after round %d",
+                 stage, missed, plan.round)
+        order = ([donor] if donor in others else []) + [p for p in others if p != donor]
+        self._copy_state(stage, plan.round, order)
 
     def _record_sync(self, plan: RoundPlan, stage: int, synced: Synced) -> None:
         if synced.synced_round is None:
@@ -426,7 +450,7 @@ class RoundLoop:
         self.executor.end_round(plan.round)
         self.exchange.passed(plan.round)
         for stage, trainer in self.trainers.items():
-            self.outer.abandon(stage)  # its replicas apply that sync without us; we copy their state when planned
+            self.outer.abandon(stage, trainer)  # its replicas apply that sync without us; we copy their state when planned
             trainer.skip(plan.round)
 
     def _refresh(self, plan: RoundPlan, stop: threading.Event) -> None:
@@ -449,7 +473,8 @@ class RoundLoop:
         self.exchange.passed(plan.round)
         self._stale = False
         for stage, trainer in self.trainers.items():
-            self.outer.abandon(stage)  # a sync in flight: the state copied below has it applied, or not, as a whole
+            # A sync in flight: the state copied below has it applied, or says it lacks it (`missed_sync`).
+            self.outer.abandon(stage, trainer)
             replicas = sorted(plan.replicas(stage) - {self.peer_id})
             if not replicas or not self._copy_state(stage, plan.round, replicas):
                 trainer.skip(plan.round)
@@ -471,7 +496,7 @@ class RoundLoop:
             except Exception as e:  # try the next replica
                 log.warning("fetching stage %d state from %s failed: %r", stage, peer[-8:], e)
                 continue
-            self.trainers[stage].load(tensors, metadata)
+            self.trainers[stage].load(tensors, metadata, source=peer)
             log.info("stage %d: loaded the state after round %d from %s", stage, round_, peer[-8:])
             return True
         return False

@@ -17,11 +17,12 @@ import grpc
 from node import VERSION
 from node.stage.admission import HopAdmission
 from node.stage.executor import StageExecutor
+from node.stage.hop_checks import HOP_CHECK, HopChecks, Refusal, Sample
 from node.host.metrics import NodeMetrics
 from node.host.stream_guard import StreamGuard
 from node.stage.trainer import StageTrainer
 from protocol.envelope import check_envelope, check_path
-from protocol.errors import check_swarm
+from protocol.errors import ProtocolError, check_swarm
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
@@ -40,6 +41,9 @@ class GradientSource(Protocol):
     def serve(self, request: pb.GradientRequest, names: list[str], timeout: float,
               cancelled: Callable[[], bool]) -> Iterator[pb.StateChunk]: ...
 
+HopRefused = Callable[[pb.Envelope, str, str, str], None]  # (envelope, sender, refusal kind, detail)
+
+
 class StageServicer(pb_grpc.StageServiceServicer):
     """Registered with `protocol.service.stage_service_handler`: Forward/Backward receive raw frames."""
 
@@ -49,7 +53,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
                  on_failure_report: Callable[[pb.FailureReport, str], None] | None = None,
                  checkpoint_state: Callable[[int], tuple[int, dict, dict] | None] | None = None,
                  auth: SwarmAuth | None = None, guard: StreamGuard | None = None,
-                 dial_back: Callable[[pb.ReachabilityRequest, str], pb.ReachabilityReply] | None = None):
+                 dial_back: Callable[[pb.ReachabilityRequest, str], pb.ReachabilityReply] | None = None,
+                 hop_checks: HopChecks | None = None, on_hop_refused: HopRefused | None = None):
         self.swarm = swarm
         self.peer_id = peer_id
         self.num_stages = num_stages
@@ -65,6 +70,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.admission = admission  # hops and control messages must fit the round's signed plan
         self.guard = guard  # caps streams per peer and in total; cancels silent ones
         self.dial_back = dial_back  # node/host/reachability.py
+        self.hop_checks = hop_checks  # is what a peer sent plausible? (node/stage/hop_checks.py)
+        self.on_hop_refused = on_hop_refused  # reports a refused hop's sender to the microbatch's origin
 
     def Forward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         return self._receive("Forward", request_iterator, context)
@@ -88,10 +95,35 @@ class StageServicer(pb_grpc.StageServiceServicer):
                        num_stages=self.num_stages, limits=self.limits)
         if self.executor.round <= env.round <= self.executor.round + 1:
             self.admission.check(env)  # other rounds: the executor refuses them without a DHT lookup
+        samples: list[Sample] = []
+
+        def screen() -> None:  # the executor calls it once the hop is well-formed and one it would take
+            if self.hop_checks is not None:
+                sample = self._check_hop(method, env, tensor)
+                if sample is not None:
+                    samples.append(sample)
+
         accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
-        queued = accept(env, tensor)
+        queued = accept(env, tensor, screen)
+        for sample in samples:
+            self.hop_checks.learn(sample)  # only hops we took teach what a stage sends
         self.metrics.rpc_seconds.labels(method=method, side="server").observe(time.perf_counter() - started)
         return pb.Ack(queued=queued)
+
+    def _check_hop(self, method: str, env: pb.Envelope, tensor) -> Sample | None:
+        """Refuse an implausible hop, and report its sender (not us, as its failed send would) to the origin."""
+        index = env.hop - 1 if method == "Forward" else env.hop + 1
+        if not 0 <= index < len(env.path):  # no hop sends this: the executor refuses it
+            return None
+        sent_from = env.path[index]
+        try:
+            return self.hop_checks.check("forward" if method == "Forward" else "backward", sent_from.stage, tensor,
+                                         env.round)
+        except Refusal as e:
+            if self.on_hop_refused is not None:
+                self.on_hop_refused(env, sent_from.peer_id, e.kind, e.detail)
+            raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{HOP_CHECK}: {e.detail}; reported to the microbatch's origin") from None
 
     def _guarded(self, context: grpc.ServicerContext):
         return self.guard.stream(context) if self.guard is not None else contextlib.nullcontext()

@@ -267,6 +267,8 @@ class HopSender:
                                 env.microbatch, env.hop, target.peer_id[-8:], code.name, reason)
                     self.on_give_up(env, code, reason)
                     return
+                log.debug("%s of round %d microbatch %d attempt %d to hop %d: %s %s; again in %.2f s", method,
+                          env.round, env.microbatch, env.attempt, env.hop, code.name, reason, backoff)
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, longest)
             except Exception as e:  # a bug or a broken tensor: report it rather than lose the thread

@@ -18,6 +18,10 @@ from protocol.records import SEED_DOMAIN, CatalogueEntry, ExpertRecord
 log = logging.getLogger(__name__)
 
 
+class SeedUnavailable(Exception):
+    """The catalogue names a seed that no member serves with the catalogue's bytes (yet)."""
+
+
 class SeedSource:
     def __init__(self, config: NodeConfig, services: HostServices, model: ModelSetup, directory: ExpertDirectory,
                  root: Path):
@@ -32,7 +36,8 @@ class SeedSource:
         self.root = root
 
     def seed(self, entry: CatalogueEntry):
-        """The model an expert branches from: the catalogue's seed, the pipeline's weights, or the preset's init."""
+        """The model an expert branches from: the catalogue's seed (SeedUnavailable while no member serves it with
+        the catalogue's bytes), else the pipeline's weights, or the preset's init."""
         from experts.checkpoint import new_model
         from experts.run import describe_seed
 
@@ -50,7 +55,9 @@ class SeedSource:
             try:
                 return self._fetched(entry, copies)
             except (FetchError, ValueError) as e:
-                log.warning("the catalogue's seed %s is not available (%s); falling back", entry.seed, e)
+                # Never branch from other weights than the ones the catalogue names: wait for a member to serve them.
+                raise SeedUnavailable(f"the catalogue's seed {entry.seed} is not available yet ({e}); expert "
+                                      f"training waits for it") from None
         gathered = self._gather_pipeline()
         if gathered is not None:
             model, round_ = gathered

@@ -26,7 +26,7 @@ from node.config import ExpertConfig, NodeConfig
 from node.expert.claims import committed_flops
 from node.expert.directory import ExpertDirectory
 from node.expert.metrics import ExpertMetrics
-from node.expert.seeds import SeedSource, model_of
+from node.expert.seeds import SeedSource, SeedUnavailable, model_of
 from node.expert.service import WEIGHTS, ServedExperts
 from node.host.host import HostServices
 from node.model import ModelSetup
@@ -222,6 +222,8 @@ class ExpertWorker:
                 if job is not None:
                     self._train(job, catalogue)
                     continue
+            except SeedUnavailable as e:  # e.g. the member serving it has not started yet: try again later
+                log.warning("%s", e)
             except Exception as e:  # an expert failure must not take the node down: say why, retry, keep serving
                 log.exception("expert training failed: %r", e)
                 self.events.emit("expert_failed", reason=repr(e))

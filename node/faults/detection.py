@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import grpc
 
 from node.stage.executor import StageExecutor
+from node.stage.hop_checks import HOP_CHECK
 from node.host.metrics import NodeMetrics
 from node.dataplane.transport import StageClients
 from protocol.generated.swarm.v1 import stage_pb2 as pb
@@ -28,8 +29,9 @@ from protocol.notice_auth import NoticeSigner
 log = logging.getLogger(__name__)
 
 # failed_hops_total{reason}: unreachable (connection refused or down), hung (pings time out),
-# deadline (no gradient back in time), refused (the receiver answered with an error status).
-UNREACHABLE, HUNG, DEADLINE, REFUSED = "unreachable", "hung", "deadline", "refused"
+# deadline (no gradient back in time), refused (the receiver answered with an error status), checked (a hop
+# we received failed our hop checks: reported against its sender, node/stage/hop_checks.py).
+UNREACHABLE, HUNG, DEADLINE, REFUSED, CHECKED = "unreachable", "hung", "deadline", "refused", "checked"
 
 
 class DeadPeers:
@@ -107,6 +109,12 @@ class FailureReporter:
     def send_failed(self, env: pb.Envelope, code: grpc.StatusCode | None, detail: str) -> None:
         """`HopSender` gave up on delivering `env` (addressed to the hop that failed)."""
         target = env.path[env.hop].peer_id
+        if code == grpc.StatusCode.FAILED_PRECONDITION and detail.startswith(HOP_CHECK):
+            # The receiver refused what we sent as implausible and reports us itself: reporting it back would
+            # only have the origin route around an honest receiver.
+            log.warning("round %d microbatch %d: %s refused our hop: %s", env.round, env.microbatch, target[-8:],
+                        detail)
+            return
         if code == grpc.StatusCode.UNAVAILABLE:
             self.dead.declare(target, f"unreachable: {detail}")
             self.report(env, target, UNREACHABLE, detail)
@@ -224,7 +232,8 @@ class HopWatch:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=self.probe_timeout_s + self.join_timeout_s)
+        if self._thread.is_alive():  # never started when the role failed to build
+            self._thread.join(timeout=self.probe_timeout_s + self.join_timeout_s)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -78,7 +78,8 @@ class NodeMetrics:
         self.sync_strategy = Gauge("swarm_node_sync_strategy", "1 for the sync strategy of the last round's plan",
                                    ["strategy"], registry=r)
         self.sync_refused = Counter("swarm_node_sync_refused", "Replicas' gradients or pseudo-gradients left out of "
-                                    "a sync because they did not decode, match the stage or were not finite",
+                                    "a sync: unreadable, mismatch, non_finite, or outlier (norm per "
+                                    "microbatch over --outlier-ratio x the group's median)",
                                     ["reason"], registry=r)
         self.averaging_failures = Counter("swarm_node_averaging_failures",
                                           "Rounds whose gradient averaging did not reach every replica", registry=r)
@@ -89,6 +90,17 @@ class NodeMetrics:
         self.failed_hops = Counter("swarm_node_failed_hops",
                                    "Hops this node saw fail: unreachable, hung, deadline or refused", ["reason"],
                                    registry=r)
+        self.hops_refused = Counter("swarm_node_hops_refused", "Hops from peers this node refused as implausible "
+                                    "and reported to their origin: non_finite, or size (RMS outside "
+                                    "--hop-check-band of what the sender's stage sends)", ["reason"], registry=r)
+        self.hop_size_ratio = Histogram("swarm_node_hop_size_ratio", "How far each checked hop's RMS was from its "
+                                        "band's mean, as a factor of at least 1 (refused above --hop-check-band): "
+                                        "the headroom honest traffic leaves", ["direction"],
+                                        buckets=(1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 1000), registry=r)
+        self.accusations = Counter("swarm_node_accusations", "Reports of a peer's implausible hop this origin "
+                                   "accepted (each counts towards a ban)", registry=r)
+        self.banned_peers = Gauge("swarm_node_banned_peers", "Peers this node keeps out of its plans and paths "
+                                  "now (--ban-rounds)", registry=r)
         self.peers_declared_dead = Counter("swarm_node_peers_declared_dead",
                                            "Peers this node declared dead (unreachable or hung)", registry=r)
         self.checkpoint_seconds = Histogram("swarm_node_checkpoint_seconds",

@@ -88,7 +88,7 @@ class RpcGuard(grpc.ServerInterceptor):
             ended = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
                 else grpc.StatusCode.CANCELLED
             count(method=method, code=ended.name).inc()
-            return  # gRPC has answered already; nothing to add
+            context.abort(ended, "the request stream ended early")  # gRPC has ended the call; this only ends ours
         code = _code(context)
         if code is not None and code != grpc.StatusCode.OK:  # the handler aborted with a status of its own
             count(method=method, code=code.name).inc()

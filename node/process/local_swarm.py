@@ -44,6 +44,15 @@ class NodeProcess:
         return self.process is not None and self.process.poll() is None
 
 
+# Nodes started by a LocalSwarm of this process and not yet stopped with it: what `crashed` looks at.
+_watched: list[NodeProcess] = []
+
+
+def crashed() -> list[NodeProcess]:
+    """Watched nodes that exited on their own with an error (a signal's exit, as a deliberate kill, is not one)."""
+    return [n for n in _watched if n.process is not None and (n.process.poll() or 0) > 0]
+
+
 @dataclass
 class LocalSwarm:
     workdir: Path
@@ -64,6 +73,7 @@ class LocalSwarm:
             node.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)  # our Ctrl-C is relayed, not broadcast
         self.nodes.append(node)
+        _watched.append(node)
         return node
 
     def wait_started(self, nodes: list[NodeProcess], timeout: float) -> None:
@@ -72,7 +82,7 @@ class LocalSwarm:
             for node in nodes:
                 if not node.alive() and node.started() is None:
                     raise RuntimeError(f"node {node.name} exited during start-up; see {node.log_path}:\n"
-                                       + _tail(node.log_path))
+                                       + tail(node.log_path))
             if all(node.started() for node in nodes):
                 return
             time.sleep(0.2)
@@ -87,6 +97,7 @@ class LocalSwarm:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM every node (each withdraws from the DHT and stops its children), then SIGKILL stragglers."""
+        _watched[:] = [n for n in _watched if n not in self.nodes]
         for node in self.nodes:
             if node.alive():
                 node.process.send_signal(signal.SIGTERM)
@@ -116,7 +127,7 @@ def free_port() -> int:
     raise RuntimeError("no free port below the ephemeral range")
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text().splitlines()[-lines:])
     except OSError:

@@ -21,7 +21,7 @@ from lm.stage import PipelineStage
 from lm.whole import save_stage_shard
 from node.config import NodeConfig
 from node.sync.averaging import GradientExchange
-from node.sync.outer_sync import OuterSync
+from node.sync.outer_sync import OuterSync, weights_epoch
 from node.control.checkpoint import StageCheckpoints
 from node.control.links import LinkBook, LinkMeter, ping_with
 from node.control.restore import restore_stages
@@ -31,6 +31,7 @@ from node.dataplane.transport import HopSender
 from node.expert.directory import ExpertDirectory
 from node.expert.owner import CatalogueOwner
 from node.expert.worker import CatalogueKeeper
+from node.faults import misbehave
 from node.faults.faults import Faults
 from node.host.host import Advertised, HostServices
 from node.host.reachability import dial_back
@@ -39,6 +40,7 @@ from node.roles.choice import Relaunch, Role
 from node.stage.admission import HopAdmission
 from node.stage.compute import OriginHooks
 from node.stage.executor import StageExecutor
+from node.stage.hop_checks import HopChecks
 from node.stage.origin import Origin, OriginBook
 from node.stage.trainer import StageTrainer
 from protocol.codec_names import CODEC_NAMES
@@ -101,13 +103,15 @@ class StageRole:
             self.origin = Origin(swarm, self.executor, book, corpus, data.batch_size, data.seq_len,
                                  rounds.max_inflight, cfg.model.seed, memory_retry_s=rounds.memory_retry)
         self.faults = Faults(cfg.faults, swarm, peer_id, host.clients, host.trust.signer, metrics, self.executor,
-                             activation_bytes, host.directory.members, lifecycle.thread_join_timeout, book=book,
+                             activation_bytes, host.directory.members, lifecycle.thread_join_timeout,
+                             host.events.emit, book=book,
                              restart=self.origin.start if self.origin else None)
         undo.callback(self.faults.close)
         self.faults.start()
         self.exchange = GradientExchange(swarm, peer_id, host.clients, self.limits.chunk_bytes,
                                          recheck_s=lifecycle.recheck_interval,
-                                         refused=lambda reason: metrics.sync_refused.labels(reason=reason).inc())
+                                         refused=lambda reason: metrics.sync_refused.labels(reason=reason).inc(),
+                                         outlier_ratio=cfg.sync.outlier_ratio)
         self.outer = OuterSync(self.exchange, cfg.sync, lambda: metrics.bytes_so_far("received", SYNC),
                                recheck_s=lifecycle.recheck_interval)
         undo.callback(self.outer.close)
@@ -141,7 +145,13 @@ class StageRole:
             exchange=self.exchange, on_failure_report=self.faults.on_failure_report if self.origin else None,
             checkpoint_state=self.checkpoints.state if self.checkpoints else None, auth=host.trust.auth,
             admission=admission, guard=host.guard,
-            dial_back=lambda request, caller: dial_back(request, caller, host.clients, cfg.faults.probe_timeout))
+            dial_back=lambda request, caller: dial_back(request, caller, host.clients, cfg.faults.probe_timeout),
+            hop_checks=None if cfg.faults.skip_hop_checks else HopChecks(
+                cfg.faults.hop_check_band, cfg.faults.hop_check_warmup, cfg.faults.hop_check_smoothing,
+                cfg.faults.hop_check_stale_rounds,
+                observe=lambda direction, ratio: metrics.hop_size_ratio.labels(direction=direction).observe(ratio),
+                epoch=lambda round_: weights_epoch(admission.known(round_), round_)),
+            on_hop_refused=self.faults.hop_refused)
         self.catalogue = None
         if cfg.swarm.new_swarm:  # whoever starts the swarm sets the experts' domain catalogue
             directory = ExpertDirectory(host.dht, swarm, CatalogueOwner(named=host.peer_id), owner=host.trust.owner)
@@ -161,7 +171,9 @@ class StageRole:
                           codecs=(cfg.dataplane.activation_codec, cfg.dataplane.gradient_codec), speaks=CODEC_NAMES,
                           sync=cfg.sync.strategy, sync_every=cfg.sync.every,
                           sync_state={stage: dict(round=x.last_round, bytes=x.bytes, seconds=x.seconds, drift=x.drift)
-                                      for stage, x in self.rounds.sync_state().items()})
+                                      for stage, x in self.rounds.sync_state().items()},
+                          bans={p: b.to_value() for p, b in self.faults.bans.on_record().items()
+                                if b.until_round > self.executor.round})
 
     def on_beat(self) -> None:
         self._serve_when_ready()
@@ -239,7 +251,8 @@ class StageRole:
             return
         if self.executor.round >= self._first_round or directory.fetch_plan(self._first_round) is None:
             presence.set_state(NodeState.SERVING)
-            self.services.events.emit("serving", peer_id=self.services.peer_id, first_round=self._first_round)
+            self.services.events.emit("serving", peer_id=self.services.peer_id, first_round=self._first_round,
+                                      compute_probe_s=self._measured_s)
 
     def _measure_compute(self, modules: dict[int, PipelineStage]) -> dict[int, float]:
         """Seconds per microbatch forward on this host, per stage: what planners weigh replicas by."""
@@ -255,6 +268,7 @@ class StageRole:
         return out
 
     def _send(self, kind: str, env, tensor) -> None:
+        tensor = misbehave.sent(self.config.faults.misbehaving(env.round), kind, tensor)  # a test tool; else as is
         self.sender(kind, env, tensor)  # built after the executor, which it delivers into
 
     def _accept_local(self, kind: str, env, tensor) -> None:

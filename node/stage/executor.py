@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import grpc
 import torch
@@ -30,6 +30,8 @@ from protocol.generated.swarm.v1 import stage_pb2 as pb
 from routing.order import BACKWARD, FORWARD, LOSS
 
 log = logging.getLogger(__name__)
+
+Screen = Callable[[], None]  # a last check of a hop before it is taken; refuses by raising
 
 
 class StageExecutor:
@@ -110,7 +112,9 @@ class StageExecutor:
         return {s: done.get(s, 0) for s in self.stages}
 
     # ---- admission (called from gRPC threads; raise ProtocolError to refuse) ----------------------------------
-    def accept_forward(self, env: pb.Envelope, tensor: torch.Tensor) -> int:
+    def accept_forward(self, env: pb.Envelope, tensor: torch.Tensor, screen: Screen = lambda: None) -> int:
+        """Take a forward hop a peer sent; `screen` (the hop checks) runs once the hop is known to be one this
+        node would take, before memory is reserved, and refuses by raising."""
         if env.hop == 0:
             raise invalid("hop 0 is the origin's own: a Forward must address hop 1 or later")
         check_hidden(tensor, self.dtype, next(iter(self.stages.values())).config)
@@ -124,6 +128,7 @@ class StageExecutor:
             if self.ledger.admitted(key) or self.store.contains(key):
                 raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS,
                                     f"hop {key} (round, microbatch, attempt, hop) was already received")
+            screen()
             if not self.store.try_reserve(env.round, env.microbatch):
                 raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"activation memory is full ({self.store.slots} microbatches); retry later")
@@ -133,7 +138,8 @@ class StageExecutor:
                 return self.ledger.park(env, task)
         return self.compute.submit(task)
 
-    def accept_backward(self, env: pb.Envelope, tensor: torch.Tensor) -> int:
+    def accept_backward(self, env: pb.Envelope, tensor: torch.Tensor, screen: Screen = lambda: None) -> int:
+        """Take a gradient a peer sent for a hop we ran; `screen` as for `accept_forward`."""
         key = hop_key(env)
         saved = self.store.get(key)
         if saved is None or is_final_hop(env):
@@ -141,6 +147,7 @@ class StageExecutor:
                                 f"no activations kept for round {env.round} microbatch {env.microbatch} hop {env.hop}"
                                 f" (unknown, already backwarded, or its round was aborted)")
         check_gradient(tensor, saved.outputs)
+        screen()
         self.ledger.claim_backward(key)
         return self.compute.submit(self.compute.task(BACKWARD, env, tensor))
 

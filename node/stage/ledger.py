@@ -40,7 +40,12 @@ class RoundLedger:
         # Origins of the current round that may still re-route a microbatch to us: the round stays open
         # until each says it is done (or is declared dead). Notices that arrive early wait in _done_early.
         self._origins_open: set[str] = set()
+        self._origins_known = False  # whether the round named its origins (else only its hops close it)
         self._done_early: set[tuple[int, str]] = set()
+        # Re-routes of the next round's microbatches whose notice came before this node began it (the origin
+        # may be a round ahead): microbatch -> (attempt, path), applied by begin_round.
+        self._rerouted_early: dict[int, tuple[int, tuple[pb.Hop, ...]]] = {}
+        self._rerouted_early_round = -1
         self._done: dict[int, int] = {}  # stage -> backward passes finished this round (what its grads sum)
         self._pending_backward: set[Key] = set()  # gradients received and not yet run
 
@@ -62,24 +67,41 @@ class RoundLedger:
         with self.lock:
             self._round = round_
             self._origins_open = {o for o in origins if (round_, o) not in self._done_early}
+            self._origins_known = bool(origins)
             self._done_early = {k for k in self._done_early if k[0] > round_}
             self._expected = {}
             for mb, hop in expected:
                 self._expected.setdefault(mb, (0, set()))[1].add(hop)
+            early = self._rerouted_early if self._rerouted_early_round == round_ else {}
+            for mb, (attempt, path) in early.items():
+                self._expected[mb] = (attempt, self._hops_on(path))
+            self._rerouted_early, self._rerouted_early_round = {}, -1
             self._done = {}
             parked, self._parked = self._parked, []
-        run, dropped = [], []
-        for env, item in parked:
-            if env.round == round_ and (env.microbatch, env.hop) in expected:
-                run.append(item)
-            else:
-                dropped.append(env)
+            run, dropped = [], []
+            for env, item in parked:
+                attempt, hops = self._expected.get(env.microbatch, (-1, set()))
+                if env.round == round_ and env.attempt > max(attempt, 0):  # re-routed here; its notice is late
+                    attempt, hops = env.attempt, self._hops_on(env.path)
+                    self._expected[env.microbatch] = (attempt, hops)
+                if env.round == round_ and env.attempt == max(attempt, 0) and env.hop in hops:
+                    run.append(item)
+                else:
+                    dropped.append(env)
         return run, dropped
 
+    def _hops_on(self, path: Sequence[pb.Hop]) -> set[int]:
+        """The hops of `path` this node owes (its last hop is the origin's own return)."""
+        return {i for i, hop in enumerate(path[:-1]) if hop.peer_id == self.peer_id}
+
     def round_complete(self) -> bool:
+        """Complete once every origin of the round said it is done: each finished its microbatches, so every hop
+        this node still expects was re-routed elsewhere (a notice this node may have missed while it was rounds
+        behind) and will not come. A round given no origins completes when its hops are done."""
         with self.lock:
-            return (self._expected is not None and not any(hops for _, hops in self._expected.values())
-                    and not self._origins_open)
+            if self._expected is None or self._origins_open:
+                return False
+            return self._origins_known or not any(hops for _, hops in self._expected.values())
 
     def wait_round(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
         """Block until the round is complete (True), or time ran out or the wait was cancelled (False)."""
@@ -135,14 +157,18 @@ class RoundLedger:
         """A microbatch of the current round now travels `path` as `attempt`: expect our hops on it, and forget
         older attempts' gradients. False (and nothing changes) unless the attempt is newer than ours."""
         with self.lock:
+            if round_ == self._round + 1:  # before we begin its round: kept for begin_round
+                if self._rerouted_early_round != round_:
+                    self._rerouted_early, self._rerouted_early_round = {}, round_
+                if attempt > self._rerouted_early.get(microbatch, (0, ()))[0]:
+                    self._rerouted_early[microbatch] = (attempt, tuple(path))
+                return False
             if round_ != self._round or self._expected is None:
                 return False
             current = self._expected.get(microbatch)
             if current is not None and current[0] >= attempt:
                 return False
-            # The path's last hop is the origin's own return, not a hop this node owes.
-            self._expected[microbatch] = (attempt, {i for i, hop in enumerate(path[:-1])
-                                                    if hop.peer_id == self.peer_id})
+            self._expected[microbatch] = (attempt, self._hops_on(path))
             self._pending_backward = {k for k in self._pending_backward
                                       if not (k[0] == round_ and k[1] == microbatch and k[2] < attempt)}
             self.lock.notify_all()  # an empty path (given up) may complete the round

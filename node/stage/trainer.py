@@ -46,8 +46,9 @@ class StageTrainer:
             for p, g in zip(self.params, grads):
                 p.grad = g.to(dtype=p.dtype, device=p.device)
 
-    def step(self, round_: int) -> float:
-        """Clip, step and clear gradients; returns the gradient norm before clipping."""
+    def step(self, round_: int, complete: bool = True) -> float:
+        """Clip, step and clear gradients; returns the gradient norm before clipping. `complete=False`: the round
+        is not over for this stage yet (a sync is still to be applied or begun: call `complete`)."""
         with self.lock:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(round_)
@@ -57,16 +58,22 @@ class StageTrainer:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.completed_round = round_
             self.last_grad_norm = float(norm)
             self._digest = None
-            self.lock.notify_all()
+        if complete:
+            self.complete(round_)
         return float(norm)
 
-    def skip(self, round_: int) -> None:
+    def skip(self, round_: int, complete: bool = True) -> None:
         """A round in which this stage took no step (nothing reached it): keep the round count aligned."""
         with self.lock:
             self.optimizer.zero_grad(set_to_none=True)
+        if complete:
+            self.complete(round_)
+
+    def complete(self, round_: int) -> None:
+        """This stage's state is final for `round_`: a replica waiting to copy the state after it may."""
+        with self.lock:
             self.completed_round = round_
             self.lock.notify_all()
 
@@ -77,11 +84,30 @@ class StageTrainer:
             if self.outer is None:
                 self.outer = OuterState(self.params)
 
-    def begin_sync(self, codec: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(this replica's pseudo-gradient to post, the weights it was taken from); ValueError if not finite."""
+    def begin_sync(self, codec: str, round_: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(this replica's pseudo-gradient to post for the sync of `round_`, the weights it was taken from);
+        ValueError if not finite."""
         with self.lock:
             assert self.outer is not None, "start_outer first"
-            return self.outer.pseudo_gradient(self.params, codec), [p.detach().clone() for p in self.params]
+            return self.outer.pseudo_gradient(self.params, codec, round_), [p.detach().clone() for p in self.params]
+
+    def abandon_sync(self) -> None:
+        """The sync this replica began will not be applied (its replicas moved on to another strategy)."""
+        with self.lock:
+            if self.outer is not None:
+                self.outer.pending = None
+
+    def forget_missed_sync(self) -> None:
+        with self.lock:
+            if self.outer is not None:
+                self.outer.missed = self.outer.missed_from = None
+
+    def missed_sync(self) -> tuple[int, str | None] | None:
+        """(round, replica) of a sync these weights lack because they were copied while it was in flight."""
+        with self.lock:
+            if self.outer is None or self.outer.missed is None:
+                return None
+            return self.outer.missed, self.outer.missed_from
 
     def apply_sync(self, mean: torch.Tensor, since: list[torch.Tensor], step: OuterStep, round_: int) -> None:
         with self.lock:
@@ -160,7 +186,8 @@ class StageTrainer:
                     "steps": ",".join(f"{n}={s}" for n, s in steps.items())}
         return tensors, metadata
 
-    def load(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    def load(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str | None = None) -> None:
+        """Take a state `export`ed by `source` (a replica's peer id; None: this node's own checkpoint)."""
         steps = dict(item.split("=") for item in metadata.get("steps", "").split(",") if item)
         with self.lock, torch.no_grad():
             for name, p in zip(self.names, self.params):
@@ -176,5 +203,6 @@ class StageTrainer:
                     }
             self.completed_round = int(metadata.get("completed_round", "-1"))
             # A state from a replica carries no residual: this replica keeps its own error feedback.
-            self.outer = OuterState.load(self.names, self.params, tensors, metadata, residual_of=self.outer)
+            self.outer = OuterState.load(self.names, self.params, tensors, metadata, residual_of=self.outer,
+                                         source=source)
             self._digest = None

@@ -18,6 +18,12 @@ so all of them still compute the same average. Shards are then cut at multiples 
 shard's blocks are the whole vector's blocks, and the producer can keep its error (`roundtrip`) once for
 any number of shards.
 
+With three or more contributions, one whose norm per microbatch exceeds `outlier_ratio` times the median of the
+group's is left out of the mean (of a shard, under every-round and outer; of the whole, under all-to-all) and
+counted as `outlier`: a replica that posts a huge gradient, honest by mistake or not, cannot swing the step of the
+others. Every replica applies the same rule to the same values, so the averages stay bit-identical. With two, the
+median cannot tell which is wrong, and both count.
+
 A replica that is gone fails its pull at once (the connection is refused, or gRPC keepalive sees it hang);
 one that is alive but slower is waited for until the round's deadline. Sums are taken in peer-id order in
 float64, so replicas that heard from the same group compute bit-identical averages (and a replica that
@@ -34,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -75,6 +82,15 @@ class Averaged:
 MAX_SHARDS = 1024  # far above any replica group: a request for more shards is malformed
 ALIGN = 1024  # coded shards start at multiples of this: a multiple of every blockwise codec's block
 SYNC_CODECS = ("raw", "bf16", "int8", "int4")  # deterministic codecs: the same input encodes the same everywhere
+
+
+def outliers(norms: dict[str, float], ratio: float) -> set[str]:
+    """The peers whose norm per microbatch (`norms`) exceeds `ratio` times the group's median, among three or more;
+    none among fewer (with two, the median cannot tell which one is wrong)."""
+    if len(norms) < 3:
+        return set()
+    median = statistics.median(norms.values())
+    return {peer for peer, norm in norms.items() if norm > ratio * median}
 
 
 def shard_bounds(elements: int, shards: int, align: int = 1) -> list[tuple[int, int]]:
@@ -151,8 +167,11 @@ class GradientExchange:
     replicas'; one per node, for all hosted stages."""
 
     def __init__(self, swarm: str, peer_id: str, clients: StageClients, chunk_bytes: int, recheck_s: float,
-                 keep_rounds: int = 2, refused: Callable[[str], None] = lambda reason: None):
-        """`refused(reason)` counts a replica's share left out: unreadable, mismatch or non_finite."""
+                 keep_rounds: int = 2, refused: Callable[[str], None] = lambda reason: None,
+                 outlier_ratio: float = math.inf):
+        """`refused(reason)` counts a replica's share left out: unreadable, mismatch, non_finite or outlier.
+        `outlier_ratio`: see the module's docstring (infinite: every contribution counts)."""
+        self.outlier_ratio = outlier_ratio
         self.swarm = swarm
         self.peer_id = peer_id
         self.clients = clients
@@ -272,6 +291,8 @@ class GradientExchange:
         if pulled is None:
             return None
         got = {self.peer_id: mine, **{p: c for p, c in pulled.items() if c is not None}}
+        got = self._without_outliers(got, lambda c: (math.sqrt(sum(float(g.double().pow(2).sum()) for g in c.grads)),
+                                                     c.count), stage, round_, "gradients")
         total = sum(c.count for c in got.values())
         summed = []
         for i, g in enumerate(mine.grads):
@@ -325,6 +346,8 @@ class GradientExchange:
             return None
         got = {self.peer_id: (flat[start:end], mine.count, mine.digest),
                **{p: c for p, c in pulled.items() if c is not None}}
+        got = self._without_outliers(got, lambda c: (float(c[0].double().norm()), c[1]), stage, round_,
+                                     f"shard {shard}")
         total = sum(count for _, count, _ in got.values())
         acc = torch.zeros(end - start, dtype=torch.float64)
         for peer in sorted(got):  # a fixed order: whoever averages this shard rounds the same way
@@ -332,6 +355,21 @@ class GradientExchange:
         # A coded mean travels coded: its owner, too, keeps what the others will decode.
         return MeanShard(roundtrip((acc / max(total, 1)).to(torch.float32), mine.codec), total,
                          {p: (count, digest) for p, (_, count, digest) in got.items()}, mine.codec)
+
+    def _without_outliers(self, got: dict, norm_and_count: Callable[[object], tuple[float, int]], stage: int,
+                          round_: int, what: str) -> dict:
+        """`got` less the contributions `outliers` names (by their norm per microbatch; those of no microbatch
+        carry nothing and are not judged), each logged and counted."""
+        if len(got) < 3 or math.isinf(self.outlier_ratio):  # nothing to judge: spare the hot path the norms
+            return got
+        measured = {p: norm_and_count(c) for p, c in got.items()}
+        norms = {p: norm / count for p, (norm, count) in measured.items() if count > 0}
+        far = outliers(norms, self.outlier_ratio)
+        median = statistics.median(norms.values()) if far else 0.0
+        for peer in sorted(far):
+            self._left_out("outlier", stage, round_, f"{what} from {peer[-8:]}: its norm per microbatch is "
+                           f"{norms[peer] / median:.0f}x the group's median (limit {self.outlier_ratio:g}x)")
+        return {p: c for p, c in got.items() if p not in far}
 
     # ---- pulls -----------------------------------------------------------------------------------------------
     def _fetch(self, peer: str, endpoint: str, request: pb.GradientRequest, deadline: float, what: str):

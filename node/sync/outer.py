@@ -41,15 +41,24 @@ class OuterState:
         self.momentum = [torch.zeros_like(p) for p in params]
         self.residual = torch.zeros(sum(p.numel() for p in params))  # float32, flattened, on the CPU
         self.last_sync = -1  # the round whose sync was last applied
+        self.pending: int | None = None  # the round of the sync this replica began and has not applied yet
+        # A sync the replica this state was copied from had in flight (begun, not applied): these weights lack
+        # it, so the next round must copy them again from `missed_from` (None: any replica) once it applied it.
+        self.missed: int | None = None
+        self.missed_from: str | None = None
         self._digest: str | None = None
 
-    def pseudo_gradient(self, params: list[torch.Tensor], codec: str) -> torch.Tensor:
-        """anchor - weights, plus the residual, flattened; keeps what `codec` will lose of it as the residual.
-        Refuses (ValueError) a non-finite one: a replica whose weights blew up must not post them."""
+    def pseudo_gradient(self, params: list[torch.Tensor], codec: str, round_: int) -> torch.Tensor:
+        """anchor - weights, plus the residual, flattened, for the sync of `round_`; keeps what `codec` will lose
+        of it as the residual. Refuses (ValueError) a non-finite one: a replica whose weights blew up must not
+        post them."""
         values = flatten([a - p.detach().to(torch.float32) for a, p in zip(self.anchor, params)]) + self.residual
         if not bool(torch.isfinite(values).all()):
             raise ValueError("the pseudo-gradient is not finite")
         self.residual = values - roundtrip(values, codec)
+        self.pending = round_
+        if self.missed == round_:  # copied right after the donor began this sync, and began it too: in step
+            self.missed = self.missed_from = None
         return values
 
     def apply(self, mean: torch.Tensor, params: list[torch.Tensor], since: list[torch.Tensor], step: OuterStep,
@@ -62,6 +71,7 @@ class OuterState:
                 a.sub_(step.lr * (g + step.momentum * m))
                 p.copy_(a + (p.to(torch.float32) - s.to(torch.float32)))
         self.last_sync = round_
+        self.pending = None
         self._digest = None
 
     def drift(self, params: list[torch.Tensor]) -> float:
@@ -85,13 +95,18 @@ class OuterState:
         tensors.update({f"outer/momentum/{n}": m.clone() for n, m in zip(names, self.momentum)})
         if with_residual:
             tensors["outer/residual"] = self.residual.clone()
-        return tensors, {"outer_last_sync": str(self.last_sync)}
+        metadata = {"outer_last_sync": str(self.last_sync)}
+        if self.pending is not None:
+            metadata["outer_pending"] = str(self.pending)
+        return tensors, metadata
 
     @classmethod
     def load(cls, names: list[str], params: list[torch.Tensor], tensors: dict[str, torch.Tensor],
-             metadata: dict[str, str], residual_of: "OuterState | None" = None) -> "OuterState | None":
+             metadata: dict[str, str], residual_of: "OuterState | None" = None,
+             source: str | None = None) -> "OuterState | None":
         """The outer state in an export, or None when it has none (a swarm that never ran `outer`). An export
-        without a residual (a replica's) keeps `residual_of`'s: that error is still this replica's to send."""
+        without a residual (a replica's) keeps `residual_of`'s: that error is still this replica's to send.
+        A sync the export had in flight is `missed`; `source` is the replica it came from (None: a checkpoint)."""
         if not names or f"outer/anchor/{names[0]}" not in tensors:
             return None
         state = cls(params)
@@ -109,4 +124,6 @@ class OuterState:
                 raise ValueError("outer residual does not match the stage")
             state.residual = residual.to(torch.float32).clone()
         state.last_sync = int(metadata.get("outer_last_sync", "-1"))
+        if "outer_pending" in metadata:
+            state.missed, state.missed_from = int(metadata["outer_pending"]), source
         return state

@@ -18,13 +18,23 @@ from node.stage.trainer import StageTrainer
 from node.sync.agreement import reference_replica
 from node.sync.averaging import Averaged, Contribution, GradientExchange
 from node.sync.outer import OuterStep
-from protocol.sync_names import EVERY_ROUND
+from protocol.records import RoundPlan
+from protocol.sync_names import EVERY_ROUND, OUTER
 
 log = logging.getLogger(__name__)
 
 
 def is_sync_round(round_: int, every: int) -> bool:
     return (round_ + 1) % every == 0
+
+
+def weights_epoch(plan: RoundPlan | None, round_: int) -> int:
+    """Which outer step round `round_` (whose plan is `plan`, if known) computes after: rounds of one epoch differ
+    by inner steps only. A sync round's step is applied at the end of the next round (RoundLoop._step_and_sync),
+    so rounds k*every+1 .. (k+1)*every compute after the k-th. Without outer sync every round is of epoch 0."""
+    if plan is None or plan.sync != OUTER:
+        return 0
+    return (round_ - 1) // plan.sync_every
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,7 @@ class OuterSync:
         in the background until `deadline` (monotonic). False when there is nothing finite to post."""
         digest = trainer.anchor_digest()
         try:
-            values, since = trainer.begin_sync(self.settings.codec)
+            values, since = trainer.begin_sync(self.settings.codec, round_)
         except ValueError as e:
             log.warning("stage %d round %d: no sync: %s", stage, round_, e)
             return False
@@ -101,9 +111,11 @@ class OuterSync:
         return Applied(flight.round, peers, reference_replica(peers, flight.digest),
                        int(self.received_bytes() - flight.received_before), time.monotonic() - flight.started, waited)
 
-    def abandon(self, stage: int) -> None:
-        """Forget `stage`'s sync in flight (the node is about to copy the stage's state from a replica)."""
-        self._in_flight.pop(stage, None)
+    def abandon(self, stage: int, trainer: StageTrainer) -> None:
+        """Forget `stage`'s sync in flight (its replicas moved on, or the node is about to copy the stage's state
+        from a replica)."""
+        if self._in_flight.pop(stage, None) is not None:
+            trainer.abandon_sync()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

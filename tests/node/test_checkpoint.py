@@ -48,7 +48,7 @@ def test_a_checkpoint_keeps_the_outer_state_and_a_replica_copy_keeps_the_copiers
     t = trainer(1)
     t.start_outer()
     step(t, 0)
-    t.begin_sync("int8")  # a pseudo-gradient posted: the residual is what int8 lost of it
+    t.begin_sync("int8", 0)  # a pseudo-gradient posted: the residual is what int8 lost of it
     step(t, 1)
     path = StageCheckpoints(tmp_path).save(t)
     _, tensors, metadata, _ = StageCheckpoints(tmp_path).latest(1)
@@ -101,3 +101,18 @@ def test_checkfree_averages_the_neighbours_layers_by_their_gradient_norms():
     first = lambda t: next(p for n, p in zip(t.names, t.params) if n.startswith("layers.") and n.endswith(suffix))
     expected = 0.25 * first(before) + 0.75 * first(after)
     assert torch.allclose(dict(zip(lost.names, lost.params))[f"layers.{layer}.{suffix}"], expected)
+
+
+def test_a_replica_waiting_for_the_state_after_a_round_waits_for_the_whole_outer_step():
+    t = trainer(1)
+    t.start_outer()
+    t.set_grads([torch.full_like(p, 0.01) for p in t.params])
+    t.step(0, complete=False)  # under outer the sync is applied and the next one begun after the step
+    assert t.completed_round == -1 and not t.wait_completed(0, timeout=0.3)
+    t.begin_sync("raw", 0)
+    t.complete(0)
+    assert t.wait_completed(0, timeout=0.3)
+    tensors, metadata = t.export()
+    joiner = trainer(1, seed=2)
+    joiner.load(tensors, metadata, source="donor")
+    assert joiner.missed_sync() == (0, "donor")  # the copy lacks the sync the donor began

@@ -130,6 +130,17 @@ def test_the_round_completes_only_when_its_hops_are_done_and_its_origins_closed(
     assert not ledger.round_complete()  # ended
 
 
+def test_a_hop_rerouted_away_unnoticed_does_not_hold_the_round_once_its_origin_is_done():
+    """A node rounds behind misses the re-route notice of a hop the plan gave it; the origin finished the
+    microbatch elsewhere and says it is done: the hop will not come, and the round must not wait it out."""
+    ledger = ledger_at_round_0()
+    ledger.hop_done(env(mb=0), stage=1)
+    assert ledger.expected(1) == (0, frozenset({1}))  # never comes: it went elsewhere
+    assert not ledger.round_complete()
+    ledger.origin_done(0, ORIGIN.peer_id)
+    assert ledger.round_complete()
+
+
 def test_an_early_done_notice_and_parked_hops_wait_for_their_round():
     ledger = RoundLedger(ME, 0.25, first_round=0)
     ledger.begin_round(0, set())
@@ -158,3 +169,27 @@ def test_wait_round_returns_when_complete_and_honours_cancel():
         ledger.origin_done(0, ORIGIN.peer_id)
     threading.Timer(0.1, finish).start()
     assert ledger.wait_round(30) is True
+
+
+def test_a_next_round_reroute_that_comes_before_the_round_begins_is_kept():
+    """The origin may be a round ahead: a re-route notice, and the re-routed hop itself, can reach a node still
+    finishing the previous round. Both must count once it begins the round (they were dropped: the hop was
+    acknowledged, parked, and never run, and the origin waited out its round for it)."""
+    ledger = ledger_at_round_0()
+    assert not ledger.adopt_attempt(1, 0, 1, REROUTED)  # early: kept for round 1
+    assert ledger.check_forward(env(round_=1, attempt=1, hop=2, path=REROUTED)) is False  # parked
+    ledger.park(env(round_=1, attempt=1, hop=2, path=REROUTED), "rerouted hop")
+    ledger.park(env(round_=1, mb=1, attempt=2, hop=2, path=REROUTED), "rerouted, notice late")
+    ledger.park(env(round_=1, mb=2, attempt=0), "superseded")
+    assert not ledger.adopt_attempt(1, 2, 1, REROUTED)  # mb 2 moved away from us: hop 1 of attempt 0 is stale
+    ledger.end_round(0)
+    run, dropped = ledger.begin_round(1, {(0, 1), (2, 1)}, origins={ORIGIN.peer_id})
+    assert run == ["rerouted hop", "rerouted, notice late"]
+    assert [(e.microbatch, e.attempt) for e in dropped] == [(2, 0)]
+    assert ledger.expected(0) == (1, frozenset({2})) and ledger.expected(1) == (2, frozenset({2}))
+    assert ledger.expected(2) == (1, frozenset({2}))
+    # An early notice for a round that never begins here is forgotten.
+    assert not ledger.adopt_attempt(2, 0, 3, REROUTED)
+    ledger.end_round(1)
+    ledger.begin_round(3, {(0, 1)})
+    assert ledger.expected(0) == (0, frozenset({1}))

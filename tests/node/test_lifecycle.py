@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node.events import read_events
-from node.process.local_swarm import LocalSwarm
+from node.process.local_swarm import LocalSwarm, tail
 from protocol.envelope import HopSpec, make_envelope
 from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.limits import WireLimits
@@ -101,15 +101,20 @@ def phase_of(metrics_url: str) -> str | None:
     return None
 
 
-def stop_in_phase(process: subprocess.Popen, metrics_url: str, phase: str, send) -> float:
+def stop_in_phase(process: subprocess.Popen, metrics_url: str, phase: str, send, log) -> float:
     """Wait until the node is in `phase`, stop it with `send()`; it must exit 0 and every child process it
-    started must be gone within 5 s. Returns the seconds that took."""
+    started must be gone within 5 s. Returns the seconds that took. `log`: the node's log, shown on failure."""
     wait_for(lambda: phase_of(metrics_url) == phase, 120, f"the node to be in phase {phase}")
     children = descendants(process.pid)
     assert children, "a running node has its DHT process and p2pd below it"
     started = time.monotonic()
     send()
-    assert process.wait(timeout=STOP_S) == 0
+    try:
+        code = process.wait(timeout=STOP_S)
+    except subprocess.TimeoutExpired:  # the node writes its threads' stacks to its log after --stuck-stop-dump
+        time.sleep(2.0)
+        pytest.fail(f"no exit {STOP_S} s after the signal; the node's log ends:\n{tail(log, 120)}")
+    assert code == 0, tail(log, 120)
     wait_for(lambda: not [p for p in children if alive(p)], max(0.1, started + STOP_S - time.monotonic()),
              "every child process of the stopped node to exit")
     return time.monotonic() - started
@@ -250,7 +255,7 @@ def test_ctrl_c_from_a_terminal_stops_a_node_in_compute_and_kill_9_leaves_no_orp
     wait_for(lambda: phase_of(url) == "compute", 60, "PL in compute")
     os.kill(q.process.pid, signal.SIGSTOP)  # the round's remaining hops wait at q: PL stays in compute
     # Ctrl-C: SIGINT to the terminal's foreground process group, the shell and the node.
-    stop_in_phase(shell, url, "compute", lambda: os.killpg(shell.pid, signal.SIGINT))
+    stop_in_phase(shell, url, "compute", lambda: os.killpg(shell.pid, signal.SIGINT), swarm.workdir / "pl.log")
     assert "node exited 0" in (swarm.workdir / "pl.log").read_text()
 
     # kill -9 of the frozen q (its DHT process is not frozen): within 5 s nothing it started is still running.
@@ -280,10 +285,12 @@ def test_stop_in_averaging_planning_and_catch_up(swarm):
     d3 = swarm.start_node("d3", "0", initial_peers=planner.started()["maddrs"][:1])  # not the frozen DHT
     swarm.wait_started([d3], timeout=180)
 
-    stop_in_phase(d3.process, d3.started()["metrics_url"], "catch_up", lambda: d3.process.send_signal(signal.SIGINT))
+    stop_in_phase(d3.process, d3.started()["metrics_url"], "catch_up", lambda: d3.process.send_signal(signal.SIGINT),
+                  d3.log_path)
     stop_in_phase(planner.process, planner.started()["metrics_url"], "averaging",
-                  lambda: planner.process.send_signal(signal.SIGINT))
+                  lambda: planner.process.send_signal(signal.SIGINT), planner.log_path)
     # Nobody is left to plan the next round.
-    stop_in_phase(s1.process, s1.started()["metrics_url"], "planning", lambda: s1.process.send_signal(signal.SIGTERM))
+    stop_in_phase(s1.process, s1.started()["metrics_url"], "planning", lambda: s1.process.send_signal(signal.SIGTERM),
+                  s1.log_path)
     stop_in_phase(frozen.process, frozen.started()["metrics_url"], "planning",
-                  lambda: (frozen.process.send_signal(signal.SIGTERM), os.kill(dht, signal.SIGCONT)))
+                  lambda: (frozen.process.send_signal(signal.SIGTERM), os.kill(dht, signal.SIGCONT)), frozen.log_path)

@@ -78,7 +78,7 @@ def at_home(nat, swarm, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
-def test_nodes_behind_nat_serve_through_relays_and_the_swarm_learns(nat, swarm):
+def test_nodes_behind_nat_serve_through_relays_and_the_loss_falls(nat, swarm):
     data, h1, p1 = node(swarm, "data0"), node(swarm, "h1"), node(swarm, "p1")
     public = {node(swarm, name).started()["peer_id"] for name in ("r2a", "r2b")}
     for n in (data, h1):
@@ -99,7 +99,7 @@ def test_nodes_behind_nat_serve_through_relays_and_the_swarm_learns(nat, swarm):
     assert RoundPlan.from_value(with_h1[-1]["plan"]).endpoints()[me].startswith(f"{nat.public_ip}:")
     assert all(e["failed"] == 0 and e["tokens"] == FULL_TOKENS for e in done[1:]), done
     assert p1.events("round"), "p1 takes part too"
-    # It learns: on this toy batch stream, the loss falls well below its first rounds'.
+    # Its loss falls well below its first rounds' (learning past the unigram level is tests/node/test_skip_swarm.py's).
     wait_for(lambda: len(rounds(data)) >= 12, 90, "12 rounds")
     losses = [e["loss"] for _, e in sorted(rounds(data).items())]
     assert statistics.mean(losses[-3:]) < 0.9 * statistics.mean(losses[:3]), losses

@@ -19,12 +19,12 @@ def test_error_feedback_keeps_what_the_codec_lost():
     params = _params(0)
     state = OuterState(params)
     moved = [p - 0.01 * torch.randn_like(p) for p in params]
-    values = state.pseudo_gradient(moved, "int8")
+    values = state.pseudo_gradient(moved, "int8", 3)
     exact = flatten([a - m for a, m in zip(state.anchor, moved)])
     assert torch.equal(values, exact)  # no residual yet
     assert torch.allclose(state.residual, values - roundtrip(values, "int8"))
     assert 0 < float(state.residual.abs().max()) < 1e-3  # int8 lost a little, and it is kept
-    again = state.pseudo_gradient(moved, "int8")
+    again = state.pseudo_gradient(moved, "int8", 3)
     assert torch.allclose(again, exact + (values - roundtrip(values, "int8")))  # ... and sent next time
 
 
@@ -33,7 +33,7 @@ def test_a_non_finite_pseudo_gradient_is_refused():
     state = OuterState(params)
     params[0][0, 0] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
-        state.pseudo_gradient(params, "int8")
+        state.pseudo_gradient(params, "int8", 3)
 
 
 def test_the_outer_step_is_nesterov_on_the_anchor_and_keeps_the_progress_since_the_sync():
@@ -72,7 +72,7 @@ def test_a_joiner_gets_anchor_and_momentum_but_keeps_its_own_residual():
     params = _params(4)
     donor = OuterState(params)
     donor.apply(torch.ones(sum(p.numel() for p in params)), params, [p.clone() for p in params], OuterStep(0.7, 0.9), 5)
-    donor.pseudo_gradient([p + 0.3 for p in params], "int8")  # a residual of its own
+    donor.pseudo_gradient([p + 0.3 for p in params], "int8", 3)  # a residual of its own
     shared, metadata = donor.export(names, with_residual=False)
     assert "outer/residual" not in shared
     mine = OuterState(_params(5))
@@ -86,3 +86,29 @@ def test_a_joiner_gets_anchor_and_momentum_but_keeps_its_own_residual():
     assert OuterState.load(names, params, {"param/w": params[0]}, {}) is None  # no outer state in it
     with pytest.raises(ValueError, match="matching w"):
         OuterState.load(names, params, {**shared, "outer/anchor/w": torch.zeros(3)}, metadata)
+
+
+def test_a_copy_taken_while_a_sync_is_in_flight_knows_it_lacks_that_sync():
+    names = ["w", "b"]
+    params = _params(4)
+    donor = OuterState(params)
+    _, metadata = donor.export(names, with_residual=False)
+    assert "outer_pending" not in metadata
+    donor.pseudo_gradient([p + 0.3 for p in params], "raw", 7)  # the sync of round 7 begins
+    shared, metadata = donor.export(names, with_residual=False)
+    joiner = OuterState.load(names, _params(4), shared, metadata, source="donor")
+    assert (joiner.missed, joiner.missed_from) == (7, "donor")
+    own = OuterState.load(names, params, *donor.export(names, with_residual=True))  # its own checkpoint
+    assert (own.missed, own.missed_from) == (7, None)
+
+    # Applying it clears the donor's; a copy taken after that lacks nothing.
+    donor.apply(torch.ones(sum(p.numel() for p in params)), params, [p.clone() for p in params], OuterStep(0.7, 0.9), 7)
+    assert donor.pending is None
+    assert OuterState.load(names, _params(4), *donor.export(names, with_residual=False), source="donor").missed is None
+
+    # A joiner that begins the same sync itself takes part in it; one that begins a later sync still lacks the old.
+    joiner.pseudo_gradient(_params(4), "raw", 7)
+    assert joiner.missed is None and joiner.pending == 7
+    late = OuterState.load(names, _params(4), shared, metadata, source="donor")
+    late.pseudo_gradient(_params(4), "raw", 11)
+    assert late.missed == 7

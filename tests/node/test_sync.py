@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
@@ -17,7 +18,7 @@ import torch
 from node.dataplane.transport import StageClients
 from node.host.metrics import NodeMetrics
 from node.host.rpc_guard import RpcGuard
-from node.sync.averaging import Contribution, GradientExchange
+from node.sync.averaging import Contribution, GradientExchange, outliers
 from protocol.generated.swarm.v1 import stage_pb2_grpc as pb_grpc
 from protocol.limits import WireLimits
 from protocol.service import stage_service_handler
@@ -37,13 +38,14 @@ class _Servicer(pb_grpc.StageServiceServicer):
 
 
 class _Replica:
-    def __init__(self, peer_id: str):
+    def __init__(self, peer_id: str, outlier_ratio: float = math.inf, refused=lambda reason: None):
         self.peer_id = peer_id
         self.received: Counter = Counter()  # method -> bytes this replica's client received
         self.server = grpc.server(ThreadPoolExecutor(8), interceptors=[RpcGuard(NodeMetrics())])  # as a node's
         self.endpoint = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
         self.clients = StageClients(WireLimits(), meter=self._count)
-        self.exchange = GradientExchange("s", peer_id, self.clients, chunk_bytes=64 * 1024, recheck_s=0.05)
+        self.exchange = GradientExchange("s", peer_id, self.clients, chunk_bytes=64 * 1024, recheck_s=0.05,
+                                         refused=refused, outlier_ratio=outlier_ratio)
         self.server.add_generic_rpc_handlers((stage_service_handler(_Servicer(self.exchange)),))
         self.server.start()
 
@@ -170,3 +172,33 @@ def test_a_coded_shard_that_does_not_decode_is_left_out(replicas):
     scales = torch.tensor([float("inf")], dtype=torch.float32).view(torch.uint8)
     with pytest.raises(ValueError, match="finite"):
         _decoded({"payload": torch.cat([scales, torch.zeros(4, dtype=torch.uint8)])}, {"codec": "int8"}, 4)
+
+
+def test_a_huge_contribution_is_left_out_by_every_replica_and_without_the_rule_it_swings_the_mean():
+    counted = []
+    ruled = [_Replica(f"peer-{k}", outlier_ratio=10.0, refused=counted.append) for k in range(3)]
+    unruled = [_Replica(f"peer-{k}") for k in range(3)]
+    try:
+        mine = {f"peer-{k}": _contribution(k, count=2) for k in range(3)}
+        mine["peer-2"] = Contribution([g * 1e4 for g in mine["peer-2"].grads], 2, mine["peer-2"].digest)
+        expected = [(mine["peer-0"].grads[i].double() + mine["peer-1"].grads[i].double()) / 4
+                    for i in range(len(SHAPES))]
+        for round_, strategy in enumerate((EVERY_ROUND, ALL_TO_ALL)):
+            counted.clear()
+            out = _average_all(ruled, strategy, round_=round_, mine=mine)
+            for r in ruled:  # the huge one too: it runs the same rule
+                assert all(torch.allclose(g.double(), e, atol=1e-6) for g, e in zip(out[r.peer_id].grads, expected))
+                assert [g.tolist() for g in out[r.peer_id].grads] == [g.tolist() for g in out["peer-0"].grads]
+            assert counted and set(counted) == {"outlier"}, (strategy, counted)
+        # The control: without the rule the huge contribution is most of the mean.
+        out = _average_all(unruled, EVERY_ROUND, round_=0, mine=mine)
+        assert sum(float(g.norm()) for g in out["peer-0"].grads) > 100 * sum(float(e.norm()) for e in expected)
+    finally:
+        for r in ruled + unruled:
+            r.close()
+
+
+def test_outliers_need_three_contributions_and_a_median_to_be_far_from():
+    assert outliers({"a": 1.0, "b": 1e6}, 10) == set()  # two: which one is wrong?
+    assert outliers({"a": 1.0, "b": 2.0, "c": 25.0}, 10) == {"c"}
+    assert outliers({"a": 1.0, "b": 2.0, "c": 19.0}, 10) == set()  # within 10x the median (2)
