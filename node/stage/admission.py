@@ -91,6 +91,11 @@ class HopAdmission:
             for old in sorted(self._plans)[:-self.plans_kept]:
                 del self._plans[old]
 
+    def known(self, round_: int) -> RoundPlan | None:
+        """The round's plan if this node has it, without a DHT lookup."""
+        with self._lock:
+            return self._plans.get(round_)
+
     def _planned(self, round_: int, microbatch: int, method: str):
         plan = self._known_plan(round_, method)
         planned = next((mb for mb in plan.microbatches if mb.id == microbatch), None)
