@@ -108,6 +108,9 @@ class NodeRecord:
     # Peers this (data) node keeps out of its plans now (node/faults/bans.py), for `status`:
     # {peer: {"offences", "until" (round), "reason", "accuser"}}
     bans: dict[str, dict] = field(default_factory=dict)
+    # The work each peer did for this node as it saw it (node/stage/witness.py), for `status`:
+    # {peer: {"hops", "tokens", "passed", "failed"}}
+    witnessed: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def serving(self) -> bool:
@@ -169,10 +172,26 @@ class NodeRecord:
             reach=_reach(value.get("reach", Reach.UNCHECKED.value)),
             via=value["via"] if isinstance(value.get("via"), str) and len(value["via"]) <= 128 else "",
             bans=_bans(value.get("bans", {})),
+            witnessed=_witnessed(value.get("witnessed", {})),
         )
 
 
 MAX_BANS = 64
+MAX_WITNESSED = 64  # peers a record says it saw work from
+WORK_KEYS = ("hops", "tokens", "passed", "failed")  # a peer's work as its receiver saw it (node/stage/witness.py)
+
+
+def _witnessed(value: Any) -> dict[str, dict[str, int]]:
+    if not isinstance(value, dict) or len(value) > MAX_WITNESSED:
+        raise RecordError(f"witnessed must map at most {MAX_WITNESSED} peers to their work")
+    out = {}
+    for peer, work in value.items():
+        if not (isinstance(peer, str) and 0 < len(peer) <= 128 and isinstance(work, dict)
+                and set(work) == set(WORK_KEYS)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in work.values())):
+            raise RecordError(f"witnessed entries are peer -> {{{', '.join(WORK_KEYS)}}} counts")
+        out[peer] = {k: work[k] for k in WORK_KEYS}
+    return out
 
 
 def _bans(value: Any) -> dict[str, dict]:

@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from node.control.links import read_link_records
     from node.control.planning import DEFAULT_LINK
     from node.host.trust import reading_swarm
+    from node.stage.witness import witnessed_by_others
+    from protocol.records import WORK_KEYS
 
     with reading_swarm(args.initial_peers, args.swarm_key) as (dht, trust):
         members = read_members(dht, args.swarm)
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     codecs = dict(round=plan.round, activation=plan.codecs[0], gradient=plan.codecs[1]) if plan else None
     sync = dict(round=plan.round, strategy=plan.sync, every=plan.sync_every) if plan else None
     missing = _missing_stages(members, reachable)
+    work = witnessed_by_others({peer: r.witnessed for peer, r in members.items()})
     rows = []
     for peer, r in sorted(members.items(), key=lambda kv: (min(kv[1].stages, default=-1), kv[0])):
         rows.append(dict(peer=peer, stages=",".join(map(str, r.stages)), role=r.role, endpoint=r.endpoint,
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                          heartbeat_age_s=round(max(0.0, now - r.heartbeat_time), 1), metrics=r.metrics_url,
                          codecs="/".join(r.codecs), sync=r.sync, reachable=peer in reachable,
                          last_sync=_last_sync(r.sync_state), sync_state={str(k): v for k, v in r.sync_state.items()},
-                         bans=r.bans))
+                         bans=r.bans, witnessed=work.get(peer, dict.fromkeys(WORK_KEYS, 0))))
     matrix = _link_matrix(sorted(members), links, traffic)
     if args.json:
         import json
@@ -69,6 +72,14 @@ def run(args: argparse.Namespace) -> int:
         for by, peer, ban in bans:
             print(f"  {peer[-12:]} by {by[-12:]} until round {ban['until']} (offence {ban['offences']}, reported "
                   f"by {ban['accuser'][-12:]}): {ban['reason']}")
+    worked = [row for row in rows if row["witnessed"]["hops"] or row["witnessed"]["failed"]]
+    if worked:
+        print("work witnessed by the peers that received it (hops taken, their tokens, hops whose size passed / "
+              "failed the receiver's checks):")
+        for row in worked:
+            w = row["witnessed"]
+            print(f"  {row['peer'][-12:]}  hops {w['hops']}  tokens {w['tokens']}  passed {w['passed']}  "
+                  f"failed {w['failed']}")
     defaulted = sum(1 for m in matrix if m["default"])
     print(f"links: {len(matrix) - defaulted} of {len(matrix)} directed pairs measured; the planner prices the "
           f"other {defaulted} at its default ({DEFAULT_LINK.rtt_s * 1000:g} ms RTT, "

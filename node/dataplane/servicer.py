@@ -21,6 +21,7 @@ from node.stage.hop_checks import HOP_CHECK, HopChecks, Refusal, Sample
 from node.host.metrics import NodeMetrics
 from node.host.stream_guard import StreamGuard
 from node.stage.trainer import StageTrainer
+from node.stage.witness import Witness
 from protocol.envelope import check_envelope, check_path
 from protocol.errors import ProtocolError, check_swarm
 from protocol.generated.swarm.v1 import stage_pb2 as pb
@@ -54,7 +55,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
                  checkpoint_state: Callable[[int], tuple[int, dict, dict] | None] | None = None,
                  auth: SwarmAuth | None = None, guard: StreamGuard | None = None,
                  dial_back: Callable[[pb.ReachabilityRequest, str], pb.ReachabilityReply] | None = None,
-                 hop_checks: HopChecks | None = None, on_hop_refused: HopRefused | None = None):
+                 hop_checks: HopChecks | None = None, on_hop_refused: HopRefused | None = None,
+                 witness: Witness | None = None):
         self.swarm = swarm
         self.peer_id = peer_id
         self.num_stages = num_stages
@@ -72,6 +74,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.dial_back = dial_back  # node/host/reachability.py
         self.hop_checks = hop_checks  # is what a peer sent plausible? (node/stage/hop_checks.py)
         self.on_hop_refused = on_hop_refused  # reports a refused hop's sender to the microbatch's origin
+        self.witness = witness  # counts the work each peer did for us, for our record (node/stage/witness.py)
 
     def Forward(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
         return self._receive("Forward", request_iterator, context)
@@ -95,33 +98,34 @@ class StageServicer(pb_grpc.StageServiceServicer):
                        num_stages=self.num_stages, limits=self.limits)
         if self.executor.round <= env.round <= self.executor.round + 1:
             self.admission.check(env)  # other rounds: the executor refuses them without a DHT lookup
+        sender = _sender(method, env)
         samples: list[Sample] = []
 
         def screen() -> None:  # the executor calls it once the hop is well-formed and one it would take
-            if self.hop_checks is not None:
-                sample = self._check_hop(method, env, tensor)
-                if sample is not None:
-                    samples.append(sample)
+            if self.hop_checks is not None and sender is not None:
+                samples.append(self._check_hop(method, env, sender, tensor))
 
         accept = self.executor.accept_forward if method == "Forward" else self.executor.accept_backward
         queued = accept(env, tensor, screen)
         for sample in samples:
             self.hop_checks.learn(sample)  # only hops we took teach what a stage sends
+        judged = any(sample.judged for sample in samples)
+        tokens = tensor.shape[0] * tensor.shape[1]  # [batch, seq, hidden], as the executor checked
+        if sender is not None and self.witness is not None:
+            self.witness.took(sender.peer_id, tokens, judged)
         self.metrics.rpc_seconds.labels(method=method, side="server").observe(time.perf_counter() - started)
-        return pb.Ack(queued=queued)
+        return pb.Ack(queued=queued, tokens=tokens, checked=judged)  # the sender's receipt
 
-    def _check_hop(self, method: str, env: pb.Envelope, tensor) -> Sample | None:
+    def _check_hop(self, method: str, env: pb.Envelope, sender: pb.Hop, tensor) -> Sample:
         """Refuse an implausible hop, and report its sender (not us, as its failed send would) to the origin."""
-        index = env.hop - 1 if method == "Forward" else env.hop + 1
-        if not 0 <= index < len(env.path):  # no hop sends this: the executor refuses it
-            return None
-        sent_from = env.path[index]
         try:
-            return self.hop_checks.check("forward" if method == "Forward" else "backward", sent_from.stage, tensor,
+            return self.hop_checks.check("forward" if method == "Forward" else "backward", sender.stage, tensor,
                                          env.round)
         except Refusal as e:
+            if self.witness is not None:
+                self.witness.refused(sender.peer_id)
             if self.on_hop_refused is not None:
-                self.on_hop_refused(env, sent_from.peer_id, e.kind, e.detail)
+                self.on_hop_refused(env, sender.peer_id, e.kind, e.detail)
             raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"{HOP_CHECK}: {e.detail}; reported to the microbatch's origin") from None
 
@@ -188,3 +192,9 @@ class StageServicer(pb_grpc.StageServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not host stage {request.stage}")
         yield from self.exchange.serve(request, trainer.names, context.time_remaining() or self.state_wait_s,
                                        lambda: not context.is_active())
+
+
+def _sender(method: str, env: pb.Envelope) -> pb.Hop | None:
+    """The hop that sent this one, as its path names it; None when no hop sends it (the executor refuses it)."""
+    index = env.hop - 1 if method == "Forward" else env.hop + 1
+    return env.path[index] if 0 <= index < len(env.path) else None

@@ -284,8 +284,11 @@ class HopSender:
         frames = (sizes.append(len(f)) or f for f in encode_frames(env, tensor, self.clients.limits,
                                                                    self.clients.frame_signer(method), codec=codec))
         started = time.perf_counter()
-        call(frames, timeout=self.deadline_s)
+        receipt = call(frames, timeout=self.deadline_s)
         elapsed = time.perf_counter() - started
         self.metrics.rpc_seconds.labels(method=method, side="client").observe(elapsed)
+        direction = "forward" if method == "Forward" else "backward"
+        self.metrics.hops_acknowledged.labels(direction=direction).inc()
+        self.metrics.tokens_acknowledged.labels(direction=direction).inc(receipt.tokens)
         if self.on_sent is not None:
             self.on_sent(target.peer_id, sum(sizes), elapsed)

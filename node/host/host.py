@@ -68,6 +68,7 @@ class Advertised:
     sync_every: int = 1
     sync_state: dict[int, dict[str, float]] | None = None  # by stage: its last sync ({round, bytes, seconds, drift})
     bans: dict[str, dict] | None = None  # peers it keeps out of its plans now: {offences, until, reason, accuser}
+    witnessed: dict[str, dict[str, int]] | None = None  # the work each peer did for it: {hops, tokens, passed, failed}
 
 
 class Presence:
@@ -97,7 +98,7 @@ class Presence:
         return replace(self.base, role=a.role, stages=a.stages, compute_s=dict(a.compute_s or {}),
                        memory_slots=a.memory_slots, round=a.round, num_stages=a.num_stages, codecs=a.codecs,
                        speaks=a.speaks, sync=a.sync, sync_every=a.sync_every, sync_state=dict(a.sync_state or {}),
-                       bans=dict(a.bans or {}),
+                       bans=dict(a.bans or {}), witnessed=dict(a.witnessed or {}),
                        state=self.state, reach=self.reachability.reach, via=self.reachability.via,
                        heartbeat_time=get_dht_time())
 

@@ -97,6 +97,10 @@ class NodeMetrics:
                                         "band's mean, as a factor of at least 1 (refused above --hop-check-band): "
                                         "the headroom honest traffic leaves", ["direction"],
                                         buckets=(1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 1000), registry=r)
+        self.hops_acknowledged = Counter("swarm_node_hops_acknowledged", "Hops this node sent that their receiver "
+                                         "took, by its receipt", ["direction"], registry=r)
+        self.tokens_acknowledged = Counter("swarm_node_tokens_acknowledged", "Tokens of those hops, as the "
+                                           "receivers' receipts count them", ["direction"], registry=r)
         self.accusations = Counter("swarm_node_accusations", "Reports of a peer's implausible hop this origin "
                                    "accepted (each counts towards a ban)", registry=r)
         self.banned_peers = Gauge("swarm_node_banned_peers", "Peers this node keeps out of its plans and paths "

@@ -41,6 +41,7 @@ from node.stage.admission import HopAdmission
 from node.stage.compute import OriginHooks
 from node.stage.executor import StageExecutor
 from node.stage.hop_checks import HopChecks
+from node.stage.witness import Witness
 from node.stage.origin import Origin, OriginBook
 from node.stage.trainer import StageTrainer
 from protocol.codec_names import CODEC_NAMES
@@ -139,6 +140,7 @@ class StageRole:
         # A tensor never exceeds twice this swarm's activation size: larger ones are refused from their header.
         limits = dataclasses.replace(self.limits, max_tensor_bytes=min(self.limits.max_tensor_bytes,
                                                                        2 * activation_bytes))
+        self.witness = Witness()  # the work peers did for this node, for its record
         self.servicer = StageServicer(
             swarm=swarm, peer_id=peer_id, num_stages=cfg.model.num_stages, executor=self.executor,
             trainers=self.trainers, limits=limits, metrics=metrics, state_wait_s=lifecycle.state_transfer_timeout,
@@ -151,7 +153,7 @@ class StageRole:
                 cfg.faults.hop_check_stale_rounds,
                 observe=lambda direction, ratio: metrics.hop_size_ratio.labels(direction=direction).observe(ratio),
                 epoch=lambda round_: weights_epoch(admission.known(round_), round_)),
-            on_hop_refused=self.faults.hop_refused)
+            on_hop_refused=self.faults.hop_refused, witness=self.witness)
         self.catalogue = None
         if cfg.swarm.new_swarm:  # whoever starts the swarm sets the experts' domain catalogue
             directory = ExpertDirectory(host.dht, swarm, CatalogueOwner(named=host.peer_id), owner=host.trust.owner)
@@ -173,7 +175,8 @@ class StageRole:
                           sync_state={stage: dict(round=x.last_round, bytes=x.bytes, seconds=x.seconds, drift=x.drift)
                                       for stage, x in self.rounds.sync_state().items()},
                           bans={p: b.to_value() for p, b in self.faults.bans.on_record().items()
-                                if b.until_round > self.executor.round})
+                                if b.until_round > self.executor.round},
+                          witnessed=self.witness.snapshot())
 
     def on_beat(self) -> None:
         self._serve_when_ready()

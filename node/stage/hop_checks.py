@@ -49,6 +49,7 @@ class Sample:
     key: tuple[str, int, int]  # (direction, sender's stage, the weights' epoch of its round)
     log_rms: float
     round: int
+    judged: bool  # its size was judged against a learned band (and, if accepted, passed)
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,11 @@ class HopChecks:
         if not torch.isfinite(values).all():
             raise Refusal(NON_FINITE, f"{direction} hop from stage {stage} has non-finite values")
         rms = values.pow(2).mean().sqrt().item()
-        sample = Sample((direction, stage, self.epoch(round_)), math.log(max(rms, 1e-30)), round_)
+        key = (direction, stage, self.epoch(round_))
         with self._lock:
-            band = self._band(sample)
+            band = self._band(key, round_)
+        judged = band.seen >= self.warmup and direction in SIZED
+        sample = Sample(key, math.log(max(rms, 1e-30)), round_, judged)
         if band.seen >= self.warmup:
             off = sample.log_rms - band.mean
             self.observe(direction, math.exp(abs(off)))
@@ -96,7 +99,7 @@ class HopChecks:
     def learn(self, sample: Sample) -> None:
         """An accepted hop moves its band's mean."""
         with self._lock:
-            band = self._band(sample)
+            band = self._band(sample.key, sample.round)
             share = 1.0 / (band.seen + 1) if band.seen < self.warmup else self.smoothing  # a plain mean at first
             self._bands[sample.key] = _Band(band.seen + 1, band.mean + share * (sample.log_rms - band.mean),
                                             max(sample.round, band.round))
@@ -104,9 +107,9 @@ class HopChecks:
             for old in [k for k in self._bands if k[:2] == (direction, stage) and k[2] < epoch - 1]:
                 del self._bands[old]  # hops of the previous epoch may still arrive at its turn; older ones not
 
-    def _band(self, sample: Sample) -> _Band:
-        """The band `sample` is judged by (a fresh one when stale); the caller holds the lock."""
-        band = self._bands.get(sample.key)
-        if band is None or sample.round - band.round > self.stale_rounds:
-            return _Band(0, 0.0, sample.round)
+    def _band(self, key: tuple[str, int, int], round_: int) -> _Band:
+        """The band a hop of `round_` is judged by (a fresh one when stale); the caller holds the lock."""
+        band = self._bands.get(key)
+        if band is None or round_ - band.round > self.stale_rounds:
+            return _Band(0, 0.0, round_)
         return band

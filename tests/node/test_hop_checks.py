@@ -12,8 +12,9 @@ import torch
 from node.faults import misbehave
 from node.faults.bans import Bans
 from node.stage.hop_checks import NON_FINITE, SIZE, HopChecks, Refusal
+from node.stage.witness import Witness, witnessed_by_others
 from node.sync.outer_sync import weights_epoch
-from protocol.records import NodeRecord, RecordError, NodeState
+from protocol.records import MAX_WITNESSED, NodeRecord, NodeState, RecordError
 from protocol.sync_names import OUTER
 
 WARMUP = 8
@@ -183,6 +184,46 @@ def test_a_records_bans_round_trip_and_malformed_ones_are_refused():
     for broken in ({**ban, "until": "soon"}, {**ban, "extra": 1}, {**ban, "reason": "x" * 1000}, "banned"):
         with pytest.raises(RecordError):
             NodeRecord.from_value("p", _record(bad=broken))
+
+
+def test_a_witness_counts_each_peers_work_and_the_others_views_add_up():
+    witness = Witness(max_peers=2)
+    witness.took("a", 128, judged=True)
+    witness.took("a", 128, judged=False)  # accepted while its band warmed up: a hop, not a passed check
+    witness.refused("a")
+    witness.took("b", 64, judged=True)
+    assert witness.snapshot() == {"a": {"hops": 2, "tokens": 256, "passed": 1, "failed": 1},
+                                  "b": {"hops": 1, "tokens": 64, "passed": 1, "failed": 0}}
+    witness.took("a", 128, judged=True)
+    witness.took("c", 32, judged=True)  # room for two peers: b, seen longest ago, is forgotten
+    assert set(witness.snapshot()) == {"a", "c"}
+    # status adds up what the others saw; a node's view of itself counts for nothing.
+    views = {"x": witness.snapshot(), "a": {"a": {"hops": 99, "tokens": 99, "passed": 99, "failed": 0},
+                                            "c": {"hops": 1, "tokens": 32, "passed": 0, "failed": 2}}}
+    assert witnessed_by_others(views) == {"a": {"hops": 3, "tokens": 384, "passed": 2, "failed": 1},
+                                          "c": {"hops": 2, "tokens": 64, "passed": 1, "failed": 2}}
+
+
+def test_a_records_witnessed_work_round_trips_and_malformed_ones_are_refused():
+    work = {"hops": 3, "tokens": 96, "passed": 2, "failed": 0}
+    value = _record()
+    value["witnessed"] = {"q": work}
+    assert NodeRecord.from_value("p", value).witnessed == {"q": work}
+    for broken in ({"q": {**work, "hops": -1}}, {"q": {**work, "failed": True}}, {"q": {**work, "extra": 1}},
+                   {"q": [3, 96]}, {f"q{i}": work for i in range(MAX_WITNESSED + 1)}, ["q"]):
+        value["witnessed"] = broken
+        with pytest.raises(RecordError):
+            NodeRecord.from_value("p", value)
+
+
+def test_only_an_activation_judged_against_a_learned_band_counts_as_a_passed_check():
+    checks = _checks()
+    samples = [checks.check("forward", 1, _activations(seed), 0) for seed in range(WARMUP)]
+    for sample in samples:
+        checks.learn(sample)
+    assert not any(s.judged for s in samples)  # warming up
+    assert checks.check("forward", 1, _activations(50), 0).judged
+    assert not checks.check("backward", 1, _activations(51), 0).judged  # gradients are observed only
 
 
 def _origin_faults():

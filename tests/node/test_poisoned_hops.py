@@ -22,6 +22,7 @@ COMMON = ["--num-stages", "2", "--torch-threads", "1", "--device", "cpu", "--mic
           "--round-timeout", "30", "--heartbeat-interval", "1", "--min-nodes", "3", "--log-level", "info",
           "--ban-rounds", "3"]
 FROM_ROUND = 3
+BATCH, SEQ = 4, 32  # tokens of a hop: --batch-size (default) sequences of --seq-len
 
 
 def _peers_planned(event: dict) -> set[str]:
@@ -76,5 +77,15 @@ def test_a_replica_that_scales_its_activations_is_banned_left_out_and_banned_lon
         assert set(rows[data.started()["peer_id"]]["bans"]) == {bad_id}
         assert rows[data.started()["peer_id"]]["bans"][bad_id]["offences"] >= 2  # more, if it returned again
         assert not rows[honest.started()["peer_id"]]["bans"]
+        # Work as its receivers counted it: the scaler's refused hops count against it; the honest replica's
+        # hops passed, and its own receipts count at least what the record (a heartbeat older) says.
+        bad_work, honest_work = rows[bad_id]["witnessed"], rows[honest.started()["peer_id"]]["witnessed"]
+        assert bad_work["failed"] >= 2 and honest_work["failed"] == 0, (bad_work, honest_work)
+        assert 0 < honest_work["passed"] <= honest_work["hops"], honest_work
+        assert honest_work["tokens"] == honest_work["hops"] * BATCH * SEQ, honest_work
+        receipts = sum(sample(honest, f'swarm_node_hops_acknowledged_total{{direction="{d}"}}')
+                       for d in ("forward", "backward"))
+        assert receipts >= honest_work["hops"], (receipts, honest_work)
+        assert sample(honest, 'swarm_node_tokens_acknowledged_total{direction="forward"}') >= BATCH * SEQ
     finally:
         swarm.stop()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14swarm/v1/stage.proto\x12\x08swarm.v1\"7\n\x03Hop\x12\r\n\x05stage\x18\x01 \x01(\x05\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\"\x88\x01\n\x08\x45nvelope\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x12\n\nmicrobatch\x18\x03 \x01(\x03\x12\x1b\n\x04path\x18\x04 \x03(\x0b\x32\r.swarm.v1.Hop\x12\x0b\n\x03hop\x18\x05 \x01(\x05\x12\x0c\n\x04\x61uth\x18\x06 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\"k\n\nTensorMeta\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x0c\n\x04rank\x18\x06 \x01(\x05\"e\n\x0bTensorChunk\x12$\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x12.swarm.v1.Envelope\x12\"\n\x04meta\x18\x02 \x01(\x0b\x32\x14.swarm.v1.TensorMeta\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x15\n\x03\x41\x63k\x12\x0e\n\x06queued\x18\x01 \x01(\x03\"\r\n\x0bPingRequest\"*\n\tPingReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0c\n\x04time\x18\x02 \x01(\x01\"\r\n\x0bInfoRequest\"^\n\tInfoReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08swarm_id\x18\x02 \x01(\t\x12\x0e\n\x06stages\x18\x03 \x03(\x05\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\t\"Y\n\x0cStateRequest\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x15\n\rinclude_grads\x18\x03 \x01(\x08\x12\x11\n\tmin_round\x18\x04 \x01(\x03\")\n\nStateChunk\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xa1\x01\n\rFailureReport\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x12\n\nmicrobatch\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x13\n\x0b\x66\x61iled_peer\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12%\n\x06sender\x18\x07 \x01(\x0b\x32\x15.swarm.v1.SenderProof\"4\n\x0bSenderProof\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x0c\n\nFailureAck\"\x99\x01\n\rRerouteNotice\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x12\n\nmicrobatch\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x1b\n\x04path\x18\x05 \x03(\x0b\x32\r.swarm.v1.Hop\x12%\n\x06sender\x18\x06 \x01(\x0b\x32\x15.swarm.v1.SenderProof\"i\n\x0fRoundDoneNotice\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12%\n\x06sender\x18\x04 \x01(\x0b\x32\x15.swarm.v1.SenderProof\"r\n\x0fGradientRequest\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\r\n\x05round\x18\x03 \x01(\x03\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\x0e\n\x06shards\x18\x05 \x01(\x05\x12\x10\n\x08\x61veraged\x18\x06 \x01(\x08\"7\n\x13ReachabilityRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06maddrs\x18\x02 \x03(\t\"i\n\x11ReachabilityReply\x12\x16\n\x0egrpc_reachable\x18\x01 \x01(\x08\x12\x15\n\rdht_reachable\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x15\n\robserved_host\x18\x04 \x01(\t2\xe9\x04\n\x0cStageService\x12\x31\n\x07\x46orward\x12\x15.swarm.v1.TensorChunk\x1a\r.swarm.v1.Ack(\x01\x12\x32\n\x08\x42\x61\x63kward\x12\x15.swarm.v1.TensorChunk\x1a\r.swarm.v1.Ack(\x01\x12\x32\n\x04Ping\x12\x15.swarm.v1.PingRequest\x1a\x13.swarm.v1.PingReply\x12\x32\n\x04Info\x12\x15.swarm.v1.InfoRequest\x1a\x13.swarm.v1.InfoReply\x12<\n\nFetchState\x12\x16.swarm.v1.StateRequest\x1a\x14.swarm.v1.StateChunk0\x01\x12>\n\rReportFailure\x12\x17.swarm.v1.FailureReport\x1a\x14.swarm.v1.FailureAck\x12\x38\n\x07Reroute\x12\x17.swarm.v1.RerouteNotice\x1a\x14.swarm.v1.FailureAck\x12<\n\tRoundDone\x12\x19.swarm.v1.RoundDoneNotice\x1a\x14.swarm.v1.FailureAck\x12\x43\n\x0e\x46\x65tchGradients\x12\x19.swarm.v1.GradientRequest\x1a\x14.swarm.v1.StateChunk0\x01\x12O\n\x11\x43heckReachability\x12\x1d.swarm.v1.ReachabilityRequest\x1a\x1b.swarm.v1.ReachabilityReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14swarm/v1/stage.proto\x12\x08swarm.v1\"7\n\x03Hop\x12\r\n\x05stage\x18\x01 \x01(\x05\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\"\x88\x01\n\x08\x45nvelope\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x12\n\nmicrobatch\x18\x03 \x01(\x03\x12\x1b\n\x04path\x18\x04 \x03(\x0b\x32\r.swarm.v1.Hop\x12\x0b\n\x03hop\x18\x05 \x01(\x05\x12\x0c\n\x04\x61uth\x18\x06 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\"k\n\nTensorMeta\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x0c\n\x04rank\x18\x06 \x01(\x05\"e\n\x0bTensorChunk\x12$\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x12.swarm.v1.Envelope\x12\"\n\x04meta\x18\x02 \x01(\x0b\x32\x14.swarm.v1.TensorMeta\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"6\n\x03\x41\x63k\x12\x0e\n\x06queued\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x0f\n\x07\x63hecked\x18\x03 \x01(\x08\"\r\n\x0bPingRequest\"*\n\tPingReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0c\n\x04time\x18\x02 \x01(\x01\"\r\n\x0bInfoRequest\"^\n\tInfoReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08swarm_id\x18\x02 \x01(\t\x12\x0e\n\x06stages\x18\x03 \x03(\x05\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\t\"Y\n\x0cStateRequest\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x15\n\rinclude_grads\x18\x03 \x01(\x08\x12\x11\n\tmin_round\x18\x04 \x01(\x03\")\n\nStateChunk\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xa1\x01\n\rFailureReport\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x12\n\nmicrobatch\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x13\n\x0b\x66\x61iled_peer\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12%\n\x06sender\x18\x07 \x01(\x0b\x32\x15.swarm.v1.SenderProof\"4\n\x0bSenderProof\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x0c\n\nFailureAck\"\x99\x01\n\rRerouteNotice\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x12\n\nmicrobatch\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x1b\n\x04path\x18\x05 \x03(\x0b\x32\r.swarm.v1.Hop\x12%\n\x06sender\x18\x06 \x01(\x0b\x32\x15.swarm.v1.SenderProof\"i\n\x0fRoundDoneNotice\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12%\n\x06sender\x18\x04 \x01(\x0b\x32\x15.swarm.v1.SenderProof\"r\n\x0fGradientRequest\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\r\n\x05round\x18\x03 \x01(\x03\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\x0e\n\x06shards\x18\x05 \x01(\x05\x12\x10\n\x08\x61veraged\x18\x06 \x01(\x08\"7\n\x13ReachabilityRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06maddrs\x18\x02 \x03(\t\"i\n\x11ReachabilityReply\x12\x16\n\x0egrpc_reachable\x18\x01 \x01(\x08\x12\x15\n\rdht_reachable\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x15\n\robserved_host\x18\x04 \x01(\t2\xe9\x04\n\x0cStageService\x12\x31\n\x07\x46orward\x12\x15.swarm.v1.TensorChunk\x1a\r.swarm.v1.Ack(\x01\x12\x32\n\x08\x42\x61\x63kward\x12\x15.swarm.v1.TensorChunk\x1a\r.swarm.v1.Ack(\x01\x12\x32\n\x04Ping\x12\x15.swarm.v1.PingRequest\x1a\x13.swarm.v1.PingReply\x12\x32\n\x04Info\x12\x15.swarm.v1.InfoRequest\x1a\x13.swarm.v1.InfoReply\x12<\n\nFetchState\x12\x16.swarm.v1.StateRequest\x1a\x14.swarm.v1.StateChunk0\x01\x12>\n\rReportFailure\x12\x17.swarm.v1.FailureReport\x1a\x14.swarm.v1.FailureAck\x12\x38\n\x07Reroute\x12\x17.swarm.v1.RerouteNotice\x1a\x14.swarm.v1.FailureAck\x12<\n\tRoundDone\x12\x19.swarm.v1.RoundDoneNotice\x1a\x14.swarm.v1.FailureAck\x12\x43\n\x0e\x46\x65tchGradients\x12\x19.swarm.v1.GradientRequest\x1a\x14.swarm.v1.StateChunk0\x01\x12O\n\x11\x43heckReachability\x12\x1d.swarm.v1.ReachabilityRequest\x1a\x1b.swarm.v1.ReachabilityReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,35 +40,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORCHUNK']._serialized_start=339
   _globals['_TENSORCHUNK']._serialized_end=440
   _globals['_ACK']._serialized_start=442
-  _globals['_ACK']._serialized_end=463
-  _globals['_PINGREQUEST']._serialized_start=465
-  _globals['_PINGREQUEST']._serialized_end=478
-  _globals['_PINGREPLY']._serialized_start=480
-  _globals['_PINGREPLY']._serialized_end=522
-  _globals['_INFOREQUEST']._serialized_start=524
-  _globals['_INFOREQUEST']._serialized_end=537
-  _globals['_INFOREPLY']._serialized_start=539
-  _globals['_INFOREPLY']._serialized_end=633
-  _globals['_STATEREQUEST']._serialized_start=635
-  _globals['_STATEREQUEST']._serialized_end=724
-  _globals['_STATECHUNK']._serialized_start=726
-  _globals['_STATECHUNK']._serialized_end=767
-  _globals['_FAILUREREPORT']._serialized_start=770
-  _globals['_FAILUREREPORT']._serialized_end=931
-  _globals['_SENDERPROOF']._serialized_start=933
-  _globals['_SENDERPROOF']._serialized_end=985
-  _globals['_FAILUREACK']._serialized_start=987
-  _globals['_FAILUREACK']._serialized_end=999
-  _globals['_REROUTENOTICE']._serialized_start=1002
-  _globals['_REROUTENOTICE']._serialized_end=1155
-  _globals['_ROUNDDONENOTICE']._serialized_start=1157
-  _globals['_ROUNDDONENOTICE']._serialized_end=1262
-  _globals['_GRADIENTREQUEST']._serialized_start=1264
-  _globals['_GRADIENTREQUEST']._serialized_end=1378
-  _globals['_REACHABILITYREQUEST']._serialized_start=1380
-  _globals['_REACHABILITYREQUEST']._serialized_end=1435
-  _globals['_REACHABILITYREPLY']._serialized_start=1437
-  _globals['_REACHABILITYREPLY']._serialized_end=1542
-  _globals['_STAGESERVICE']._serialized_start=1545
-  _globals['_STAGESERVICE']._serialized_end=2162
+  _globals['_ACK']._serialized_end=496
+  _globals['_PINGREQUEST']._serialized_start=498
+  _globals['_PINGREQUEST']._serialized_end=511
+  _globals['_PINGREPLY']._serialized_start=513
+  _globals['_PINGREPLY']._serialized_end=555
+  _globals['_INFOREQUEST']._serialized_start=557
+  _globals['_INFOREQUEST']._serialized_end=570
+  _globals['_INFOREPLY']._serialized_start=572
+  _globals['_INFOREPLY']._serialized_end=666
+  _globals['_STATEREQUEST']._serialized_start=668
+  _globals['_STATEREQUEST']._serialized_end=757
+  _globals['_STATECHUNK']._serialized_start=759
+  _globals['_STATECHUNK']._serialized_end=800
+  _globals['_FAILUREREPORT']._serialized_start=803
+  _globals['_FAILUREREPORT']._serialized_end=964
+  _globals['_SENDERPROOF']._serialized_start=966
+  _globals['_SENDERPROOF']._serialized_end=1018
+  _globals['_FAILUREACK']._serialized_start=1020
+  _globals['_FAILUREACK']._serialized_end=1032
+  _globals['_REROUTENOTICE']._serialized_start=1035
+  _globals['_REROUTENOTICE']._serialized_end=1188
+  _globals['_ROUNDDONENOTICE']._serialized_start=1190
+  _globals['_ROUNDDONENOTICE']._serialized_end=1295
+  _globals['_GRADIENTREQUEST']._serialized_start=1297
+  _globals['_GRADIENTREQUEST']._serialized_end=1411
+  _globals['_REACHABILITYREQUEST']._serialized_start=1413
+  _globals['_REACHABILITYREQUEST']._serialized_end=1468
+  _globals['_REACHABILITYREPLY']._serialized_start=1470
+  _globals['_REACHABILITYREPLY']._serialized_end=1575
+  _globals['_STAGESERVICE']._serialized_start=1578
+  _globals['_STAGESERVICE']._serialized_end=2195
 # @@protoc_insertion_point(module_scope)

@@ -61,10 +61,14 @@ class TensorChunk(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("queued",)
+    __slots__ = ("queued", "tokens", "checked")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
     queued: int
-    def __init__(self, queued: _Optional[int] = ...) -> None: ...
+    tokens: int
+    checked: bool
+    def __init__(self, queued: _Optional[int] = ..., tokens: _Optional[int] = ..., checked: _Optional[bool] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ()
