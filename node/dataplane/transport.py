@@ -14,6 +14,7 @@ import torch
 from node.dataplane.codec_agreement import RoundCodecs
 from node.dataplane.link_emulation import EmulatedStub, LinkEmulator
 from node.host.metrics import NodeMetrics
+from node.stage.witness import receipt_tokens
 from node.process.waits import wait_until
 from protocol.errors import ProtocolError
 from protocol.generated.swarm.v1 import stage_pb2 as pb
@@ -288,7 +289,11 @@ class HopSender:
         elapsed = time.perf_counter() - started
         self.metrics.rpc_seconds.labels(method=method, side="client").observe(elapsed)
         direction = "forward" if method == "Forward" else "backward"
-        self.metrics.hops_acknowledged.labels(direction=direction).inc()
-        self.metrics.tokens_acknowledged.labels(direction=direction).inc(receipt.tokens)
+        tokens = receipt_tokens(receipt, tensor)
+        if tokens is None:  # an older receiver says nothing; a hostile one may say anything: neither is counted
+            self.metrics.receipts_refused.inc()
+        else:
+            self.metrics.hops_acknowledged.labels(direction=direction).inc()
+            self.metrics.tokens_acknowledged.labels(direction=direction).inc(tokens)
         if self.on_sent is not None:
             self.on_sent(target.peer_id, sum(sizes), elapsed)

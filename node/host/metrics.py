@@ -101,6 +101,8 @@ class NodeMetrics:
                                          "took, by its receipt", ["direction"], registry=r)
         self.tokens_acknowledged = Counter("swarm_node_tokens_acknowledged", "Tokens of those hops, as the "
                                            "receivers' receipts count them", ["direction"], registry=r)
+        self.receipts_refused = Counter("swarm_node_receipts_refused", "Receipts for hops this node sent that "
+                                        "acknowledged other tokens than the hop carried (not counted)", registry=r)
         self.accusations = Counter("swarm_node_accusations", "Reports of a peer's implausible hop this origin "
                                    "accepted (each counts towards a ban)", registry=r)
         self.banned_peers = Gauge("swarm_node_banned_peers", "Peers this node keeps out of its plans and paths "

@@ -15,6 +15,9 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+import torch
+
+from protocol.generated.swarm.v1 import stage_pb2 as pb
 from protocol.records import MAX_WITNESSED, WORK_KEYS
 
 
@@ -52,6 +55,13 @@ class Witness:
                 self._work.popitem(last=False)
         self._work.move_to_end(peer)
         return work
+
+
+def receipt_tokens(receipt: pb.Ack, tensor: torch.Tensor) -> int | None:
+    """The tokens a receiver's receipt acknowledges for a hop we sent as `tensor` ([batch, seq, ...]); None when
+    the receipt claims other than the hop carried (a receiver's word is counted only where it can be checked)."""
+    sent = tensor.shape[0] * tensor.shape[1] if tensor.dim() >= 2 else 0
+    return receipt.tokens if receipt.tokens == sent else None
 
 
 def witnessed_by_others(witnessed: dict[str, dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:

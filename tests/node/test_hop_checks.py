@@ -12,7 +12,8 @@ import torch
 from node.faults import misbehave
 from node.faults.bans import Bans
 from node.stage.hop_checks import NON_FINITE, SIZE, HopChecks, Refusal
-from node.stage.witness import Witness, witnessed_by_others
+from node.stage.witness import Witness, receipt_tokens, witnessed_by_others
+from protocol.generated.swarm.v1 import stage_pb2 as pb
 from node.sync.outer_sync import weights_epoch
 from protocol.records import MAX_WITNESSED, NodeRecord, NodeState, RecordError
 from protocol.sync_names import OUTER
@@ -202,6 +203,13 @@ def test_a_witness_counts_each_peers_work_and_the_others_views_add_up():
                                             "c": {"hops": 1, "tokens": 32, "passed": 0, "failed": 2}}}
     assert witnessed_by_others(views) == {"a": {"hops": 3, "tokens": 384, "passed": 2, "failed": 1},
                                           "c": {"hops": 2, "tokens": 64, "passed": 1, "failed": 2}}
+
+
+def test_a_receipt_counts_only_the_tokens_the_hop_carried():
+    hop = torch.zeros(4, 32, 64)
+    assert receipt_tokens(pb.Ack(queued=0, tokens=128, checked=True), hop) == 128
+    for lie in (0, 127, 10**9, -5):  # an older receiver (no receipt), a short count, an inflated or negative one
+        assert receipt_tokens(pb.Ack(queued=0, tokens=lie), hop) is None
 
 
 def test_a_records_witnessed_work_round_trips_and_malformed_ones_are_refused():
