@@ -45,6 +45,9 @@ class ServedExperts:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        # Held while an expert's record is written to the DHT: a refresh that read the list before a withdrawal
+        # must not store the record again after its tombstone (the later expiry would bring it back).
+        self._publication = threading.Lock()
         self._by_id: dict[str, _Served] = {}
 
     def serve(self, record: ExpertRecord, checkpoint_dir: Path, snapshot: bool = True) -> None:
@@ -69,6 +72,21 @@ class ServedExperts:
         with self._lock:
             served = self._by_id.pop(expert_id, None)
         return served.record if served else None
+
+    def withdraw(self, expert_id: str, withdraw: Callable[[ExpertRecord], object]) -> ExpertRecord | None:
+        """Stop serving `expert_id` and `withdraw` its record (a tombstone), as one step against `publish_each`."""
+        with self._publication:
+            record = self.remove(expert_id)
+            if record is not None:
+                withdraw(record)
+        return record
+
+    def publish_each(self, publish: Callable[[ExpertRecord], object]) -> None:
+        """`publish` the record of every expert still served at the moment it is written."""
+        for record in self.records():
+            with self._publication:
+                if self.get(record.id) is not None:
+                    publish(record)
 
     def get(self, expert_id: str) -> _Served | None:
         with self._lock:
@@ -125,8 +143,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             if f is not None:
                 f.close()
             log.error("%s", reason)
-            self.served.remove(record.id)
-            self.on_data_loss(record)
+            self.served.withdraw(record.id, self.on_data_loss)
             context.abort(grpc.StatusCode.DATA_LOSS, reason)
         with f:
             f.seek(request.offset)

@@ -193,8 +193,7 @@ class ExpertWorker:
     def _refresh_loop(self) -> None:
         while not self.stop.wait(self.refresh_s):
             try:
-                for record in self.served.records():
-                    self.directory.publish(record, ttl=self.record_ttl)
+                self.served.publish_each(lambda record: self.directory.publish(record, ttl=self.record_ttl))
                 self.catalogue.refresh()
             except Exception as e:  # the DHT may be shutting down; the next refresh retries
                 log.debug("expert record refresh failed: %r", e)
@@ -331,9 +330,7 @@ class ExpertWorker:
             if self._choose(catalogue, ignore_fresh_above=self.peer_id, claim=job.id) == domain:
                 return job
             log.info("experts: another node claimed %s first; choosing again", domain)
-            record = self.served.remove(job.id)
-            if record is not None:
-                self.directory.withdraw(record, ttl=self.record_ttl)
+            self.served.withdraw(job.id, lambda record: self.directory.withdraw(record, ttl=self.record_ttl))
             for f in sorted(out.iterdir()):
                 f.unlink()
             out.rmdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -122,3 +123,31 @@ def test_a_substituted_copy_is_refused_and_the_next_copy_fetched(server, liar, t
         download_any([liar], SWARM, tmp_path / "p", on_wrong_bytes=refused.append)
     with pytest.raises(FetchError, match="no copy"):
         download_any([], SWARM, tmp_path / "q", on_wrong_bytes=refused.append)
+
+
+def test_a_refresh_never_publishes_a_record_again_after_its_withdrawal(tmp_path):
+    """The expert node's refresh reads the served list, then writes each record; a data-loss withdrawal of one of
+    them in between must not be followed by a write of it (the write's later expiry would outlive the
+    tombstone, and the corrupt expert would be listed again: seen in the experts swarm test)."""
+    served, order = ServedExperts(), []
+    for expert_id in ("code-x-0", "code-x-1"):
+        (tmp_path / expert_id).mkdir()
+        (tmp_path / expert_id / "model.safetensors").write_bytes(b"w")
+        served.serve(make_record(b"w", "127.0.0.1:1", expert_id), tmp_path / expert_id, snapshot=False)
+    withdrawing = []
+
+    def publish(record: ExpertRecord) -> None:
+        order.append(("publish", record.id))
+        if record.id == "code-x-0":  # the refresh has read both; the second is withdrawn meanwhile
+            thread = threading.Thread(target=served.withdraw,
+                                      args=("code-x-1", lambda r: order.append(("withdraw", r.id))))
+            thread.start()
+            withdrawing.append(thread)
+            thread.join(0.2)  # it waits for this write to end
+
+    served.publish_each(publish)
+    withdrawing[0].join(5)
+    assert ("withdraw", "code-x-1") in order
+    after = order[order.index(("withdraw", "code-x-1")):]
+    assert ("publish", "code-x-1") not in after, order
+    assert served.get("code-x-1") is None and served.get("code-x-0") is not None
